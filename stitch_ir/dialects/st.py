@@ -1,0 +1,780 @@
+"""The ``st`` dialect: tensor-level ops covering the nine workloads after core-aten decomposition.
+
+Conventions (the importer establishes them, the verifier checks them):
+- Element-wise ops take operands of *identical* type (shape and dtype); broadcasting and dtype
+  promotion are explicit (``st.broadcast``, ``st.cast``), so every op's memory footprint is
+  visible to the planner. Comparisons return ``i1``.
+- Reductions carry ``dims`` (sorted, non-negative) and ``keepdim``.
+- ``st.constant`` is a splat (``value`` is a scalar; this is also ``full``) or dense
+  (``value`` is a ``DenseAttr``).
+- Every op class has a ``kind``: its op class for fusion planning (elementwise, broadcast,
+  reduce, layout, gather, scatter, constant, library, torch).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+from stitch_ir.core import DenseAttr, Operation, register_op
+from stitch_ir.types import DType, Sym, TensorType, broadcast_shapes
+
+# Op classes used by the planner. "gather" and "scatter" are both the gather/scatter class.
+ELEMENTWISE, BROADCAST, REDUCE, LAYOUT = "elementwise", "broadcast", "reduce", "layout"
+GATHER, SCATTER, CONSTANT, LIBRARY, TORCH = "gather", "scatter", "constant", "library", "torch"
+
+
+class StOp(Operation):
+    kind: ClassVar[str] = ""
+
+
+def _same_types(op_name: str, types: list[TensorType]) -> TensorType:
+    first = types[0]
+    for i, t in enumerate(types[1:], 1):
+        if t != first:
+            raise ValueError(f"operand #{i} has type {t} but operand #0 has {first}")
+    return first
+
+
+def _check_dtype(t: TensorType, allowed: str, what: str = "operand") -> None:
+    ok = {
+        "float": t.dtype.is_float,
+        "int": t.dtype.is_int,
+        "bool": t.dtype.is_bool,
+        "intbool": t.dtype.is_int or t.dtype.is_bool,
+        "number": t.dtype.is_float or t.dtype.is_int,
+        "any": True,
+    }[allowed]
+    if not ok:
+        raise TypeError(f"{what} element type {t.dtype} is not allowed (expects {allowed})")
+
+
+# ----------------------------------------------------------------------------------------------
+# Element-wise
+
+
+class UnaryOp(StOp):
+    kind = ELEMENTWISE
+    num_operands = 1
+    dtypes: ClassVar[str] = "any"
+
+    @classmethod
+    def infer_types(cls, ts, attrs):
+        _check_dtype(ts[0], cls.dtypes)
+        return [ts[0]]
+
+
+class BinaryOp(StOp):
+    kind = ELEMENTWISE
+    num_operands = 2
+    dtypes: ClassVar[str] = "any"
+
+    @classmethod
+    def infer_types(cls, ts, attrs):
+        t = _same_types(cls.name, ts)
+        _check_dtype(t, cls.dtypes)
+        return [t]
+
+
+class CompareOp(BinaryOp):
+    @classmethod
+    def infer_types(cls, ts, attrs):
+        t = _same_types(cls.name, ts)
+        return [t.with_dtype(DType.i1)]
+
+
+class PredicateOp(UnaryOp):
+    @classmethod
+    def infer_types(cls, ts, attrs):
+        _check_dtype(ts[0], cls.dtypes)
+        return [ts[0].with_dtype(DType.i1)]
+
+
+def _define(base: type[StOp], table: dict[str, tuple[str, str]]) -> None:
+    """Declare one op class per entry: class name -> (op name, allowed dtypes)."""
+    for cls_name, (op_name, dtypes) in table.items():
+        cls = type(cls_name, (base,), {"name": op_name, "dtypes": dtypes, "__module__": __name__})
+        register_op(cls)
+        globals()[cls_name] = cls
+
+
+_define(UnaryOp, {
+    "NegOp": ("st.neg", "number"), "AbsOp": ("st.abs", "number"), "ExpOp": ("st.exp", "float"),
+    "Exp2Op": ("st.exp2", "float"), "LogOp": ("st.log", "float"), "Log2Op": ("st.log2", "float"),
+    "Log1pOp": ("st.log1p", "float"), "Expm1Op": ("st.expm1", "float"),
+    "SqrtOp": ("st.sqrt", "float"), "RsqrtOp": ("st.rsqrt", "float"),
+    "SinOp": ("st.sin", "float"), "CosOp": ("st.cos", "float"), "TanOp": ("st.tan", "float"),
+    "TanhOp": ("st.tanh", "float"), "SigmoidOp": ("st.sigmoid", "float"),
+    "ErfOp": ("st.erf", "float"), "ReluOp": ("st.relu", "number"),
+    "ReciprocalOp": ("st.reciprocal", "float"), "FloorOp": ("st.floor", "number"),
+    "CeilOp": ("st.ceil", "number"), "RoundOp": ("st.round", "number"),
+    "TruncOp": ("st.trunc", "number"), "SignOp": ("st.sign", "number"),
+    "LogicalNotOp": ("st.logical_not", "bool"), "BitwiseNotOp": ("st.bitwise_not", "intbool"),
+})
+_define(PredicateOp, {"IsNanOp": ("st.isnan", "float"), "IsInfOp": ("st.isinf", "float")})
+_define(BinaryOp, {
+    "AddOp": ("st.add", "number"), "SubOp": ("st.sub", "number"), "MulOp": ("st.mul", "number"),
+    "DivOp": ("st.div", "number"), "PowOp": ("st.pow", "number"),
+    "MaximumOp": ("st.maximum", "number"), "MinimumOp": ("st.minimum", "number"),
+    "RemainderOp": ("st.remainder", "number"), "FloorDivOp": ("st.floor_div", "number"),
+    "Atan2Op": ("st.atan2", "float"),
+    "BitwiseAndOp": ("st.bitwise_and", "intbool"), "BitwiseOrOp": ("st.bitwise_or", "intbool"),
+    "BitwiseXorOp": ("st.bitwise_xor", "intbool"),
+    "LogicalAndOp": ("st.logical_and", "bool"), "LogicalOrOp": ("st.logical_or", "bool"),
+})
+_define(CompareOp, {
+    "EqOp": ("st.eq", "any"), "NeOp": ("st.ne", "any"), "LtOp": ("st.lt", "any"),
+    "LeOp": ("st.le", "any"), "GtOp": ("st.gt", "any"), "GeOp": ("st.ge", "any"),
+})
+
+# ``st.div`` on integers truncates toward zero (torch's rounding_mode="trunc"); torch's true
+# division of integers is imported as casts to float followed by a float ``st.div``.
+
+
+@register_op
+class WhereOp(StOp):
+    """``where(cond, a, b)``: cond is i1; a, b and the cond shape agree."""
+
+    name = "st.where"
+    kind = ELEMENTWISE
+    num_operands = 3
+
+    @classmethod
+    def infer_types(cls, ts, attrs):
+        c, a, b = ts
+        if c.dtype is not DType.i1:
+            raise TypeError(f"condition must be i1, got {c.dtype}")
+        t = _same_types(cls.name, [a, b])
+        if c.shape != t.shape:
+            raise ValueError(f"condition shape {c.shape} differs from value shape {t.shape}")
+        return [t]
+
+
+@register_op
+class ClampOp(StOp):
+    """``clamp(x, lo, hi)`` = min(max(x, lo), hi); all three of one type."""
+
+    name = "st.clamp"
+    kind = ELEMENTWISE
+    num_operands = 3
+
+    @classmethod
+    def infer_types(cls, ts, attrs):
+        t = _same_types(cls.name, ts)
+        _check_dtype(t, "number")
+        return [t]
+
+
+@register_op
+class CastOp(StOp):
+    name = "st.cast"
+    kind = ELEMENTWISE
+    num_operands = 1
+    required_attrs = ("dtype",)
+
+    @classmethod
+    def infer_types(cls, ts, attrs):
+        dt = attrs["dtype"]
+        if not isinstance(dt, DType):
+            raise TypeError(f"'dtype' must be an element type, got {dt!r}")
+        return [ts[0].with_dtype(dt)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Reductions
+
+
+def _reduce_shape(shape: tuple, dims: tuple[int, ...], keepdim: bool) -> tuple:
+    if list(dims) != sorted(set(dims)):
+        raise ValueError(f"'dims' {list(dims)} must be sorted and unique")
+    for d in dims:
+        if not 0 <= d < len(shape):
+            raise ValueError(f"reduction dim {d} out of range for rank {len(shape)}")
+    if keepdim:
+        return tuple(1 if i in dims else s for i, s in enumerate(shape))
+    return tuple(s for i, s in enumerate(shape) if i not in dims)
+
+
+class ReduceOp(StOp):
+    kind = REDUCE
+    num_operands = 1
+    required_attrs = ("dims", "keepdim")
+    dtypes: ClassVar[str] = "number"
+
+    @classmethod
+    def infer_types(cls, ts, attrs):
+        t = ts[0]
+        _check_dtype(t, cls.dtypes)
+        shape = _reduce_shape(t.shape, tuple(attrs["dims"]), bool(attrs["keepdim"]))
+        return [TensorType(shape, cls.result_dtype(t.dtype))]
+
+    @classmethod
+    def result_dtype(cls, dt: DType) -> DType:
+        return dt
+
+    @property
+    def dims(self) -> tuple[int, ...]:
+        return tuple(self.attributes["dims"])
+
+    @property
+    def keepdim(self) -> bool:
+        return bool(self.attributes["keepdim"])
+
+
+@register_op
+class SumOp(ReduceOp):
+    name = "st.sum"
+    dtypes = "any"
+
+    @classmethod
+    def result_dtype(cls, dt):
+        # torch sums bool/int to int64
+        return DType.i64 if (dt.is_int or dt.is_bool) else dt
+
+
+@register_op
+class MeanOp(ReduceOp):
+    name = "st.mean"
+    dtypes = "float"
+
+
+@register_op
+class MaxOp(ReduceOp):
+    name = "st.max"
+    dtypes = "any"
+
+
+@register_op
+class MinOp(ReduceOp):
+    name = "st.min"
+    dtypes = "any"
+
+
+@register_op
+class ProdOp(ReduceOp):
+    name = "st.prod"
+
+    @classmethod
+    def result_dtype(cls, dt):
+        return DType.i64 if dt.is_int else dt
+
+
+@register_op
+class AnyOp(ReduceOp):
+    name = "st.any"
+    dtypes = "any"
+
+    @classmethod
+    def result_dtype(cls, dt):
+        return DType.i1
+
+
+@register_op
+class VarOp(ReduceOp):
+    """Variance with Bessel-style ``correction`` (0 = population, 1 = sample)."""
+
+    name = "st.var"
+    dtypes = "float"
+    optional_attrs = ("correction",)
+
+
+class ArgReduceOp(ReduceOp):
+    @classmethod
+    def infer_types(cls, ts, attrs):
+        if len(tuple(attrs["dims"])) != 1:
+            raise ValueError(f"'dims' must name exactly one dimension, got {list(attrs['dims'])}")
+        return super().infer_types(ts, attrs)
+
+    @classmethod
+    def result_dtype(cls, dt):
+        return DType.i64
+
+
+@register_op
+class ArgMaxOp(ArgReduceOp):
+    name = "st.argmax"
+
+
+@register_op
+class ArgMinOp(ArgReduceOp):
+    name = "st.argmin"
+
+
+# ----------------------------------------------------------------------------------------------
+# Broadcast and layout
+
+
+@register_op
+class BroadcastOp(StOp):
+    """Numpy ``broadcast_to``: operand dims align right; each is 1 or equals the target dim."""
+
+    name = "st.broadcast"
+    kind = BROADCAST
+    num_operands = 1
+    required_attrs = ("shape",)
+
+    @classmethod
+    def infer_types(cls, ts, attrs):
+        shape = tuple(attrs["shape"])
+        src = ts[0].shape
+        if len(src) > len(shape):
+            raise ValueError(f"cannot broadcast rank {len(src)} to rank {len(shape)}")
+        for i, d in enumerate(src):
+            tgt = shape[len(shape) - len(src) + i]
+            if d != 1 and d != tgt:
+                raise ValueError(f"dim {i} of size {d} cannot broadcast to {tgt}")
+        return [ts[0].with_shape(shape)]
+
+
+def _static_numel(shape: tuple) -> int | None:
+    if any(isinstance(d, Sym) for d in shape):
+        return None
+    return math.prod(shape)
+
+
+@register_op
+class ReshapeOp(StOp):
+    name = "st.reshape"
+    kind = LAYOUT
+    num_operands = 1
+    required_attrs = ("shape",)
+
+    @classmethod
+    def infer_types(cls, ts, attrs):
+        shape = tuple(attrs["shape"])
+        a, b = _static_numel(ts[0].shape), _static_numel(shape)
+        if a is not None and b is not None and a != b:
+            raise ValueError(f"cannot reshape {a} elements to shape {list(shape)} ({b} elements)")
+        return [ts[0].with_shape(shape)]
+
+
+@register_op
+class PermuteOp(StOp):
+    name = "st.permute"
+    kind = LAYOUT
+    num_operands = 1
+    required_attrs = ("perm",)
+
+    @classmethod
+    def infer_types(cls, ts, attrs):
+        perm = tuple(attrs["perm"])
+        if sorted(perm) != list(range(ts[0].rank)):
+            raise ValueError(f"'perm' {list(perm)} is not a permutation of rank {ts[0].rank}")
+        return [ts[0].with_shape(tuple(ts[0].shape[p] for p in perm))]
+
+
+@register_op
+class SliceOp(StOp):
+    """Elements ``start, start+step, ... < end`` along ``dim`` (0 <= start <= end <= size)."""
+
+    name = "st.slice"
+    kind = LAYOUT
+    num_operands = 1
+    required_attrs = ("dim", "start", "end", "step")
+
+    @classmethod
+    def infer_types(cls, ts, attrs):
+        t = ts[0]
+        dim, start, end, step = (int(attrs[k]) for k in ("dim", "start", "end", "step"))
+        if not 0 <= dim < t.rank:
+            raise ValueError(f"slice dim {dim} out of range for rank {t.rank}")
+        size = t.shape[dim]
+        if step < 1:
+            raise ValueError(f"slice step must be >= 1, got {step}")
+        if not 0 <= start <= end or (isinstance(size, int) and end > size):
+            raise ValueError(f"slice [{start}:{end}] out of bounds for size {size}")
+        shape = list(t.shape)
+        shape[dim] = (end - start + step - 1) // step
+        return [t.with_shape(tuple(shape))]
+
+
+@register_op
+class CatOp(StOp):
+    name = "st.cat"
+    kind = LAYOUT
+    required_attrs = ("dim",)
+
+    @classmethod
+    def infer_types(cls, ts, attrs):
+        if not ts:
+            raise ValueError("needs at least one operand")
+        dim = int(attrs["dim"])
+        first = ts[0]
+        if not 0 <= dim < first.rank:
+            raise ValueError(f"cat dim {dim} out of range for rank {first.rank}")
+        total: Any = 0
+        for i, t in enumerate(ts):
+            if t.dtype != first.dtype or t.rank != first.rank:
+                raise ValueError(f"operand #{i} type {t} does not match operand #0 {first}")
+            for d in range(t.rank):
+                if d != dim and t.shape[d] != first.shape[d]:
+                    raise ValueError(f"operand #{i} dim {d} is {t.shape[d]}, expected "
+                                     f"{first.shape[d]}")
+            if isinstance(total, int) and isinstance(t.shape[dim], int):
+                total += t.shape[dim]
+            else:
+                raise ValueError("cat along a symbolic dimension is not supported")
+        shape = list(first.shape)
+        shape[dim] = total
+        return [first.with_shape(tuple(shape))]
+
+
+@register_op
+class PadOp(StOp):
+    """Constant padding: ``low[i]`` / ``high[i]`` elements before / after dim i (negative crops)."""
+
+    name = "st.pad"
+    kind = LAYOUT
+    num_operands = 1
+    required_attrs = ("low", "high", "value")
+
+    @classmethod
+    def infer_types(cls, ts, attrs):
+        t = ts[0]
+        low, high = tuple(attrs["low"]), tuple(attrs["high"])
+        if len(low) != t.rank or len(high) != t.rank:
+            raise ValueError(f"'low' and 'high' need {t.rank} entries")
+        shape = []
+        for d, lo, hi in zip(t.shape, low, high):
+            n = d + lo + hi
+            if n < 0:
+                raise ValueError(f"padding {lo},{hi} makes size {d} negative")
+            shape.append(n)
+        return [t.with_shape(tuple(shape))]
+
+
+# ----------------------------------------------------------------------------------------------
+# Creation
+
+
+@register_op
+class ConstantOp(StOp):
+    """A splat (``value`` a scalar: ``full``) or dense (``value`` a DenseAttr) constant."""
+
+    name = "st.constant"
+    kind = CONSTANT
+    num_operands = 0
+    required_attrs = ("value",)
+
+    @staticmethod
+    def splat(value: float | int | bool, type: TensorType) -> ConstantOp:
+        return ConstantOp((), [type], {"value": value})
+
+    @staticmethod
+    def dense(attr: DenseAttr) -> ConstantOp:
+        return ConstantOp((), [attr.type], {"value": attr})
+
+    @property
+    def is_splat(self) -> bool:
+        return not isinstance(self.attributes["value"], DenseAttr)
+
+    def verify_(self) -> None:
+        v = self.attributes["value"]
+        t = self.results[0].type
+        if isinstance(v, DenseAttr):
+            if v.type != t:
+                raise self.error(f"dense value of type {v.type} does not match result type {t}")
+            if len(v.data) != v.type.numel() * v.type.dtype.itemsize:
+                raise self.error(f"dense value holds {len(v.data)} bytes, expected "
+                                 f"{v.type.numel() * v.type.dtype.itemsize}")
+        elif isinstance(v, bool | int | float):
+            if t.dtype.is_bool and not isinstance(v, bool):
+                raise self.error(f"i1 constant needs true/false, got {v!r}")
+            if (t.dtype.is_int) and isinstance(v, float) and not math.isfinite(v):
+                raise self.error(f"integer constant cannot be {v}")
+        else:
+            raise self.error(f"'value' must be a number, a bool or dense<...>, got {v!r}")
+
+
+@register_op
+class IotaOp(StOp):
+    """``start + step * i`` for i in [0, size): torch.arange."""
+
+    name = "st.iota"
+    kind = CONSTANT
+    num_operands = 0
+    required_attrs = ("start", "step", "size", "dtype")
+
+    @classmethod
+    def infer_types(cls, ts, attrs):
+        return [TensorType((int(attrs["size"]),), attrs["dtype"])]
+
+
+# ----------------------------------------------------------------------------------------------
+# Gather / scatter
+
+
+def _check_index(t: TensorType, what: str = "index") -> None:
+    if not t.dtype.is_int:
+        raise TypeError(f"{what} must be an integer tensor, got {t.dtype}")
+
+
+@register_op
+class IndexSelectOp(StOp):
+    """``x.index_select(dim, idx)`` with a 1-D index."""
+
+    name = "st.index_select"
+    kind = GATHER
+    num_operands = 2
+    required_attrs = ("dim",)
+
+    @classmethod
+    def infer_types(cls, ts, attrs):
+        x, idx = ts
+        _check_index(idx)
+        dim = int(attrs["dim"])
+        if idx.rank != 1:
+            raise ValueError(f"index must be 1-D, got rank {idx.rank}")
+        if not 0 <= dim < x.rank:
+            raise ValueError(f"dim {dim} out of range for rank {x.rank}")
+        shape = list(x.shape)
+        shape[dim] = idx.shape[0]
+        return [x.with_shape(tuple(shape))]
+
+
+@register_op
+class EmbeddingOp(StOp):
+    """Rows of a 2-D table picked by an index of any rank: ``idx.shape + table.shape[1:]``."""
+
+    name = "st.embedding"
+    kind = GATHER
+    num_operands = 2
+
+    @classmethod
+    def infer_types(cls, ts, attrs):
+        w, idx = ts
+        _check_index(idx)
+        if w.rank != 2:
+            raise ValueError(f"table must be 2-D, got rank {w.rank}")
+        return [w.with_shape(idx.shape + w.shape[1:])]
+
+
+@register_op
+class GatherOp(StOp):
+    """``torch.gather(x, dim, idx)``: out[i][j] = x[idx[i][j]][j] (dim 0); out shape = idx shape."""
+
+    name = "st.gather"
+    kind = GATHER
+    num_operands = 2
+    required_attrs = ("dim",)
+
+    @classmethod
+    def infer_types(cls, ts, attrs):
+        x, idx = ts
+        _check_index(idx)
+        if idx.rank != x.rank:
+            raise ValueError(f"index rank {idx.rank} differs from input rank {x.rank}")
+        if not 0 <= int(attrs["dim"]) < max(x.rank, 1):
+            raise ValueError(f"dim {attrs['dim']} out of range for rank {x.rank}")
+        return [x.with_shape(idx.shape)]
+
+
+@register_op
+class IndexAddOp(StOp):
+    """``x.index_add(dim, idx, src, alpha)``: x[.., idx[i], ..] += alpha * src[.., i, ..]."""
+
+    name = "st.index_add"
+    kind = SCATTER
+    num_operands = 3
+    required_attrs = ("dim",)
+    optional_attrs = ("alpha",)
+
+    @classmethod
+    def infer_types(cls, ts, attrs):
+        x, idx, src = ts
+        _check_index(idx)
+        dim = int(attrs["dim"])
+        if idx.rank != 1 or src.rank != x.rank or src.dtype != x.dtype:
+            raise ValueError(f"expects 1-D index and source of input's rank and dtype; got "
+                             f"{idx}, {src} for {x}")
+        if not 0 <= dim < x.rank:
+            raise ValueError(f"dim {dim} out of range for rank {x.rank}")
+        for d in range(x.rank):
+            want = idx.shape[0] if d == dim else x.shape[d]
+            if src.shape[d] != want:
+                raise ValueError(f"source dim {d} is {src.shape[d]}, expected {want}")
+        return [x]
+
+
+class ScatterBase(StOp):
+    kind = SCATTER
+    num_operands = 3
+    required_attrs = ("dim",)
+
+    @classmethod
+    def infer_types(cls, ts, attrs):
+        x, idx, src = ts
+        _check_index(idx)
+        if not (x.rank == idx.rank == src.rank) or src.dtype != x.dtype:
+            raise ValueError(f"input, index and source need one rank and matching dtypes; got "
+                             f"{x}, {idx}, {src}")
+        if not 0 <= int(attrs["dim"]) < max(x.rank, 1):
+            raise ValueError(f"dim {attrs['dim']} out of range for rank {x.rank}")
+        return [x]
+
+
+@register_op
+class ScatterAddOp(ScatterBase):
+    """``x.scatter_add(dim, idx, src)``."""
+
+    name = "st.scatter_add"
+
+
+SCATTER_REDUCTIONS = ("sum", "prod", "mean", "amax", "amin")
+
+
+@register_op
+class ScatterReduceOp(ScatterBase):
+    """``x.scatter_reduce(dim, idx, src, reduce, include_self)``."""
+
+    name = "st.scatter_reduce"
+    required_attrs = ("dim", "reduce", "include_self")
+
+    @classmethod
+    def infer_types(cls, ts, attrs):
+        if attrs["reduce"] not in SCATTER_REDUCTIONS:
+            raise ValueError(f"'reduce' must be one of {SCATTER_REDUCTIONS}, got {attrs['reduce']!r}")
+        return super().infer_types(ts, attrs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Compute-intensive ops, kept as library calls
+
+
+def _mm_shape(a: tuple, b: tuple) -> tuple:
+    if a[-1] != b[-2]:
+        raise ValueError(f"contraction sizes differ: {a[-1]} vs {b[-2]}")
+    return (a[-2], b[-1])
+
+
+class LibraryOp(StOp):
+    kind = LIBRARY
+
+
+@register_op
+class MatmulOp(LibraryOp):
+    """``mm`` of two 2-D tensors."""
+
+    name = "st.mm"
+    num_operands = 2
+
+    @classmethod
+    def infer_types(cls, ts, attrs):
+        a, b = ts
+        if a.rank != 2 or b.rank != 2 or a.dtype != b.dtype:
+            raise ValueError(f"expects two 2-D tensors of one dtype, got {a}, {b}")
+        return [TensorType(_mm_shape(a.shape, b.shape), a.dtype)]
+
+
+@register_op
+class BatchMatmulOp(LibraryOp):
+    name = "st.bmm"
+    num_operands = 2
+
+    @classmethod
+    def infer_types(cls, ts, attrs):
+        a, b = ts
+        if a.rank != 3 or b.rank != 3 or a.dtype != b.dtype or a.shape[0] != b.shape[0]:
+            raise ValueError(f"expects two 3-D tensors of one batch and dtype, got {a}, {b}")
+        return [TensorType((a.shape[0],) + _mm_shape(a.shape, b.shape), a.dtype)]
+
+
+@register_op
+class AddmmOp(LibraryOp):
+    """``beta * bias + alpha * (a @ b)``; bias broadcasts to the product's shape."""
+
+    name = "st.addmm"
+    num_operands = 3
+    optional_attrs = ("alpha", "beta")
+
+    @classmethod
+    def infer_types(cls, ts, attrs):
+        bias, a, b = ts
+        if a.rank != 2 or b.rank != 2 or not (a.dtype == b.dtype == bias.dtype):
+            raise ValueError(f"expects 2-D operands of one dtype, got {bias}, {a}, {b}")
+        shape = _mm_shape(a.shape, b.shape)
+        if broadcast_shapes(bias.shape, shape) != shape:
+            raise ValueError(f"bias {list(bias.shape)} does not broadcast to {list(shape)}")
+        return [TensorType(shape, a.dtype)]
+
+
+@register_op
+class LinearOp(LibraryOp):
+    """``x @ w.T (+ b)``: x is [..., K], w is [N, K], b is [N]."""
+
+    name = "st.linear"
+
+    @classmethod
+    def infer_types(cls, ts, attrs):
+        if len(ts) not in (2, 3):
+            raise ValueError(f"expects 2 or 3 operands, got {len(ts)}")
+        x, w = ts[0], ts[1]
+        if w.rank != 2 or x.shape[-1] != w.shape[1]:
+            raise ValueError(f"weight {w} does not match input {x}")
+        if len(ts) == 3 and ts[2].shape != (w.shape[0],):
+            raise ValueError(f"bias {ts[2]} must be [{w.shape[0]}]")
+        return [x.with_shape(x.shape[:-1] + (w.shape[0],))]
+
+
+@register_op
+class ConvolutionOp(LibraryOp):
+    """``aten.convolution``: N-d convolution (or transposed), weight [Cout, Cin/groups, *k]."""
+
+    name = "st.convolution"
+    required_attrs = ("stride", "padding", "dilation", "transposed", "output_padding", "groups")
+
+    @classmethod
+    def infer_types(cls, ts, attrs):
+        if len(ts) not in (2, 3):
+            raise ValueError(f"expects input, weight and optional bias, got {len(ts)} operands")
+        x, w = ts[0], ts[1]
+        nd = x.rank - 2
+        if w.rank != x.rank or nd < 1:
+            raise ValueError(f"input {x} and weight {w} ranks do not fit a convolution")
+        stride, pad, dil, opad = (tuple(attrs[k]) for k in
+                                  ("stride", "padding", "dilation", "output_padding"))
+        groups = int(attrs["groups"])
+        spatial = []
+        for i in range(nd):
+            k = w.shape[2 + i]
+            n = x.shape[2 + i]
+            if attrs["transposed"]:
+                spatial.append((n - 1) * stride[i] - 2 * pad[i] + dil[i] * (k - 1) + opad[i] + 1)
+            else:
+                spatial.append((n + 2 * pad[i] - dil[i] * (k - 1) - 1) // stride[i] + 1)
+        cout = w.shape[1] * groups if attrs["transposed"] else w.shape[0]
+        return [x.with_shape((x.shape[0], cout, *spatial))]
+
+
+# ----------------------------------------------------------------------------------------------
+# Anything else: a call into torch, so that import never has to fail
+
+
+@register_op
+class TorchCallOp(StOp):
+    """Calls ``torch.ops.<target>`` (e.g. ``aten.sort.default``).
+
+    ``args`` is a JSON string describing the positional and keyword arguments, with
+    ``{"operand": i}`` standing for operand i; ``results`` maps the op's outputs onto results.
+    The interpreter resolves ``target`` by attribute lookup under ``torch.ops``, never by
+    evaluating text.
+    """
+
+    name = "st.torch_call"
+    kind = TORCH
+    num_results = None
+    required_attrs = ("target", "args")
+
+    def verify_(self) -> None:
+        target = self.attributes["target"]
+        if not isinstance(target, str) or target.count(".") < 2:
+            raise self.error(f"'target' must look like 'aten.op.overload', got {target!r}")
+        import json
+
+        try:
+            json.loads(self.attributes["args"])
+        except (TypeError, ValueError) as e:
+            raise self.error(f"'args' is not valid JSON: {e}") from None
+
+
+ALL_KINDS = (ELEMENTWISE, BROADCAST, REDUCE, LAYOUT, GATHER, SCATTER, CONSTANT, LIBRARY, TORCH)

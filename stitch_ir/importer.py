@@ -1,0 +1,374 @@
+"""The torch importer: torch model + example inputs -> torch.export -> core aten -> ``st``.
+
+Pipeline: ``torch.export.export`` (non-strict), then ``run_decompositions`` with torch's
+core-aten table extended by torch's own decompositions of the composite ops whose inside we
+want to fuse (layer norm, softmax, GELU, batch norm, their backwards, ...; see
+``FUSABLE_DECOMPOSITIONS``). Each FX node then becomes ``st`` ops:
+
+- element-wise ops get explicit ``st.broadcast`` and ``st.cast`` operands (torch's implicit
+  broadcasting and type promotion made visible); Python scalars become splat constants;
+- views, squeeze / unsqueeze / expand / select become ``st.reshape`` / ``st.broadcast`` /
+  ``st.slice``; clones and aliases disappear (values are immutable in ``st``);
+- any aten op without an ``st`` counterpart becomes ``st.torch_call`` (counted in summaries),
+  so import never fails on an unknown op. A construct that cannot be represented at all (a
+  non-tensor graph input or output, in-place mutation of an input) raises ``ImportError_``
+  naming the FX node and its op.
+
+The function's arguments are the exported program's placeholders in order (parameters,
+buffers, lifted constants, then user inputs), named by the ``arg_names`` attribute; their
+values are kept on the returned ``ImportedProgram`` so the interpreter can run the module.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import operator
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch.fx import Node
+
+from stitch_ir.core import Builder, FuncOp, IRError, Module, ReturnOp, Value
+from stitch_ir.dialects import st
+from stitch_ir.types import DType, Sym, TensorType
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+
+class ImportError_(IRError):
+    """A model construct the importer cannot represent; names the FX node and op."""
+
+
+_TORCH_TO_DTYPE = {
+    torch.float64: DType.f64, torch.float32: DType.f32, torch.float16: DType.f16,
+    torch.bfloat16: DType.bf16, torch.int64: DType.i64, torch.int32: DType.i32,
+    torch.int16: DType.i16, torch.int8: DType.i8, torch.uint8: DType.u8, torch.bool: DType.i1,
+}
+_DTYPE_TO_TORCH = {v: k for k, v in _TORCH_TO_DTYPE.items()}
+
+
+def dtype_from_torch(dt: torch.dtype) -> DType:
+    try:
+        return _TORCH_TO_DTYPE[dt]
+    except KeyError:
+        raise ImportError_(f"unsupported dtype {dt}") from None
+
+
+def dtype_to_torch(dt: DType) -> torch.dtype:
+    return _DTYPE_TO_TORCH[dt]
+
+
+def _dim(d: Any) -> int | Sym:
+    if isinstance(d, int):
+        return d
+    if isinstance(d, torch.SymInt):
+        expr = d.node.expr
+        if expr.is_number:
+            return int(expr)
+        if expr.is_Symbol:
+            return Sym(str(expr))
+    raise ImportError_(f"unsupported symbolic size {d}")
+
+
+def type_from_meta(val: Any) -> TensorType:
+    return TensorType(tuple(_dim(d) for d in val.shape), dtype_from_torch(val.dtype))
+
+
+# Composite ops decomposed with torch's own tables before import, so their insides can fuse.
+FUSABLE_DECOMPOSITIONS = [
+    aten.native_layer_norm, aten._softmax, aten._log_softmax, aten.gelu, aten.native_batch_norm,
+    aten._native_batch_norm_legit_no_training, aten._native_batch_norm_legit,
+    aten._native_batch_norm_legit_functional, aten.native_group_norm, aten.leaky_relu,
+    aten.hardtanh, aten.silu, aten.elu, aten.hardsigmoid, aten.hardswish, aten.mish,
+    aten.softplus, aten.logsumexp, aten.tanh_backward, aten.gelu_backward,
+    aten._softmax_backward_data, aten._log_softmax_backward_data,
+    aten.native_layer_norm_backward, aten.threshold_backward, aten.sigmoid_backward,
+    aten.native_batch_norm_backward, aten.native_group_norm_backward,
+    aten.leaky_relu_backward, aten.silu_backward, aten.hardtanh_backward, aten.elu_backward,
+    aten.embedding_dense_backward, aten.nll_loss_forward, aten.nll_loss_backward,
+    aten.log_sigmoid_forward, aten.addcmul, aten.addcdiv, aten.lerp, aten.rsub,
+    aten.mse_loss, aten.binary_cross_entropy, aten.binary_cross_entropy_with_logits,
+    aten.smooth_l1_loss, aten.huber_loss, aten.std, aten.std_mean, aten.var_mean,
+    aten.masked_fill, aten.clamp_min, aten.clamp_max, aten.index_fill, aten.repeat, aten.roll,
+    aten.tril, aten.triu, aten.mv, aten.dot, aten.baddbmm, aten.addmv, aten.norm,
+    aten.linalg_vector_norm, aten.native_dropout_backward, aten.squeeze, aten.pixel_shuffle,
+    aten._adaptive_avg_pool2d, aten.upsample_nearest2d, aten.upsample_bilinear2d,
+]
+
+
+def decomposition_table() -> dict:
+    from torch._decomp import core_aten_decompositions, get_decompositions
+
+    table = dict(core_aten_decompositions())
+    table.update(get_decompositions(FUSABLE_DECOMPOSITIONS))
+    return table
+
+
+@dataclass
+class ImportedProgram:
+    """An imported model: the ``st`` module plus the values of its non-user arguments."""
+
+    module: Module
+    arg_names: list[str]
+    # Parameters, buffers and lifted constants by argument position; user inputs are absent.
+    constants: dict[int, torch.Tensor] = field(default_factory=dict)
+    user_inputs: list[int] = field(default_factory=list)
+
+    @property
+    def func(self) -> FuncOp:
+        return self.module.func()
+
+    def full_inputs(self, user_inputs: Sequence[torch.Tensor | np.ndarray]) -> list[np.ndarray]:
+        if len(user_inputs) != len(self.user_inputs):
+            raise IRError(f"model takes {len(self.user_inputs)} inputs, got {len(user_inputs)}")
+        args: list[Any] = [None] * len(self.arg_names)
+        for i, t in self.constants.items():
+            args[i] = to_numpy(t)
+        for i, x in zip(self.user_inputs, user_inputs):
+            args[i] = to_numpy(x)
+        return args
+
+    def run(self, *user_inputs: torch.Tensor | np.ndarray) -> list[np.ndarray]:
+        """Run the module with the reference interpreter."""
+        from stitch_ir.interpreter import run
+
+        return run(self.module, self.full_inputs(user_inputs))
+
+
+def to_numpy(t: torch.Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(t, np.ndarray):
+        return t
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        return t.float().numpy()
+    return t.numpy()
+
+
+def export_model(model: torch.nn.Module, example_inputs: tuple) -> torch.export.ExportedProgram:
+    ep = torch.export.export(model, tuple(example_inputs), strict=False)
+    return ep.run_decompositions(decomposition_table())
+
+
+def import_model(model: torch.nn.Module, example_inputs: tuple, name: str = "forward"
+                 ) -> ImportedProgram:
+    """Export ``model`` on ``example_inputs`` and import it into ``st``."""
+    ep = export_model(model, example_inputs)
+    sig = ep.graph_signature
+    kinds = {s.arg.name: s for s in sig.input_specs}
+    consts: dict[int, torch.Tensor] = {}
+    user: list[int] = []
+    placeholders = [n for n in ep.graph.nodes if n.op == "placeholder"]
+    state = dict(ep.state_dict)
+    state.update(ep.constants)
+    for i, n in enumerate(placeholders):
+        spec = kinds[n.name]
+        if spec.kind == torch.export.graph_signature.InputKind.USER_INPUT:
+            user.append(i)
+        else:
+            consts[i] = state[spec.target]
+    module = GraphImporter(ep.graph_module.graph, name).run()
+    return ImportedProgram(module, [n.name for n in placeholders], consts, user)
+
+
+def import_graph(gm: torch.fx.GraphModule, name: str = "forward") -> Module:
+    """Import an FX graph already in core aten (e.g. from AOTAutograd) into ``st``."""
+    return GraphImporter(gm.graph, name).run()
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+Handler = Callable[["GraphImporter", Node], Any]
+HANDLERS: dict[Any, Handler] = {}
+
+
+def handles(*targets):
+    def deco(fn: Handler) -> Handler:
+        for t in targets:
+            packet = getattr(t, "overloads", None)
+            if packet is not None:  # an OpOverloadPacket: register every overload
+                for o in t.overloads():
+                    HANDLERS[getattr(t, o)] = fn
+            else:
+                HANDLERS[t] = fn
+        return fn
+
+    return deco
+
+
+class GraphImporter:
+    def __init__(self, graph: torch.fx.Graph, name: str):
+        self.graph = graph
+        self.name = name
+        self.env: dict[Node, Any] = {}
+        self.node: Node | None = None
+        self.b: Builder | None = None
+
+    # -- helpers -------------------------------------------------------------------------------
+    def fail(self, msg: str) -> ImportError_:
+        n = self.node
+        where = f"node '{n.name}' ({n.target})" if n is not None else "graph"
+        return ImportError_(f"cannot import {where}: {msg}")
+
+    @property
+    def loc(self) -> str:
+        n = self.node
+        return f"node {n.name} ({n.target})" if n is not None else "graph"
+
+    def create(self, cls, *operands: Value, **attrs) -> Value:
+        try:
+            return self.b.create(cls, *operands, loc=self.loc, **attrs)
+        except (ValueError, TypeError, KeyError, IRError) as e:
+            raise self.fail(f"{cls.name}: {e}") from None
+
+    def out_type(self, k: int | None = None) -> TensorType:
+        val = self.node.meta.get("val")
+        if k is not None:
+            val = val[k]
+        if not isinstance(val, torch.Tensor):
+            raise self.fail(f"expected a tensor result, got {type(val).__name__}")
+        return type_from_meta(val)
+
+    def value(self, a: Any) -> Value:
+        if isinstance(a, Node):
+            v = self.env.get(a)
+            if isinstance(v, Value):
+                return v
+            raise self.fail(f"argument '{a.name}' is not a single tensor")
+        raise self.fail(f"expected a tensor argument, got {a!r}")
+
+    def constant(self, value: float | int | bool, t: TensorType) -> Value:
+        if t.dtype.is_bool:
+            value = bool(value)
+        elif t.dtype.is_int:
+            if isinstance(value, float) and not value.is_integer():
+                raise self.fail(f"non-integral scalar {value} for {t.dtype}")
+            value = int(value)
+        else:
+            value = float(value)
+        return self.b.insert(st.ConstantOp((), [t], {"value": value}, loc=self.loc)).result
+
+    def cast(self, v: Value, dt: DType) -> Value:
+        return v if v.type.dtype is dt else self.create(st.CastOp, v, dtype=dt)
+
+    def broadcast(self, v: Value, shape: tuple) -> Value:
+        if v.type.shape == tuple(shape):
+            return v
+        return self.create(st.BroadcastOp, v, shape=tuple(shape))
+
+    def reshape(self, v: Value, shape: Sequence) -> Value:
+        shape = tuple(shape)
+        if v.type.shape == shape:
+            return v
+        return self.create(st.ReshapeOp, v, shape=shape)
+
+    def operand(self, a: Any, dt: DType, shape: tuple) -> Value:
+        """A tensor or scalar argument as a value of dtype ``dt`` and shape ``shape``."""
+        if isinstance(a, Node):
+            return self.broadcast(self.cast(self.value(a), dt), shape)
+        if isinstance(a, bool | int | float):
+            return self.constant(a, TensorType(shape, dt))
+        if isinstance(a, torch.SymInt | torch.SymFloat):
+            raise self.fail("symbolic scalar arguments are not supported")
+        raise self.fail(f"unsupported argument {a!r}")
+
+    def arg_dtype(self, a: Any):
+        if isinstance(a, Node):
+            t = self.value(a).type
+            return torch.empty((0,) if t.rank else (), dtype=dtype_to_torch(t.dtype))
+        return a
+
+    def result_dtype(self, *args: Any) -> DType:
+        return dtype_from_torch(torch.result_type(*(self.arg_dtype(a) for a in args[:2])) if
+                                len(args) >= 2 else self.value(args[0]).type.dtype)
+
+    # -- driver --------------------------------------------------------------------------------
+    def run(self) -> Module:
+        placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
+        arg_types = []
+        for n in placeholders:
+            self.node = n
+            val = n.meta.get("val")
+            if not isinstance(val, torch.Tensor):
+                raise self.fail(f"graph input is a {type(val).__name__}, not a tensor")
+            arg_types.append(type_from_meta(val))
+        f = FuncOp.create(self.name, arg_types, arg_names=[n.name for n in placeholders])
+        self.b = Builder(f.body)
+        for n, a in zip(placeholders, f.args):
+            self.env[n] = a
+        for n in self.graph.nodes:
+            self.node = n
+            if n.op == "call_function":
+                self.env[n] = self.call(n)
+            elif n.op == "output":
+                outs = []
+                for a in torch.utils._pytree.tree_leaves(n.args[0]):
+                    if a is None:
+                        continue
+                    outs.append(self.value(a))
+                self.b.insert(ReturnOp(outs, loc=self.loc))
+            elif n.op != "placeholder":
+                raise self.fail(f"unsupported FX node kind '{n.op}'")
+        self.node = None
+        return Module([f])
+
+    def call(self, n: Node) -> Any:
+        if n.target is operator.getitem:
+            container = self.env[n.args[0]]
+            return container[n.args[1]]
+        if isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable:
+            raise self.fail("in-place / mutating ops are not supported; export should have "
+                            "functionalised them")
+        handler = HANDLERS.get(n.target)
+        if handler is not None:
+            return handler(self, n)
+        return self.torch_call(n)
+
+    def torch_call(self, n: Node) -> Any:
+        if not isinstance(n.target, torch._ops.OpOverload):
+            raise self.fail("only aten / prims operators can be called through torch")
+        operands: list[Value] = []
+
+        def enc(a):
+            if isinstance(a, Node):
+                operands.append(self.value(a))
+                return {"operand": len(operands) - 1}
+            if isinstance(a, list | tuple):
+                return [enc(x) for x in a]
+            if isinstance(a, torch.dtype):
+                return {"dtype": str(a).removeprefix("torch.")}
+            if isinstance(a, torch.device):
+                return {"device": str(a)}
+            if isinstance(a, torch.layout):
+                return {"layout": str(a).removeprefix("torch.")}
+            if isinstance(a, torch.memory_format):
+                return {"memory_format": str(a).removeprefix("torch.")}
+            if a is None or isinstance(a, bool | int | str):
+                return a
+            if isinstance(a, float):
+                if not math.isfinite(a):
+                    raise self.fail(f"non-finite scalar argument {a}")
+                return a
+            raise self.fail(f"argument {a!r} cannot be passed to torch")
+
+        spec = {"args": enc(list(n.args)), "kwargs": {k: enc(v) for k, v in n.kwargs.items()}}
+        val = n.meta.get("val")
+        leaves = val if isinstance(val, tuple | list) else [val]
+        types = []
+        for leaf in leaves:
+            if not isinstance(leaf, torch.Tensor):
+                raise self.fail(f"op returns a {type(leaf).__name__}, which stitch cannot hold")
+            types.append(type_from_meta(leaf))
+        op = st.TorchCallOp(operands, types, {"target": str(n.target), "args": json.dumps(spec)},
+                            loc=self.loc)
+        self.b.insert(op)
+        return list(op.results) if isinstance(val, tuple | list) else op.results[0]
+
+
+# Handlers for the individual ops live in importer_ops (registered on import).
+from stitch_ir import importer_ops  # noqa: E402,F401

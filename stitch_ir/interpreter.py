@@ -1,0 +1,565 @@
+"""The numpy reference interpreter: the oracle every fusion plan and kernel is checked against.
+
+``run(module, inputs)`` evaluates a function op by op on numpy arrays. Semantics follow torch:
+float16 / bfloat16 element-wise math is computed in float32 and rounded to the result type
+(torch's "opmath"); float reductions and scatter accumulations are computed in float64 and
+rounded once, so the oracle is at least as accurate as what it checks. ``fusion.group`` runs its
+region. Library ops (mm, convolution) are computed in numpy too; only ``st.torch_call``
+delegates to torch, by name lookup under ``torch.ops``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from stitch_ir import dialects  # noqa: F401 - registers ops
+from stitch_ir.core import DenseAttr, FuncOp, IRError, Module, Operation, Value
+from stitch_ir.types import DType, Sym, TensorType
+
+Impl = Callable[[Operation, list[np.ndarray]], list[np.ndarray]]
+IMPLS: dict[str, Impl] = {}
+
+
+class InterpreterError(IRError):
+    pass
+
+
+def impl(*names: str):
+    def deco(fn: Impl) -> Impl:
+        for n in names:
+            IMPLS[n] = fn
+        return fn
+
+    return deco
+
+
+def round_bf16(x: np.ndarray) -> np.ndarray:
+    """Round float32 values to bfloat16 precision (nearest even), kept in float32."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+    out = rounded.view(np.float32)
+    return np.where(np.isnan(x), x, out).astype(np.float32)
+
+
+def to_type(x: np.ndarray, t: TensorType) -> np.ndarray:
+    """Convert a computed array to the result type's numpy dtype, rounding bf16."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        out = np.asarray(x).astype(t.dtype.to_numpy(), copy=False)
+    if t.dtype is DType.bf16:
+        out = round_bf16(out)
+    return out
+
+
+def _opmath(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float32) if x.dtype == np.float16 else x
+
+
+# ----------------------------------------------------------------------------------------------
+# Element-wise
+
+_erf = np.vectorize(math.erf, otypes=[np.float64])
+
+
+def _sigmoid(x):
+    with np.errstate(over="ignore"):
+        return np.where(x >= 0, 1 / (1 + np.exp(-np.abs(x))), np.exp(-np.abs(x)) / (1 + np.exp(-np.abs(x))))
+
+
+def _int_div(a, b):
+    if np.any(b == 0):
+        raise InterpreterError("integer division by zero")
+    q = np.floor_divide(a, b)
+    return np.where((np.remainder(a, b) != 0) & ((a < 0) ^ (b < 0)), q + 1, q)
+
+
+UNARY: dict[str, Callable] = {
+    "st.neg": np.negative, "st.abs": np.abs, "st.exp": np.exp, "st.exp2": np.exp2,
+    "st.log": np.log, "st.log2": np.log2, "st.log1p": np.log1p, "st.expm1": np.expm1,
+    "st.sqrt": np.sqrt, "st.rsqrt": lambda x: 1 / np.sqrt(x), "st.sin": np.sin,
+    "st.cos": np.cos, "st.tan": np.tan, "st.tanh": np.tanh, "st.sigmoid": _sigmoid,
+    "st.erf": lambda x: _erf(x.astype(np.float64)), "st.relu": lambda x: np.maximum(x, 0),
+    "st.reciprocal": lambda x: 1 / x, "st.floor": np.floor, "st.ceil": np.ceil,
+    "st.round": np.round, "st.trunc": np.trunc, "st.sign": np.sign,
+    "st.logical_not": np.logical_not, "st.bitwise_not": np.invert,
+    "st.isnan": np.isnan, "st.isinf": np.isinf,
+}
+BINARY: dict[str, Callable] = {
+    "st.add": np.add, "st.sub": np.subtract, "st.mul": np.multiply, "st.pow": np.power,
+    "st.maximum": np.maximum, "st.minimum": np.minimum, "st.remainder": np.remainder,
+    "st.floor_div": np.floor_divide, "st.atan2": np.arctan2,
+    "st.bitwise_and": np.bitwise_and, "st.bitwise_or": np.bitwise_or,
+    "st.bitwise_xor": np.bitwise_xor, "st.logical_and": np.logical_and,
+    "st.logical_or": np.logical_or, "st.eq": np.equal, "st.ne": np.not_equal,
+    "st.lt": np.less, "st.le": np.less_equal, "st.gt": np.greater, "st.ge": np.greater_equal,
+}
+
+
+@impl(*UNARY)
+def _unary(op, args):
+    x = args[0]
+    if op.name in ("st.floor", "st.ceil", "st.round", "st.trunc") and x.dtype.kind in "iu":
+        return [x.copy()]
+    with np.errstate(all="ignore"):
+        return [to_type(UNARY[op.name](_opmath(x)), op.result.type)]
+
+
+@impl(*BINARY, "st.div")
+def _binary(op, args):
+    a, b = (_opmath(x) for x in args)
+    if op.name == "st.div":
+        fn = _int_div if a.dtype.kind in "iu" else np.divide
+    elif op.name in ("st.remainder", "st.floor_div") and a.dtype.kind in "iu" and np.any(b == 0):
+        raise InterpreterError(f"integer division by zero in '{op.name}'{op.where()}")
+    else:
+        fn = BINARY[op.name]
+    with np.errstate(all="ignore"):
+        return [to_type(fn(a, b), op.result.type)]
+
+
+@impl("st.where")
+def _where(op, args):
+    return [to_type(np.where(*args), op.result.type)]
+
+
+@impl("st.clamp")
+def _clamp(op, args):
+    x, lo, hi = (_opmath(a) for a in args)
+    # torch.clamp propagates NaN from x; np.minimum / np.maximum do too.
+    return [to_type(np.minimum(np.maximum(x, lo), hi), op.result.type)]
+
+
+@impl("st.cast")
+def _cast(op, args):
+    x = args[0]
+    dt: DType = op.attributes["dtype"]
+    if dt.is_int and x.dtype.kind == "f":
+        x = np.trunc(x)  # torch truncates toward zero when casting float to int
+    if dt.is_bool:
+        return [x != 0]
+    return [to_type(x, op.result.type)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Reductions
+
+
+def _acc(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float64) if x.dtype.kind == "f" else x
+
+
+@impl("st.sum", "st.mean", "st.max", "st.min", "st.prod", "st.any", "st.var")
+def _reduce(op, args):
+    x = args[0]
+    dims, keep = tuple(op.attributes["dims"]), bool(op.attributes["keepdim"])
+    if any(x.shape[d] == 0 for d in dims) and op.name in ("st.max", "st.min"):
+        raise InterpreterError(f"'{op.name}' of an empty dimension{op.where()}")
+    with np.errstate(all="ignore"):
+        if op.name == "st.sum":
+            r = np.sum(_acc(x).astype(np.int64) if x.dtype.kind in "biu" else _acc(x), axis=dims,
+                       keepdims=keep)
+        elif op.name == "st.mean":
+            r = np.mean(_acc(x), axis=dims, keepdims=keep)
+        elif op.name == "st.max":
+            r = np.max(x, axis=dims, keepdims=keep)
+        elif op.name == "st.min":
+            r = np.min(x, axis=dims, keepdims=keep)
+        elif op.name == "st.prod":
+            r = np.prod(_acc(x), axis=dims, keepdims=keep)
+        elif op.name == "st.any":
+            r = np.any(x, axis=dims, keepdims=keep)
+        else:
+            r = np.var(_acc(x), axis=dims, keepdims=keep, ddof=op.attr("correction", 1))
+    return [to_type(r, op.result.type)]
+
+
+@impl("st.argmax", "st.argmin")
+def _arg_reduce(op, args):
+    x = args[0]
+    (d,) = op.attributes["dims"]
+    fn = np.argmax if op.name == "st.argmax" else np.argmin
+    r = fn(x, axis=d)
+    if op.attributes["keepdim"]:
+        r = np.expand_dims(r, d)
+    return [r.astype(np.int64)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Broadcast, layout, creation
+
+
+@impl("st.broadcast")
+def _broadcast(op, args):
+    return [np.broadcast_to(args[0], op.result.type.shape if op.result.type.is_static
+                            else _shape_of(op, args)).copy()]
+
+
+def _shape_of(op, args):
+    raise InterpreterError(f"'{op.name}' with a symbolic target shape{op.where()}")
+
+
+@impl("st.reshape")
+def _reshape(op, args):
+    shape = tuple(op.attributes["shape"])
+    if any(isinstance(d, Sym) for d in shape):
+        return _shape_of(op, args)
+    return [args[0].reshape(shape)]
+
+
+@impl("st.permute")
+def _permute(op, args):
+    return [np.ascontiguousarray(np.transpose(args[0], op.attributes["perm"]))]
+
+
+@impl("st.slice")
+def _slice(op, args):
+    a = op.attributes
+    idx = [slice(None)] * args[0].ndim
+    idx[a["dim"]] = slice(a["start"], a["end"], a["step"])
+    return [args[0][tuple(idx)].copy()]
+
+
+@impl("st.cat")
+def _cat(op, args):
+    return [np.concatenate(args, axis=op.attributes["dim"])]
+
+
+@impl("st.pad")
+def _pad(op, args):
+    x = args[0]
+    low, high = op.attributes["low"], op.attributes["high"]
+    crop = tuple(slice(max(-lo, 0), x.shape[i] - max(-hi, 0)) for i, (lo, hi) in
+                 enumerate(zip(low, high)))
+    x = x[crop]
+    widths = [(max(lo, 0), max(hi, 0)) for lo, hi in zip(low, high)]
+    return [to_type(np.pad(x, widths, constant_values=op.attributes["value"]), op.result.type)]
+
+
+@impl("st.constant")
+def _constant(op, args):
+    v = op.attributes["value"]
+    t = op.result.type
+    if isinstance(v, DenseAttr):
+        return [v.to_array()]
+    return [to_type(np.full(t.shape, v, dtype=np.float64 if isinstance(v, float) else
+                            (np.bool_ if isinstance(v, bool) else np.int64)), t)]
+
+
+@impl("st.iota")
+def _iota(op, args):
+    a = op.attributes
+    r = a["start"] + a["step"] * np.arange(a["size"], dtype=np.float64 if
+                                           isinstance(a["start"] + a["step"], float) else np.int64)
+    return [to_type(r, op.result.type)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Gather / scatter
+
+
+def _check_bounds(op, idx: np.ndarray, size: int) -> np.ndarray:
+    if idx.size and (idx.min() < -size or idx.max() >= size):
+        raise InterpreterError(f"index out of range for size {size} in '{op.name}'{op.where()}")
+    return np.where(idx < 0, idx + size, idx)
+
+
+@impl("st.index_select")
+def _index_select(op, args):
+    x, idx = args
+    d = op.attributes["dim"]
+    return [np.take(x, _check_bounds(op, idx, x.shape[d]), axis=d)]
+
+
+@impl("st.embedding")
+def _embedding(op, args):
+    w, idx = args
+    return [w[_check_bounds(op, idx, w.shape[0])]]
+
+
+def _scatter_coords(op, x, idx, dim):
+    """Full coordinates into x for every element of idx (torch gather/scatter semantics)."""
+    idx = _check_bounds(op, idx, x.shape[dim])
+    for d in range(idx.ndim):
+        if d != dim and idx.shape[d] > x.shape[d]:
+            raise InterpreterError(f"index dim {d} larger than input in '{op.name}'{op.where()}")
+    grids = list(np.indices(idx.shape, sparse=True))
+    grids[dim] = idx
+    return tuple(grids)
+
+
+@impl("st.gather")
+def _gather(op, args):
+    x, idx = args
+    return [x[_scatter_coords(op, x, idx, op.attributes["dim"])]]
+
+
+@impl("st.index_add")
+def _index_add(op, args):
+    x, idx, src = args
+    d = op.attributes["dim"]
+    out = _acc(x).copy()
+    where = (slice(None),) * d + (_check_bounds(op, idx, x.shape[d]),)
+    np.add.at(out, where, _acc(src) * op.attr("alpha", 1))
+    return [to_type(out, op.result.type)]
+
+
+@impl("st.scatter_add")
+def _scatter_add(op, args):
+    x, idx, src = args
+    coords = _scatter_coords(op, x, idx, op.attributes["dim"])
+    out = _acc(x).copy()
+    np.add.at(out, coords, _acc(src)[tuple(slice(0, n) for n in idx.shape)])
+    return [to_type(out, op.result.type)]
+
+
+@impl("st.scatter_reduce")
+def _scatter_reduce(op, args):
+    x, idx, src = args
+    a = op.attributes
+    coords = _scatter_coords(op, x, idx, a["dim"])
+    vals = _acc(src)[tuple(slice(0, n) for n in idx.shape)]
+    out = _acc(x).copy()
+    touched = np.zeros(x.shape, dtype=bool)
+    touched[coords] = True
+    red = a["reduce"]
+    if not a["include_self"]:
+        init = {"sum": 0, "mean": 0, "prod": 1, "amax": -np.inf, "amin": np.inf}[red]
+        if out.dtype.kind in "iu" and red in ("amax", "amin"):
+            info = np.iinfo(out.dtype)
+            init = info.min if red == "amax" else info.max
+        out[touched] = init
+    if red in ("sum", "mean"):
+        np.add.at(out, coords, vals)
+    elif red == "prod":
+        np.multiply.at(out, coords, vals)
+    elif red == "amax":
+        np.maximum.at(out, coords, vals)
+    else:
+        np.minimum.at(out, coords, vals)
+    if red == "mean":
+        count = np.zeros(x.shape, dtype=np.int64)
+        np.add.at(count, coords, 1)
+        count = count + (1 if a["include_self"] else 0)
+        count = np.maximum(count, 1)
+        out = out // count if out.dtype.kind in "iu" else out / count
+    return [to_type(out, op.result.type)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Library ops
+
+
+def _mm_in(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float32) if x.dtype == np.float16 else x
+
+
+@impl("st.mm", "st.bmm")
+def _mm(op, args):
+    return [to_type(np.matmul(*(_mm_in(a) for a in args)), op.result.type)]
+
+
+@impl("st.addmm")
+def _addmm(op, args):
+    bias, a, b = (_mm_in(x) for x in args)
+    r = op.attr("beta", 1) * bias + op.attr("alpha", 1) * np.matmul(a, b)
+    return [to_type(r, op.result.type)]
+
+
+@impl("st.linear")
+def _linear(op, args):
+    x, w = _mm_in(args[0]), _mm_in(args[1])
+    r = np.matmul(x, w.T)
+    if len(args) == 3:
+        r = r + _mm_in(args[2])
+    return [to_type(r, op.result.type)]
+
+
+def _conv(x, w, stride, padding, dilation, groups):
+    """Direct N-d convolution (cross-correlation) via sliding windows; w is [Co, Ci/g, *k]."""
+    nd = x.ndim - 2
+    x = np.pad(x, [(0, 0), (0, 0)] + [(p, p) if p >= 0 else (0, 0) for p in padding])
+    for i, p in enumerate(padding):
+        if p < 0:  # negative padding crops
+            sl = [slice(None)] * x.ndim
+            sl[2 + i] = slice(-p, x.shape[2 + i] + p)
+            x = x[tuple(sl)]
+    ks = w.shape[2:]
+    span = [dilation[i] * (ks[i] - 1) + 1 for i in range(nd)]
+    win = np.lib.stride_tricks.sliding_window_view(x, span, axis=tuple(range(2, 2 + nd)))
+    sel = (slice(None), slice(None)) + tuple(slice(None, None, s) for s in stride) + tuple(
+        slice(None, None, d) for d in dilation)
+    win = win[sel]  # [N, C, *out, *k]
+    n, c = x.shape[:2]
+    co = w.shape[0]
+    cg, og = c // groups, co // groups
+    outs = []
+    letters = "abcdefgh"[:nd]
+    spec = f"nc{letters.upper()}{letters},oc{letters}->no{letters.upper()}"
+    for g in range(groups):
+        outs.append(np.einsum(spec, win[:, g * cg:(g + 1) * cg], w[g * og:(g + 1) * og],
+                              optimize=True))
+    return np.concatenate(outs, axis=1)
+
+
+@impl("st.convolution")
+def _convolution(op, args):
+    a = op.attributes
+    x, w = _mm_in(args[0]).astype(np.float64), _mm_in(args[1]).astype(np.float64)
+    stride, pad, dil = list(a["stride"]), list(a["padding"]), list(a["dilation"])
+    groups, nd = a["groups"], x.ndim - 2
+    if a["transposed"]:
+        # A transposed convolution is a stride-1 convolution of the zero-stuffed input with the
+        # flipped, in/out-swapped weight, padded by dilation * (k - 1) - padding.
+        n, c = x.shape[:2]
+        stuffed = np.zeros((n, c, *[(s - 1) * st + 1 for s, st in zip(x.shape[2:], stride)]))
+        stuffed[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in stride)] = x
+        ks = w.shape[2:]
+        cg = w.shape[0] // groups
+        wt = np.concatenate([
+            np.swapaxes(w[g * cg:(g + 1) * cg], 0, 1) for g in range(groups)
+        ], axis=0)[(slice(None), slice(None)) + (slice(None, None, -1),) * nd]
+        lo = [dil[i] * (ks[i] - 1) - pad[i] for i in range(nd)]
+        opad = list(a["output_padding"])
+        stuffed = np.pad(stuffed, [(0, 0), (0, 0)] + [(0, opad[i]) for i in range(nd)])
+        r = _conv(stuffed, wt, [1] * nd, [0] * nd, dil, groups) if all(v == 0 for v in lo) else \
+            _conv_asym(stuffed, wt, lo, opad, dil, groups)
+    else:
+        r = _conv(x, w, stride, pad, dil, groups)
+    if len(args) == 3:
+        r = r + args[2].astype(np.float64).reshape((1, -1) + (1,) * nd)
+    return [to_type(r, op.result.type)]
+
+
+def _conv_asym(x, w, lo, opad, dil, groups):
+    """Stride-1 conv of x (already padded by opad at the end) with low/high padding ``lo``."""
+    nd = x.ndim - 2
+    widths = [(0, 0), (0, 0)] + [(max(p, 0), max(p, 0)) for p in lo]
+    x = np.pad(x, widths)
+    for i, p in enumerate(lo):
+        if p < 0:
+            sl = [slice(None)] * x.ndim
+            sl[2 + i] = slice(-p, x.shape[2 + i] + p)
+            x = x[tuple(sl)]
+    return _conv(x, w, [1] * nd, [0] * nd, dil, groups)
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.ops calls and fusion groups
+
+
+def decode_torch_args(spec: str, operands: list) -> tuple[list, dict]:
+    """Decode an ``st.torch_call`` argument spec, substituting operands; returns (args, kwargs)."""
+    import torch
+
+    def dec(v):
+        if isinstance(v, list):
+            return [dec(x) for x in v]
+        if isinstance(v, dict):
+            if "operand" in v:
+                return operands[v["operand"]]
+            if "dtype" in v:
+                return getattr(torch, v["dtype"])
+            if "device" in v:
+                return torch.device(v["device"])
+            if "layout" in v:
+                return getattr(torch, v["layout"])
+            if "memory_format" in v:
+                return getattr(torch, v["memory_format"])
+            if "tuple" in v:
+                return tuple(dec(x) for x in v["tuple"])
+            raise InterpreterError(f"bad torch_call argument {v!r}")
+        return v
+
+    d = json.loads(spec)
+    return dec(d.get("args", [])), {k: dec(v) for k, v in d.get("kwargs", {}).items()}
+
+
+def resolve_torch_op(target: str):
+    """``aten.sort.default`` -> ``torch.ops.aten.sort.default`` by attribute lookup only."""
+    import torch
+
+    obj = torch.ops
+    for part in target.split("."):
+        if not part.isidentifier():
+            raise InterpreterError(f"bad torch op target {target!r}")
+        obj = getattr(obj, part, None)
+        if obj is None:
+            raise InterpreterError(f"torch has no op {target!r}")
+    return obj
+
+
+@impl("st.torch_call")
+def _torch_call(op, args):
+    import torch
+
+    fn = resolve_torch_op(op.attributes["target"])
+    tensors = [torch.from_numpy(np.ascontiguousarray(a)) for a in args]
+    pos, kw = decode_torch_args(op.attributes["args"], tensors)
+    out = fn(*pos, **kw)
+    flat = list(out) if isinstance(out, tuple | list) else [out]
+    flat = [t for t in flat if isinstance(t, torch.Tensor)]
+    if len(flat) != len(op.results):
+        raise InterpreterError(f"'{op.attributes['target']}' returned {len(flat)} tensors, the op "
+                               f"declares {len(op.results)}{op.where()}")
+    return [to_type(t.detach().contiguous().numpy() if t.dtype != torch.bfloat16 else
+                    t.float().numpy(), r.type) for t, r in zip(flat, op.results)]
+
+
+@impl("fusion.group")
+def _group(op, args):
+    return run_block(op.body, args)
+
+
+def run_block(block, args: Sequence[np.ndarray]) -> list[np.ndarray]:
+    env: dict[int, np.ndarray] = {id(a): v for a, v in zip(block.args, args)}
+    for op in block.ops:
+        if op.name in ("func.return", "fusion.yield"):
+            return [env[id(v)] for v in op.operands]
+        fn = IMPLS.get(op.name)
+        if fn is None:
+            raise InterpreterError(f"no interpreter implementation for '{op.name}'")
+        ins = [env[id(v)] for v in op.operands]
+        outs = fn(op, ins)
+        for r, val in zip(op.results, outs):
+            env[id(r)] = val
+    raise InterpreterError("block has no terminator")
+
+
+def check_inputs(f: FuncOp, inputs: Sequence[np.ndarray]) -> None:
+    if len(inputs) != len(f.args):
+        raise InterpreterError(f"@{f.sym_name} takes {len(f.args)} inputs, got {len(inputs)}")
+    names = f.attr("arg_names")
+    syms: dict[str, int] = {}
+    for i, (a, x) in enumerate(zip(f.args, inputs)):
+        label = f"input #{i}" + (f" ({names[i]})" if names else "")
+        if x.dtype != a.type.dtype.to_numpy():
+            raise InterpreterError(f"{label} has dtype {x.dtype}, expected {a.type.dtype}")
+        if len(x.shape) != a.type.rank:
+            raise InterpreterError(f"{label} has shape {list(x.shape)}, expected {a.type}")
+        for d, n in zip(a.type.shape, x.shape):
+            if isinstance(d, Sym):
+                if syms.setdefault(d.name, n) != n:
+                    raise InterpreterError(f"{label}: symbol {d} is {syms[d.name]} elsewhere, {n}"
+                                           " here")
+            elif d != n:
+                raise InterpreterError(f"{label} has shape {list(x.shape)}, expected {a.type}")
+
+
+def run(module: Module | FuncOp, inputs: Sequence[np.ndarray], func: str | None = None
+        ) -> list[np.ndarray]:
+    """Run a function on numpy inputs and return its outputs."""
+    f = module if isinstance(module, FuncOp) else module.func(func)
+    inputs = [np.asarray(x) for x in inputs]
+    check_inputs(f, inputs)
+    return run_block(f.body, inputs)
+
+
+def evaluate_op(op: Operation, args: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Evaluate one op on concrete arguments (used by constant folding)."""
+    return IMPLS[op.name](op, list(args))
+
+
+__all__ = ["InterpreterError", "Value", "evaluate_op", "run", "run_block"]
