@@ -258,6 +258,8 @@ class Parser:
         m = Module()
         while not self.at("}"):
             start = self.tok
+            if start.kind == "eof":
+                raise self.fail("expected '}', found 'end of input'")
             f = self.parse_func()
             if any(g.sym_name == f.sym_name for g in m.funcs):
                 raise self.fail(f"function @{f.sym_name} defined twice", start)
