@@ -97,8 +97,11 @@ FUSABLE_DECOMPOSITIONS = [
     aten.masked_fill, aten.clamp_min, aten.clamp_max, aten.index_fill, aten.repeat, aten.roll,
     aten.tril, aten.triu, aten.mv, aten.dot, aten.baddbmm, aten.addmv, aten.norm,
     aten.linalg_vector_norm, aten.native_dropout_backward, aten.squeeze, aten.pixel_shuffle,
-    aten._adaptive_avg_pool2d, aten.upsample_nearest2d, aten.upsample_bilinear2d,
+    aten._adaptive_avg_pool2d, aten.upsample_nearest2d, aten.upsample_bilinear2d, aten.flip,
 ]
+# Ops the core-aten table would decompose that ``st`` represents directly (and better: an
+# index_add decomposed into index_put loses its scatter structure).
+KEEP = [aten.index_add, aten.scatter_add, aten.scatter_reduce, aten.var, aten.index_select]
 
 
 def decomposition_table() -> dict:
@@ -106,6 +109,9 @@ def decomposition_table() -> dict:
 
     table = dict(core_aten_decompositions())
     table.update(get_decompositions(FUSABLE_DECOMPOSITIONS))
+    for packet in KEEP:
+        for name in packet.overloads():
+            table.pop(getattr(packet, name), None)
     return table
 
 

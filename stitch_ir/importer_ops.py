@@ -653,3 +653,31 @@ def prims_reduce(imp, n):
     else:
         r = _reduce(imp, PRIMS_REDUCE[_packet(n)], x, dims, False)
     return imp.cast(r, out.dtype)
+
+
+@handles(aten.index_put)
+def index_put(imp, n):
+    """``x.index_put_((idx,), v, accumulate=True)`` with one 1-D index is an index_add."""
+    args = bind(n)
+    x = imp.value(args["self"])
+    indices = list(args["indices"])
+    if (not args.get("accumulate") or len(indices) != 1 or indices[0] is None
+            or imp.value(indices[0]).type.rank != 1 or imp.value(indices[0]).type.dtype.is_bool):
+        return imp.torch_call(n)
+    idx = imp.value(indices[0])
+    v = imp.cast(imp.value(args["values"]), x.type.dtype)
+    src_shape = (idx.type.shape[0],) + x.type.shape[1:]
+    return imp.create(st.IndexAddOp, x, idx, imp.broadcast(v, src_shape), dim=0)
+
+
+@handles(prims.rev, aten.flip)
+def reverse(imp, n):
+    """flip as index_select with a descending iota per reversed dim."""
+    x = imp.value(n.args[0])
+    for d in sorted({normalize_dim(d, x.type.rank) for d in n.args[1]}):
+        size = x.type.shape[d]
+        if size <= 1:
+            continue
+        idx = imp.create(st.IotaOp, start=size - 1, step=-1, size=size, dtype=DType.i64)
+        x = imp.create(st.IndexSelectOp, x, idx, dim=d)
+    return x
