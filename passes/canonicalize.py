@@ -95,16 +95,14 @@ def fold_small(op, rw):
     """Evaluate ops whose operands are all (small) constants."""
     if not op.operands or op.regions or getattr(op, "kind", "") in (st.TORCH, st.CONSTANT):
         return None
-    consts = [_const(v) for v in op.operands]
-    if any(c is None for c in consts):
+    producers = [defining_op(v) for v in op.operands]
+    if any(p is None or getattr(p, "kind", "") != st.CONSTANT for p in producers):
         return None
     if not op.result.type.is_static or op.result.type.numel() > FOLD_MAX_ELEMENTS:
         return None
     if any(v.type.numel() > FOLD_MAX_ELEMENTS for v in op.operands):
         return None
-    from stitch_ir.interpreter import IMPLS
-
-    vals = [IMPLS["st.constant"](c, [])[0] for c in consts]
+    vals = [evaluate_op(p, [])[0] for p in producers]
     return _make_const(rw, evaluate_op(op, vals)[0], op)
 
 

@@ -134,8 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from stitch_ir.core import IRError
     from passes.pass_manager import PipelineError
+    from stitch_ir.core import IRError
 
     try:
         return args.fn(args)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import operator
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -156,8 +157,11 @@ def to_numpy(t: torch.Tensor | np.ndarray) -> np.ndarray:
 
 
 def export_model(model: torch.nn.Module, example_inputs: tuple) -> torch.export.ExportedProgram:
-    ep = torch.export.export(model, tuple(example_inputs), strict=False)
-    return ep.run_decompositions(decomposition_table())
+    with warnings.catch_warnings():
+        # torch.export's own pytree deprecation noise, raised on every export in torch 2.13
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        ep = torch.export.export(model, tuple(example_inputs), strict=False)
+        return ep.run_decompositions(decomposition_table())
 
 
 def import_model(model: torch.nn.Module, example_inputs: tuple, name: str = "forward"

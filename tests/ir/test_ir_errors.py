@@ -137,7 +137,7 @@ PARSE_CASES = [
     ("module {\n  func.func @f() -> (tensor<f32>) {\n    \"func.return\"() : () -> ()\n  }\n}",
      "2:21: function @f returns () but its signature says (tensor<f32>)"),
     ("module { $ }", "1:10: unexpected character '$'"),
-    (module(f'    %0 = "st.constant"() {{value = dense<"0x00"> : tensor<2xf32>}} : () -> '
+    (module('    %0 = "st.constant"() {value = dense<"0x00"> : tensor<2xf32>} : () -> '
             'tensor<2xf32>'),
      "dense data has 1 bytes, which does not fit tensor<2xf32>"),
     (module(f'    %0 = "st.exp"(%arg0) {{s = "bad \\q escape"}} : ({F32}) -> {F32}'),
