@@ -39,7 +39,7 @@ def impl(*names: str):
 
 def round_bf16(x: np.ndarray) -> np.ndarray:
     """Round float32 values to bfloat16 precision (nearest even), kept in float32."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    u = np.array(x, dtype=np.float32, order="C").view(np.uint32)  # keeps rank 0
     rounded = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
     out = rounded.view(np.float32)
     return np.where(np.isnan(x), x, out).astype(np.float32)
@@ -211,7 +211,7 @@ def _reshape(op, args):
 
 @impl("st.permute")
 def _permute(op, args):
-    return [np.ascontiguousarray(np.transpose(args[0], op.attributes["perm"]))]
+    return [np.transpose(args[0], op.attributes["perm"]).copy()]  # copy(): C order, keeps rank 0
 
 
 @impl("st.slice")
@@ -496,7 +496,7 @@ def _torch_call(op, args):
     import torch
 
     fn = resolve_torch_op(op.attributes["target"])
-    tensors = [torch.from_numpy(np.ascontiguousarray(a)) for a in args]
+    tensors = [torch.from_numpy(np.array(a, order="C")) for a in args]  # keeps rank 0
     pos, kw = decode_torch_args(op.attributes["args"], tensors)
     out = fn(*pos, **kw)
     flat = list(out) if isinstance(out, tuple | list) else [out]
