@@ -74,6 +74,7 @@ def cpu_schedule(desc: KernelDesc, spec: DeviceSpec) -> Schedule:
         memory_seconds=mem,
         memory_floor_seconds=traffic / bandwidth(spec, traffic, cores),
         compute_seconds=comp,
+        latency_floor_seconds=0.0,
         sync_seconds=sync,
         resource_penalty_seconds=spill / bw,
         seconds=spec.launch_overhead + max(mem, comp) + sync,

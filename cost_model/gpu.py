@@ -80,14 +80,15 @@ def gpu_schedule(desc: KernelDesc, spec: DeviceSpec) -> Schedule:
     launch = spec.launch_overhead * (1 + shape.extra_launches)
     traffic = desc.traffic + shape.extra_bytes
     mem = comp = body = math.inf
-    sync = penalty = 0.0
+    sync = penalty = floor = 0.0
     if not error:
         phases = 1 + len(desc.reduce) + shape.extra_syncs
-        mem, comp, body = _timing(desc, spec, shape, bps, traffic, phases)
+        mem, comp, floor = _timing(desc, spec, shape, bps, traffic, phases)
+        body = max(mem, comp, floor)
         # The same launch with occupancy bounded by threads and blocks only: what registers
         # and shared memory cost.
         free_bps = min(spec.blocks_per_sm_max, spec.threads_per_sm // shape.tpb)
-        penalty = max(0.0, body - _timing(desc, spec, shape, free_bps, traffic, phases)[2])
+        penalty = max(0.0, body - max(_timing(desc, spec, shape, free_bps, traffic, phases)))
         sync = syncs * (spec.barrier_base + spec.barrier_per_block * shape.blocks)
     return Schedule(
         device=spec.name,
@@ -110,6 +111,7 @@ def gpu_schedule(desc: KernelDesc, spec: DeviceSpec) -> Schedule:
         memory_seconds=mem,
         memory_floor_seconds=traffic / (spec.mem_bandwidth * spec.mem_efficiency),
         compute_seconds=comp,
+        latency_floor_seconds=floor,
         sync_seconds=sync,
         resource_penalty_seconds=penalty,
         seconds=launch + body + sync,
@@ -269,7 +271,7 @@ def _resource_error(
 def _timing(
     desc: KernelDesc, spec: DeviceSpec, shape: _Shape, bps: int, traffic: int, phases: int
 ) -> tuple[float, float, float]:
-    """(memory, compute, body) seconds, wave by wave: full waves, then the partial tail."""
+    """(memory, compute, latency floor) seconds, wave by wave: full waves, then the tail."""
     warps = math.ceil(shape.tpb / spec.warp_size)
     slots = spec.num_sms * bps
     full, tail = divmod(shape.blocks, slots)
@@ -284,8 +286,7 @@ def _timing(
             comp += count * compute_full * (n / shape.blocks) / _compute_fill(spec, n, warps)
     waves = full + (1 if tail else 0)
     # A wave cannot finish faster than its dependent DRAM round trips (one per phase).
-    latency_floor = waves * phases * spec.mem_latency
-    return mem, comp, max(mem, comp, latency_floor)
+    return mem, comp, waves * phases * spec.mem_latency
 
 
 def _bandwidth_fill(spec: DeviceSpec, blocks: int, warps_per_block: int) -> float:

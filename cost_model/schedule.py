@@ -4,7 +4,7 @@ Invariants:
 - A schedule is data (frozen): the mapping, the launch shape, the resources it uses, the
   occupancy those allow, and the time split into its parts.
 - `seconds == launch_seconds + body + sync_seconds` where body is the largest of
-  memory, compute and the per-wave latency floor; `seconds` is `math.inf` exactly when
+  `memory_seconds`, `compute_seconds` and `latency_floor_seconds`; `seconds` is `math.inf` exactly when
   `legal` is False, and then `reason` says which resource ran out.
 - On a CPU, a "block" is one parallel task and an "SM" is one core: `threads_per_block`
   is 1 and `blocks_per_sm` is 1.
@@ -61,6 +61,7 @@ class Schedule:
     memory_seconds: float
     memory_floor_seconds: float  # same bytes at the device's best bandwidth (full fill)
     compute_seconds: float
+    latency_floor_seconds: float  # dependent DRAM round trips per wave (GPU); 0 on a CPU
     sync_seconds: float
     resource_penalty_seconds: float  # body time lost to registers / shared memory limits
     seconds: float
