@@ -281,6 +281,9 @@ def _embedding(op, args):
 
 def _scatter_coords(op, x, idx, dim):
     """Full coordinates into x for every element of idx (torch gather/scatter semantics)."""
+    if x.ndim == 0:  # torch treats a scalar as one element along dim 0 (index 0 or -1)
+        _check_bounds(op, idx, 1)
+        return ()
     idx = _check_bounds(op, idx, x.shape[dim])
     for d in range(idx.ndim):
         if d != dim and idx.shape[d] > x.shape[d]:
@@ -293,7 +296,7 @@ def _scatter_coords(op, x, idx, dim):
 @impl("st.gather")
 def _gather(op, args):
     x, idx = args
-    return [x[_scatter_coords(op, x, idx, op.attributes["dim"])]]
+    return [np.asarray(x[_scatter_coords(op, x, idx, op.attributes["dim"])])]
 
 
 @impl("st.index_add")
