@@ -28,9 +28,7 @@ def test_unfold_matches_torch_unfold():
     torch.manual_seed(0)
     x = torch.randn(2, 3, 7, 6)
     for k, stride, pad in [(3, 1, 1), (3, 2, 1), (1, 2, 0), (2, 1, 0)]:
-        torch.testing.assert_close(
-            aq.unfold(x, k, stride, pad), F.unfold(x, k, padding=pad, stride=stride)
-        )
+        torch.testing.assert_close(aq.unfold(x, k, stride, pad), F.unfold(x, k, padding=pad, stride=stride))
 
 
 def test_adder_is_negative_l1_distance():
