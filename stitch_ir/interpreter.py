@@ -230,6 +230,8 @@ def _cat(op, args):
 @impl("st.pad")
 def _pad(op, args):
     x = args[0]
+    if x.ndim == 0:  # nothing to pad; np.pad rejects an empty pad width
+        return [to_type(x.copy(), op.result.type)]
     low, high = op.attributes["low"], op.attributes["high"]
     crop = tuple(slice(max(-lo, 0), x.shape[i] - max(-hi, 0)) for i, (lo, hi) in
                  enumerate(zip(low, high)))
