@@ -5,7 +5,8 @@ Invariants:
   except its spec, so a spec fully determines every estimate made for it.
 - Units are SI: bytes, seconds, bytes/s, operations/s. Whole-device rates (bandwidth,
   FLOP/s, transcendental results/s) describe all SMs or all cores together.
-- GPU-only fields are 0 in a CPU spec and CPU-only fields are 0 / empty in a GPU spec.
+- GPU-only fields keep their defaults (0) in a CPU spec, CPU-only ones (0 / empty) in a
+  GPU spec; `parallel_units` is SMs or cores.
 - The CPU copy-bandwidth tables are sorted by working-set size, and bandwidth never rises
   with size (a bigger working set never fits a faster cache level); so time = bytes /
   bandwidth(bytes) is monotone in bytes.

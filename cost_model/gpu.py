@@ -7,8 +7,11 @@ Invariants:
   ops follow it (AStitch's dominant / sub-dominant ops).
 - Mapping rules (row reduce <R rows, L elements>, vector width v = 16 B / element size):
   L/v < 32 lanes -> rows_per_block; L <= 1024 elements and R >= 8 rows per SM ->
-  warp_per_row; L <= 1024 or R >= #SMs -> block_per_row; else split_row. Column reduce ->
-  column_tiles; "all" -> split_row with one row; no reduction -> elementwise.
+  warp_per_row; L <= 1024 or R >= #SMs -> block_per_row; else split_row, each row over
+  k blocks so that R x k blocks fill one wave (k == 1, a row that is one block's work,
+  stays block_per_row). Column reduce -> column_tiles (the reduced dim split the same way
+  when the tiles alone do not fill a wave); "all" -> split_row with one row; no reduction
+  -> elementwise.
 - Occupancy is bounded by blocks, threads, registers and shared memory per SM, exactly as
   the CUDA occupancy calculator does (registers per warp rounded up to the allocation unit,
   1 KiB reserved shared memory per block).
@@ -60,7 +63,6 @@ class _Shape:
     extra_bytes: int = 0
     extra_syncs: int = 0  # grid barriers the mapping adds (split reduction used in-kernel)
     extra_launches: int = 0  # second pass combining split partials
-    error: str = ""
 
 
 def gpu_schedule(desc: KernelDesc, spec: DeviceSpec) -> Schedule:

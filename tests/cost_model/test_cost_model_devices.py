@@ -201,3 +201,16 @@ def test_read_cache_sizes(tmp_path, entries, expected):
 def test_read_cache_sizes_unreadable(tmp_path):
     root = _fake_sysfs(tmp_path / "cache", [(1, "Data", "lots")])
     assert probe.read_cache_sizes(root) == (48 * KiB, 1 * MiB, 32 * MiB)
+
+
+def test_cost_model_imports_neither_torch_nor_passes():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, cost_model, cost_model.analytic; "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'passes')]; "
+        "assert not bad, bad"
+    )
+    root = Path(__file__).resolve().parents[2]
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
