@@ -1,0 +1,174 @@
+"""The planning graph: a function's ops as a DAG, with roles and reachability bitsets.
+
+Nodes are the function body's ops except ``func.return`` and constants (splat constants and
+iotas are recomputed inside every group that uses them; dense constants are inputs). Each node
+has a role:
+
+- ``fusible``: a memory-intensive op (element-wise, broadcast, reduce, layout, gather/scatter)
+  that the planner places into exactly one fused group;
+- ``library``: a compute-intensive op (mm, conv) or an ``st.torch_call``: a step of its own;
+- ``glue``: a reshape / permute that only feeds library ops and only reads function arguments,
+  constants, library results or other glue: it is executed as part of the library step (the
+  library call receives the view or makes the copy), so it never becomes a kernel of its own.
+
+Reachability is kept as Python int bitsets (bit i = node i), which makes the convexity test of
+a candidate group two ORs and an AND.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from passes.classify import LIBRARY, MEMORY_INTENSIVE, TORCH_CALL, classify
+from stitch_ir.core import BlockArgument, FuncOp, Operation, OpResult, Value
+from stitch_ir.dialects import st
+
+FUSIBLE, LIBRARY_ROLE, GLUE = "fusible", "library", "glue"
+
+
+def is_free_constant(v: Value) -> bool:
+    """Splat constants and iotas: cheaper to recompute in a kernel than to load."""
+    op = v.owner if isinstance(v, OpResult) else None
+    return isinstance(op, st.IotaOp) or (isinstance(op, st.ConstantOp) and op.is_splat)
+
+
+def is_constant(v: Value) -> bool:
+    return isinstance(v, OpResult) and isinstance(v.owner, st.ConstantOp | st.IotaOp)
+
+
+@dataclass
+class PlanGraph:
+    func: FuncOp
+    ops: list[Operation]
+    role: list[str]
+    preds: list[list[int]]
+    succs: list[list[int]]
+    returned: set[int]  # nodes with a result returned by the function
+    desc_bits: list[int] = field(default_factory=list)  # strict descendants
+    anc_bits: list[int] = field(default_factory=list)  # strict ancestors
+    index: dict[int, int] = field(default_factory=dict)  # id(op) -> node
+
+    @property
+    def n(self) -> int:
+        return len(self.ops)
+
+    def node_of(self, v: Value) -> int | None:
+        return self.index.get(id(v.owner)) if isinstance(v, OpResult) else None
+
+    def fusible(self) -> list[int]:
+        return [i for i, r in enumerate(self.role) if r == FUSIBLE]
+
+    def is_convex(self, members: int) -> bool:
+        """No path leaves the group and comes back (``members`` is a bitset)."""
+        d = a = 0
+        m = members
+        while m:
+            low = m & -m
+            i = low.bit_length() - 1
+            d |= self.desc_bits[i]
+            a |= self.anc_bits[i]
+            m ^= low
+        return (d & a & ~members) == 0
+
+    def closure(self, members: int) -> int:
+        """The smallest convex superset: add every node on a path between two members."""
+        d = a = 0
+        m = members
+        while m:
+            low = m & -m
+            i = low.bit_length() - 1
+            d |= self.desc_bits[i]
+            a |= self.anc_bits[i]
+            m ^= low
+        return members | (d & a)
+
+    def neighbours(self, i: int) -> list[int]:
+        return self.preds[i] + self.succs[i]
+
+
+def bits(nodes) -> int:
+    b = 0
+    for i in nodes:
+        b |= 1 << i
+    return b
+
+
+def members_of(b: int) -> list[int]:
+    out = []
+    while b:
+        low = b & -b
+        out.append(low.bit_length() - 1)
+        b ^= low
+    return out
+
+
+def build_graph(func: FuncOp) -> PlanGraph:
+    ops = [op for op in func.body.ops if op.name != "func.return" and not (
+        isinstance(op, st.ConstantOp | st.IotaOp))]
+    index = {id(op): i for i, op in enumerate(ops)}
+    role = []
+    for op in ops:
+        c = classify(op)
+        if c in MEMORY_INTENSIVE:
+            role.append(FUSIBLE)
+        elif c in (LIBRARY, TORCH_CALL):
+            role.append(LIBRARY_ROLE)
+        else:
+            raise ValueError(f"cannot plan op '{op.name}' of class {c}{op.where()}")
+    preds: list[list[int]] = [[] for _ in ops]
+    succs: list[list[int]] = [[] for _ in ops]
+    for i, op in enumerate(ops):
+        seen = set()
+        for v in op.operands:
+            j = index.get(id(v.owner)) if isinstance(v, OpResult) else None
+            if j is not None and j not in seen:
+                seen.add(j)
+                preds[i].append(j)
+                succs[j].append(i)
+    returned = set()
+    for v in func.return_op.operands:
+        if isinstance(v, OpResult) and id(v.owner) in index:
+            returned.add(index[id(v.owner)])
+    g = PlanGraph(func, ops, role, preds, succs, returned, index=index)
+    _mark_glue(g)
+    _reachability(g)
+    return g
+
+
+def _mark_glue(g: PlanGraph) -> None:
+    """Reshape / permute chains from library results (or weights) into library ops: the
+    greatest set of layout nodes whose users are library ops or glue and whose source is a
+    function argument, a constant, a library result or glue."""
+    glue = {i for i in range(g.n) if g.role[i] == FUSIBLE and i not in g.returned and g.succs[i]
+            and isinstance(g.ops[i], st.ReshapeOp | st.PermuteOp)}
+    changed = True
+    while changed:
+        changed = False
+        for i in sorted(glue):
+            src = g.ops[i].operand(0)
+            j = g.node_of(src)
+            source_ok = isinstance(src, BlockArgument) or is_constant(src) or (
+                j is not None and (g.role[j] == LIBRARY_ROLE or j in glue))
+            users_ok = all(g.role[k] == LIBRARY_ROLE or k in glue for k in g.succs[i])
+            if not (source_ok and users_ok):
+                glue.discard(i)
+                changed = True
+    for i in glue:
+        g.role[i] = GLUE
+
+
+def _reachability(g: PlanGraph) -> None:
+    # ops are in program (topological) order: one backward and one forward sweep.
+    desc = [0] * g.n
+    for i in reversed(range(g.n)):
+        d = 0
+        for j in g.succs[i]:
+            d |= (1 << j) | desc[j]
+        desc[i] = d
+    anc = [0] * g.n
+    for i in range(g.n):
+        a = 0
+        for j in g.preds[i]:
+            a |= (1 << j) | anc[j]
+        anc[i] = a
+    g.desc_bits, g.anc_bits = desc, anc

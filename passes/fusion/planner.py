@@ -1,0 +1,268 @@
+"""Fusion planners: ``none``, ``greedy`` (XLA / Inductor style) and ``stitch`` (candidates +
+CP-SAT set partitioning, beam search as the fallback), all over one ``PlanGraph`` and one cost
+model, so their plans compare honestly.
+
+Every planner returns a partition of the graph's fusible nodes into groups (bitsets) such that
+each group is convex and legal for the target, and the groups, contracted, form a DAG with the
+library steps.
+
+stitch's selection problem (DESIGN.md "Fusion planning"): choose candidates covering every
+fusible node exactly once, minimising the summed estimated kernel time, with no cycle between
+chosen groups. Acyclicity: every node gets an integer position; nodes joined by an edge inside
+one chosen group share it, and every edge between groups strictly increases it. Groups are
+connected (or packed with explicit equalities), so equal positions spread through each group and
+a cycle of groups would need a position smaller than itself.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+from cost_model import DeviceSpec
+from passes.fusion.features import GroupInfo, describe
+from passes.fusion.graph import FUSIBLE, PlanGraph, members_of
+from stitch_ir.dialects import st
+
+SECONDS_TO_UNITS = 1e9  # the solver's integer cost unit: nanoseconds
+
+
+@dataclass
+class Costs:
+    """Describes and costs groups, memoised by their bitset."""
+
+    g: PlanGraph
+    device: DeviceSpec
+    cache: dict[int, GroupInfo] = field(default_factory=dict)
+    calls: int = 0
+
+    def __call__(self, members: int) -> GroupInfo:
+        info = self.cache.get(members)
+        if info is None:
+            self.calls += 1
+            info = describe(self.g, members, self.device)
+            self.cache[members] = info
+        return info
+
+    def total(self, groups: list[int]) -> float:
+        return sum(self(b).seconds for b in groups)
+
+
+def _fusible_neighbours(g: PlanGraph, members: int) -> set[int]:
+    out = set()
+    for i in members_of(members):
+        for j in g.neighbours(i):
+            if g.role[j] == FUSIBLE and not (members >> j) & 1:
+                out.add(j)
+    return out
+
+
+def _only_fusible(g: PlanGraph, members: int) -> bool:
+    return all(g.role[i] == FUSIBLE for i in members_of(members))
+
+
+# ----------------------------------------------------------------------------------------------
+# Baselines
+
+
+def plan_none(g: PlanGraph, costs: Costs) -> list[int]:
+    """One kernel per op."""
+    return [1 << i for i in g.fusible()]
+
+
+def reduction_broadcast_back(g: PlanGraph, group: int, u: int, v: int) -> bool:
+    """XLA's rule: a reduction is the root of its fusion; nothing that re-expands its result
+    (a broadcast back to the input's shape) joins it."""
+    reduces = [i for i in members_of(group) if isinstance(g.ops[i], st.ReduceOp)]
+    if not reduces:
+        return False
+    depends = any(i == u or (g.desc_bits[i] >> u) & 1 for i in reduces)
+    if not depends:
+        return False
+    uop, vop = g.ops[u], g.ops[v]
+    grows = max(r.type.numel() for r in vop.results) > max(r.type.numel() for r in uop.results)
+    return isinstance(vop, st.BroadcastOp) or grows
+
+
+def plan_greedy(g: PlanGraph, costs: Costs) -> list[int]:
+    """Pairwise producer -> consumer fusion in program order, whenever the merged group stays
+    convex and legal, never across a reduction whose result is broadcast back."""
+    group_of = {i: 1 << i for i in g.fusible()}
+    for v in g.fusible():
+        for u in g.preds[v]:
+            if g.role[u] != FUSIBLE:
+                continue
+            a, b = group_of[u], group_of[v]
+            if a == b or reduction_broadcast_back(g, a, u, v):
+                continue
+            merged = a | b
+            if not g.is_convex(merged) or not costs(merged).legal:
+                continue
+            for i in members_of(merged):
+                group_of[i] = merged
+    return sorted(set(group_of.values()))
+
+
+# ----------------------------------------------------------------------------------------------
+# stitch: candidates
+
+
+def candidates(g: PlanGraph, costs: Costs, beam: int, max_size: int,
+               seeds: list[list[int]] = ()) -> set[int]:
+    """Connected, convex, legal groups grown from every fusible op, keeping the ``beam`` most
+    beneficial of each size per seed (benefit = summed singleton time - fused time)."""
+    single = {i: costs(1 << i).seconds for i in g.fusible()}
+    out: set[int] = {1 << i for i in g.fusible()}
+    for plan in seeds:
+        out.update(b for b in plan if costs(b).legal)
+    for seed in g.fusible():
+        frontier = [1 << seed]
+        for _ in range(max_size - 1):
+            scored: dict[int, float] = {}
+            for grp in frontier:
+                for nb in _fusible_neighbours(g, grp):
+                    h = grp | (1 << nb)
+                    if not g.is_convex(h):
+                        h = g.closure(h)
+                        if not _only_fusible(g, h):
+                            continue
+                    if h in scored or h.bit_count() > max_size:
+                        continue
+                    info = costs(h)
+                    if not info.legal:
+                        continue
+                    scored[h] = sum(single[i] for i in info.members) - info.seconds
+            if not scored:
+                break
+            frontier = sorted(scored, key=lambda h: (-scored[h], h))[:beam]
+            out.update(frontier)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# stitch: selection
+
+
+@dataclass
+class SolveResult:
+    groups: list[int]
+    status: str
+    objective: float  # seconds
+    bound: float  # seconds
+    seconds: float  # solver wall time
+    candidates: int
+    cuts: int = 0  # cycle cuts added
+
+    @property
+    def gap(self) -> float:
+        if self.objective <= 0:
+            return 0.0
+        return max(0.0, (self.objective - self.bound) / self.objective)
+
+
+def solve_cpsat(g: PlanGraph, costs: Costs, cands: set[int], hint: list[int],
+                time_limit: float, workers: int = 2, max_rounds: int = 100) -> SolveResult:
+    """Exact cover by candidates at minimum cost, with acyclicity added lazily: solve, look
+    for a cycle among the chosen groups, forbid that combination, solve again. Convex groups
+    make cycles rare, so this beats carrying a position variable per node (whose weak LP
+    bound left a large gap)."""
+    from ortools.sat.python import cp_model
+
+    t0 = time.perf_counter()
+    cand = sorted(c for c in cands if costs(c).legal)
+    index = {c: k for k, c in enumerate(cand)}
+    m = cp_model.CpModel()
+    x = [m.NewBoolVar(f"g{k}") for k in range(len(cand))]
+    covering: dict[int, list[int]] = {i: [] for i in g.fusible()}
+    for k, c in enumerate(cand):
+        for i in members_of(c):
+            covering[i].append(k)
+    for ks in covering.values():
+        m.AddExactlyOne(x[k] for k in ks)
+    units = [int(round(costs(c).seconds * SECONDS_TO_UNITS)) for c in cand]
+    m.Minimize(sum(u * xk for u, xk in zip(units, x)))
+    best_hint = [c for c in hint if c in index]
+    status, groups, objective, bound = "UNKNOWN", [], math.inf, 0.0
+    cuts = 0
+    for _ in range(max_rounds):
+        left = time_limit - (time.perf_counter() - t0)
+        if left <= 0.05:
+            status = status if groups else "UNKNOWN"
+            break
+        m.ClearHints()
+        chosen = set(best_hint)
+        for k, c in enumerate(cand):
+            m.AddHint(x[k], c in chosen)
+        solver = cp_model.CpSolver()
+        solver.parameters.max_time_in_seconds = left
+        solver.parameters.num_workers = workers
+        solver.parameters.random_seed = 0
+        code = solver.Solve(m)
+        if code not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+            status = solver.StatusName(code)
+            groups = []
+            break
+        picked = [c for k, c in enumerate(cand) if solver.Value(x[k])]
+        cycle = find_group_cycle(g, picked)
+        if cycle is None:
+            status = solver.StatusName(code)
+            groups, objective = picked, solver.ObjectiveValue() / SECONDS_TO_UNITS
+            bound = solver.BestObjectiveBound() / SECONDS_TO_UNITS
+            break
+        m.Add(sum(x[index[c]] for c in cycle) <= len(cycle) - 1)
+        cuts += 1
+    res = SolveResult(groups, status, objective, bound, time.perf_counter() - t0, len(cand))
+    res.cuts = cuts
+    return res
+
+
+def find_group_cycle(g: PlanGraph, groups: list[int]) -> list[int] | None:
+    """A cycle among ``groups`` once contracted (as the list of groups on it), or None."""
+    import networkx as nx
+
+    owner: dict[int, int] = {}
+    for b in groups:
+        for i in members_of(b):
+            owner[i] = b
+    dg = nx.DiGraph()
+    for u in range(g.n):
+        a = owner.get(u, -1 - u)
+        dg.add_node(a)
+        for v in g.succs[u]:
+            b = owner.get(v, -1 - v)
+            if a != b:
+                dg.add_edge(a, b)
+    try:
+        cyc = nx.find_cycle(dg)
+    except nx.NetworkXNoCycle:
+        return None
+    return sorted({n for edge in cyc for n in edge[:2] if n >= 0})
+
+
+def beam_search(g: PlanGraph, costs: Costs, width: int = 8) -> list[int]:
+    """Fallback for graphs too large for the solver's time limit: visit fusible ops in
+    program order; each op starts a group or joins a producer's group (when convex and legal);
+    keep the ``width`` cheapest partial plans."""
+    states: list[tuple[float, tuple[int, ...]]] = [(0.0, ())]
+    for v in g.fusible():
+        nxt: dict[tuple[int, ...], float] = {}
+        single = costs(1 << v).seconds
+        for cost, groups in states:
+            options = [(cost + single, groups + (1 << v,))]
+            for k, grp in enumerate(groups):
+                if any((grp >> u) & 1 for u in g.neighbours(v)):
+                    merged = grp | (1 << v)
+                    if g.is_convex(merged) and costs(merged).legal:
+                        delta = costs(merged).seconds - costs(grp).seconds
+                        options.append((cost + delta, groups[:k] + (merged,) + groups[k + 1:]))
+            for c, opt in options:
+                key = tuple(sorted(opt))
+                nxt.setdefault(key, c)
+        states = sorted(((c, k) for k, c in nxt.items()), key=lambda s: (s[0], s[1]))[:width]
+    return list(states[0][1]) if states else []
+
+
+def is_acyclic(g: PlanGraph, groups: list[int]) -> bool:
+    """Whether the groups, contracted, leave the graph acyclic."""
+    return find_group_cycle(g, groups) is None
