@@ -76,6 +76,10 @@ def _int_div(a, b):
     return np.where((np.remainder(a, b) != 0) & ((a < 0) ^ (b < 0)), q + 1, q)
 
 
+def _sign(x):
+    return np.where(np.isnan(x), 0, np.sign(x))  # torch.sign(nan) is 0; np.sign(nan) is nan
+
+
 UNARY: dict[str, Callable] = {
     "st.neg": np.negative, "st.abs": np.abs, "st.exp": np.exp, "st.exp2": np.exp2,
     "st.log": np.log, "st.log2": np.log2, "st.log1p": np.log1p, "st.expm1": np.expm1,
@@ -83,7 +87,7 @@ UNARY: dict[str, Callable] = {
     "st.cos": np.cos, "st.tan": np.tan, "st.tanh": np.tanh, "st.sigmoid": _sigmoid,
     "st.erf": lambda x: _erf(x.astype(np.float64)), "st.relu": lambda x: np.maximum(x, 0),
     "st.reciprocal": lambda x: 1 / x, "st.floor": np.floor, "st.ceil": np.ceil,
-    "st.round": np.round, "st.trunc": np.trunc, "st.sign": np.sign,
+    "st.round": np.round, "st.trunc": np.trunc, "st.sign": _sign,
     "st.logical_not": np.logical_not, "st.bitwise_not": np.invert,
     "st.isnan": np.isnan, "st.isinf": np.isinf,
 }
