@@ -80,6 +80,14 @@ def _sign(x):
     return np.where(np.isnan(x), 0, np.sign(x))  # torch.sign(nan) is 0; np.sign(nan) is nan
 
 
+def _int_pow(a, b):
+    """torch's integer pow: for b < 0 it is 1 / a**-b truncated, i.e. 1 or -1 for a = 1 or -1,
+    else 0 (0 ** -n included); np.power raises on negative integer exponents."""
+    neg = b < 0
+    r = np.power(a, np.where(neg, 0, b).astype(b.dtype))
+    return np.where(neg, np.where(a == 1, 1, np.where(a == -1, np.where(b % 2 == 0, 1, -1), 0)), r)
+
+
 UNARY: dict[str, Callable] = {
     "st.neg": np.negative, "st.abs": np.abs, "st.exp": np.exp, "st.exp2": np.exp2,
     "st.log": np.log, "st.log2": np.log2, "st.log1p": np.log1p, "st.expm1": np.expm1,
@@ -116,6 +124,8 @@ def _binary(op, args):
     a, b = (_opmath(x) for x in args)
     if op.name == "st.div":
         fn = _int_div if a.dtype.kind in "iu" else np.divide
+    elif op.name == "st.pow" and a.dtype.kind in "iu":
+        fn = _int_pow
     elif op.name in ("st.remainder", "st.floor_div") and a.dtype.kind in "iu" and np.any(b == 0):
         raise InterpreterError(f"integer division by zero in '{op.name}'{op.where()}")
     else:
