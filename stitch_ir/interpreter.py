@@ -383,7 +383,9 @@ def _mm(op, args):
 @impl("st.addmm")
 def _addmm(op, args):
     bias, a, b = (_mm_in(x) for x in args)
-    r = op.attr("beta", 1) * bias + op.attr("alpha", 1) * np.matmul(a, b)
+    r = op.attr("alpha", 1) * np.matmul(a, b)
+    if op.attr("beta", 1) != 0:  # torch ignores the bias (NaN and inf too) when beta == 0
+        r = op.attr("beta", 1) * bias + r
     return [to_type(r, op.result.type)]
 
 
