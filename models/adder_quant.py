@@ -191,18 +191,14 @@ class QAdder2d(nn.Module):
                 self.clipped.append(False)
             scales.append(s)
             start += size
-        self.register_buffer(
-            "col_index", unfold_index(*self.input_chw, self.k, self.stride, self.pad)
-        )
+        self.register_buffer("col_index", unfold_index(*self.input_chw, self.k, self.stride, self.pad))
         self.register_buffer("perm", perm)
         self.register_buffer("inv_perm", torch.argsort(perm))
         self.register_buffer("w_grouped", w.clone())
         self.register_buffer("scales", torch.stack(scales))
         sizes = torch.tensor(self.group_sizes)
         channel_scale = torch.repeat_interleave(self.scales, sizes)
-        self.register_buffer(
-            "channel_group", torch.repeat_interleave(torch.arange(len(sizes)), sizes)
-        )
+        self.register_buffer("channel_group", torch.repeat_interleave(torch.arange(len(sizes)), sizes))
         self.register_buffer("channel_scale", channel_scale.view(-1, 1, 1, 1))
         self.register_buffer("extra_bias", extra_bias)
         self.mode = "quant"
@@ -243,9 +239,7 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(cout)
         self.downsample = None
         if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(
-                QAdder2d(cin, cout, 1, stride, 0, **qargs), nn.BatchNorm2d(cout)
-            )
+            self.downsample = nn.Sequential(QAdder2d(cin, cout, 1, stride, 0, **qargs), nn.BatchNorm2d(cout))
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))

@@ -187,9 +187,7 @@ def mlm_loss(logits: torch.Tensor, w: Workload) -> torch.Tensor:
     return F.cross_entropy(logits, w.targets["masked_lm_labels"].reshape(-1), ignore_index=-1)
 
 
-def make_inputs(
-    cfg: BertConfig, batch: int = 2, seq_len: int = 128, slots: int = 20, seed: int = 0
-):
+def make_inputs(cfg: BertConfig, batch: int = 2, seq_len: int = 128, slots: int = 20, seed: int = 0):
     """Synthetic MLM batch: random ids, padded second sequence, 15% masking."""
     g = torch.Generator().manual_seed(seed)
     pad_id, cls_id, sep_id, mask_id, first_word = 0, 2, 3, 4, 5

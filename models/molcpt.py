@@ -262,9 +262,7 @@ class GINConv(nn.Module):
         n = x.shape[0]
         loops = torch.arange(n, device=x.device)
         edge_index = torch.cat([edge_index, torch.stack([loops, loops])], dim=1)
-        loop_attr = torch.stack(
-            [torch.full_like(loops, SELF_LOOP_BOND), torch.zeros_like(loops)], 1
-        )
+        loop_attr = torch.stack([torch.full_like(loops, SELF_LOOP_BOND), torch.zeros_like(loops)], 1)
         edge_attr = torch.cat([edge_attr, loop_attr], dim=0)
         edge_emb = self.bond_type(edge_attr[:, 0]) + self.bond_dir(edge_attr[:, 1])
         return self.mlp(gin_aggregate(x, edge_index, edge_emb))
@@ -398,9 +396,7 @@ def _calibrate_and_init(model: MolCPT, table: dict) -> None:
     model.motif_embedding.weight.copy_(mean_pool(model.gnn(x, ei, ea), batch, len(reps)))
 
 
-def build(
-    cfg: MolCPTConfig | None = None, seed: int = 0, use_rdkit: bool | None = None
-) -> Workload:
+def build(cfg: MolCPTConfig | None = None, seed: int = 0, use_rdkit: bool | None = None) -> Workload:
     cfg = cfg or MolCPTConfig()
     table = load_motif_table(use_rdkit)
     torch.manual_seed(seed)
