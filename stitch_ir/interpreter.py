@@ -417,7 +417,7 @@ def _conv(x, w, stride, padding, dilation, groups):
     co = w.shape[0]
     cg, og = c // groups, co // groups
     outs = []
-    letters = "abcdefgh"[:nd]
+    letters = "pqrstuvw"[:nd]  # spatial axes; must not reuse n, c or o
     spec = f"nc{letters.upper()}{letters},oc{letters}->no{letters.upper()}"
     for g in range(groups):
         outs.append(np.einsum(spec, win[:, g * cg:(g + 1) * cg], w[g * og:(g + 1) * og],
