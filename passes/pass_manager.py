@@ -33,6 +33,16 @@ class PassContext:
     target: str = "cpu"
     results: dict[str, Any] = field(default_factory=dict)
     stats: dict[str, int] = field(default_factory=dict)
+    # The cost model's spec of the target; resolved (and for the cpu measured once and
+    # cached) on first use. Tests pass a fixed spec for deterministic plans.
+    device_spec: Any = None
+
+    def device(self) -> Any:
+        if self.device_spec is None:
+            from cost_model import get_device
+
+            self.device_spec = get_device(self.target)
+        return self.device_spec
 
     def bump(self, key: str, n: int = 1) -> None:
         self.stats[key] = self.stats.get(key, 0) + n

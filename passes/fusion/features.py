@@ -69,111 +69,152 @@ class GroupInfo:
         return 0 if self.is_view else 1
 
 
-def describe(g: PlanGraph, member_bits: int, device: DeviceSpec) -> GroupInfo:
-    members = members_of(member_bits)
-    ops = [g.ops[i] for i in members]
-    inside = {id(r) for op in ops for r in op.results}
-    inputs: dict[int, Value] = {}
-    for op in ops:
-        for v in op.operands:
-            if id(v) not in inside and not is_free_constant(v):
-                inputs.setdefault(id(v), v)
-    outputs: list[Value] = []
-    member_ops = {id(op) for op in ops}
-    for op in ops:
-        for r in op.results:
-            if any(id(u) not in member_ops for u in r.users):  # func.return counts as outside
-                outputs.append(r)
+@dataclass
+class NodeFacts:
+    """What ``describe`` needs of one node, computed once per graph."""
 
-    if all(isinstance(op, st.ReshapeOp) for op in ops):
-        desc = KernelDesc(0, 0, 1, num_ops=len(ops))
-        return GroupInfo(tuple(members), tuple(inputs.values()), tuple(outputs), desc, "view",
+    inputs: list[tuple[int, int, int]]  # (value id, bytes, producer node or -1)
+    outputs: list[tuple[int, int, int, bool]]  # (value id, bytes, user-node bits, escapes)
+    flops: int
+    trans: int
+    reduce: ReduceDesc | None
+    gather_table: tuple[int, int] | None  # (table value id, bytes gathered)
+    scatter: bool
+    reshape: bool
+
+
+def _facts(g: PlanGraph) -> list[NodeFacts]:
+    cached = getattr(g, "_facts", None)
+    if cached is not None:
+        return cached
+    facts = []
+    for i, op in enumerate(g.ops):
+        ins = []
+        for v in op.operands:
+            if not is_free_constant(v):
+                j = g.node_of(v)
+                ins.append((id(v), nbytes(v), -1 if j is None else j))
+        outs = []
+        for r in op.results:
+            users = 0
+            escapes = False  # used by the terminator: the value leaves the block
+            for u in r.users:
+                k = g.index.get(id(u))
+                if k is None:
+                    escapes = True
+                else:
+                    users |= 1 << k
+            outs.append((id(r), nbytes(r), users, escapes))
+        flops = trans = 0
+        if op.kind in (st.ELEMENTWISE, st.REDUCE, st.SCATTER):
+            flops = max([numel(r) for r in op.results] + [numel(v) for v in op.operands])
+            trans = flops if isinstance(op, TRANSCENDENTAL) else 0
+        table = (id(op.operand(0)), min(nbytes(op.operand(0)), nbytes(op.result))) if isinstance(
+            op, GATHERS) else None
+        facts.append(NodeFacts(ins, outs, flops, trans,
+                               reduce_desc(op) if isinstance(op, st.ReduceOp) else None, table,
+                               isinstance(op, SCATTERS), isinstance(op, st.ReshapeOp)))
+    g._facts = facts
+    return facts
+
+
+def describe(g: PlanGraph, member_bits: int, device: DeviceSpec) -> GroupInfo:
+    facts = _facts(g)
+    members = members_of(member_bits)
+    inputs: dict[int, int] = {}
+    input_values: dict[int, Value] = {}
+    for i in members:
+        for k, (vid, nb, src) in enumerate(facts[i].inputs):
+            if src < 0 or not (member_bits >> src) & 1:
+                inputs[vid] = nb
+    out_bytes = 0
+    out_ids: list[int] = []
+    for i in members:
+        for vid, nb, users, escapes in facts[i].outputs:
+            if escapes or users & ~member_bits:
+                out_bytes += nb
+                out_ids.append(vid)
+    outputs = tuple(r for i in members for r in g.ops[i].results if id(r) in set(out_ids))
+    for i in members:
+        for v in g.ops[i].operands:
+            if id(v) in inputs:
+                input_values.setdefault(id(v), v)
+
+    if all(facts[i].reshape for i in members):
+        desc = KernelDesc(0, 0, 1, num_ops=len(members))
+        return GroupInfo(tuple(members), tuple(input_values.values()), outputs, desc, "view",
                          0.0, True, "")
 
-    # Global traffic: gathered tables count the rows actually gathered.
-    gathered = {}
-    for op in ops:
-        if isinstance(op, GATHERS):
-            table = op.operand(0)
-            gathered[id(table)] = min(nbytes(table), gathered.get(id(table), 0) + nbytes(op.result))
-    bytes_read = sum(gathered.get(id(v), nbytes(v)) for v in inputs.values())
-    bytes_written = sum(nbytes(v) for v in outputs)
+    gathered: dict[int, int] = {}
+    for i in members:
+        t = facts[i].gather_table
+        if t is not None and t[0] in inputs:
+            gathered[t[0]] = min(inputs[t[0]], gathered.get(t[0], 0) + t[1])
+    bytes_read = sum(gathered.get(vid, nb) for vid, nb in inputs.items())
+    flops = sum(facts[i].flops for i in members)
+    trans = sum(facts[i].trans for i in members)
 
-    flops = trans = 0
-    for op in ops:
-        if op.kind in (st.ELEMENTWISE, st.REDUCE, st.SCATTER):
-            n = max([numel(r) for r in op.results] + [numel(v) for v in op.operands])
-            flops += n
-            if isinstance(op, TRANSCENDENTAL):
-                trans += n
-
-    reduces = [op for op in ops if isinstance(op, st.ReduceOp)]
-    rdescs = [reduce_desc(op) for op in reduces]
+    rdescs = [facts[i].reduce for i in members if facts[i].reduce is not None]
     dominant = max(rdescs, key=lambda r: r.elements) if rdescs else None
-    num_global = 0
-    if dominant is not None:
-        num_global = sum(1 for r in rdescs if r.kind != dominant.kind)
-    # A scatter whose result is consumed inside the group needs every contribution first.
-    member_set = set(members)
-    for i, op in zip(members, ops):
-        if isinstance(op, SCATTERS) and any(j in member_set for j in g.succs[i]):
+    num_global = sum(1 for r in rdescs if r.kind != dominant.kind) if dominant else 0
+    for i in members:  # a scatter read back inside the group needs every contribution first
+        if facts[i].scatter and any(users & member_bits for _, _, users, _ in facts[i].outputs):
             num_global += 1
 
     # Regional values: consumed both before (or by) a reduction and after it.
-    regional: dict[int, Value] = {}
-    reduce_consumed_after = 0
-    for i, op in zip(members, ops):
-        if not isinstance(op, st.ReduceOp):
+    value_users: dict[int, int] = {}
+    value_bytes: dict[int, int] = {}
+    for i in members:
+        for vid, nb, _ in facts[i].inputs:
+            value_users[vid] = value_users.get(vid, 0) | (1 << i)
+            value_bytes[vid] = nb
+    regional_ids: list[int] = []
+    consumed_after = 0
+    for i in members:
+        if facts[i].reduce is None:
             continue
-        after = g.desc_bits[i]
-        if any(j in member_set for j in g.succs[i]):
-            reduce_consumed_after += 1
-        before = g.anc_bits[i] | (1 << i)
-        for v in _values_used(ops):
-            users = [g.index.get(id(u)) for u in v.users]
-            users = [u for u in users if u is not None and u in member_set]
-            if any((before >> u) & 1 for u in users) and any((after >> u) & 1 for u in users):
-                regional.setdefault(id(v), v)
+        after = g.desc_bits[i] & member_bits
+        if any(users & member_bits for _, _, users, _ in facts[i].outputs):
+            consumed_after += 1
+        before = (g.anc_bits[i] | (1 << i)) & member_bits
+        for vid, users in value_users.items():
+            if users & before and users & after and vid not in regional_ids:
+                regional_ids.append(vid)
     row_len = dominant.length if dominant is not None and dominant.kind == "row" else 0
-    big = [v for v in regional.values() if row_len and numel(v) >= row_len * (dominant.rows or 1)]
-    smem_per_row = sum(row_len * v.type.dtype.itemsize for v in big)
+    full_row = row_len * dominant.rows if row_len else 0
+    big = [vid for vid in regional_ids if row_len and value_bytes[vid] >= full_row]
+    itemsize = max([v.type.dtype.itemsize for v in outputs] or [4])
+    smem_per_row = sum(row_len * max(1, value_bytes[v] // max(full_row, 1)) for v in big)
+    smem_per_row *= 1 if smem_per_row else 0
     parallel = dominant.rows if dominant is not None else max(
-        [numel(v) for v in outputs] or [1])
-    elem_bytes = max([v.type.dtype.itemsize for v in outputs] or [4])
+        [nb for i in members for _, nb, _, _ in facts[i].outputs] or [1]) // itemsize
+    regional = tuple(v for i in members for v in g.ops[i].operands if id(v) in set(regional_ids))
+    regional = tuple({id(v): v for v in regional}.values())
 
-    def make(smem: int, extra_read: int, n_global: int) -> KernelDesc:
-        return KernelDesc(bytes_read=bytes_read + extra_read, bytes_written=bytes_written,
+    def make(smem: int, extra_read: int) -> KernelDesc:
+        return KernelDesc(bytes_read=bytes_read + extra_read, bytes_written=out_bytes,
                           parallel_size=max(1, parallel), flops=flops, transcendentals=trans,
                           reduce=tuple(rdescs), smem_bytes_per_row=smem,
-                          num_regional=len(regional) + reduce_consumed_after,
-                          num_global=n_global, num_ops=len(ops),
-                          needs_grid_sync=n_global > 0, elem_bytes=elem_bytes)
+                          num_regional=len(regional_ids) + consumed_after,
+                          num_global=num_global, num_ops=len(members),
+                          needs_grid_sync=num_global > 0, elem_bytes=itemsize)
 
-    desc = make(smem_per_row, 0, num_global)
+    desc = make(smem_per_row, 0)
     ok, reason = legal(desc, device)
     demoted = False
     if not ok and smem_per_row and "shared memory" in reason:
         # Demote the regional values to global memory: re-read them after the reduction.
-        desc = make(0, sum(nbytes(v) for v in big), num_global)
+        desc = make(0, sum(value_bytes[v] for v in big))
         ok, reason = legal(desc, device)
         demoted = True
-    if any(isinstance(op, SCATTERS) for op in ops):
+    if any(facts[i].scatter for i in members):
         kind = "scatter"
-    elif reduces:
-        kind = "stitch" if (reduce_consumed_after or len(reduces) > 1 or num_global) else "reduce"
-    elif any(isinstance(op, GATHERS) for op in ops):
+    elif rdescs:
+        kind = "stitch" if (consumed_after or len(rdescs) > 1 or num_global) else "reduce"
+    elif any(facts[i].gather_table for i in members):
         kind = "gather"
     else:
         kind = "loop"
     secs = latency(desc, device) if ok else math.inf
-    return GroupInfo(tuple(members), tuple(inputs.values()), tuple(outputs), desc, kind, secs,
-                     ok, reason, tuple(regional.values()), demoted)
-
-
-def _values_used(ops) -> list[Value]:
-    seen: dict[int, Value] = {}
-    for op in ops:
-        for v in op.operands:
-            if not is_free_constant(v):
-                seen.setdefault(id(v), v)
-    return list(seen.values())
+    return GroupInfo(tuple(members), tuple(input_values.values()), outputs, desc, kind, secs,
+                     ok, reason, regional, demoted)

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from passes.classify import LIBRARY, MEMORY_INTENSIVE, TORCH_CALL, classify
-from stitch_ir.core import BlockArgument, FuncOp, Operation, OpResult, Value
+from stitch_ir.core import Block, BlockArgument, FuncOp, Operation, OpResult, Value
 from stitch_ir.dialects import st
 
 FUSIBLE, LIBRARY_ROLE, GLUE = "fusible", "library", "glue"
@@ -38,7 +38,7 @@ def is_constant(v: Value) -> bool:
 
 @dataclass
 class PlanGraph:
-    func: FuncOp
+    block: Block  # a function body or a fusion.group body
     ops: list[Operation]
     role: list[str]
     preds: list[list[int]]
@@ -51,6 +51,10 @@ class PlanGraph:
     @property
     def n(self) -> int:
         return len(self.ops)
+
+    @property
+    def terminator(self) -> Operation:
+        return self.block.terminator
 
     def node_of(self, v: Value) -> int | None:
         return self.index.get(id(v.owner)) if isinstance(v, OpResult) else None
@@ -102,9 +106,10 @@ def members_of(b: int) -> list[int]:
     return out
 
 
-def build_graph(func: FuncOp) -> PlanGraph:
-    ops = [op for op in func.body.ops if op.name != "func.return" and not (
-        isinstance(op, st.ConstantOp | st.IotaOp))]
+def build_graph(func: FuncOp | Block) -> PlanGraph:
+    """The planning graph of a function body (or of a block ending in any terminator)."""
+    block = func.body if isinstance(func, FuncOp) else func
+    ops = [op for op in block.ops[:-1] if not isinstance(op, st.ConstantOp | st.IotaOp)]
     index = {id(op): i for i, op in enumerate(ops)}
     role = []
     for op in ops:
@@ -126,10 +131,10 @@ def build_graph(func: FuncOp) -> PlanGraph:
                 preds[i].append(j)
                 succs[j].append(i)
     returned = set()
-    for v in func.return_op.operands:
+    for v in block.terminator.operands:
         if isinstance(v, OpResult) and id(v.owner) in index:
             returned.add(index[id(v.owner)])
-    g = PlanGraph(func, ops, role, preds, succs, returned, index=index)
+    g = PlanGraph(block, ops, role, preds, succs, returned, index=index)
     _mark_glue(g)
     _reachability(g)
     return g

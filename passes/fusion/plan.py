@@ -168,14 +168,16 @@ def make_plan(func: FuncOp, planner: str, device: DeviceSpec, *, time_limit: flo
             solver = {"status": "BEAM_SEARCH", "gap": float("nan"), "candidates": 0,
                       "solver_seconds": 0.0}
         else:
-            cands = candidates(g, costs, beam, max_size, seeds=[greedy])
+            # Candidate growth may use about half the time; the solver gets the rest.
+            cands = candidates(g, costs, beam, max_size, seeds=[greedy],
+                               deadline=t0 + 0.5 * time_limit)
             left = max(0.5, time_limit - (time.perf_counter() - t0))
             res: SolveResult = solve_cpsat(g, costs, cands, greedy, left, workers)
             if not res.groups:  # no solution within the limit: fall back
                 groups = beam_search(g, costs)
             else:
                 groups = res.groups
-            solver = {"status": res.status if res.groups else f"{res.status}->BEAM_SEARCH",
+            solver = {"status": res.status if res.groups else f"{res.status} -> beam search",
                       "objective_seconds": res.objective, "bound_seconds": res.bound,
                       "gap": res.gap if res.groups else float("nan"),
                       "candidates": res.candidates, "cycle_cuts": res.cuts,

@@ -58,10 +58,6 @@ def _fusible_neighbours(g: PlanGraph, members: int) -> set[int]:
     return out
 
 
-def _only_fusible(g: PlanGraph, members: int) -> bool:
-    return all(g.role[i] == FUSIBLE for i in members_of(members))
-
-
 # ----------------------------------------------------------------------------------------------
 # Baselines
 
@@ -109,34 +105,64 @@ def plan_greedy(g: PlanGraph, costs: Costs) -> list[int]:
 
 
 def candidates(g: PlanGraph, costs: Costs, beam: int, max_size: int,
-               seeds: list[list[int]] = ()) -> set[int]:
+               seeds: list[list[int]] = (), deadline: float = math.inf) -> set[int]:
     """Connected, convex, legal groups grown from every fusible op, keeping the ``beam`` most
-    beneficial of each size per seed (benefit = summed singleton time - fused time)."""
+    beneficial of each size per seed (benefit = summed singleton time - fused time).
+
+    A growing group carries its fusible-neighbour, descendant and ancestor bitsets, so adding
+    one op and testing convexity are a few big-integer operations. A group already expanded
+    from another seed is not expanded again; growth stops at ``deadline`` (perf_counter)."""
+    fusible = 0
+    for i in g.fusible():
+        fusible |= 1 << i
+    nbr = [0] * g.n
+    for i in g.fusible():
+        for j in g.neighbours(i):
+            nbr[i] |= 1 << j
+        nbr[i] &= fusible
     single = {i: costs(1 << i).seconds for i in g.fusible()}
     out: set[int] = {1 << i for i in g.fusible()}
     for plan in seeds:
         out.update(b for b in plan if costs(b).legal)
+    expanded: set[int] = set()
     for seed in g.fusible():
-        frontier = [1 << seed]
+        if time.perf_counter() > deadline:
+            break
+        frontier = [(1 << seed, nbr[seed], g.desc_bits[seed], g.anc_bits[seed])]
         for _ in range(max_size - 1):
-            scored: dict[int, float] = {}
-            for grp in frontier:
-                for nb in _fusible_neighbours(g, grp):
-                    h = grp | (1 << nb)
-                    if not g.is_convex(h):
-                        h = g.closure(h)
-                        if not _only_fusible(g, h):
+            scored: dict[int, tuple[float, tuple]] = {}
+            for grp, nb_bits, d, a in frontier:
+                if grp in expanded:
+                    continue
+                expanded.add(grp)
+                todo = nb_bits & ~grp
+                while todo:
+                    low = todo & -todo
+                    todo ^= low
+                    j = low.bit_length() - 1
+                    h = grp | low
+                    hd, ha, hn = d | g.desc_bits[j], a | g.anc_bits[j], nb_bits | nbr[j]
+                    if hd & ha & ~h:  # not convex: take the closure if it stays fusible
+                        h = h | (hd & ha)
+                        if h & ~fusible:
                             continue
+                        hd, ha, hn = d, a, nb_bits
+                        for k in members_of(h & ~grp):
+                            hd |= g.desc_bits[k]
+                            ha |= g.anc_bits[k]
+                            hn |= nbr[k]
                     if h in scored or h.bit_count() > max_size:
                         continue
                     info = costs(h)
                     if not info.legal:
                         continue
-                    scored[h] = sum(single[i] for i in info.members) - info.seconds
+                    benefit = sum(single[i] for i in info.members) - info.seconds
+                    scored[h] = (benefit, (h, hn, hd, ha))
             if not scored:
                 break
-            frontier = sorted(scored, key=lambda h: (-scored[h], h))[:beam]
-            out.update(frontier)
+            best = sorted(scored, key=lambda h: (-scored[h][0], h))[:beam]
+            frontier = [scored[h][1] for h in best]
+            out.update(best)
     return out
 
 

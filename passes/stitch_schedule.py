@@ -1,0 +1,85 @@
+"""``stitch-schedule``: per ``fusion.group``, its dominant op(s), its thread mapping and the
+stitch scheme of every value inside it.
+
+Input: a module with ``fusion.group`` ops (after ``fusion-apply``). Output: the same module,
+each group annotated with attributes the code generators read:
+
+- ``dominant``: indices (in the group body) of the ops that choose the mapping: the reductions
+  touching the most elements, else the largest gather / scatter, else the largest op;
+- ``mapping``, ``threads``, ``blocks``, ``rows_per_block``, ``split``, ``smem_bytes``,
+  ``grid_sync``: the cost model's schedule on the target (AStitch's adaptive thread mapping:
+  warp per row, block per row, rows packed per block, long rows split across blocks, column
+  tiles; on the cpu: rows, splits or column blocks per task);
+- ``schemes``: one per body op result, in order: ``local`` (one-to-one: registers),
+  ``regional`` (one-to-many inside a block: a reduction result broadcast back over its row, or a
+  row kept in shared memory / a per-thread row buffer for use after a reduction), ``global``
+  (global memory and a grid barrier: reductions of another parallel shape than the dominant
+  one, scatters read back, and regional values demoted because shared memory ran out) or
+  ``recompute`` (constants and iotas, recomputed where used).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cost_model import schedule
+from passes.fusion.features import GATHERS, SCATTERS, describe, reduce_desc
+from passes.fusion.graph import bits, build_graph
+from passes.pass_manager import Pass, PassContext, register_pass
+from stitch_ir.core import Module
+from stitch_ir.dialects import fusion, st
+
+
+def schedule_group(group: fusion.GroupOp, device) -> dict:
+    g = build_graph(group.body)
+    info = describe(g, bits(range(g.n)), device)
+    sched = schedule(info.desc, device)
+    body = group.body.ops[:-1]
+    reduces = [k for k, op in enumerate(body) if isinstance(op, st.ReduceOp)]
+    if reduces:
+        sizes = {k: reduce_desc(body[k]).elements for k in reduces}
+        top = max(sizes.values())
+        dominant = [k for k in reduces if sizes[k] == top]
+        dom_kind = reduce_desc(body[dominant[0]]).kind
+    else:
+        movers = [k for k, op in enumerate(body) if isinstance(op, GATHERS + SCATTERS)] or \
+            list(range(len(body)))
+        sizes = {k: max([r.type.numel() for r in body[k].results] or [0]) for k in movers}
+        top = max(sizes.values()) if sizes else 0
+        dominant = [k for k in movers if sizes[k] == top][:1]
+        dom_kind = None
+    regional = {id(v) for v in info.regional}
+    schemes = []
+    for k, op in enumerate(body):
+        if isinstance(op, st.ConstantOp | st.IotaOp):
+            schemes.append("recompute")
+        elif isinstance(op, st.ReduceOp) and dom_kind and reduce_desc(op).kind != dom_kind:
+            schemes.append("global")
+        elif isinstance(op, SCATTERS) and any(u.name != "fusion.yield" for u in op.result.users):
+            schemes.append("global")
+        elif id(op.results[0]) in regional:
+            schemes.append("global" if info.demoted else "regional")
+        elif isinstance(op, st.ReduceOp) and any(isinstance(u, st.BroadcastOp)
+                                                 for u in op.result.users):
+            schemes.append("regional")
+        else:
+            schemes.append("local")
+    return {
+        "dominant": dominant, "mapping": sched.mapping, "threads": sched.threads_per_block,
+        "blocks": sched.blocks, "rows_per_block": sched.rows_per_block, "split": sched.split,
+        "smem_bytes": sched.smem_per_block, "grid_sync": sched.grid_syncs > 0,
+        "schemes": schemes, "estimated_us": round(sched.seconds * 1e6, 3),
+        "demoted": info.demoted,
+    }
+
+
+@register_pass
+@dataclass(frozen=True)
+class StitchSchedulePass(Pass):
+    name = "stitch-schedule"
+
+    def run(self, module: Module, ctx: PassContext) -> None:
+        device = ctx.device()
+        for op in module.walk():
+            if isinstance(op, fusion.GroupOp) and op.kind != "view":
+                op.set_attrs(**schedule_group(op, device))
