@@ -1,11 +1,13 @@
 """``stitchc``: the stitch compiler's command line.
 
     stitchc models                                   list the registered workloads
-    stitchc compile --model bert --target cpu --emit ir -o OUT
+    stitchc compile --model bert --target cpu --emit ir,plan,svg -o OUT [--fusion greedy]
     stitchc opt FILE.sir -p canonicalize,cse         run passes over textual IR (FileCheck tests)
 
-``compile`` traces the model with torch.export, imports it into ``st``, runs the pipeline and
-writes ``OUT/module.sir``, then prints a one-screen summary of the module's ops by class.
+``compile`` traces the model with torch.export, imports it into ``st``, canonicalises, plans
+the fusion (``--fusion none|greedy|stitch``), applies and schedules it, prints a one-screen
+summary (ops by class, kernels and bytes before -> after, planner time, solver status and gap)
+and writes what ``--emit`` asks for: ``module.sir``, ``plan.json``, ``plan.svg``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,12 @@ import time
 from pathlib import Path
 
 TARGETS = ("cpu", "sm_80", "sm_90")
-DEFAULT_PIPELINE = "canonicalize,cse,dce"
+EMITS = ("ir", "plan", "svg")
+CANONICAL = "canonicalize,cse,dce"
+
+
+def pipeline_for(fusion: str) -> str:
+    return f"{CANONICAL},fusion-plan{{planner={fusion}}},fusion-apply,stitch-schedule"
 
 
 def _write_new(path: Path, text: str) -> None:
@@ -66,28 +73,47 @@ def compile_model(name: str, pipeline: str, target: str, print_ir_after_all: boo
 
 def cmd_compile(args: argparse.Namespace) -> int:
     from passes.classify import summarize
+    from passes.fusion.render import render_svg
     from stitch_ir.printer import print_module
 
-    w, prog, ctx, times = compile_model(args.model, args.pipeline, args.target,
+    emits = [e.strip() for e in args.emit.split(",") if e.strip()]
+    for e in emits:
+        if e not in EMITS:
+            raise ValueError(f"--emit {e!r}: choose from {', '.join(EMITS)}")
+    pipeline = args.pipeline or pipeline_for(args.fusion)
+    w, prog, ctx, times = compile_model(args.model, pipeline, args.target,
                                         args.print_ir_after_all, args.time_passes)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "module.sir"
-    _write_new(path, print_module(prog.module))
     s = summarize(prog.module)
-    n_params = len(prog.constants)
     print(f"stitchc: {args.model} ({w.paper})")
     print(f"  config   {w.config}")
-    print(f"  target   {args.target}    pipeline  {args.pipeline}")
-    print(f"  inputs   {len(prog.user_inputs)} user, {n_params} parameters / buffers / constants")
+    print(f"  target   {args.target}    pipeline  {pipeline}")
+    print(f"  inputs   {len(prog.user_inputs)} user, {len(prog.constants)} parameters / buffers / "
+          "constants")
     print(f"  time     build {times['build']:.2f}s  export+import {times['import']:.2f}s  "
           f"passes {times['passes']:.2f}s")
-    print("  ops by class:")
+    print("  ops by class (fused ops counted inside their groups):")
     print(s.format())
-    mi_torch = s.counts["torch-call"]
-    print(f"  torch-call ops: {mi_torch}" + ("" if mi_torch else
-                                              " (the whole graph imported into st)"))
-    print(f"  wrote {path}")
+    print(f"  torch-call ops: {s.counts['torch-call']}" + ("" if s.counts["torch-call"] else
+                                                           " (the whole graph imported into st)"))
+    plan = ctx.results.get("plan", {}).get("forward")
+    if plan is not None:
+        print(plan.summary())
+    written = []
+    if "ir" in emits:
+        written.append(out / "module.sir")
+        _write_new(written[-1], print_module(prog.module))
+    if plan is None and ("plan" in emits or "svg" in emits):
+        raise ValueError("--emit plan/svg needs a pipeline with fusion-plan")
+    if "plan" in emits or "svg" in emits:
+        written.append(out / "plan.json")
+        _write_new(written[-1], plan.dumps())
+    if "svg" in emits:
+        written.append(out / "plan.svg")
+        _write_new(written[-1], render_svg(plan, f"{args.model}"))
+    for path in written:
+        print(f"  wrote {path}")
     return 0
 
 
@@ -115,10 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", help="trace a model, import it and run the pipeline")
     c.add_argument("--model", required=True)
     c.add_argument("--target", choices=TARGETS, default="cpu")
-    c.add_argument("--emit", choices=("ir",), default="ir",
-                   help="what to write into OUT (ir: module.sir)")
+    c.add_argument("--emit", default="ir",
+                   help="comma-separated: ir (module.sir), plan (plan.json), svg (plan.svg)")
     c.add_argument("-o", "--output", default="out")
-    c.add_argument("--pipeline", default=DEFAULT_PIPELINE)
+    c.add_argument("--fusion", choices=("none", "greedy", "stitch"), default="stitch",
+                   help="the fusion planner")
+    c.add_argument("--pipeline", default="",
+                   help="a pass pipeline replacing the default one built from --fusion")
     c.add_argument("--print-ir-after-all", action="store_true")
     c.add_argument("--time-passes", action="store_true")
     c.set_defaults(fn=cmd_compile)
@@ -139,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.fn(args)
-    except (IRError, PipelineError, KeyError, FileNotFoundError) as e:
+    except (IRError, PipelineError, KeyError, FileNotFoundError, ValueError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"stitchc: error: {msg}", file=sys.stderr)
         return 1
