@@ -52,8 +52,9 @@ def apply_plan(f: FuncOp, plan) -> list[fusion.GroupOp]:
         info = plan.groups[u[1]]
         members = [g.ops[i] for i in sorted(info.members)]
         group = _outline(members, info)
-        new_ops.append(group)
-        created.append(group)
+        if group is not None:  # None: dead code, nothing used its values
+            new_ops.append(group)
+            created.append(group)
     # Old member ops are gone from the new order: drop their operand uses bottom-up.
     kept = {id(op) for op in new_ops}
     for op in reversed(body.ops[:-1]):
@@ -70,7 +71,7 @@ def apply_plan(f: FuncOp, plan) -> list[fusion.GroupOp]:
     return created
 
 
-def _outline(members: list[Operation], info) -> fusion.GroupOp:
+def _outline(members: list[Operation], info) -> fusion.GroupOp | None:
     member_ids = {id(op) for op in members}
     inside: set[int] = {id(r) for op in members for r in op.results}
     inputs: dict[int, Value] = {}
@@ -81,7 +82,7 @@ def _outline(members: list[Operation], info) -> fusion.GroupOp:
     outputs = [r for op in members for r in op.results
                if any(id(user) not in member_ids for user in r.users)]
     if not outputs:
-        raise IRError(f"fusion group of {[op.name for op in members]} has no output")
+        return None
     group = fusion.GroupOp.create(list(inputs.values()), [v.type for v in outputs], info.kind,
                                   estimated_us=round(info.seconds * 1e6, 3),
                                   bytes_read=info.desc.bytes_read,

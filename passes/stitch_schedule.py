@@ -10,6 +10,9 @@ each group annotated with attributes the code generators read:
   ``grid_sync``: the cost model's schedule on the target (AStitch's adaptive thread mapping:
   warp per row, block per row, rows packed per block, long rows split across blocks, column
   tiles; on the cpu: rows, splits or column blocks per task);
+- ``arg_schemes``: one per group operand: ``local`` (read once), ``regional`` (a row kept in
+  shared memory / a row buffer for reuse after a reduction) or ``global`` (re-read from global
+  memory after the reduction: demoted because shared memory ran out);
 - ``schemes``: one per body op result, in order: ``local`` (one-to-one: registers),
   ``regional`` (one-to-many inside a block: a reduction result broadcast back over its row, or a
   row kept in shared memory / a per-thread row buffer for use after a reduction), ``global``
@@ -59,16 +62,20 @@ def schedule_group(group: fusion.GroupOp, device) -> dict:
             schemes.append("global")
         elif id(op.results[0]) in regional:
             schemes.append("global" if info.demoted else "regional")
-        elif isinstance(op, st.ReduceOp) and any(isinstance(u, st.BroadcastOp)
-                                                 for u in op.result.users):
+        elif (isinstance(op, st.ReduceOp) and any(u.name != "fusion.yield"
+                                                  for u in op.result.users)) or any(
+                isinstance(u, st.BroadcastOp) for u in op.result.users):
+            # a row's reduction (or a value derived from it) read by every thread of the row
             schemes.append("regional")
         else:
             schemes.append("local")
+    arg_schemes = ["global" if info.demoted and id(a) in regional else
+                   "regional" if id(a) in regional else "local" for a in group.body.args]
     return {
         "dominant": dominant, "mapping": sched.mapping, "threads": sched.threads_per_block,
         "blocks": sched.blocks, "rows_per_block": sched.rows_per_block, "split": sched.split,
         "smem_bytes": sched.smem_per_block, "grid_sync": sched.grid_syncs > 0,
-        "schemes": schemes, "estimated_us": round(sched.seconds * 1e6, 3),
+        "schemes": schemes, "arg_schemes": arg_schemes, "estimated_us": round(sched.seconds * 1e6, 3),
         "demoted": info.demoted,
     }
 

@@ -47,6 +47,8 @@ class PlanGraph:
     desc_bits: list[int] = field(default_factory=list)  # strict descendants
     anc_bits: list[int] = field(default_factory=list)  # strict ancestors
     index: dict[int, int] = field(default_factory=dict)  # id(op) -> node
+    # Fusible nodes reading a common value: fusing them reads it once (horizontal fusion).
+    siblings: list[list[int]] = field(default_factory=list)
 
     @property
     def n(self) -> int:
@@ -137,7 +139,31 @@ def build_graph(func: FuncOp | Block) -> PlanGraph:
     g = PlanGraph(block, ops, role, preds, succs, returned, index=index)
     _mark_glue(g)
     _reachability(g)
+    _siblings(g)
     return g
+
+
+# A value read by more fusible ops than this does not make them siblings (a weight read by
+# every layer would otherwise tie the whole graph together).
+MAX_SIBLINGS = 8
+
+
+def _siblings(g: PlanGraph) -> None:
+    readers: dict[int, list[int]] = {}
+    for i, op in enumerate(g.ops):
+        if g.role[i] != FUSIBLE:
+            continue
+        for v in op.operands:
+            if not is_free_constant(v):
+                lst = readers.setdefault(id(v), [])
+                if i not in lst:
+                    lst.append(i)
+    sib: list[set[int]] = [set() for _ in range(g.n)]
+    for nodes in readers.values():
+        if 1 < len(nodes) <= MAX_SIBLINGS:
+            for i in nodes:
+                sib[i].update(j for j in nodes if j != i)
+    g.siblings = [sorted(s) for s in sib]
 
 
 def _mark_glue(g: PlanGraph) -> None:

@@ -117,7 +117,7 @@ def candidates(g: PlanGraph, costs: Costs, beam: int, max_size: int,
         fusible |= 1 << i
     nbr = [0] * g.n
     for i in g.fusible():
-        for j in g.neighbours(i):
+        for j in g.neighbours(i) + g.siblings[i]:
             nbr[i] |= 1 << j
         nbr[i] &= fusible
     single = {i: costs(1 << i).seconds for i in g.fusible()}
