@@ -198,7 +198,7 @@ def _arg_reduce(op, args):
     r = fn(x, axis=d)
     if op.attributes["keepdim"]:
         r = np.expand_dims(r, d)
-    return [r.astype(np.int64)]
+    return [np.asarray(r, dtype=np.int64)]  # an array even at rank 0 (np.argmax gives a scalar)
 
 
 # ----------------------------------------------------------------------------------------------
