@@ -10,7 +10,6 @@ kept them apart (cycle, resource, cost, policy).
 
 from __future__ import annotations
 
-from collections import Counter
 from html import escape
 
 from passes.fusion.graph import FUSIBLE
@@ -18,6 +17,7 @@ from passes.fusion.graph import FUSIBLE
 COLORS = {"stitch": "#f6c28b", "reduce": "#f9e79f", "loop": "#aed6f1", "gather": "#a9dfbf",
           "scatter": "#d7bde2", "view": "#eeeeee", "library": "#d5d8dc"}
 BOX_W, BOX_H, GAP_X, GAP_Y, MARGIN = 230, 62, 40, 56, 20
+RIGHT_MARGIN = 260  # room for the long edges that bow out to the right
 
 
 def _short(name: str) -> str:
@@ -35,8 +35,13 @@ def _units(plan):
             key = ("g", k)
             info = plan.groups[k]
             if key not in units:
-                mix = Counter(_short(g.ops[j].name) for j in info.members)
-                ops = " ".join(f"{n}" + (f"x{c}" if c > 1 else "") for n, c in mix.most_common(6))
+                # The ops that compute (not reshapes / broadcasts), in program order.
+                names: list[str] = []
+                for j in sorted(info.members):
+                    n = _short(g.ops[j].name)
+                    if n not in ("reshape", "broadcast") and n not in names:
+                        names.append(n)
+                ops = f"{len(info.members)} ops: " + " ".join(names)
                 units[key] = {
                     "kind": info.kind,
                     "title": f"kernel {k}: {info.kind}" if info.kernels else f"view {k}",
@@ -73,18 +78,25 @@ def render_svg(plan, title: str = "") -> str:
             a, b = unit_of[u], unit_of[v]
             if a != b:
                 edges.setdefault((a, b), "")
-    for r in plan.reasons:
+    owner = plan.group_of()
+
+    def in_kernel(i: int) -> bool:
+        return i in owner and plan.groups[owner[i]].kernels > 0
+
+    for r in plan.reasons:  # label edges between two real kernels only
         a, b = unit_of[r.src], unit_of[r.dst]
-        if a != b and r.reason not in ("library",):
+        if a != b and in_kernel(r.src) and in_kernel(r.dst) and r.reason != "library":
             edges[(a, b)] = r.reason
-    # Longest-path layering in program order (units sorted by their first op).
-    order = sorted(units, key=lambda k: units[k]["first"])
-    preds: dict[tuple, list] = {k: [] for k in units}
-    for a, b in edges:
-        preds[b].append(a)
+    # Longest-path layering over the contracted graph, in topological order.
+    import networkx as nx
+
+    dag = nx.DiGraph()
+    dag.add_nodes_from(units)
+    dag.add_edges_from(edges)
+    order = list(nx.lexicographical_topological_sort(dag, key=lambda k: units[k]["first"]))
     layer: dict[tuple, int] = {}
     for k in order:
-        layer[k] = 1 + max((layer[p] for p in preds[k] if p in layer), default=-1)
+        layer[k] = 1 + max((layer[p] for p in dag.predecessors(k)), default=-1)
     rows: dict[int, list] = {}
     for k in order:
         rows.setdefault(layer[k], []).append(k)
@@ -94,7 +106,7 @@ def render_svg(plan, title: str = "") -> str:
         offset = (width - len(ks)) * (BOX_W + GAP_X) / 2
         for x, k in enumerate(ks):
             pos[k] = (MARGIN + offset + x * (BOX_W + GAP_X), MARGIN + 40 + y * (BOX_H + GAP_Y))
-    W = MARGIN * 2 + width * (BOX_W + GAP_X)
+    W = MARGIN * 2 + width * (BOX_W + GAP_X) + RIGHT_MARGIN
     H = MARGIN * 2 + 40 + (len(rows)) * (BOX_H + GAP_Y)
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W:.0f}" height="{H:.0f}" '
            f'font-family="sans-serif" font-size="11">',
@@ -105,15 +117,28 @@ def render_svg(plan, title: str = "") -> str:
            f'{escape(title or "fusion plan")}: {plan.kernels_before} -> {plan.kernels} '
            f'memory-intensive kernels, {plan.bytes_before / 1e6:.1f} -> {plan.bytes / 1e6:.1f} MB'
            f' ({plan.planner}, {plan.target})</text>']
+    taken: set[tuple[int, int]] = set()
     for (a, b), reason in edges.items():
         x1, y1 = pos[a][0] + BOX_W / 2, pos[a][1] + BOX_H
         x2, y2 = pos[b][0] + BOX_W / 2, pos[b][1]
         color = "#c0392b" if reason else "#888"
-        out.append(f'<line x1="{x1:.0f}" y1="{y1:.0f}" x2="{x2:.0f}" y2="{y2:.0f}" '
-                   f'stroke="{color}" stroke-width="1.2" marker-end="url(#arrow)"/>')
+        span = layer[b] - layer[a]
+        if span <= 1:
+            out.append(f'<line x1="{x1:.0f}" y1="{y1:.0f}" x2="{x2:.0f}" y2="{y2:.0f}" '
+                       f'stroke="{color}" stroke-width="1.2" marker-end="url(#arrow)"/>')
+            lx, ly = (x1 + x2) / 2 + 4, (y1 + y2) / 2
+        else:
+            # Long edges bow out to the right of the boxes they pass, so they stay visible.
+            bow = BOX_W / 2 + 30 + 12 * (span % 5)
+            out.append(f'<path d="M{x1:.0f},{y1:.0f} C{x1 + bow:.0f},{y1 + 40:.0f} '
+                       f'{x2 + bow:.0f},{y2 - 40:.0f} {x2:.0f},{y2:.0f}" fill="none" '
+                       f'stroke="{color}" stroke-width="1.2" marker-end="url(#arrow)"/>')
+            lx, ly = x1 + bow * 0.75 + 4, y1 + 40
         if reason:
-            mx, my = (x1 + x2) / 2, (y1 + y2) / 2
-            out.append(f'<text x="{mx + 4:.0f}" y="{my:.0f}" fill="#c0392b">'
+            while (round(lx), round(ly)) in taken:  # stagger labels that would overlap
+                ly += 13
+            taken.add((round(lx), round(ly)))
+            out.append(f'<text x="{lx:.0f}" y="{ly:.0f}" fill="#c0392b">'
                        f'not fused: {escape(reason)}</text>')
     for k, (x, y) in pos.items():
         u = units[k]
