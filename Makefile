@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch==2.13.0 first: on these machines it is the CPU wheel on local disk.
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e ".[dev,models]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,models]" --config-settings editable_mode=compat
 	@touch $(STAMP)
 
 setup: $(STAMP)

@@ -209,6 +209,11 @@ class Operation:
     def attr(self, key: str, default: Any = None) -> Any:
         return self.attributes.get(key, default)
 
+    def set_attrs(self, **attrs: Any) -> None:
+        """Set attributes (frozen: lists become tuples)."""
+        for k, v in attrs.items():
+            self.attributes[k] = freeze_attr(v)
+
     def set_operand(self, i: int, v: Value) -> None:
         old = self._operands[i]
         old.uses.remove((self, i))
