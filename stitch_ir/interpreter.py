@@ -153,7 +153,7 @@ def _cast(op, args):
     if dt.is_int and x.dtype.kind == "f":
         x = np.trunc(x)  # torch truncates toward zero when casting float to int
     if dt.is_bool:
-        return [x != 0]
+        return [np.asarray(x != 0)]  # an array even at rank 0
     return [to_type(x, op.result.type)]
 
 
