@@ -45,11 +45,21 @@ class DenseAttr:
     def from_array(arr: np.ndarray, dtype: DType | None = None) -> DenseAttr:
         arr = np.asarray(arr)
         dt = dtype or DType.from_numpy(arr.dtype)
-        arr = np.ascontiguousarray(arr.astype(dt.to_numpy(), copy=False))
-        return DenseAttr(TensorType(tuple(int(d) for d in arr.shape), dt), arr.tobytes())
+        shape = tuple(int(d) for d in arr.shape)
+        if dt is DType.bf16:
+            # bfloat16 is the upper half of a float32 (rounded to nearest even): 2 bytes each.
+            from stitch_ir.interpreter import round_bf16
+
+            bits = round_bf16(arr.astype(np.float32)).view(np.uint32) >> np.uint32(16)
+            return DenseAttr(TensorType(shape, dt), bits.astype("<u2").tobytes())
+        data = arr.astype(dt.to_numpy(), copy=False).tobytes(order="C")
+        return DenseAttr(TensorType(shape, dt), data)
 
     def to_array(self) -> np.ndarray:
         shape = tuple(int(d) for d in self.type.shape)
+        if self.type.dtype is DType.bf16:
+            bits = np.frombuffer(self.data, dtype="<u2").astype(np.uint32) << np.uint32(16)
+            return bits.view(np.float32).reshape(shape).copy()
         return np.frombuffer(self.data, dtype=self.type.dtype.to_numpy()).reshape(shape).copy()
 
 

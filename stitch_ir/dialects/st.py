@@ -437,8 +437,9 @@ class PadOp(StOp):
         shape = []
         for d, lo, hi in zip(t.shape, low, high):
             n = d + lo + hi
-            if n < 0:
-                raise ValueError(f"padding {lo},{hi} makes size {d} negative")
+            crop = max(-lo, 0) + max(-hi, 0)
+            if n < 0 or (isinstance(d, int) and crop > d):
+                raise ValueError(f"padding {lo},{hi} crops more than the size {d}")
             shape.append(n)
         return [t.with_shape(tuple(shape))]
 
