@@ -959,11 +959,9 @@ def test_every_st_op_is_covered():
 
 
 # ----------------------------------------------------------------------------------------------
-# Bugs found outside the interpreter (reported; these xfail until fixed, then simply pass)
+# Bugs found outside the interpreter while writing these tests (fixed; kept as regressions)
 
 
-@pytest.mark.xfail(reason="core.DenseAttr.from_array uses np.ascontiguousarray, which makes a "
-                          "rank-0 array 1-D: the constant gets type tensor<1xf32>")
 def test_known_bug_dense_rank0_constant():
     arr = np.array(2.5, np.float32)
     op = st.ConstantOp.dense(DenseAttr.from_array(arr))
@@ -971,8 +969,6 @@ def test_known_bug_dense_rank0_constant():
     check(outs, types, torch.tensor(2.5))
 
 
-@pytest.mark.xfail(reason="a bf16 DenseAttr stores float32 bytes (4 per element) but "
-                          "ConstantOp.verify_ expects dtype.itemsize (2) per element")
 def test_known_bug_dense_bf16_constant():
     arr = as_dtype(np.array([1.0, -2.5, 3.25]), BF16)
     op = st.ConstantOp.dense(DenseAttr.from_array(arr, BF16))
@@ -980,9 +976,6 @@ def test_known_bug_dense_bf16_constant():
     check(outs, types, torch.tensor([1.0, -2.5, 3.25], dtype=torch.bfloat16))
 
 
-@pytest.mark.xfail(reason="PadOp.infer_types accepts a negative pad larger than the dim "
-                          "(torch's constant_pad_nd rejects it); the interpreter then returns a "
-                          "shape other than the inferred one", raises=AssertionError)
 def test_known_bug_pad_crop_past_dim():
     # size 3, low 2, high -4: inferred size 1; torch: narrow() error; interpreter: size 4
     x = np.arange(3, dtype=np.float32)
