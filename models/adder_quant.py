@@ -6,7 +6,8 @@ torch after the official MindSpore code (`mindspore-ai/models:research/cv/AdderQ
 {adder_quant.py,res20_adder.py}`) and the base adder layer of `huawei-noah/AdderNet`:
 
 - adder layer: out = -sum_j |X_col - W_col| over the unfolded input, where unfold is
-  pad + k*k strided slices (as the code's `unfold`), and the subtract-abs-sum is a
+  a zero pad + one gather of the k*k shifted windows (the code's `unfold` copies k*k
+  strided slices: same columns, smaller graph), and the subtract-abs-sum is a
   broadcast over [Cout, Cin*k*k, L*B] (the code's layout) followed by a reduction;
 - offline (factory time): filters are clustered by their max |w| into 4 groups with a
   1-D k-means (Lloyd's algorithm in torch; the code uses sklearn), so each group
@@ -19,9 +20,10 @@ torch after the official MindSpore code (`mindspore-ai/models:research/cv/AdderQ
   activation range, s_g = act_range, weights are clipped to [-s_g, s_g] and a bias
   -sum(max(|w| - s_g, 0)) is added, which leaves the output unchanged for activations
   in [0, s_g]; otherwise s_g = max|w| of the group;
-- forward (traced): per group, weights w_q = clamp(round(w (2^b-1) / (2 s_g)),
-  -2^(b-1), 2^(b-1)-1) * 2 s_g / (2^b-1) and activations a_q = clamp(round(x (2^b-1)
-  / s_g), 0, 2^b-1) * s_g / (2^b-1) (G-way activation fake-quant), adder, + bias;
+- weights w_q = clamp(round(w (2^b-1) / (2 s_g)), -2^(b-1), 2^(b-1)-1) * 2 s_g /
+  (2^b-1), computed once at freeze time (they are constants);
+- forward (traced): per group, activations a_q = clamp(round(x (2^b-1) / s_g), 0,
+  2^b-1) * s_g / (2^b-1) (G-way activation fake-quant), adder, + bias;
   the groups are concatenated and channels put back in their original order (a
   gather with the inverse permutation, the code's `original_order`).
 
@@ -35,8 +37,8 @@ Small configuration (WORKLOADS.md §2): adder ResNet-20 on [2,3,32,32] (stem con
 1x1 conv 64->10, BN), 4 k-means groups, 4-bit weights and activations (the paper's
 headline; the code's default is 8), 4 synthetic calibration images.
 
-Chains exercised: pad + slice unfold -> broadcast subtract -> abs -> sum (the adder);
-G-way activation fake-quant (mul, round, clamp, mul); weight fake-quant; bias add;
+Chains exercised: pad + gather unfold -> broadcast subtract -> abs -> sum (the adder);
+G-way activation fake-quant (mul, round, clamp, mul) + gather by group; bias add;
 concat + channel gather; BN + ReLU + residual; avg-pool; log-softmax/cross-entropy.
 """
 
@@ -52,11 +54,10 @@ from models import Workload
 
 PAPER = "Redistribution of Weights and Activations for AdderNet Quantization (arXiv 2212.10200)"
 CHAINS = [
-    "pad + strided-slice unfold",
+    "pad + gather unfold (im2col)",
     "broadcast subtract -> abs -> sum (adder)",
-    "activation fake-quant per group (mul, round, clamp, mul)",
-    "weight fake-quant per group",
-    "extra bias add + concat + channel gather (original order)",
+    "activation fake-quant per group (mul, round, clamp, mul) + gather by group",
+    "extra bias add + channel gather (original order)",
     "batchnorm + relu + residual add",
     "avg-pool",
     "log_softmax + nll (loss)",
@@ -200,6 +201,9 @@ class QAdder2d(nn.Module):
         channel_scale = torch.repeat_interleave(self.scales, sizes)
         self.register_buffer("channel_group", torch.repeat_interleave(torch.arange(len(sizes)), sizes))
         self.register_buffer("channel_scale", channel_scale.view(-1, 1, 1, 1))
+        # The weights are constants: quantise them once (the code re-quantises them in
+        # every forward, which a compiler would constant-fold anyway).
+        self.register_buffer("w_quant", fake_quant_weight(w, self.channel_scale, self.bits_w))
         self.register_buffer("extra_bias", extra_bias)
         self.mode = "quant"
 
@@ -211,8 +215,9 @@ class QAdder2d(nn.Module):
             return adder2d(x, self.weight, self.stride, self.pad)
         # Fake-quant is element-wise and fq(0) = 0, so it commutes with the zero-padded
         # unfold: unfold once, quantise the columns once per group scale (G-way
-        # activation fake-quant, [G, J, L*B]), quantise every filter with its group's
-        # scale, and let each filter read its own group's columns (a gather over the
+        # activation fake-quant, [G, J, L*B]), take the filters quantised with their
+        # group's scale at freeze time, and let each filter read its own group's
+        # columns (a gather over the
         # group axis: the code's per-group loop + concat, in one adder); add the
         # range-clamp biases and gather channels back to their original order.
         b, _, h, wd = x.shape
@@ -222,8 +227,8 @@ class QAdder2d(nn.Module):
         x_col = x_col.permute(1, 2, 0).reshape(-1, oh * ow * b)  # [J, L*B]
         a_all = fake_quant_act(x_col[None], self.scales[:, None, None], self.bits_a)
         a = torch.index_select(a_all, 0, self.channel_group)  # [O, J, L*B]
-        w = fake_quant_weight(self.w_grouped, self.channel_scale, self.bits_w)
-        out = -(w.reshape(w.shape[0], -1, 1) - a).abs().sum(1)  # [O, L*B], group order
+        w = self.w_quant.reshape(self.w_quant.shape[0], -1, 1)  # [O, J, 1], group order
+        out = -(w - a).abs().sum(1)  # [O, L*B]
         if any(self.clipped):
             out = out + self.extra_bias[:, None]
         out = out.view(-1, oh, ow, b).permute(3, 0, 1, 2)

@@ -35,11 +35,12 @@ structures of `models/glyphs.py`, which give boxes, structure labels and the
 knowledge graph (120 characters) for free; BatchNorm statistics from a train-mode pass.
 
 Small configuration (WORKLOADS.md §8): [2,3,128,128] -> backbone at a quarter of the
-code's widths (8..256 channels, full depth [1,2,8,8,4], 52 convs) -> [2,256,4,4] ->
+code's widths (8..256 channels) and shrunk depth ([1,1,2,2,1] residual blocks, 20 convs;
+the code: [1,2,8,8,4], 52 convs, `blocks=` restores it) -> [2,256,4,4] ->
 OPr [2,192,4,4] and OPs [2,6]; heads at a quarter width ([128, 256] for [512, 1024]);
 anchors: YOLOv3's coarse-scale anchors scaled by 128/416.
 
-Chains exercised: conv + BN + LeakyReLU (x52) + residual add; channel mean/max ->
+Chains exercised: conv + BN + LeakyReLU (x20) + residual add; channel mean/max ->
 concat -> global max/avg pool -> conv -> sigmoid -> broadcast multiply (DSAL); conv +
 BN + ReLU (heads); global average pool; YOLO decode (sigmoid, add grid, exp, multiply
 anchors); max over boxes; masked mean via matmul; weighted sum; topk; BCE/MSE/CE (loss).
@@ -154,7 +155,7 @@ class KnowledgeGraphReasoner(nn.Module):
 class RZCRConfig:
     size: int = 128
     base: int = 8
-    blocks: tuple[int, ...] = (1, 2, 8, 8, 4)
+    blocks: tuple[int, ...] = (1, 1, 2, 2, 1)  # the code: (1, 2, 8, 8, 4)
     head: tuple[int, int] = (128, 256)
     num_radicals: int = glyphs.NUM_RADICALS
     num_structures: int = len(glyphs.STRUCTURES)

@@ -19,7 +19,12 @@ if str(ROOT) not in sys.path:
 
 import models  # noqa: E402
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Submodules loaded by `import models` alone: must stay empty (the registry is lazy).
+LOADED_AT_IMPORT = sorted(m for m in sys.modules if m.startswith("models."))
+
+# One intra-op thread: on a 2-core machine shared with other jobs, two OpenMP threads
+# fighting a busy core can make an element-wise-heavy forward 10x slower.
+torch.set_num_threads(1)
 
 _BUILT: dict[str, models.Workload] = {}
 _EXPORTED: dict[str, torch.export.ExportedProgram] = {}
@@ -37,6 +42,12 @@ def _exported(name: str) -> torch.export.ExportedProgram:
         ep = torch.export.export(w.model, w.example_inputs, strict=False)
         _EXPORTED[name] = ep.run_decompositions()
     return _EXPORTED[name]
+
+
+@pytest.fixture(scope="session")
+def loaded_at_import():
+    """The `models.*` submodules that `import models` alone loaded (should be none)."""
+    return LOADED_AT_IMPORT
 
 
 @pytest.fixture(scope="session")
