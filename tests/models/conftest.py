@@ -19,13 +19,6 @@ if str(ROOT) not in sys.path:
 
 import models  # noqa: E402
 
-# Submodules loaded by `import models` alone: must stay empty (the registry is lazy).
-LOADED_AT_IMPORT = sorted(m for m in sys.modules if m.startswith("models."))
-
-# One intra-op thread: on a 2-core machine shared with other jobs, two OpenMP threads
-# fighting a busy core can make an element-wise-heavy forward 10x slower.
-torch.set_num_threads(1)
-
 _BUILT: dict[str, models.Workload] = {}
 _EXPORTED: dict[str, torch.export.ExportedProgram] = {}
 
@@ -44,10 +37,17 @@ def _exported(name: str) -> torch.export.ExportedProgram:
     return _EXPORTED[name]
 
 
-@pytest.fixture(scope="session")
-def loaded_at_import():
-    """The `models.*` submodules that `import models` alone loaded (should be none)."""
-    return LOADED_AT_IMPORT
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread in these tests, restored afterwards for other folders' tests.
+
+    On a 2-core machine shared with other jobs, two OpenMP threads fighting over a busy
+    core made an element-wise-heavy forward (adder_quant) ten times slower.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
