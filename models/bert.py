@@ -17,7 +17,9 @@ academic-budget-bert) is written here again in plain torch, keeping its tricks:
   slots carry label -1 (ignored by the loss).
 
 Small configuration (WORKLOADS.md §4): B=2, L=128, hidden 256, 4 layers, 4 heads of
-64, FFN 1024, vocabulary 1000, 20 prediction slots per sequence (19 real, one padded).
+64, FFN 1024, vocabulary 1000, 20 prediction slots per sequence (15% of the real tokens:
+19 and 15 in the two sequences, the second of which is padded to 128; unused slots
+carry label -1).
 The paper's recipe is 24 layers / 1024 hidden / 16 heads / FFN 4096.
 
 Chains exercised: embedding gather + sum; LayerNorm; scale + mask + softmax
