@@ -1,0 +1,1 @@
+"""Code generators: kernel sources from ``fusion.group`` ops (``cpp`` for the cpu target)."""

@@ -1,0 +1,325 @@
+"""C++ expression emission: a value of a ``fusion.group`` evaluated at a multi-index.
+
+``Emitter.value(v, idx)`` returns a C++ expression (usually a temporary's name) for ``v`` at the
+multi-index ``idx`` (one C++ index expression per dimension of ``v``), emitting temporaries into
+the current scope. Layout ops are index maps, never copies: a broadcast drops or zeroes indices,
+a permute reorders them, a reshape re-splits them, a slice offsets them, pad and cat select
+between clamped loads. Gathers load their index tensor first. Values that a kernel keeps
+(materialised buffers, row-buffer values, per-row scalars) are looked up in ``self.known``
+before anything is recomputed.
+
+Invariants: every load is in bounds (pads and cats clamp before loading; gathers check their
+indices and set the kernel's error flag instead of reading outside the table); temporaries are
+memoised per (value, index) within a scope, so a DAG is emitted once per scope, not once per
+path.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from stitch_ir.core import BlockArgument, Value
+from stitch_ir.dialects import st
+from stitch_ir.types import DType
+
+CTYPE = {DType.f64: "double", DType.f32: "float", DType.i64: "int64_t", DType.i32: "int32_t",
+         DType.i16: "int16_t", DType.i8: "int8_t", DType.u8: "uint8_t", DType.i1: "bool"}
+
+
+class Unsupported(Exception):
+    """The group uses something this code generator does not handle (the runtime falls back)."""
+
+
+def ctype(dt: DType) -> str:
+    try:
+        return CTYPE[dt]
+    except KeyError:
+        raise Unsupported(f"element type {dt} is not supported by the cpp target") from None
+
+
+def literal(value, dt: DType) -> str:
+    if dt.is_bool:
+        return "true" if value else "false"
+    if dt.is_int:
+        return f"((int64_t){int(value)}LL)" if dt is DType.i64 else f"(({ctype(dt)}){int(value)})"
+    v = float(value)
+    if math.isnan(v):
+        return "NAN" if dt is DType.f32 else "(double)NAN"
+    if math.isinf(v):
+        text = "INFINITY" if v > 0 else "(-INFINITY)"
+        return text if dt is DType.f32 else f"(double){text}"
+    return f"({v!r}f)" if dt is DType.f32 else f"({v!r})"
+
+
+def dims(v: Value) -> list[int]:
+    out = []
+    for d in v.type.shape:
+        if not isinstance(d, int):
+            raise Unsupported("symbolic shapes are not supported by the cpp target yet")
+        out.append(d)
+    return out
+
+
+def linearize(idx: list[str], shape: list[int]) -> str:
+    expr = ""
+    for i, n in zip(idx, shape):
+        if n == 1:
+            continue
+        expr = i if not expr else f"({expr})*{n} + ({i})"
+    return expr or "0"
+
+
+def delinearize(lin: str, shape: list[int]) -> list[str]:
+    out = []
+    stride = 1
+    for n in reversed(shape):
+        if n == 1:
+            out.append("0")
+        else:
+            out.append(f"(({lin}) / {stride}) % {n}" if stride > 1 else f"({lin}) % {n}")
+        stride *= n
+    out.reverse()
+    return out
+
+
+UNARY_C: dict[type, Callable[[str, str], str]] = {
+    st.NegOp: lambda x, t: f"(-{x})", st.AbsOp: lambda x, t: f"({x} < 0 ? -{x} : {x})",
+    st.ExpOp: lambda x, t: f"st_exp({x})", st.Exp2Op: lambda x, t: f"std::exp2({x})",
+    st.LogOp: lambda x, t: f"std::log({x})", st.Log2Op: lambda x, t: f"std::log2({x})",
+    st.Log1pOp: lambda x, t: f"std::log1p({x})", st.Expm1Op: lambda x, t: f"std::expm1({x})",
+    st.SqrtOp: lambda x, t: f"std::sqrt({x})", st.RsqrtOp: lambda x, t: f"st_rsqrt({x})",
+    st.SinOp: lambda x, t: f"std::sin({x})", st.CosOp: lambda x, t: f"std::cos({x})",
+    st.TanOp: lambda x, t: f"std::tan({x})", st.TanhOp: lambda x, t: f"st_tanh({x})",
+    st.SigmoidOp: lambda x, t: f"st_sigmoid({x})", st.ErfOp: lambda x, t: f"st_erf({x})",
+    st.ReluOp: lambda x, t: f"st_relu({x})", st.ReciprocalOp: lambda x, t: f"(({t})1 / {x})",
+    st.FloorOp: lambda x, t: f"std::floor({x})", st.CeilOp: lambda x, t: f"std::ceil({x})",
+    st.RoundOp: lambda x, t: f"std::nearbyint({x})", st.TruncOp: lambda x, t: f"std::trunc({x})",
+    st.SignOp: lambda x, t: f"st_sign({x})", st.LogicalNotOp: lambda x, t: f"(!{x})",
+    st.BitwiseNotOp: lambda x, t: f"(({t})~{x})", st.IsNanOp: lambda x, t: f"({x} != {x})",
+    st.IsInfOp: lambda x, t: f"std::isinf({x})",
+}
+INT_IDENTITY = (st.FloorOp, st.CeilOp, st.RoundOp, st.TruncOp)
+BINARY_C: dict[type, str] = {
+    st.AddOp: "({a} + {b})", st.SubOp: "({a} - {b})", st.MulOp: "({a} * {b})",
+    st.MaximumOp: "st_max({a}, {b})", st.MinimumOp: "st_min({a}, {b})",
+    st.PowOp: "std::pow({a}, {b})", st.Atan2Op: "std::atan2({a}, {b})",
+    st.BitwiseAndOp: "({a} & {b})", st.BitwiseOrOp: "({a} | {b})", st.BitwiseXorOp: "({a} ^ {b})",
+    st.LogicalAndOp: "({a} && {b})", st.LogicalOrOp: "({a} || {b})",
+    st.EqOp: "({a} == {b})", st.NeOp: "({a} != {b})", st.LtOp: "({a} < {b})",
+    st.LeOp: "({a} <= {b})", st.GtOp: "({a} > {b})", st.GeOp: "({a} >= {b})",
+}
+
+
+@dataclass
+class Scope:
+    lines: list[str]
+    indent: str
+    memo: dict[tuple, str] = field(default_factory=dict)
+
+
+class Emitter:
+    def __init__(self, buffers: dict[int, str]):
+        # id(value) -> C pointer name, for block arguments and materialised values
+        self.buffers = buffers
+        # id(value) -> C expression valid for the current row (row scalars, row buffers)
+        self.known: dict[int, Callable[[list[str]], str | None]] = {}
+        self.scopes: list[Scope] = []
+        self.counter = 0
+
+    # -- scopes --------------------------------------------------------------------------------
+    def push(self, lines: list[str], indent: str) -> None:
+        parent = dict(self.scopes[-1].memo) if self.scopes else {}
+        self.scopes.append(Scope(lines, indent, parent))
+
+    def pop(self) -> None:
+        self.scopes.pop()
+
+    def line(self, text: str) -> None:
+        s = self.scopes[-1]
+        s.lines.append(s.indent + text)
+
+    def temp(self, c_type: str, expr: str, prefix: str = "t") -> str:
+        name = f"{prefix}{self.counter}"
+        self.counter += 1
+        self.line(f"const {c_type} {name} = {expr};")
+        return name
+
+    # -- values --------------------------------------------------------------------------------
+    def value(self, v: Value, idx: list[str]) -> str:
+        key = (id(v), tuple(idx))
+        memo = self.scopes[-1].memo
+        if key in memo:
+            return memo[key]
+        hook = self.known.get(id(v))
+        if hook is not None:
+            got = hook(idx)
+            if got is not None:
+                memo[key] = got
+                return got
+        if id(v) in self.buffers:
+            expr = self.temp(ctype(v.type.dtype), f"{self.buffers[id(v)]}[{linearize(idx, dims(v))}]")
+        elif isinstance(v, BlockArgument):
+            raise Unsupported("a block argument without a buffer")
+        else:
+            expr = self.op_value(v, idx)
+        memo[key] = expr
+        return expr
+
+    def op_value(self, v: Value, idx: list[str]) -> str:
+        op = v.owner
+        t = v.type
+        ct = ctype(t.dtype)
+        if isinstance(op, st.ConstantOp):
+            if not op.is_splat:
+                raise Unsupported("dense constants inside a kernel")
+            return literal(op.attributes["value"], t.dtype)
+        if isinstance(op, st.IotaOp):
+            a = op.attributes
+            return self.temp(ct, f"({ct})({literal(a['start'], t.dtype)} + "
+                                 f"{literal(a['step'], t.dtype)} * ({ct})({idx[0]}))")
+        if isinstance(op, tuple(UNARY_C)):
+            if isinstance(op, INT_IDENTITY) and not t.dtype.is_float:
+                return self.value(op.operand(0), idx)
+            x = self.value(op.operand(0), idx)
+            return self.temp(ct, UNARY_C[type(op)](x, ct))
+        if isinstance(op, tuple(BINARY_C)):
+            a, b = (self.value(o, idx) for o in op.operands)
+            return self.temp(ct, BINARY_C[type(op)].format(a=a, b=b))
+        if isinstance(op, st.DivOp):
+            a, b = (self.value(o, idx) for o in op.operands)
+            return self.temp(ct, f"({a} / {b})")
+        if isinstance(op, st.FloorDivOp | st.RemainderOp):
+            a, b = (self.value(o, idx) for o in op.operands)
+            kind = "floordiv" if isinstance(op, st.FloorDivOp) else "remainder"
+            fn = f"st_{kind}_f" if t.dtype.is_float else f"({ct})st_{kind}_i"
+            return self.temp(ct, f"{fn}({a}, {b})")
+        if isinstance(op, st.WhereOp):
+            c, a, b = (self.value(o, idx) for o in op.operands)
+            return self.temp(ct, f"({c} ? {a} : {b})")
+        if isinstance(op, st.ClampOp):
+            x, lo, hi = (self.value(o, idx) for o in op.operands)
+            return self.temp(ct, f"st_min(st_max({x}, {lo}), {hi})")
+        if isinstance(op, st.CastOp):
+            x = self.value(op.operand(0), idx)
+            if t.dtype.is_bool:
+                return self.temp(ct, f"({x} != 0)")
+            return self.temp(ct, f"({ct})({x})")
+        if isinstance(op, st.BroadcastOp):
+            src = dims(op.operand(0))
+            off = len(idx) - len(src)
+            return self.value(op.operand(0), ["0" if n == 1 else idx[off + k]
+                                              for k, n in enumerate(src)])
+        if isinstance(op, st.ReshapeOp):
+            return self.value(op.operand(0), reshape_index(idx, dims(v), dims(op.operand(0))))
+        if isinstance(op, st.PermuteOp):
+            perm = op.attributes["perm"]
+            src = [""] * len(perm)
+            for k, p in enumerate(perm):
+                src[p] = idx[k]
+            return self.value(op.operand(0), src)
+        if isinstance(op, st.SliceOp):
+            a = op.attributes
+            src = list(idx)
+            d = a["dim"]
+            src[d] = f"({a['start']} + {a['step']} * ({idx[d]}))" if a["step"] != 1 else \
+                f"({a['start']} + {idx[d]})"
+            return self.value(op.operand(0), src)
+        if isinstance(op, st.PadOp):
+            return self.pad(op, idx, ct)
+        if isinstance(op, st.CatOp):
+            return self.cat(op, idx, ct)
+        if isinstance(op, st.EmbeddingOp):
+            table, ids = op.operands
+            n_idx = len(dims(ids))
+            row = self.checked_index(self.value(ids, idx[:n_idx]), dims(table)[0])
+            return self.value(table, [row] + idx[n_idx:])
+        if isinstance(op, st.IndexSelectOp):
+            x, ids = op.operands
+            d = op.attributes["dim"]
+            src = list(idx)
+            src[d] = self.checked_index(self.value(ids, [idx[d]]), dims(x)[d])
+            return self.value(x, src)
+        if isinstance(op, st.GatherOp):
+            x, ids = op.operands
+            d = op.attributes["dim"]
+            src = list(idx)
+            src[d] = self.checked_index(self.value(ids, idx), dims(x)[d])
+            return self.value(x, src)
+        raise Unsupported(f"'{op.name}' cannot be inlined into a kernel expression")
+
+    def checked_index(self, expr: str, size: int) -> str:
+        """An index read from a tensor: negative wraps (as torch); out of range sets the error
+        flag and reads row 0 instead."""
+        raw = self.temp("int64_t", f"(int64_t)({expr})", "ix")
+        wrapped = self.temp("int64_t", f"({raw} < 0 ? {raw} + {size} : {raw})", "ix")
+        self.line(f"if ({wrapped} < 0 || {wrapped} >= {size}) err = 1;")
+        return self.temp("int64_t", f"(({wrapped} < 0 || {wrapped} >= {size}) ? 0 : {wrapped})",
+                         "ix")
+
+    def pad(self, op: st.PadOp, idx: list[str], ct: str) -> str:
+        src_shape = dims(op.operand(0))
+        low = op.attributes["low"]
+        conds, src = [], []
+        for i, lo, n in zip(idx, low, src_shape):
+            j = f"({i} - {lo})" if lo else i
+            conds.append(f"({j} >= 0 && {j} < {n})")
+            src.append(f"({j} < 0 ? 0 : ({j} >= {n} ? {n - 1} : {j}))")
+        inner = self.value(op.operand(0), src)
+        fill = literal(op.attributes["value"], op.result.type.dtype)
+        return self.temp(ct, f"(({' && '.join(conds)}) ? {inner} : {fill})")
+
+    def cat(self, op: st.CatOp, idx: list[str], ct: str) -> str:
+        d = op.attributes["dim"]
+        parts, start = [], 0
+        for o in op.operands:
+            n = dims(o)[d]
+            src = list(idx)
+            src[d] = f"({idx[d]} < {start} ? 0 : ({idx[d]} >= {start + n} ? {n - 1} : " \
+                     f"{idx[d]} - {start}))"
+            parts.append((start, start + n, self.value(o, src)))
+            start += n
+        expr = parts[-1][2]
+        for lo, hi, e in reversed(parts[:-1]):
+            expr = f"({idx[d]} < {hi} ? {e} : {expr})"
+        return self.temp(ct, expr)
+
+
+def reshape_index(idx: list[str], out_shape: list[int], in_shape: list[int]) -> list[str]:
+    """Map an index of the reshaped value to an index of its operand (row-major order).
+
+    Dimensions are matched in groups of equal products from the right, so a reshape that only
+    splits or merges some dims leaves the others' indices untouched (no division in the inner
+    loop for the common [B, S, H] <-> [B*S, H])."""
+    out_nz = [(i, n) for i, n in zip(idx, out_shape) if n != 1]
+    in_pos = [k for k, n in enumerate(in_shape) if n != 1]
+    in_nz = [in_shape[k] for k in in_pos]
+    result = ["0"] * len(in_shape)
+    a, b = len(out_nz), len(in_nz)
+    while a > 0 or b > 0:
+        # take the smallest groups from the right with equal products
+        ga, gb = [a - 1], [b - 1]
+        pa = out_nz[a - 1][1] if a > 0 else 1
+        pb = in_nz[b - 1] if b > 0 else 1
+        while pa != pb:
+            if pa < pb:
+                ga.insert(0, ga[0] - 1)
+                pa *= out_nz[ga[0]][1]
+            else:
+                gb.insert(0, gb[0] - 1)
+                pb *= in_nz[gb[0]]
+        ga = [k for k in ga if k >= 0]
+        gb = [k for k in gb if k >= 0]
+        if len(ga) == 1 and len(gb) == 1:
+            result[in_pos[gb[0]]] = out_nz[ga[0]][0]
+        else:
+            lin = linearize([out_nz[k][0] for k in ga], [out_nz[k][1] for k in ga])
+            parts = delinearize(lin, [in_nz[k] for k in gb])
+            for k, p in zip(gb, parts):
+                result[in_pos[k]] = p
+        a -= len(ga)
+        b -= len(gb)
+        if not ga and not gb:
+            break
+    return result

@@ -1,0 +1,599 @@
+"""Render a ``fusion.group`` as one C++17 / OpenMP kernel.
+
+Two strategies, chosen per group:
+
+- ``rows`` (FusionStitching's regional stitching, CPU form): every reduction is a row reduction
+  over the same ``R`` rows of ``L`` trailing elements. One OpenMP loop over rows; inside, one
+  vectorised loop over the row per *phase* (phase k computes what needs the reductions of phase
+  k - 1). Reduction results are per-row scalars in registers; row values needed again in a later
+  phase are kept in a per-thread row buffer (L1 / L2 resident) instead of memory.
+- ``phases`` (global stitching, and plain loop kernels): each materialised value — an output, a
+  reduction, a scatter — gets its own work-shared loop nest inside one parallel region; the
+  implicit barrier between them is the grid barrier. Intermediates that are not outputs live in
+  scratch buffers the runtime passes in. Element-wise producers are inlined into each loop.
+
+Kernel ABI: ``extern "C" int <symbol>(void* const* args)`` with ``args`` = the group's operands
+(in order), its results, then scratch buffers; returns 0, or 1 when a gathered index was out of
+range. Sizes are compiled in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jinja2
+
+from codegen.cpp.emit import Emitter, Unsupported, ctype, delinearize, dims, linearize, literal
+from stitch_ir.core import Value
+from stitch_ir.dialects import fusion, st
+
+TEMPLATES = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
+    undefined=jinja2.StrictUndefined, keep_trailing_newline=True, trim_blocks=True,
+    lstrip_blocks=True)
+MATH_HEADER = (Path(__file__).parent / "stitch_math.h").read_text()
+SCATTERS = (st.IndexAddOp, st.ScatterAddOp, st.ScatterReduceOp)
+
+
+@dataclass
+class KernelSource:
+    symbol: str
+    source: str
+    strategy: str  # rows | phases
+    n_inputs: int
+    n_outputs: int
+    scratch: list[int] = field(default_factory=list)  # bytes of each scratch buffer
+
+
+def _shape_nz(v: Value) -> tuple[int, ...]:
+    return tuple(n for n in dims(v) if n != 1)
+
+
+def _split(shape: list[int], rows: int) -> int | None:
+    """The position k with prod(shape[:k]) == rows (the row / column split), or None."""
+    p = 1
+    for k, n in enumerate(shape):
+        if p == rows:
+            return k
+        p *= n
+    return len(shape) if p == rows else None
+
+
+class RowsUnfit(Unsupported):
+    """The group does not fit the rows strategy (the phases strategy handles it)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# rows
+
+
+class RowKernel:
+    """The ``rows`` strategy (see the module docstring)."""
+
+    def __init__(self, group: fusion.GroupOp, buffers: dict[int, str], out_ptrs: dict[int, str]):
+        self.group = group
+        self.body = group.body.ops[:-1]
+        self.outputs = list(dict.fromkeys(group.body.terminator.operands))
+        self.out_ptrs = out_ptrs
+        reduces = [op for op in self.body if isinstance(op, st.ReduceOp)]
+        if not reduces or any(isinstance(op, SCATTERS) for op in self.body):
+            raise RowsUnfit("no reduction, or a scatter")
+        dom = max(reduces, key=lambda r: math.prod(dims(r.operand(0))))
+        self.R = max(1, math.prod(dims(dom.result)))
+        self.L = math.prod(dims(dom.operand(0))) // self.R
+        for r in reduces:
+            shape = dims(r.operand(0))
+            k = _split(shape, self.R)
+            if k is None or math.prod(shape) != self.R * self.L or isinstance(r, st.ArgReduceOp) \
+                    or tuple(r.dims) != tuple(range(k, len(shape))):
+                raise RowsUnfit(f"'{r.name}' is not a row reduction over the dominant rows")
+        self.reduces = reduces
+        self.em = Emitter(buffers)
+        self.names: dict[tuple, list[str]] = {}
+        self.row_decl: list[str] = []
+        self.col_decl: list[str] = []
+
+    # -- index variables -----------------------------------------------------------------------
+    def idx_of(self, v: Value) -> list[str]:
+        """v's multi-index at the current (row r, column j) of the loops."""
+        shape = dims(v)
+        n = math.prod(shape)
+        if n == self.R * self.L:
+            k = _split(shape, self.R)
+            if k is not None:
+                return self.split_vars(shape[:k], "r") + self.split_vars(shape[k:], "j")
+            return delinearize(f"(r * {self.L} + j)", shape)
+        if n == self.R:
+            return self.split_vars(shape, "r")
+        raise RowsUnfit(f"a value of shape {shape} is neither a row nor a row scalar")
+
+    def split_vars(self, shape: list[int], base: str) -> list[str]:
+        """Index variables for ``base`` (r or j) split over ``shape``; named by the non-1 dims,
+        so every shape with the same non-1 dims shares them (and the emitter's memo hits)."""
+        nz = tuple(n for n in shape if n != 1)
+        key = (base, nz)
+        if key not in self.names:
+            if len(nz) <= 1:
+                self.names[key] = [base] * len(nz)
+            else:
+                names = []
+                for k, part in enumerate(delinearize(base, list(nz))):
+                    name = f"{base}{len(self.names)}_{k}"
+                    (self.row_decl if base == "r" else self.col_decl).append(
+                        f"const int64_t {name} = {part};")
+                    names.append(name)
+                self.names[key] = names
+        it = iter(self.names[key])
+        return [next(it) if n != 1 else "0" for n in shape]
+
+    def _same_position(self, idx: list[str], v: Value) -> bool:
+        shape = dims(v)
+        want = self.idx_of(v)
+        return [i for i, n in zip(idx, shape) if n != 1] == [i for i, n in zip(want, shape)
+                                                             if n != 1]
+
+    def _register(self, v: Value, expr: str) -> None:
+        def hook(idx, v=v, expr=expr):
+            if self._same_position(idx, v):
+                return expr
+            raise RowsUnfit("a row value is read at another row or column")
+
+        self.em.known[id(v)] = hook
+
+    # -- rendering -----------------------------------------------------------------------------
+    def render(self) -> dict:
+        em = self.em
+        avail: dict[int, int] = {id(a): 0 for a in self.group.body.args}
+        loop_of: dict[int, int] = {}
+        for op in self.body:
+            p = max([avail.get(id(o), 0) for o in op.operands] or [0])
+            if isinstance(op, st.ReduceOp):
+                loop_of[id(op)] = p
+                avail[id(op.result)] = p + (2 if isinstance(op, st.VarOp) else 1)
+            else:
+                for r in op.results:
+                    avail[id(r)] = p
+        full = self.R * self.L
+        outs_full = [v for v in self.outputs if math.prod(dims(v)) == full]
+        outs_row = [v for v in self.outputs if v not in outs_full]
+        if any(math.prod(dims(v)) != self.R for v in outs_row):
+            raise RowsUnfit("an output is neither a row nor a row scalar")
+        # Row values read in more than one loop are kept in per-thread row buffers.
+        used_in: dict[int, set[int]] = {}
+        for op in self.body:
+            where = loop_of.get(id(op), avail[id(op.results[0])] if op.results else 0)
+            for o in op.operands:
+                used_in.setdefault(id(o), set()).add(where)
+        for v in outs_full:
+            used_in.setdefault(id(v), set()).add(avail[id(v)])
+        cheap = (st.ReduceOp, st.ReshapeOp, st.BroadcastOp, st.ConstantOp, st.IotaOp)
+        regional = [op.result for op in self.body if not isinstance(op, cheap)
+                    and len(op.results) == 1 and math.prod(dims(op.result)) == full
+                    and len(used_in.get(id(op.result), ())) > 1]
+        bufs = {id(v): f"rowbuf{k}" for k, v in enumerate(regional)}
+        ends = [loop_of[id(r)] + (1 if isinstance(r, st.VarOp) else 0) for r in self.reduces]
+        n_loops = 1 + max(ends + [avail[id(v)] for v in outs_full + regional])
+        lines: list[str] = []
+        em.push(lines, "      ")
+        means: dict[int, str] = {}
+        done_row_outs: set[int] = set()
+        for loop in range(n_loops):
+            steps = [(r, "main") for r in self.reduces if loop_of[id(r)] == loop]
+            steps += [(r, "dev") for r in self.reduces
+                      if isinstance(r, st.VarOp) and loop_of[id(r)] + 1 == loop]
+            stores = [(v, f"{self.out_ptrs[id(v)]}[r * {self.L} + j]") for v in outs_full
+                      if avail[id(v)] == loop]
+            stores += [(v, f"{bufs[id(v)]}[j]") for v in regional if avail[id(v)] == loop]
+            if not steps and not stores:
+                continue
+            accs = []
+            clauses = []
+            for k, (r, mode) in enumerate(steps):
+                acc = f"acc{loop}_{k}"
+                accs.append((r, mode, acc))
+                init, clause = _acc_init(r, mode)
+                em.line(f"{_acc_ctype(r)} {acc} = {init};")
+                clauses.append(f"reduction({clause}:{acc})")
+                if isinstance(r, st.MaxOp | st.MinOp):
+                    em.line(f"bool {acc}_nan = false;")
+                    clauses.append(f"reduction(|:{acc}_nan)")
+            if self.em_has_gather:
+                clauses.append("reduction(|:err)")
+            em.line(" ".join(["#pragma omp simd"] + clauses))
+            em.line(f"for (int64_t j = 0; j < {self.L}; ++j) {{")
+            inner: list[str] = []
+            em.push(inner, "        ")
+            self.col_decl = []
+            self.names = {k: v for k, v in self.names.items() if k[0] == "r"}
+            body: list[str] = []
+            em.scopes[-1].lines = body
+            for r, mode, acc in accs:
+                x = em.value(r.operand(0), self.idx_of(r.operand(0)))
+                em.line(_acc_update(r, mode, acc, x, means.get(id(r))))
+            for v, target in stores:
+                em.line(f"{target} = {em.value(v, self.idx_of(v))};")
+            em.pop()
+            lines.extend("        " + d for d in self.col_decl)
+            lines.extend(body)
+            em.line("}")
+            for v in regional:
+                if avail[id(v)] == loop:
+                    self._register(v, f"{bufs[id(v)]}[j]")
+            for r, mode, acc in accs:
+                name = f"red{loop}_{accs.index((r, mode, acc))}"
+                if isinstance(r, st.VarOp) and mode == "main":
+                    means[id(r)] = name
+                    em.line(f"const {_acc_ctype(r)} {name} = {acc} / ({_acc_ctype(r)}){self.L};")
+                    continue
+                em.line(f"const {ctype(r.result.type.dtype)} {name} = {_acc_final(r, acc, self.L)};")
+                self._register(r.result, name)
+            for v in outs_row:
+                if id(v) not in done_row_outs and avail[id(v)] <= loop + 1:
+                    em.line(f"{self.out_ptrs[id(v)]}[r] = {em.value(v, self.idx_of(v))};")
+                    done_row_outs.add(id(v))
+        for v in outs_row:
+            if id(v) not in done_row_outs:
+                em.line(f"{self.out_ptrs[id(v)]}[r] = {em.value(v, self.idx_of(v))};")
+        em.pop()
+        return {"R": self.R, "L": self.L, "row_decl": self.row_decl, "lines": lines,
+                "row_buffers": [(bufs[id(v)], ctype(v.type.dtype)) for v in regional]}
+
+    @property
+    def em_has_gather(self) -> bool:
+        return any(isinstance(op, st.EmbeddingOp | st.IndexSelectOp | st.GatherOp)
+                   for op in self.body)
+
+
+def _acc_ctype(r: st.ReduceOp) -> str:
+    return ctype(r.result.type.dtype)
+
+
+def _acc_init(r: st.ReduceOp, mode: str) -> tuple[str, str]:
+    t = r.result.type.dtype
+    if isinstance(r, st.MaxOp):
+        init = literal(-math.inf, t) if t.is_float else f"std::numeric_limits<{ctype(t)}>::lowest()"
+        return init, "max"
+    if isinstance(r, st.MinOp):
+        init = literal(math.inf, t) if t.is_float else f"std::numeric_limits<{ctype(t)}>::max()"
+        return init, "min"
+    if isinstance(r, st.ProdOp):
+        return literal(1, t), "*"
+    if isinstance(r, st.AnyOp):
+        return "false", "||"
+    return literal(0, t), "+"
+
+
+def _acc_update(r: st.ReduceOp, mode: str, acc: str, x: str, mean: str | None) -> str:
+    t = ctype(r.result.type.dtype)
+    if isinstance(r, st.MaxOp):
+        return f"{acc} = ({t}){x} > {acc} ? ({t}){x} : {acc}; {acc}_nan |= ({x} != {x});"
+    if isinstance(r, st.MinOp):
+        return f"{acc} = ({t}){x} < {acc} ? ({t}){x} : {acc}; {acc}_nan |= ({x} != {x});"
+    if isinstance(r, st.ProdOp):
+        return f"{acc} *= ({t}){x};"
+    if isinstance(r, st.AnyOp):
+        return f"{acc} = {acc} || ({x} != 0);"
+    if mode == "dev":
+        return f"{acc} += (({t}){x} - {mean}) * (({t}){x} - {mean});"
+    return f"{acc} += ({t}){x};"
+
+
+def _acc_final(r: st.ReduceOp, acc: str, n: int) -> str:
+    t = ctype(r.result.type.dtype)
+    if isinstance(r, st.MaxOp | st.MinOp):
+        return f"({acc}_nan ? ({t})NAN : {acc})"
+    if isinstance(r, st.MeanOp):
+        return f"({acc} / ({t}){n})"
+    if isinstance(r, st.VarOp):
+        return f"({acc} / ({t}){max(n - r.attr('correction', 1), 0)})"
+    return acc
+
+
+# ----------------------------------------------------------------------------------------------
+# phases
+
+
+class PhaseKernel:
+    """The ``phases`` strategy (see the module docstring)."""
+
+    def __init__(self, group: fusion.GroupOp, buffers: dict[int, str], out_names: dict[int, list]):
+        self.group = group
+        self.body = group.body.ops[:-1]
+        self.em = Emitter(buffers)
+        self.out_names = out_names  # id(value) -> every output pointer it is written to
+        self.scratch: list[int] = []
+        self.n_loops = 0
+        self.gathers = any(isinstance(op, st.EmbeddingOp | st.IndexSelectOp | st.GatherOp)
+                           for op in self.body)
+
+    def materialised(self) -> list[Value]:
+        out = []
+        for op in self.body:
+            for r in op.results:
+                if id(r) in self.out_names or isinstance(op, (st.ReduceOp, *SCATTERS)):
+                    out.append(r)
+        return out
+
+    def render(self, first_scratch_arg: int) -> dict:
+        em = self.em
+        phases: list[list[str]] = []
+        for v in self.materialised():
+            if id(v) not in self.out_names:
+                k = len(self.scratch)
+                self.scratch.append(max(1, math.prod(dims(v))) * v.type.dtype.itemsize)
+                name = f"scr{k}"
+                phases.append([f"    {ctype(v.type.dtype)}* __restrict {name} = "
+                               f"({ctype(v.type.dtype)}*)args[{first_scratch_arg + k}];"])
+                targets = [name]
+            else:
+                targets = list(self.out_names[id(v)])
+            lines: list[str] = []
+            em.push(lines, "    ")
+            op = v.owner
+            if isinstance(op, st.ArgReduceOp):
+                self.arg_reduce(op, targets)
+            elif isinstance(op, st.ReduceOp):
+                self.reduce(op, targets)
+            elif isinstance(op, SCATTERS):
+                self.scatter(op, targets)
+            else:
+                self.elementwise(v, targets)
+            em.pop()
+            phases.append(lines)
+            em.buffers[id(v)] = targets[0]
+        return {"phases": phases}
+
+    # one loop nest over ``shape``; ``emit(idx)`` writes the body
+    def nest(self, shape: list[int], emit, reductions: str = "") -> None:
+        em = self.em
+        self.n_loops += 1
+        names = [f"i{self.n_loops}_{k}" for k in range(len(shape))]
+        err = " reduction(|:err)" if self.gathers else ""
+        if not shape:
+            em.line("#pragma omp single")
+            em.line("{")
+            emit([])
+            em.line("}")
+            return
+        if len(shape) == 1:
+            em.line(f"#pragma omp for simd schedule(static){err}")
+            em.line(f"for (int64_t {names[0]} = 0; {names[0]} < {shape[0]}; ++{names[0]}) {{")
+        else:
+            em.line(f"#pragma omp for collapse({len(shape) - 1}) schedule(static){err}")
+            for k, n in enumerate(shape[:-1]):
+                em.line(f"for (int64_t {names[k]} = 0; {names[k]} < {n}; ++{names[k]})")
+            em.line("{")
+            em.line(f"#pragma omp simd{err}")
+            em.line(f"for (int64_t {names[-1]} = 0; {names[-1]} < {shape[-1]}; ++{names[-1]}) {{")
+        body: list[str] = []
+        em.push(body, em.scopes[-1].indent + "  ")
+        emit(names)
+        em.pop()
+        em.scopes[-1].lines.extend(body)
+        em.line("}")
+        if len(shape) > 1:
+            em.line("}")
+
+    def store(self, targets: list[str], v: Value, idx: list[str], expr: str) -> None:
+        lin = linearize(idx, dims(v))
+        for t in targets:
+            self.em.line(f"{t}[{lin}] = {expr};")
+
+    def elementwise(self, v: Value, targets: list[str]) -> None:
+        self.nest(dims(v), lambda idx: self.store(targets, v, idx, self.em.value(v, idx)))
+
+    def _input_index(self, op: st.ReduceOp, out_idx: list[str], red_idx: list[str]) -> list[str]:
+        shape = dims(op.operand(0))
+        it_out = iter(out_idx)
+        it_red = iter(red_idx)
+        idx = []
+        for d in range(len(shape)):
+            if d in op.dims:
+                idx.append(next(it_red))
+                if op.keepdim:
+                    next(it_out)
+            else:
+                idx.append(next(it_out))
+        return idx
+
+    def reduce(self, op: st.ReduceOp, targets: list[str]) -> None:
+        em = self.em
+        shape = dims(op.operand(0))
+        red_shape = [shape[d] for d in op.dims]
+        t = ctype(op.result.type.dtype)
+        n = max(1, math.prod(red_shape))
+
+        def body(out_idx):
+            names = [f"k{self.n_loops}_{k}" for k in range(len(red_shape))]
+
+            def loops(mode: str, acc: str, mean: str | None):
+                init, clause = _acc_init(op, mode)
+                em.line(f"{t} {acc} = {init};")
+                extra = ""
+                if isinstance(op, st.MaxOp | st.MinOp):
+                    em.line(f"bool {acc}_nan = false;")
+                    extra = f" reduction(|:{acc}_nan)"
+                for k, size in enumerate(red_shape):
+                    if k == len(red_shape) - 1:
+                        em.line(f"#pragma omp simd reduction({clause}:{acc}){extra}")
+                    em.line(f"for (int64_t {names[k]} = 0; {names[k]} < {size}; ++{names[k]}) {{")
+                inner: list[str] = []
+                em.push(inner, em.scopes[-1].indent + "  ")
+                x = em.value(op.operand(0), self._input_index(op, out_idx, names))
+                em.line(_acc_update(op, mode, acc, x, mean))
+                em.pop()
+                em.scopes[-1].lines.extend(inner)
+                for _ in red_shape:
+                    em.line("}")
+
+            acc = f"acc{self.n_loops}"
+            if isinstance(op, st.VarOp):
+                loops("main", acc + "s", None)
+                em.line(f"const {t} {acc}m = {acc}s / ({t}){n};")
+                loops("dev", acc, f"{acc}m")
+            else:
+                loops("main", acc, None)
+            self.store(targets, op.result, out_idx, _acc_final(op, acc, n))
+
+        self.nest(dims(op.result), body)
+
+    def arg_reduce(self, op: st.ArgReduceOp, targets: list[str]) -> None:
+        em = self.em
+        (d,) = op.dims
+        size = dims(op.operand(0))[d]
+        t = ctype(op.operand(0).type.dtype)
+        better = ">" if isinstance(op, st.ArgMaxOp) else "<"
+
+        def body(out_idx):
+            k = f"k{self.n_loops}"
+            em.line(f"{t} best = {em.value(op.operand(0), self._input_index(op, out_idx, ['0']))};")
+            em.line("int64_t where = 0;")
+            em.line(f"for (int64_t {k} = 1; {k} < {size}; ++{k}) {{")
+            inner: list[str] = []
+            em.push(inner, em.scopes[-1].indent + "  ")
+            x = em.value(op.operand(0), self._input_index(op, out_idx, [k]))
+            em.line(f"if (best == best && ({x} {better} best || {x} != {x})) "
+                    f"{{ best = {x}; where = {k}; }}")
+            em.pop()
+            em.scopes[-1].lines.extend(inner)
+            em.line("}")
+            self.store(targets, op.result, out_idx, "where")
+
+        self.nest(dims(op.result), body)
+
+    def scatter(self, op, targets: list[str]) -> None:
+        """out = x, then accumulate src; index_add along dim 0 in parallel with every thread
+        owning a range of destination rows (deterministic, no atomics); others serially."""
+        em = self.em
+        x, idx, src = op.operands
+        out = op.result
+        xs = dims(x)
+        self.nest(xs, lambda i: self.store(targets, out, i, em.value(x, i)))
+        ct = ctype(out.type.dtype)
+        target = targets[0]
+        if isinstance(op, st.IndexAddOp) and op.attributes["dim"] == 0:
+            rows, inner = xs[0], xs[1:]
+            n_edges = dims(idx)[0]
+            alpha = op.attr("alpha", 1)
+            em.line("{")
+            em.line("#if STITCH_OPENMP")
+            em.line("const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();")
+            em.line("#else")
+            em.line("const int64_t nt = 1, tid = 0;")
+            em.line("#endif")
+            em.line(f"const int64_t lo = {rows} * tid / nt, hi = {rows} * (tid + 1) / nt;")
+            em.line(f"for (int64_t e = 0; e < {n_edges}; ++e) {{")
+            body: list[str] = []
+            em.push(body, em.scopes[-1].indent + "  ")
+            d = em.checked_index(em.value(idx, ["e"]), rows)
+            em.line(f"if ({d} < lo || {d} >= hi) continue;")
+            names = [f"c{k}" for k in range(len(inner))]
+            for k, n in enumerate(inner):
+                if k == len(inner) - 1:
+                    em.line("#pragma omp simd")
+                em.line(f"for (int64_t {names[k]} = 0; {names[k]} < {n}; ++{names[k]}) {{")
+            deep: list[str] = []
+            em.push(deep, em.scopes[-1].indent + "  ")
+            val = em.value(src, ["e"] + names)
+            scale = "" if alpha == 1 else f"({ct}){literal(alpha, out.type.dtype)} * "
+            em.line(f"{target}[{linearize([d] + names, xs)}] += {scale}{val};")
+            em.pop()
+            em.scopes[-1].lines.extend(deep)
+            for _ in inner:
+                em.line("}")
+            em.pop()
+            em.scopes[-1].lines.extend(body)
+            em.line("}")
+            em.line("}")
+            em.line("#pragma omp barrier")
+            return
+        # scatter_add / scatter_reduce / index_add along another dim: serial, in index order
+        em.line("#pragma omp single")
+        em.line("{")
+        ishape = dims(idx) if not isinstance(op, st.IndexAddOp) else dims(src)
+        names = [f"s{k}" for k in range(len(ishape))]
+        dim = op.attributes["dim"]
+        for k, n in enumerate(ishape):
+            em.line(f"for (int64_t {names[k]} = 0; {names[k]} < {n}; ++{names[k]}) {{")
+        body = []
+        em.push(body, em.scopes[-1].indent + "  ")
+        if isinstance(op, st.IndexAddOp):
+            pos = em.checked_index(em.value(idx, [names[dim]]), xs[dim])
+        else:
+            pos = em.checked_index(em.value(idx, names), xs[dim])
+        dst = list(names)
+        dst[dim] = pos
+        val = em.value(src, names)
+        cell = f"{target}[{linearize(dst, xs)}]"
+        if isinstance(op, st.ScatterReduceOp):
+            red = op.attributes["reduce"]
+            if red in ("sum", "mean"):
+                em.line(f"{cell} += {val};")
+            elif red == "prod":
+                em.line(f"{cell} *= {val};")
+            elif red == "amax":
+                em.line(f"{cell} = st_max({cell}, ({ct}){val});")
+            else:
+                em.line(f"{cell} = st_min({cell}, ({ct}){val});")
+        else:
+            alpha = op.attr("alpha", 1)
+            scale = "" if alpha == 1 else f"({ct}){literal(alpha, out.type.dtype)} * "
+            em.line(f"{cell} += {scale}{val};")
+        em.pop()
+        em.scopes[-1].lines.extend(body)
+        for _ in ishape:
+            em.line("}")
+        em.line("}")
+        if isinstance(op, st.ScatterReduceOp) and (op.attributes["reduce"] in ("mean",) or
+                                                   not op.attributes["include_self"]):
+            raise Unsupported("scatter_reduce mean / include_self=false in the cpp target")
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def render_group(group: fusion.GroupOp, name: str = "") -> KernelSource:
+    """The C++ source of one kernel for ``group``; raises ``Unsupported`` when the cpp target
+    cannot compile it (the runtime then runs the group some other way)."""
+    args = list(group.body.args)
+    outputs = list(group.body.terminator.operands)
+    for v in args + outputs:
+        ctype(v.type.dtype)
+        dims(v)
+    buffers = {id(a): f"in{k}" for k, a in enumerate(args)}
+    out_names: dict[int, list[str]] = {}
+    for k, v in enumerate(outputs):
+        out_names.setdefault(id(v), []).append(f"out{k}")
+    ops = [op.name for op in group.body.ops[:-1]]
+    context = {
+        "ops": ops, "kind": group.kind, "mapping": group.attr("mapping", ""),
+        "inputs": [(f"in{k}", ctype(a.type.dtype), str(a.type)) for k, a in enumerate(args)],
+        "outputs": [(f"out{k}", ctype(v.type.dtype), str(v.type)) for k, v in enumerate(outputs)],
+        "math": MATH_HEADER,
+    }
+    strategy = "rows"
+    scratch: list[int] = []
+    try:
+        if len(set(map(id, outputs))) != len(outputs):
+            raise RowsUnfit("an output yielded twice")
+        rk = RowKernel(group, dict(buffers), {k: v[0] for k, v in out_names.items()})
+        context.update(rk.render(), gathers=rk.em_has_gather)
+        template = "rows.cpp.jinja"
+    except RowsUnfit:
+        strategy = "phases"
+        pk = PhaseKernel(group, dict(buffers), out_names)
+        context.update(pk.render(len(args) + len(outputs)), gathers=pk.gathers)
+        scratch = pk.scratch
+        template = "phases.cpp.jinja"
+    context["strategy"] = strategy
+    body_hash = hashlib.sha256(repr((ops, str(group.attributes), strategy)).encode())
+    context["symbol"] = "stitch_" + (name or "k") + "_" + body_hash.hexdigest()[:10]
+    source = TEMPLATES.get_template(template).render(**context)
+    symbol = context["symbol"]
+    # the symbol names the source: two different kernels never share one
+    final = "stitch_" + (name or "k") + "_" + hashlib.sha256(source.encode()).hexdigest()[:12]
+    source = source.replace(symbol, final)
+    return KernelSource(final, source, strategy, len(args), len(outputs), scratch)
