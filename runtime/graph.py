@@ -1,0 +1,314 @@
+"""``CompiledGraph``: a planned, fused ``st`` function as a callable on torch tensors (cpu target).
+
+The function body becomes a list of steps, built once:
+
+- a ``fusion.group`` runs its generated C++ kernel (built and cached by ``runtime.build``);
+- library ops (mm, bmm, addmm, linear, convolution) run through torch's own kernels, writing
+  into planned buffers where torch has an ``out=`` form;
+- layout ops left outside kernels (reshape / permute glue around library calls) are torch views;
+- ``st.torch_call`` runs the named aten op; constants are materialised once;
+- anything the cpp code generator cannot compile runs through the numpy reference interpreter,
+  counted in ``fallbacks`` and reported once.
+
+Buffers: every value's last use is known at build time; a value's storage returns to a pool
+when its last reader (or the last reader of any view of it) has run, and the pool keeps storage
+across calls, so a steady-state call allocates nothing but the outputs it hands back (a fresh
+large allocation costs milliseconds of page faults on these machines).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from codegen.cpp.emit import Unsupported
+from codegen.cpp.kernel import KernelSource, render_group
+from runtime.build import load_kernel
+from stitch_ir.core import BlockArgument, FuncOp, OpResult, Value
+from stitch_ir.dialects import fusion, st
+from stitch_ir.importer import ImportedProgram, dtype_to_torch
+from stitch_ir.interpreter import IMPLS, decode_torch_args, resolve_torch_op
+
+log = logging.getLogger("stitch.runtime")
+
+VIEW_OPS = (st.ReshapeOp, st.PermuteOp, st.BroadcastOp, st.SliceOp)
+
+
+class BufferPool:
+    """Free storage by (bytes) for reuse across steps and calls."""
+
+    def __init__(self) -> None:
+        self.free: dict[int, list[torch.Tensor]] = {}
+        self.allocated = 0
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        lst = self.free.get(nbytes)
+        if lst:
+            return lst.pop()
+        self.allocated += 1
+        return torch.empty(max(nbytes, 1), dtype=torch.uint8)
+
+    def give(self, storage: torch.Tensor) -> None:
+        self.free.setdefault(storage.numel(), []).append(storage)
+
+
+def _typed(storage: torch.Tensor, v: Value) -> torch.Tensor:
+    shape = [int(d) for d in v.type.shape]
+    dt = dtype_to_torch(v.type.dtype)
+    n = int(np.prod(shape)) if shape else 1
+    return storage[: n * v.type.dtype.itemsize].view(dt).view(shape)
+
+
+@dataclass
+class Step:
+    name: str
+    run: Callable[[list], None]
+    kind: str  # kernel | library | view | constant | torch | interpreter
+    reads: list[int] = field(default_factory=list)  # value slots
+    writes: list[int] = field(default_factory=list)
+    source: KernelSource | None = None
+
+
+class CompiledGraph:
+    """Call with the model's user inputs (torch tensors); returns a list of output tensors."""
+
+    def __init__(self, prog: ImportedProgram, func: FuncOp | None = None):
+        self.prog = prog
+        self.func = func or prog.module.func()
+        self.pool = BufferPool()
+        self.slots: dict[int, int] = {}
+        self.steps: list[Step] = []
+        self.fallbacks: list[str] = []
+        self.build_seconds = 0.0
+        t0 = time.perf_counter()
+        for a in self.func.args:
+            self._slot(a)
+        for op in self.func.body.ops[:-1]:
+            self.steps.append(self._step(op))
+        self.outputs = [self._slot(v) for v in self.func.return_op.operands]
+        self._plan_lifetimes()
+        self.consts = {i: t.detach().contiguous() for i, t in prog.constants.items()}
+        self.build_seconds = time.perf_counter() - t0
+        if self.fallbacks:
+            log.warning("stitch: %d group(s) run through the reference interpreter: %s",
+                        len(self.fallbacks), "; ".join(self.fallbacks))
+
+    # -- building ------------------------------------------------------------------------------
+    def _slot(self, v: Value) -> int:
+        if id(v) not in self.slots:
+            self.slots[id(v)] = len(self.slots)
+        return self.slots[id(v)]
+
+    @property
+    def kernels(self) -> int:
+        return sum(1 for s in self.steps if s.kind == "kernel")
+
+    def _step(self, op) -> Step:
+        reads = [self._slot(v) for v in op.operands]
+        writes = [self._slot(r) for r in op.results]
+        if isinstance(op, fusion.GroupOp) and op.kind != "view":
+            try:
+                src = render_group(op, f"g{len(self.steps)}")
+            except Unsupported as e:
+                self.fallbacks.append(f"{op.kind} group of {len(op.body.ops) - 1} ops ({e})")
+                return self._interpreted(op, reads, writes)
+            kern = load_kernel(src.source, src.symbol, src.symbol)
+            types = [r for r in op.results]
+            scratch = list(src.scratch)
+
+            def run(env, kern=kern, reads=reads, writes=writes, types=types, scratch=scratch):
+                ins = [_contiguous(env[i]) for i in reads]
+                outs = [self._alloc(env, w, v) for w, v in zip(writes, types)]
+                tmp = [self.pool.take(n) for n in scratch]
+                try:
+                    kern(*[t.data_ptr() for t in ins + outs + tmp])
+                except RuntimeError:
+                    raise RuntimeError(f"stitch kernel {kern.symbol} ({kern.source_path}): an "
+                                       "index read from a tensor is out of range") from None
+                for t in tmp:
+                    self.pool.give(t)
+
+            return Step(src.symbol, run, "kernel", reads, writes, src)
+        if isinstance(op, fusion.GroupOp):  # a view group: reshapes only
+            inner = op.body
+            def run(env, op=op, reads=reads, writes=writes):
+                vals = {id(a): env[i] for a, i in zip(inner.args, reads)}
+                for o in inner.ops[:-1]:
+                    vals[id(o.result)] = _view(o, [vals[id(x)] for x in o.operands])
+                for w, y in zip(writes, inner.terminator.operands):
+                    env[w] = vals[id(y)]
+            return Step("view", run, "view", reads, writes)
+        if isinstance(op, VIEW_OPS):
+            def run(env, op=op, reads=reads, writes=writes):
+                env[writes[0]] = _view(op, [env[i] for i in reads])
+            return Step(op.name, run, "view", reads, writes)
+        if isinstance(op, st.ConstantOp | st.IotaOp):
+            value = torch.from_numpy(IMPLS[op.name](op, [])[0].copy())
+            def run(env, value=value, writes=writes):
+                env[writes[0]] = value
+            return Step(op.name, run, "constant", reads, writes)
+        if isinstance(op, st.LibraryOp):
+            return Step(op.name, self._library(op, reads, writes), "library", reads, writes)
+        if isinstance(op, st.TorchCallOp):
+            fn = resolve_torch_op(op.attributes["target"])
+            spec = op.attributes["args"]
+            def run(env, fn=fn, spec=spec, reads=reads, writes=writes):
+                a, kw = decode_torch_args(spec, [env[i] for i in reads])
+                out = fn(*a, **kw)
+                flat = [t for t in (out if isinstance(out, tuple | list) else [out])
+                        if isinstance(t, torch.Tensor)]
+                for w, t in zip(writes, flat):
+                    env[w] = t
+            return Step(op.attributes["target"], run, "torch", reads, writes)
+        self.fallbacks.append(f"'{op.name}' outside any fusion group")
+        return self._interpreted(op, reads, writes)
+
+    def _interpreted(self, op, reads, writes) -> Step:
+        def run(env, op=op, reads=reads, writes=writes):
+            args = [env[i].detach().contiguous().numpy() for i in reads]
+            outs = IMPLS[op.name](op, args)
+            for w, o in zip(writes, outs):
+                env[w] = torch.from_numpy(np.ascontiguousarray(o))
+        return Step(op.name, run, "interpreter", reads, writes)
+
+    def _library(self, op, reads, writes) -> Callable:
+        res = op.result
+
+        def out(env):
+            return self._alloc(env, writes[0], res)
+
+        if isinstance(op, st.MatmulOp):
+            def run(env):
+                torch.mm(env[reads[0]], env[reads[1]], out=out(env))
+        elif isinstance(op, st.BatchMatmulOp):
+            def run(env):
+                torch.bmm(env[reads[0]], env[reads[1]], out=out(env))
+        elif isinstance(op, st.AddmmOp):
+            alpha, beta = op.attr("alpha", 1), op.attr("beta", 1)
+            def run(env):
+                torch.addmm(env[reads[0]], env[reads[1]], env[reads[2]], beta=beta, alpha=alpha,
+                            out=out(env))
+        elif isinstance(op, st.LinearOp):
+            def run(env):
+                b = env[reads[2]] if len(reads) == 3 else None
+                env[writes[0]] = torch.nn.functional.linear(env[reads[0]], env[reads[1]], b)
+        else:  # convolution
+            a = op.attributes
+            def run(env):
+                b = env[reads[2]] if len(reads) == 3 else None
+                env[writes[0]] = torch.ops.aten.convolution.default(
+                    env[reads[0]], env[reads[1]], b, list(a["stride"]), list(a["padding"]),
+                    list(a["dilation"]), bool(a["transposed"]), list(a["output_padding"]),
+                    int(a["groups"]))
+        return run
+
+    # -- buffers -------------------------------------------------------------------------------
+    def _plan_lifetimes(self) -> None:
+        """For each step, the storages that die after it (no later reader, not an output)."""
+        root: dict[int, int] = {}
+        for s in self.steps:
+            for w in s.writes:
+                root[w] = w
+            if s.kind == "view":
+                for w in s.writes:
+                    root[w] = root.get(s.reads[0], s.reads[0])
+        last: dict[int, int] = {}
+        for k, s in enumerate(self.steps):
+            for r in s.reads:
+                last[root.get(r, r)] = k
+            for w in s.writes:
+                last.setdefault(root[w], k)
+        keep = {root.get(o, o) for o in self.outputs}
+        self.frees: list[list[int]] = [[] for _ in self.steps]
+        for slot, k in last.items():
+            if slot not in keep and slot in self.pool_slots():
+                self.frees[k].append(slot)
+
+    def pool_slots(self) -> set[int]:
+        out = set()
+        for s in self.steps:
+            if s.kind in ("kernel", "library"):
+                out.update(s.writes)
+        return out
+
+    def _alloc(self, env, slot: int, v: Value) -> torch.Tensor:
+        nbytes = max(1, int(np.prod([int(d) for d in v.type.shape] or [1]))) * \
+            v.type.dtype.itemsize
+        if slot in self.output_slots:
+            t = torch.empty([int(d) for d in v.type.shape], dtype=dtype_to_torch(v.type.dtype))
+        else:
+            storage = self.pool.take(nbytes)
+            self._storage[slot] = storage
+            t = _typed(storage, v)
+        env[slot] = t
+        return t
+
+    @property
+    def output_slots(self) -> set[int]:
+        return set(self.outputs)
+
+    # -- calling -------------------------------------------------------------------------------
+    def __call__(self, *user_inputs: torch.Tensor) -> list[torch.Tensor]:
+        if len(user_inputs) != len(self.prog.user_inputs):
+            raise TypeError(f"expected {len(self.prog.user_inputs)} inputs, got "
+                            f"{len(user_inputs)}")
+        env: list = [None] * len(self.slots)
+        for i, t in self.consts.items():
+            env[i] = t
+        for i, t in zip(self.prog.user_inputs, user_inputs):
+            want = self.func.args[i].type
+            if list(t.shape) != [int(d) for d in want.shape] or t.dtype != dtype_to_torch(
+                    want.dtype):
+                raise ValueError(f"input {self.prog.arg_names[i]} has shape {list(t.shape)} "
+                                 f"{t.dtype}, the graph was compiled for {want}")
+            env[i] = t
+        self._storage: dict[int, torch.Tensor] = {}
+        for s, frees in zip(self.steps, self.frees):
+            s.run(env)
+            for slot in frees:
+                st_ = self._storage.pop(slot, None)
+                if st_ is not None:
+                    self.pool.give(st_)
+        return [env[o] for o in self.outputs]
+
+
+def _contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def _view(op, args: Sequence[torch.Tensor]) -> torch.Tensor:
+    x = args[0]
+    if isinstance(op, st.ReshapeOp):
+        return x.reshape([int(d) for d in op.attributes["shape"]])
+    if isinstance(op, st.PermuteOp):
+        return x.permute(list(op.attributes["perm"]))
+    if isinstance(op, st.BroadcastOp):
+        return x.expand([int(d) for d in op.attributes["shape"]])
+    a = op.attributes
+    return x.narrow(a["dim"], a["start"], a["end"] - a["start"])[
+        (slice(None),) * a["dim"] + (slice(None, None, a["step"]),)]
+
+
+def compile_program(prog: ImportedProgram, target: str = "cpu", fusion: str = "stitch",
+                    device_spec=None) -> CompiledGraph:
+    """Plan, fuse, schedule and build ``prog`` (already imported) for the cpu target."""
+    from passes import PassContext, PassManager
+
+    if target != "cpu":
+        raise ValueError(f"target {target!r} cannot run here: only the cpu target executes "
+                         "kernels in this build (GPU targets emit code only)")
+    pipeline = (f"canonicalize,cse,dce,fusion-plan{{planner={fusion}}},fusion-apply,"
+                "stitch-schedule")
+    ctx = PassContext(target=target, device_spec=device_spec)
+    PassManager.parse(pipeline).run(prog.module, ctx)
+    g = CompiledGraph(prog)
+    g.plan = ctx.results["plan"][prog.module.func().sym_name]
+    return g
+
+
+__all__ = ["BlockArgument", "CompiledGraph", "OpResult", "compile_program"]
