@@ -2,6 +2,7 @@
 
     stitchc models                                   list the registered workloads
     stitchc compile --model bert --target cpu --emit ir,plan,svg -o OUT [--fusion greedy]
+    stitchc run --model bert --target cpu            compile, run, check vs eager, time vs inductor
     stitchc opt FILE.sir -p canonicalize,cse         run passes over textual IR (FileCheck tests)
 
 ``compile`` traces the model with torch.export, imports it into ``st``, canonicalises, plans
@@ -117,6 +118,71 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _median_spread(ts: list[float]) -> tuple[float, float]:
+    ts = sorted(ts)
+    med = ts[len(ts) // 2]
+    return med, (ts[-1] - ts[0]) / 2
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Compile for the cpu target, run, check against eager, and time eager / inductor / stitch
+    side by side (alternating, median of N after warm-up)."""
+    import torch
+
+    import models
+    from runtime.graph import compile_program
+    from stitch_ir.importer import import_model
+
+    if args.target != "cpu":
+        raise ValueError(f"stitchc run: target {args.target!r} needs a GPU; this build runs "
+                         "kernels on the cpu target only (use compile --target for GPU code)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    w = models.get(args.model)
+    inputs = w.example_inputs
+    print(f"stitchc run: {args.model} on cpu, {torch.get_num_threads()} threads")
+    t0 = time.perf_counter()
+    prog = import_model(w.model, inputs)
+    print(f"  [1/4] export + import            {time.perf_counter() - t0:6.2f} s", flush=True)
+    t0 = time.perf_counter()
+    g = compile_program(prog, fusion=args.fusion)
+    print(f"  [2/4] plan + codegen + build     {time.perf_counter() - t0:6.2f} s   "
+          f"({g.kernels} kernels, {len(g.fallbacks)} interpreter fallbacks)", flush=True)
+    with torch.no_grad():
+        want = torch.utils._pytree.tree_leaves(w.model(*inputs))
+        got = g(*inputs)
+    err = max((a - b).abs().max().item() for a, b in zip(got, want))
+    ok = err <= args.tol
+    print(f"  [3/4] check vs eager             max abs error {err:.2e} "
+          f"({'ok' if ok else 'FAIL'}, tolerance {args.tol:g})", flush=True)
+    contenders = {"eager": lambda: w.model(*inputs), "stitch": lambda: g(*inputs)}
+    if not args.no_inductor:
+        t0 = time.perf_counter()
+        compiled = torch.compile(w.model, backend="inductor")
+        with torch.no_grad():
+            compiled(*inputs)
+        contenders["inductor"] = lambda: compiled(*inputs)
+        print(f"        inductor compile           {time.perf_counter() - t0:6.2f} s", flush=True)
+    times: dict[str, list[float]] = {k: [] for k in contenders}
+    with torch.no_grad():
+        for fn in contenders.values():
+            fn()
+        for _ in range(args.repeat):  # alternate the contenders: A B C A B C ...
+            for name, fn in contenders.items():
+                t = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t)
+    print(f"  [4/4] time (median of {args.repeat}, +- half range)")
+    base, _ = _median_spread(times["eager"])
+    for name, ts in times.items():
+        med, spread = _median_spread(ts)
+        print(f"        {name:<9} {med * 1e3:9.2f} ms +- {spread * 1e3:6.2f}   "
+              f"{base / med:5.2f}x eager")
+    print(f"  stitch kernels launched per call: {g.kernels} fused + "
+          f"{sum(1 for s in g.steps if s.kind == 'library')} library calls")
+    return 0 if ok else 1
+
+
 def cmd_opt(args: argparse.Namespace) -> int:
     from passes import PassManager
     from stitch_ir.parser import parse_module
@@ -151,6 +217,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--print-ir-after-all", action="store_true")
     c.add_argument("--time-passes", action="store_true")
     c.set_defaults(fn=cmd_compile)
+
+    r = sub.add_parser("run", help="compile for the cpu, check against eager, time vs inductor")
+    r.add_argument("--model", default="bert")
+    r.add_argument("--target", choices=TARGETS, default="cpu")
+    r.add_argument("--fusion", choices=("none", "greedy", "stitch"), default="stitch")
+    r.add_argument("--repeat", type=int, default=20)
+    r.add_argument("--threads", type=int, default=0, help="torch threads (default: all)")
+    r.add_argument("--tol", type=float, default=1e-4, help="max abs error accepted vs eager")
+    r.add_argument("--no-inductor", action="store_true", help="skip torch.compile (inductor)")
+    r.set_defaults(fn=cmd_run)
 
     o = sub.add_parser("opt", help="parse textual IR, run passes, print the result")
     o.add_argument("file", help="a .sir file, or - for standard input")
