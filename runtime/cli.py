@@ -25,7 +25,7 @@ CANONICAL = "canonicalize,cse,dce"
 
 
 def pipeline_for(fusion: str) -> str:
-    return f"{CANONICAL},fusion-plan{{planner={fusion}}},fusion-apply,stitch-schedule"
+    return f"{CANONICAL},sink-broadcasts,fusion-plan{{planner={fusion}}},fusion-apply,stitch-schedule"
 
 
 def _write_new(path: Path, text: str) -> None:

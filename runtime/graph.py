@@ -302,8 +302,8 @@ def compile_program(prog: ImportedProgram, target: str = "cpu", fusion: str = "s
     if target != "cpu":
         raise ValueError(f"target {target!r} cannot run here: only the cpu target executes "
                          "kernels in this build (GPU targets emit code only)")
-    pipeline = (f"canonicalize,cse,dce,fusion-plan{{planner={fusion}}},fusion-apply,"
-                "stitch-schedule")
+    pipeline = (f"canonicalize,cse,dce,sink-broadcasts,fusion-plan{{planner={fusion}}},"
+                "fusion-apply,stitch-schedule")
     ctx = PassContext(target=target, device_spec=device_spec)
     PassManager.parse(pipeline).run(prog.module, ctx)
     g = CompiledGraph(prog)

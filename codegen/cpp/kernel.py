@@ -359,10 +359,10 @@ class PhaseKernel:
             em.line("}")
             return
         if len(shape) == 1:
-            em.line(f"#pragma omp for simd schedule(static){err}")
+            em.line("#pragma omp for simd schedule(static)")
             em.line(f"for (int64_t {names[0]} = 0; {names[0]} < {shape[0]}; ++{names[0]}) {{")
         else:
-            em.line(f"#pragma omp for collapse({len(shape) - 1}) schedule(static){err}")
+            em.line(f"#pragma omp for collapse({len(shape) - 1}) schedule(static)")
             for k, n in enumerate(shape[:-1]):
                 em.line(f"for (int64_t {names[k]} = 0; {names[k]} < {n}; ++{names[k]})")
             em.line("{")

@@ -8,10 +8,9 @@
 
 static inline float st_exp(float x) {
   const float hi = 88.3762626647950f, lo = -87.3365447505531f;
-  float xc = x > hi ? hi : (x < lo ? lo : x);
-  float fx = xc * 1.44269504088896341f + 0.5f;
-  float fl = (float)(int32_t)fx;
-  fl = fl > fx ? fl - 1.0f : fl;                      // floor
+  float xc = x > hi ? hi : x;
+  xc = xc < lo ? lo : xc;
+  float fl = std::floor(xc * 1.44269504088896341f + 0.5f);
   float r = xc - fl * 0.693359375f + fl * 2.12194440e-4f;
   float z = r * r;
   float y = 1.9875691500e-4f;
@@ -21,11 +20,9 @@ static inline float st_exp(float x) {
   y = y * r + 1.6666665459e-1f;
   y = y * r + 5.0000001201e-1f;
   y = y * z + r + 1.0f;
-  int32_t n = (int32_t)fl + 127;
-  uint32_t bits = (uint32_t)n << 23;
-  float p;
-  std::memcpy(&p, &bits, sizeof p);
-  float out = y * p;
+  union { uint32_t u; float f; } p;
+  p.u = (uint32_t)((int32_t)fl + 127) << 23;
+  float out = y * p.f;
   out = x > hi ? INFINITY : out;
   out = x < lo ? 0.0f : out;
   return x != x ? x : out;
