@@ -10,10 +10,11 @@ The function body becomes a list of steps, built once:
 - anything the cpp code generator cannot compile runs through the numpy reference interpreter,
   counted in ``fallbacks`` and reported once.
 
-Buffers: every value's last use is known at build time; a value's storage returns to a pool
-when its last reader (or the last reader of any view of it) has run, and the pool keeps storage
-across calls, so a steady-state call allocates nothing but the outputs it hands back (a fresh
-large allocation costs milliseconds of page faults on these machines).
+Buffers: every intermediate's lifetime (from the step that writes it to the last step that
+reads it or any view of it) is known at build time, so intermediates and kernel scratch get
+static offsets in one arena (first fit over lifetimes: storage is reused within a call), and the
+arena lives across calls: a steady-state call allocates nothing but the outputs it hands back,
+as eager does (a fresh large allocation costs milliseconds of page faults on these machines).
 """
 
 from __future__ import annotations
@@ -39,22 +40,33 @@ log = logging.getLogger("stitch.runtime")
 VIEW_OPS = (st.ReshapeOp, st.PermuteOp, st.BroadcastOp, st.SliceOp)
 
 
-class BufferPool:
-    """Free storage by (bytes) for reuse across steps and calls."""
+ALIGN = 64
 
-    def __init__(self) -> None:
-        self.free: dict[int, list[torch.Tensor]] = {}
-        self.allocated = 0
 
-    def take(self, nbytes: int) -> torch.Tensor:
-        lst = self.free.get(nbytes)
-        if lst:
-            return lst.pop()
-        self.allocated += 1
-        return torch.empty(max(nbytes, 1), dtype=torch.uint8)
+def _nbytes(v: Value) -> int:
+    return max(1, int(np.prod([int(d) for d in v.type.shape] or [1]))) * v.type.dtype.itemsize
 
-    def give(self, storage: torch.Tensor) -> None:
-        self.free.setdefault(storage.numel(), []).append(storage)
+
+def first_fit(intervals: list[tuple[int, int, int]]) -> tuple[list[int], int]:
+    """Offsets for (start, end, bytes) lifetimes so that overlapping lifetimes never share
+    bytes; returns (offsets, arena size). Greedy first fit, largest buffers first."""
+    order = sorted(range(len(intervals)), key=lambda k: (-intervals[k][2], intervals[k][0]))
+    placed: list[tuple[int, int, int, int]] = []  # start, end, offset, size
+    offsets = [0] * len(intervals)
+    total = 0
+    for k in order:
+        start, end, size = intervals[k]
+        size = (size + ALIGN - 1) // ALIGN * ALIGN
+        busy = sorted((o, o + sz) for s0, e0, o, sz in placed if not (e0 < start or end < s0))
+        off = 0
+        for lo, hi in busy:
+            if off + size <= lo:
+                break
+            off = max(off, hi)
+        offsets[k] = off
+        placed.append((start, end, off, size))
+        total = max(total, off + size)
+    return offsets, total
 
 
 def _typed(storage: torch.Tensor, v: Value) -> torch.Tensor:
@@ -80,7 +92,7 @@ class CompiledGraph:
     def __init__(self, prog: ImportedProgram, func: FuncOp | None = None):
         self.prog = prog
         self.func = func or prog.module.func()
-        self.pool = BufferPool()
+        self.arena: torch.Tensor | None = None
         self.slots: dict[int, int] = {}
         self.steps: list[Step] = []
         self.fallbacks: list[str] = []
@@ -121,17 +133,17 @@ class CompiledGraph:
             types = [r for r in op.results]
             scratch = list(src.scratch)
 
-            def run(env, kern=kern, reads=reads, writes=writes, types=types, scratch=scratch):
+            step_no = len(self.steps)
+
+            def run(env, kern=kern, reads=reads, writes=writes, types=types, k=step_no):
                 ins = [_contiguous(env[i]) for i in reads]
                 outs = [self._alloc(env, w, v) for w, v in zip(writes, types)]
-                tmp = [self.pool.take(n) for n in scratch]
+                tmp = self.scratch_views[k]
                 try:
-                    kern(*[t.data_ptr() for t in ins + outs + tmp])
+                    kern(*[t.data_ptr() for t in ins + outs], *tmp)
                 except RuntimeError:
                     raise RuntimeError(f"stitch kernel {kern.symbol} ({kern.source_path}): an "
                                        "index read from a tensor is out of range") from None
-                for t in tmp:
-                    self.pool.give(t)
 
             return Step(src.symbol, run, "kernel", reads, writes, src)
         if isinstance(op, fusion.GroupOp):  # a view group: reshapes only
@@ -209,48 +221,59 @@ class CompiledGraph:
 
     # -- buffers -------------------------------------------------------------------------------
     def _plan_lifetimes(self) -> None:
-        """For each step, the storages that die after it (no later reader, not an output)."""
+        """Static arena offsets for every intermediate written by a kernel or library step
+        (outputs, and anything an output is a view of, are allocated fresh per call)."""
         root: dict[int, int] = {}
-        for s in self.steps:
+        owners: dict[int, tuple[int, Value]] = {}  # slot -> (writing step, value)
+        by_slot = {self.slots[k]: k for k in self.slots}
+        values = {id(v): v for op in self.func.body.ops for v in op.results}
+        for k, s in enumerate(self.steps):
             for w in s.writes:
                 root[w] = w
             if s.kind == "view":
                 for w in s.writes:
                     root[w] = root.get(s.reads[0], s.reads[0])
+            elif s.kind in ("kernel", "library"):
+                for w in s.writes:
+                    owners[w] = (k, values[by_slot[w]])
         last: dict[int, int] = {}
         for k, s in enumerate(self.steps):
             for r in s.reads:
                 last[root.get(r, r)] = k
-            for w in s.writes:
-                last.setdefault(root[w], k)
-        keep = {root.get(o, o) for o in self.outputs}
-        self.frees: list[list[int]] = [[] for _ in self.steps]
-        for slot, k in last.items():
-            if slot not in keep and slot in self.pool_slots():
-                self.frees[k].append(slot)
+        fresh = {root.get(o, o) for o in self.outputs}
+        self.fresh = fresh
+        intervals, keys = [], []
+        for slot, (k, v) in owners.items():
+            if slot in fresh:
+                continue
+            intervals.append((k, last.get(slot, k), _nbytes(v)))
+            keys.append(("slot", slot, v))
+        for k, s in enumerate(self.steps):
+            for j, n in enumerate(s.source.scratch if s.source else []):
+                intervals.append((k, k, n))
+                keys.append(("scratch", k, j))
+        offsets, total = first_fit(intervals)
+        self.layout = list(zip(keys, offsets, intervals))
+        self.arena_bytes = total
+        self.views: dict[int, torch.Tensor] = {}
+        self.scratch_views: dict[int, list[int]] = {k: [] for k in range(len(self.steps))}
 
-    def pool_slots(self) -> set[int]:
-        out = set()
-        for s in self.steps:
-            if s.kind in ("kernel", "library"):
-                out.update(s.writes)
-        return out
+    def _materialise_arena(self) -> None:
+        self.arena = torch.empty(max(self.arena_bytes, ALIGN), dtype=torch.uint8)
+        base = self.arena
+        for key, off, (_, _, n) in self.layout:
+            if key[0] == "slot":
+                v = key[2]
+                self.views[key[1]] = _typed(base[off:off + n], v)
+            else:
+                self.scratch_views[key[1]].append(base.data_ptr() + off)
 
     def _alloc(self, env, slot: int, v: Value) -> torch.Tensor:
-        nbytes = max(1, int(np.prod([int(d) for d in v.type.shape] or [1]))) * \
-            v.type.dtype.itemsize
-        if slot in self.output_slots:
+        t = self.views.get(slot)
+        if t is None:
             t = torch.empty([int(d) for d in v.type.shape], dtype=dtype_to_torch(v.type.dtype))
-        else:
-            storage = self.pool.take(nbytes)
-            self._storage[slot] = storage
-            t = _typed(storage, v)
         env[slot] = t
         return t
-
-    @property
-    def output_slots(self) -> set[int]:
-        return set(self.outputs)
 
     # -- calling -------------------------------------------------------------------------------
     def __call__(self, *user_inputs: torch.Tensor) -> list[torch.Tensor]:
@@ -267,13 +290,10 @@ class CompiledGraph:
                 raise ValueError(f"input {self.prog.arg_names[i]} has shape {list(t.shape)} "
                                  f"{t.dtype}, the graph was compiled for {want}")
             env[i] = t
-        self._storage: dict[int, torch.Tensor] = {}
-        for s, frees in zip(self.steps, self.frees):
+        if self.arena is None:
+            self._materialise_arena()
+        for s in self.steps:
             s.run(env)
-            for slot in frees:
-                st_ = self._storage.pop(slot, None)
-                if st_ is not None:
-                    self.pool.give(st_)
         return [env[o] for o in self.outputs]
 
 
