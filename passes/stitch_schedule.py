@@ -53,7 +53,7 @@ def schedule_group(group: fusion.GroupOp, device) -> dict:
         dom_kind = None
     regional = {id(v) for v in info.regional}
     schemes = []
-    for k, op in enumerate(body):
+    for _k, op in enumerate(body):
         if isinstance(op, st.ConstantOp | st.IotaOp):
             schemes.append("recompute")
         elif isinstance(op, st.ReduceOp) and dom_kind and reduce_desc(op).kind != dom_kind:

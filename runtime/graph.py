@@ -131,7 +131,7 @@ class CompiledGraph:
                 return self._interpreted(op, reads, writes)
             kern = load_kernel(src.source, src.symbol, src.symbol)
             types = [r for r in op.results]
-            scratch = list(src.scratch)
+            list(src.scratch)
 
             step_no = len(self.steps)
 

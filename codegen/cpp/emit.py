@@ -281,7 +281,7 @@ class Emitter:
             parts.append((start, start + n, self.value(o, src)))
             start += n
         expr = parts[-1][2]
-        for lo, hi, e in reversed(parts[:-1]):
+        for _lo, hi, e in reversed(parts[:-1]):
             expr = f"({idx[d]} < {hi} ? {e} : {expr})"
         return self.temp(ct, expr)
 

@@ -88,7 +88,7 @@ def _facts(g: PlanGraph) -> list[NodeFacts]:
     if cached is not None:
         return cached
     facts = []
-    for i, op in enumerate(g.ops):
+    for _i, op in enumerate(g.ops):
         ins = []
         for v in op.operands:
             if not is_free_constant(v):
@@ -124,7 +124,7 @@ def describe(g: PlanGraph, member_bits: int, device: DeviceSpec) -> GroupInfo:
     inputs: dict[int, int] = {}
     input_values: dict[int, Value] = {}
     for i in members:
-        for k, (vid, nb, src) in enumerate(facts[i].inputs):
+        for _k, (vid, nb, src) in enumerate(facts[i].inputs):
             if src < 0 or not (member_bits >> src) & 1:
                 inputs[vid] = nb
     out_bytes = 0
