@@ -17,7 +17,7 @@ import warnings
 
 
 def plan_one(module, target: str, device) -> dict:
-    from passes import PassContext, PassManager
+    from passes import PassManager
     from passes.fusion.plan import make_plan
 
     PassManager.parse("canonicalize,cse,dce").run(module)

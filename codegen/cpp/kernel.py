@@ -87,8 +87,10 @@ class RowKernel:
         for r in reduces:
             shape = dims(r.operand(0))
             k = _split(shape, self.R)
-            if k is None or math.prod(shape) != self.R * self.L or isinstance(r, st.ArgReduceOp) \
-                    or tuple(r.dims) != tuple(range(k, len(shape))):
+            trailing = k is not None and {d for d in range(k, len(shape)) if shape[d] != 1} <= \
+                set(r.dims) and all(d >= k or shape[d] == 1 for d in r.dims)
+            if not trailing or math.prod(shape) != self.R * self.L or \
+                    isinstance(r, st.ArgReduceOp):
                 raise RowsUnfit(f"'{r.name}' is not a row reduction over the dominant rows")
         self.reduces = reduces
         self.em = Emitter(buffers)

@@ -149,7 +149,9 @@ def _mb(n: int) -> str:
 
 def make_plan(func: FuncOp, planner: str, device: DeviceSpec, *, time_limit: float = 10.0,
               beam: int = 4, max_size: int = 40, max_solver_nodes: int = 6000,
-              workers: int = 2) -> FusionPlan:
+              workers: int = 1) -> FusionPlan:
+    """Plan ``func``. With the default single solver worker the plan is deterministic (CP-SAT
+    with several workers may return a different one of several optimal plans per run)."""
     if planner not in PLANNERS:
         raise ValueError(f"unknown planner {planner!r} (one of {', '.join(PLANNERS)})")
     t0 = time.perf_counter()
