@@ -84,6 +84,7 @@ class Step:
     reads: list[int] = field(default_factory=list)  # value slots
     writes: list[int] = field(default_factory=list)
     source: KernelSource | None = None
+    kernel: object = None  # the loaded kernel of a kernel step
 
 
 class CompiledGraph:
@@ -145,7 +146,7 @@ class CompiledGraph:
                     raise RuntimeError(f"stitch kernel {kern.symbol} ({kern.source_path}): an "
                                        "index read from a tensor is out of range") from None
 
-            return Step(src.symbol, run, "kernel", reads, writes, src)
+            return Step(src.symbol, run, "kernel", reads, writes, src, kern)
         if isinstance(op, fusion.GroupOp):  # a view group: reshapes only
             inner = op.body
             def run(env, op=op, reads=reads, writes=writes):
