@@ -20,9 +20,11 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# The main job on the embedded default target (cpu).
+# The main job on the embedded default target (cpu): plan, generate, build and run bert,
+# check it against eager and time it against eager and torch.compile (inductor).
 run: $(STAMP)
-	$(BIN)/stitchc compile --model bert --target cpu --emit ir -o out/bert
+	$(BIN)/stitchc compile --model bert --target cpu --emit ir,plan,svg -o out/bert
+	$(BIN)/stitchc run --model bert --target cpu
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 -p no:cacheprovider tests
