@@ -121,7 +121,8 @@ def main(argv=None) -> int:
         model = Wrap(fn).eval()
         t0 = time.perf_counter()
         g = compile_program(import_model(model, tuple(inputs)), device_spec=device)
-        ind = None if args.no_inductor else torch.compile(model, backend="inductor")
+        # compile the pattern's own function: one code object per pattern, no recompile limit
+        ind = None if args.no_inductor else torch.compile(fn, backend="inductor")
         if ind is not None:
             with torch.no_grad():
                 ind(*inputs)

@@ -36,20 +36,31 @@ def _write_new(path: Path, text: str) -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    """The registered workloads with parameter counts and their op-class mix (after import and
+    canonicalisation): element-wise / broadcast / reduce / layout / gather-scatter / library /
+    torch-call."""
     import models
 
-    rows = []
+    if args.fast:
+        for name in models.names():
+            print(name)
+        return 0
+    from passes import PassManager
+    from passes.classify import summarize
+    from stitch_ir.importer import import_model
+
+    cols = ("element-wise", "broadcast", "reduce", "layout", "gather/scatter", "library",
+            "torch-call")
+    short = ("elem", "bcast", "reduce", "layout", "gath/sc", "library", "torch")
+    print(f"{'model':<16} {'params':>10}  " + " ".join(f"{c:>7}" for c in short) + "  configuration")
     for name in models.names():
-        if args.fast:
-            rows.append((name, "", ""))
-            continue
         w = models.get(name)
         params = sum(p.numel() for p in w.model.parameters())
-        rows.append((name, f"{params:,}", w.config))
-    width = max(len(r[0]) for r in rows)
-    print(f"{'model':<{width}}  {'params':>11}  configuration")
-    for name, params, config in rows:
-        print(f"{name:<{width}}  {params:>11}  {config}")
+        prog = import_model(w.model, w.example_inputs)
+        PassManager.parse("canonicalize,cse,dce").run(prog.module)
+        s = summarize(prog.module)
+        print(f"{name:<16} {params:>10,}  " + " ".join(f"{s.counts[c]:>7}" for c in cols)
+              + f"  {w.config}", flush=True)
     return 0
 
 
@@ -201,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     m = sub.add_parser("models", help="list the registered workload models")
-    m.add_argument("--fast", action="store_true", help="names only, build nothing")
+    m.add_argument("--fast", action="store_true", help="names only: build and import nothing")
     m.set_defaults(fn=cmd_models)
 
     c = sub.add_parser("compile", help="trace a model, import it and run the pipeline")

@@ -20,6 +20,7 @@ as eager does (a fresh large allocation costs milliseconds of page faults on the
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -94,6 +95,9 @@ class CompiledGraph:
         self.prog = prog
         self.func = func or prog.module.func()
         self.arena: torch.Tensor | None = None
+        # Outputs handed to the caller, by slot: reused when the caller has dropped them (a
+        # caching allocator for outputs: fresh pages cost more than the kernels here).
+        self.handed_out: dict[int, torch.Tensor] = {}
         self.slots: dict[int, int] = {}
         self.steps: list[Step] = []
         self.fallbacks: list[str] = []
@@ -271,8 +275,14 @@ class CompiledGraph:
 
     def _alloc(self, env, slot: int, v: Value) -> torch.Tensor:
         t = self.views.get(slot)
-        if t is None:
-            t = torch.empty([int(d) for d in v.type.shape], dtype=dtype_to_torch(v.type.dtype))
+        if t is None:  # a graph output: fresh storage, or last call's if nobody holds it
+            prev = self.handed_out.get(slot)
+            if prev is not None and _unused(prev):
+                t = prev.detach()  # a new tensor object on the same storage
+            else:
+                t = torch.empty([int(d) for d in v.type.shape],
+                                dtype=dtype_to_torch(v.type.dtype))
+            self.handed_out[slot] = t
         env[slot] = t
         return t
 
@@ -296,6 +306,18 @@ class CompiledGraph:
         for s in self.steps:
             s.run(env)
         return [env[o] for o in self.outputs]
+
+
+_use_count = getattr(torch._C, "_storage_Use_Count", None)
+
+
+def _unused(t: torch.Tensor) -> bool:
+    """Whether nothing but ``CompiledGraph.handed_out`` refers to ``t`` or its storage (no
+    other Python reference, no view). Without torch's use-count hook, never reuse."""
+    if _use_count is None or sys.getrefcount(t) > 3:  # dict entry, ``prev``, this argument
+        return False
+    storage = t.untyped_storage()
+    return _use_count(storage._cdata) <= 2  # ``t`` itself and ``storage`` above
 
 
 def _contiguous(t: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ path.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -117,6 +118,11 @@ class Scope:
     lines: list[str]
     indent: str
     memo: dict[tuple, str] = field(default_factory=dict)
+    loop_vars: set[str] = field(default_factory=set)  # variables this scope's loop defines
+    hoist_at: int = 0  # where statements hoisted into this scope go (before the inner loop)
+
+
+IDENT = re.compile(r"[A-Za-z_]\w*")
 
 
 class Emitter:
@@ -127,24 +133,66 @@ class Emitter:
         self.known: dict[int, Callable[[list[str]], str | None]] = {}
         self.scopes: list[Scope] = []
         self.counter = 0
+        self.deps: dict[str, frozenset[str]] = {}  # temporary -> loop variables it depends on
 
     # -- scopes --------------------------------------------------------------------------------
-    def push(self, lines: list[str], indent: str) -> None:
+    def push(self, lines: list[str], indent: str, loop_vars=()) -> None:
         parent = dict(self.scopes[-1].memo) if self.scopes else {}
-        self.scopes.append(Scope(lines, indent, parent))
+        self.scopes.append(Scope(lines, indent, parent, set(loop_vars), len(lines)))
 
     def pop(self) -> None:
         self.scopes.pop()
+
+    def mark(self) -> None:
+        """Call before writing a loop header: hoisted statements go above it."""
+        s = self.scopes[-1]
+        s.hoist_at = len(s.lines)
+
+    def add_loop_vars(self, *names: str) -> None:
+        self.scopes[-1].loop_vars.update(names)
 
     def line(self, text: str) -> None:
         s = self.scopes[-1]
         s.lines.append(s.indent + text)
 
+    def _home(self, deps: frozenset[str]) -> int:
+        """The outermost scope where every loop variable in ``deps`` is defined."""
+        for k in range(len(self.scopes) - 1, -1, -1):
+            if self.scopes[k].loop_vars & deps:
+                return k
+        return 0
+
+    def _deps(self, expr: str) -> frozenset[str]:
+        out: set[str] = set()
+        loop_vars = set().union(*(s.loop_vars for s in self.scopes))
+        for name in IDENT.findall(expr):
+            if name in self.deps:
+                out |= self.deps[name]
+            elif name in loop_vars:
+                out.add(name)
+        return frozenset(out)
+
+    def _put(self, k: int, text: str) -> None:
+        """Write a statement into scope k: at its end when it is the current scope, else just
+        above the loop that scope k is running (loop-invariant code motion)."""
+        s = self.scopes[k]
+        if k == len(self.scopes) - 1:
+            s.lines.append(s.indent + text)
+        else:
+            s.lines.insert(s.hoist_at, s.indent + text)
+            s.hoist_at += 1
+
     def temp(self, c_type: str, expr: str, prefix: str = "t") -> str:
         name = f"{prefix}{self.counter}"
         self.counter += 1
-        self.line(f"const {c_type} {name} = {expr};")
+        deps = self._deps(expr)
+        self.deps[name] = deps
+        self._put(self._home(deps), f"const {c_type} {name} = {expr};")
         return name
+
+    def stmt_with(self, anchor: str, text: str) -> None:
+        """A statement placed in the same scope as the temporary ``anchor``."""
+        self._put(self._home(self.deps.get(anchor, frozenset())), text)
 
     # -- values --------------------------------------------------------------------------------
     def value(self, v: Value, idx: list[str]) -> str:
@@ -152,6 +200,16 @@ class Emitter:
         memo = self.scopes[-1].memo
         if key in memo:
             return memo[key]
+        expr = self._value(v, idx, key)
+        # remember it in every scope from the one it was placed in down to this one
+        home = self._home(self.deps.get(expr, frozenset())) if expr in self.deps else \
+            len(self.scopes) - 1
+        for s in self.scopes[home:]:
+            s.memo[key] = expr
+        return expr
+
+    def _value(self, v: Value, idx: list[str], key: tuple) -> str:
+        memo = self.scopes[-1].memo
         hook = self.known.get(id(v))
         if hook is not None:
             got = hook(idx)
@@ -254,7 +312,7 @@ class Emitter:
         flag and reads row 0 instead."""
         raw = self.temp("int64_t", f"(int64_t)({expr})", "ix")
         wrapped = self.temp("int64_t", f"({raw} < 0 ? {raw} + {size} : {raw})", "ix")
-        self.line(f"if ({wrapped} < 0 || {wrapped} >= {size}) err = 1;")
+        self.stmt_with(wrapped, f"if ({wrapped} < 0 || {wrapped} >= {size}) err = 1;")
         return self.temp("int64_t", f"(({wrapped} < 0 || {wrapped} >= {size}) ? 0 : {wrapped})",
                          "ix")
 

@@ -126,6 +126,7 @@ class RowKernel:
                     name = f"{base}{len(self.names)}_{k}"
                     (self.row_decl if base == "r" else self.col_decl).append(
                         f"const int64_t {name} = {part};")
+                    self.em.deps[name] = frozenset({base})
                     names.append(name)
                 self.names[key] = names
         it = iter(self.names[key])
@@ -179,7 +180,7 @@ class RowKernel:
         ends = [loop_of[id(r)] + (1 if isinstance(r, st.VarOp) else 0) for r in self.reduces]
         n_loops = 1 + max(ends + [avail[id(v)] for v in outs_full + regional])
         lines: list[str] = []
-        em.push(lines, "      ")
+        em.push(lines, "      ", loop_vars={"r"})
         means: dict[int, str] = {}
         done_row_outs: set[int] = set()
         for loop in range(n_loops):
@@ -204,10 +205,11 @@ class RowKernel:
                     clauses.append(f"reduction(|:{acc}_nan)")
             if self.em_has_gather:
                 clauses.append("reduction(|:err)")
+            em.mark()
             em.line(" ".join(["#pragma omp simd"] + clauses))
             em.line(f"for (int64_t j = 0; j < {self.L}; ++j) {{")
             inner: list[str] = []
-            em.push(inner, "        ")
+            em.push(inner, "        ", loop_vars={"j"})
             self.col_decl = []
             self.names = {k: v for k, v in self.names.items() if k[0] == "r"}
             body: list[str] = []
@@ -360,6 +362,7 @@ class PhaseKernel:
             emit([])
             em.line("}")
             return
+        em.mark()
         if len(shape) == 1:
             em.line("#pragma omp for simd schedule(static)")
             em.line(f"for (int64_t {names[0]} = 0; {names[0]} < {shape[0]}; ++{names[0]}) {{")
@@ -371,7 +374,7 @@ class PhaseKernel:
             em.line(f"#pragma omp simd{err}")
             em.line(f"for (int64_t {names[-1]} = 0; {names[-1]} < {shape[-1]}; ++{names[-1]}) {{")
         body: list[str] = []
-        em.push(body, em.scopes[-1].indent + "  ")
+        em.push(body, em.scopes[-1].indent + "  ", loop_vars=set(names))
         emit(names)
         em.pop()
         em.scopes[-1].lines.extend(body)
@@ -418,12 +421,13 @@ class PhaseKernel:
                 if isinstance(op, st.MaxOp | st.MinOp):
                     em.line(f"bool {acc}_nan = false;")
                     extra = f" reduction(|:{acc}_nan)"
+                em.mark()
                 for k, size in enumerate(red_shape):
                     if k == len(red_shape) - 1:
                         em.line(f"#pragma omp simd reduction({clause}:{acc}){extra}")
                     em.line(f"for (int64_t {names[k]} = 0; {names[k]} < {size}; ++{names[k]}) {{")
                 inner: list[str] = []
-                em.push(inner, em.scopes[-1].indent + "  ")
+                em.push(inner, em.scopes[-1].indent + "  ", loop_vars=set(names))
                 x = em.value(op.operand(0), self._input_index(op, out_idx, names))
                 em.line(_acc_update(op, mode, acc, x, mean))
                 em.pop()
@@ -453,9 +457,10 @@ class PhaseKernel:
             k = f"k{self.n_loops}"
             em.line(f"{t} best = {em.value(op.operand(0), self._input_index(op, out_idx, ['0']))};")
             em.line("int64_t where = 0;")
+            em.mark()
             em.line(f"for (int64_t {k} = 1; {k} < {size}; ++{k}) {{")
             inner: list[str] = []
-            em.push(inner, em.scopes[-1].indent + "  ")
+            em.push(inner, em.scopes[-1].indent + "  ", loop_vars={k})
             x = em.value(op.operand(0), self._input_index(op, out_idx, [k]))
             em.line(f"if (best == best && ({x} {better} best || {x} != {x})) "
                     f"{{ best = {x}; where = {k}; }}")
@@ -487,18 +492,20 @@ class PhaseKernel:
             em.line("const int64_t nt = 1, tid = 0;")
             em.line("#endif")
             em.line(f"const int64_t lo = {rows} * tid / nt, hi = {rows} * (tid + 1) / nt;")
+            em.mark()
             em.line(f"for (int64_t e = 0; e < {n_edges}; ++e) {{")
             body: list[str] = []
-            em.push(body, em.scopes[-1].indent + "  ")
+            em.push(body, em.scopes[-1].indent + "  ", loop_vars={"e"})
             d = em.checked_index(em.value(idx, ["e"]), rows)
             em.line(f"if ({d} < lo || {d} >= hi) continue;")
             names = [f"c{k}" for k in range(len(inner))]
+            em.mark()
             for k, n in enumerate(inner):
                 if k == len(inner) - 1:
                     em.line("#pragma omp simd")
                 em.line(f"for (int64_t {names[k]} = 0; {names[k]} < {n}; ++{names[k]}) {{")
             deep: list[str] = []
-            em.push(deep, em.scopes[-1].indent + "  ")
+            em.push(deep, em.scopes[-1].indent + "  ", loop_vars=set(names))
             val = em.value(src, ["e"] + names)
             scale = "" if alpha == 1 else f"({ct}){literal(alpha, out.type.dtype)} * "
             em.line(f"{target}[{linearize([d] + names, xs)}] += {scale}{val};")
@@ -518,10 +525,11 @@ class PhaseKernel:
         ishape = dims(idx) if not isinstance(op, st.IndexAddOp) else dims(src)
         names = [f"s{k}" for k in range(len(ishape))]
         dim = op.attributes["dim"]
+        em.mark()
         for k, n in enumerate(ishape):
             em.line(f"for (int64_t {names[k]} = 0; {names[k]} < {n}; ++{names[k]}) {{")
         body = []
-        em.push(body, em.scopes[-1].indent + "  ")
+        em.push(body, em.scopes[-1].indent + "  ", loop_vars=set(names))
         if isinstance(op, st.IndexAddOp):
             pos = em.checked_index(em.value(idx, [names[dim]]), xs[dim])
         else:
@@ -564,7 +572,8 @@ def render_group(group: fusion.GroupOp, name: str = "") -> KernelSource:
     outputs = list(group.body.terminator.operands)
     for v in args + outputs:
         ctype(v.type.dtype)
-        dims(v)
+        if 0 in dims(v):
+            raise Unsupported("a zero-size tensor")
     buffers = {id(a): f"in{k}" for k, a in enumerate(args)}
     out_names: dict[int, list[str]] = {}
     for k, v in enumerate(outputs):
