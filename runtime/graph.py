@@ -277,7 +277,8 @@ class CompiledGraph:
         t = self.views.get(slot)
         if t is None:  # a graph output: fresh storage, or last call's if nobody holds it
             prev = self.handed_out.get(slot)
-            if prev is not None and _unused(prev):
+            # references: the dict entry, ``prev`` and getrefcount's argument
+            if prev is not None and sys.getrefcount(prev) <= 3 and _storage_unshared(prev):
                 t = prev.detach()  # a new tensor object on the same storage
             else:
                 t = torch.empty([int(d) for d in v.type.shape],
@@ -311,10 +312,10 @@ class CompiledGraph:
 _use_count = getattr(torch._C, "_storage_Use_Count", None)
 
 
-def _unused(t: torch.Tensor) -> bool:
-    """Whether nothing but ``CompiledGraph.handed_out`` refers to ``t`` or its storage (no
-    other Python reference, no view). Without torch's use-count hook, never reuse."""
-    if _use_count is None or sys.getrefcount(t) > 3:  # dict entry, ``prev``, this argument
+def _storage_unshared(t: torch.Tensor) -> bool:
+    """Whether no other tensor (a view the caller kept) uses ``t``'s storage. Without torch's
+    use-count hook, never reuse."""
+    if _use_count is None:
         return False
     storage = t.untyped_storage()
     return _use_count(storage._cdata) <= 2  # ``t`` itself and ``storage`` above

@@ -182,3 +182,23 @@ def test_arena_reuses_storage():
     sizes = [iv[2] for _, _, iv in g.layout]
     assert g.arena_bytes <= sum(-(-n // 64) * 64 for n in sizes)
     assert np.isfinite(g.arena_bytes)
+
+
+def test_outputs_reuse_storage_only_when_the_caller_dropped_them():
+    g = run_both(lambda x: torch.softmax(x, -1), [torch.randn(8, 16)])
+    x = torch.randn(8, 16)
+    a = g(x)[0]
+    b = g(x)[0]
+    assert a.data_ptr() != b.data_ptr(), "a is still held: b needs its own storage"
+    view = b.view(-1)
+    ptr = b.data_ptr()
+    del b
+    c = g(x)[0]
+    assert c.data_ptr() != ptr, "a view of b is still held"
+    torch.testing.assert_close(view.view(8, 16), torch.softmax(x, -1))
+    ptr_c = c.data_ptr()
+    del c
+    d = g(x * 2)[0]
+    assert d.data_ptr() == ptr_c, "nobody holds c: its storage is reused"
+    torch.testing.assert_close(a, torch.softmax(x, -1))
+    torch.testing.assert_close(d, torch.softmax(x * 2, -1))

@@ -1,0 +1,164 @@
+"""``torch.compile(model, backend="stitch")``: the stitch pipeline as a dynamo backend.
+
+Registered through the ``torch_dynamo_backends`` entry point (see pyproject.toml), so
+``backend="stitch"`` works after install without importing anything. AOTAutograd splits each
+dynamo graph into forward and backward aten graphs (decomposed with the same table as the
+``stitchc`` path); both go through the same import -> plan -> fuse -> generate -> build
+pipeline, so training works and backward's memory-intensive ops fuse like any others.
+
+Options (``torch.compile(..., options={...})``): ``target`` (only ``cpu`` runs here),
+``fusion`` (none | greedy | stitch), ``dump_dir`` (also ``STITCH_DUMP_DIR``): each compiled graph's
+IR before and after fusion, its plan and its kernel sources.
+
+Shapes: stitch compiles static shapes. A graph whose inputs carry symbolic sizes (dynamo's
+automatic dynamic shapes, after a second input shape) is specialised at call time: the first call
+with each concrete shape re-traces it with those shapes and compiles that (cached per shape).
+
+Fallbacks: aten ops without an ``st`` counterpart run as torch ops inside the compiled graph
+(``st.torch_call``); a graph stitch cannot compile at all runs as torch would run it. Both are
+counted in ``FALLBACKS`` and logged once per graph — never a silent wrong result.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("stitch")
+
+FALLBACKS: Counter = Counter()  # op or reason -> count, over the process
+_graph_ids = itertools.count()
+
+
+def _dump(dump_dir: str | None, gid: int, name: str, text: str) -> None:
+    if not dump_dir:
+        return
+    d = Path(dump_dir) / f"graph_{gid:03d}"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / name).write_text(text)
+
+
+def compile_fx(gm: torch.fx.GraphModule, options: dict) -> Any:
+    """Compile one static aten graph; returns a callable ``f(*tensors) -> list`` shaped like the
+    graph's outputs (``None`` where the graph returns None)."""
+    from passes import PassContext, PassManager
+    from passes.classify import summarize
+    from runtime.graph import CompiledGraph
+    from stitch_ir.importer import ImportedProgram, import_graph
+    from stitch_ir.printer import print_module
+
+    gid = next(_graph_ids)
+    dump_dir = options.get("dump_dir") or os.environ.get("STITCH_DUMP_DIR")
+    module = import_graph(gm)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    prog = ImportedProgram(module, [n.name for n in placeholders], {},
+                           list(range(len(placeholders))))
+    _dump(dump_dir, gid, "before_fusion.sir", print_module(module))
+    fusion = options.get("fusion", "stitch")
+    pipeline = (f"canonicalize,cse,dce,sink-broadcasts,fusion-plan{{planner={fusion}}},"
+                "fusion-apply,stitch-schedule")
+    ctx = PassContext(target="cpu")
+    PassManager.parse(pipeline).run(module, ctx)
+    plan = ctx.results["plan"][module.func().sym_name]
+    _dump(dump_dir, gid, "after_fusion.sir", print_module(module))
+    _dump(dump_dir, gid, "plan.json", plan.dumps())
+    graph = CompiledGraph(prog)
+    for step in graph.steps:
+        if step.source is not None:
+            _dump(dump_dir, gid, f"kernels/{step.source.symbol}.cpp", step.source.source)
+    fell = summarize(module).torch_call_targets
+    for target, n in fell.items():
+        FALLBACKS[target] += n
+    for reason in graph.fallbacks:
+        FALLBACKS[f"interpreter: {reason}"] += 1
+    if fell or graph.fallbacks:
+        log.warning("stitch: graph %d runs %d op(s) through torch (%s)%s", gid,
+                    sum(fell.values()), ", ".join(f"{t} x{n}" for t, n in fell.items()),
+                    f" and {len(graph.fallbacks)} group(s) through the interpreter"
+                    if graph.fallbacks else "")
+    outs = [n for n in gm.graph.nodes if n.op == "output"][0].args[0]
+    flat = list(outs) if isinstance(outs, list | tuple) else [outs]
+    present = [a is not None for a in flat]
+
+    def run(*args):
+        got = iter(graph(*args))
+        return [next(got) if p else None for p in present]
+
+    run.stitch_graph = graph
+    return run
+
+
+def _static(example_inputs) -> bool:
+    return all(not isinstance(x, torch.SymInt) and not (
+        isinstance(x, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in x.shape))
+        for x in example_inputs)
+
+
+def _compiler(options: dict):
+    from functorch.compile import make_boxed_func
+
+    def compile_graph(gm: torch.fx.GraphModule, example_inputs):
+        if options.get("target", "cpu") != "cpu":
+            raise RuntimeError(f"stitch: target {options['target']!r} needs a GPU; this build runs "
+                               "the cpu target only")
+        if _static(example_inputs):
+            return make_boxed_func(_or_torch(gm, options))
+        return make_boxed_func(_specialising(gm, options))
+
+    return compile_graph
+
+
+def _or_torch(gm, options):
+    try:
+        return compile_fx(gm, options)
+    except Exception as e:  # noqa: BLE001 - any failure: run this graph as torch would
+        FALLBACKS[f"graph: {type(e).__name__}"] += 1
+        log.warning("stitch: a graph runs through torch unfused: %s", e)
+        return gm.forward
+
+
+def _specialising(gm, options):
+    """Compile per concrete input shape (symbolic graphs are re-traced with real shapes)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from stitch_ir.importer import decomposition_table
+
+    cache: dict[tuple, Any] = {}
+
+    def run(*args):
+        key = tuple((tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else a for a in args)
+        fn = cache.get(key)
+        if fn is None:
+            ints = {i: a for i, a in enumerate(args) if not isinstance(a, torch.Tensor)}
+
+            def concrete(*tensors):
+                it = iter(tensors)
+                return gm(*[ints[i] if i in ints else next(it) for i in range(len(args))])
+
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            static = make_fx(concrete, decomposition_table=decomposition_table())(*tensors)
+            inner = _or_torch(static, options)
+            fn = cache[key] = (lambda *a, inner=inner: inner(
+                *[x for x in a if isinstance(x, torch.Tensor)]))
+        return fn(*args)
+
+    return run
+
+
+def stitch_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None,
+                   **kwargs):
+    """The dynamo backend: AOTAutograd with stitch compiling the forward and backward graphs."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    from stitch_ir.importer import decomposition_table
+
+    opts = {**(options or {}), **kwargs}
+    compiler = _compiler(opts)
+    return aot_autograd(fw_compiler=compiler, bw_compiler=compiler,
+                        decompositions=decomposition_table())(gm, example_inputs)
