@@ -39,9 +39,9 @@ _graph_ids = itertools.count()
 def _dump(dump_dir: str | None, gid: int, name: str, text: str) -> None:
     if not dump_dir:
         return
-    d = Path(dump_dir) / f"graph_{gid:03d}"
-    d.mkdir(parents=True, exist_ok=True)
-    (d / name).write_text(text)
+    path = Path(dump_dir) / f"graph_{gid:03d}" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
 
 
 def compile_fx(gm: torch.fx.GraphModule, options: dict) -> Any:
@@ -115,8 +115,12 @@ def _compiler(options: dict):
 
 
 def _or_torch(gm, options):
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
     try:
-        return compile_fx(gm, options)
+        # AOTAutograd compiles under a fake-tensor mode; stitch's constants must be real.
+        with unset_fake_temporarily():
+            return compile_fx(gm, options)
     except Exception as e:  # noqa: BLE001 - any failure: run this graph as torch would
         FALLBACKS[f"graph: {type(e).__name__}"] += 1
         log.warning("stitch: a graph runs through torch unfused: %s", e)
