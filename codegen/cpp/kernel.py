@@ -471,6 +471,25 @@ class PhaseKernel:
 
         self.nest(dims(op.result), body)
 
+    PREFETCH = 16  # edges ahead: enough misses in flight to cover DRAM latency
+
+    def _prefetch_rows(self, op, n_edges: int) -> None:
+        """Software prefetch of the rows the edge PREFETCH ahead will gather: random row reads
+        are latency-bound, and the hardware prefetcher cannot guess them."""
+        em = self.em
+        ahead = f"(e + {self.PREFETCH} < {n_edges} ? e + {self.PREFETCH} : e)"
+        for g in self.body:
+            if not isinstance(g, st.EmbeddingOp | st.IndexSelectOp):
+                continue
+            table, ids = (g.operand(0), g.operand(1))
+            dim = 0 if isinstance(g, st.EmbeddingOp) else g.attributes["dim"]
+            if dim != 0 or id(table) not in em.buffers or id(ids) not in em.buffers or \
+                    len(dims(ids)) != 1 or dims(ids)[0] != n_edges:
+                continue
+            row = math.prod(dims(table)[1:])
+            em.line(f"__builtin_prefetch({em.buffers[id(table)]} + "
+                    f"{em.buffers[id(ids)]}[{ahead}] * {row});")
+
     def scatter(self, op, targets: list[str]) -> None:
         """out = x, then accumulate src; index_add along dim 0 in parallel with every thread
         owning a range of destination rows (deterministic, no atomics); others serially."""
@@ -498,6 +517,11 @@ class PhaseKernel:
             em.push(body, em.scopes[-1].indent + "  ", loop_vars={"e"})
             d = em.checked_index(em.value(idx, ["e"]), rows)
             em.line(f"if ({d} < lo || {d} >= hi) continue;")
+            self._prefetch_rows(op, n_edges)
+            if id(idx) in em.buffers:  # and the destination row it will accumulate into
+                ahead = f"(e + {self.PREFETCH} < {n_edges} ? e + {self.PREFETCH} : e)"
+                em.line(f"__builtin_prefetch({target} + {em.buffers[id(idx)]}[{ahead}] * "
+                        f"{math.prod(inner)}, 1);")
             names = [f"c{k}" for k in range(len(inner))]
             em.mark()
             for k, n in enumerate(inner):
