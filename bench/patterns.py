@@ -155,14 +155,15 @@ def main(argv=None) -> int:
             for s in pre[: len(pre)]:
                 if s.kind in ("constant", "view"):
                     s.run(env)
-            fns = {"eager": lambda: fn(*inputs), "stitch": lambda: g(*inputs)}
+            fns = {"eager": lambda fn=fn, inputs=inputs: fn(*inputs),
+                   "stitch": lambda g=g, inputs=inputs: g(*inputs)}
             if ind is not None:
-                fns["inductor"] = lambda: ind(*inputs)
+                fns["inductor"] = lambda ind=ind, inputs=inputs: ind(*inputs)
             if kstep is not None:
                 kstep.run(env)  # allocates its outputs once
                 fixed = [env[w] for w in kstep.writes]
 
-                def kernel_only(kstep=kstep, env=env, fixed=fixed):
+                def kernel_only(kstep=kstep, env=env, fixed=fixed, g=g):
                     ins = [env[i] for i in kstep.reads]
                     kstep_ptrs = [t.data_ptr() for t in ins + fixed]
                     kstep.kernel(*kstep_ptrs, *g.scratch_views[g.steps.index(kstep)])
@@ -175,7 +176,7 @@ def main(argv=None) -> int:
             e, i, a = t["eager"][0], t.get("inductor", (float("nan"),))[0], t["stitch"][0]
             b = t.get("kernel", (float("nan"), 0))[0]
 
-            def cell(k):
+            def cell(k, t=t):
                 m, sp = t.get(k, (float("nan"), 0))
                 return f"{m * 1e3:7.2f}+-{sp * 1e3:5.2f}"
 
