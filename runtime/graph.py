@@ -105,6 +105,7 @@ class CompiledGraph:
         t0 = time.perf_counter()
         for a in self.func.args:
             self._slot(a)
+        self.sources = self._build_all()
         for op in self.func.body.ops[:-1]:
             self.steps.append(self._step(op))
         self.outputs = [self._slot(v) for v in self.func.return_op.operands]
@@ -125,14 +126,33 @@ class CompiledGraph:
     def kernels(self) -> int:
         return sum(1 for s in self.steps if s.kind == "kernel")
 
+    def _build_all(self) -> dict[int, KernelSource | Unsupported]:
+        """Render every kernel, then compile them concurrently (one compiler per core)."""
+        import os
+        from concurrent.futures import ThreadPoolExecutor
+
+        from runtime.build import build_library
+
+        sources: dict[int, KernelSource | Unsupported] = {}
+        for k, op in enumerate(self.func.body.ops[:-1]):
+            if isinstance(op, fusion.GroupOp) and op.kind != "view":
+                try:
+                    sources[id(op)] = render_group(op, f"g{k}")
+                except Unsupported as e:
+                    sources[id(op)] = e
+        todo = [s for s in sources.values() if isinstance(s, KernelSource)]
+        workers = max(1, min(len(todo), len(os.sched_getaffinity(0))))
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(lambda s: build_library(s.source, s.symbol), todo))
+        return sources
+
     def _step(self, op) -> Step:
         reads = [self._slot(v) for v in op.operands]
         writes = [self._slot(r) for r in op.results]
         if isinstance(op, fusion.GroupOp) and op.kind != "view":
-            try:
-                src = render_group(op, f"g{len(self.steps)}")
-            except Unsupported as e:
-                self.fallbacks.append(f"{op.kind} group of {len(op.body.ops) - 1} ops ({e})")
+            src = self.sources[id(op)]
+            if isinstance(src, Unsupported):
+                self.fallbacks.append(f"{op.kind} group of {len(op.body.ops) - 1} ops ({src})")
                 return self._interpreted(op, reads, writes)
             kern = load_kernel(src.source, src.symbol, src.symbol)
             types = [r for r in op.results]
