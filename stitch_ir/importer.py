@@ -373,13 +373,18 @@ class GraphImporter:
         leaves = val if isinstance(val, tuple | list) else [val]
         types = []
         for leaf in leaves:
+            if leaf is None and isinstance(val, tuple | list):
+                continue  # an output the op was asked not to compute (e.g. an output_mask)
             if not isinstance(leaf, torch.Tensor):
                 raise self.fail(f"op returns a {type(leaf).__name__}, which stitch cannot hold")
             types.append(type_from_meta(leaf))
         op = st.TorchCallOp(operands, types, {"target": str(n.target), "args": json.dumps(spec)},
                             loc=self.loc)
         self.b.insert(op)
-        return list(op.results) if isinstance(val, tuple | list) else op.results[0]
+        if not isinstance(val, tuple | list):
+            return op.results[0]
+        results = iter(op.results)
+        return [None if leaf is None else next(results) for leaf in leaves]
 
 
 # Handlers for the individual ops live in importer_ops (registered on import).

@@ -543,12 +543,16 @@ class PhaseKernel:
             em.line("}")
             em.line("#pragma omp barrier")
             return
+        if isinstance(op, st.ScatterReduceOp) and op.attributes["reduce"] == "mean":
+            raise Unsupported("scatter_reduce 'mean' in the cpp target")
         # scatter_add / scatter_reduce / index_add along another dim: serial, in index order
         em.line("#pragma omp single")
         em.line("{")
         ishape = dims(idx) if not isinstance(op, st.IndexAddOp) else dims(src)
         names = [f"s{k}" for k in range(len(ishape))]
         dim = op.attributes["dim"]
+        if isinstance(op, st.ScatterReduceOp) and not op.attributes["include_self"]:
+            self._reset_scattered(op, target, ishape, xs)
         em.mark()
         for k, n in enumerate(ishape):
             em.line(f"for (int64_t {names[k]} = 0; {names[k]} < {n}; ++{names[k]}) {{")
@@ -581,9 +585,32 @@ class PhaseKernel:
         for _ in ishape:
             em.line("}")
         em.line("}")
-        if isinstance(op, st.ScatterReduceOp) and (op.attributes["reduce"] in ("mean",) or
-                                                   not op.attributes["include_self"]):
-            raise Unsupported("scatter_reduce mean / include_self=false in the cpp target")
+
+    def _reset_scattered(self, op, target: str, ishape: list[int], xs: list[int]) -> None:
+        """include_self=False: every position some element scatters to starts from the
+        reduction's identity instead of the input's value."""
+        em = self.em
+        red = op.attributes["reduce"]
+        t = op.result.type.dtype
+        ident = {"sum": literal(0, t), "prod": literal(1, t),
+                 "amax": literal(-math.inf, t) if t.is_float else
+                 f"std::numeric_limits<{ctype(t)}>::lowest()",
+                 "amin": literal(math.inf, t) if t.is_float else
+                 f"std::numeric_limits<{ctype(t)}>::max()"}[red]
+        names = [f"z{k}" for k in range(len(ishape))]
+        em.mark()
+        for k, n in enumerate(ishape):
+            em.line(f"for (int64_t {names[k]} = 0; {names[k]} < {n}; ++{names[k]}) {{")
+        body: list[str] = []
+        em.push(body, em.scopes[-1].indent + "  ", loop_vars=set(names))
+        pos = em.checked_index(em.value(op.operand(1), names), xs[op.attributes["dim"]])
+        dst = list(names)
+        dst[op.attributes["dim"]] = pos
+        em.line(f"{target}[{linearize(dst, xs)}] = {ident};")
+        em.pop()
+        em.scopes[-1].lines.extend(body)
+        for _ in ishape:
+            em.line("}")
 
 
 # ----------------------------------------------------------------------------------------------

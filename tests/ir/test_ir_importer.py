@@ -167,3 +167,15 @@ def test_float16_model_imports():
     model = Fn(lambda x: F.gelu(x * 2) + 1)
     x = rnd(3, 5, dtype=torch.float16)
     check(model, x, atol=2e-3, rtol=2e-3)
+
+
+def test_op_with_omitted_outputs_imports_as_torch_call():
+    """convolution_backward asked for the input gradient only returns None for the others."""
+
+    def fn(dy, x, w):
+        return torch.ops.aten.convolution_backward(dy, x, w, None, [1, 1], [1, 1], [1, 1], False,
+                                                   [0, 0], 1, [True, False, False])[0]
+
+    prog = check(Fn(fn), rnd(1, 2, 5, 5), rnd(1, 3, 5, 5), rnd(2, 3, 3, 3), atol=1e-4,
+                 allow_torch_call=True)
+    assert "aten.convolution_backward.default" in summarize(prog.module).torch_call_targets

@@ -202,3 +202,12 @@ def test_outputs_reuse_storage_only_when_the_caller_dropped_them():
     assert d.data_ptr() == ptr_c, "nobody holds c: its storage is reused"
     torch.testing.assert_close(a, torch.softmax(x, -1))
     torch.testing.assert_close(d, torch.softmax(x * 2, -1))
+
+
+@pytest.mark.parametrize("reduce", ["sum", "prod", "amax", "amin"])
+@pytest.mark.parametrize("include_self", [True, False])
+def test_scatter_reduce(reduce, include_self):
+    gen = torch.Generator().manual_seed(3)
+    idx = torch.randint(0, 5, (3, 4), generator=gen)
+    run_both(lambda x, i, s: x.scatter_reduce(1, i, s, reduce, include_self=include_self) * 2,
+             [torch.randn(3, 5), idx, torch.randn(3, 4)])
