@@ -8,6 +8,7 @@ and keyword forms look the same. Anything not handled here becomes ``st.torch_ca
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any
 
 import torch
@@ -681,3 +682,50 @@ def reverse(imp, n):
         idx = imp.create(st.IotaOp, start=size - 1, step=-1, size=size, dtype=DType.i64)
         x = imp.create(st.IndexSelectOp, x, idx, dim=d)
     return x
+
+
+def _pool_window(imp, n, kernel, stride, padding, dilation=(1, 1), ceil_mode=False):
+    """The window size when a 2-d pooling is non-overlapping and exact (kernel == stride, no
+    padding, no dilation, sizes divisible), else None."""
+    k = list(kernel) * (2 // len(kernel)) if kernel else None
+    s = list(stride) * (2 // len(stride)) if stride else k
+    p = list(padding) * (2 // len(padding)) if padding else [0, 0]
+    d = list(dilation) * (2 // len(dilation)) if dilation else [1, 1]
+    x = imp.value(n.args[0])
+    h, w = x.type.shape[-2:]
+    if k is None or k != s or any(p) or d != [1, 1] or ceil_mode or h % k[0] or w % k[1]:
+        return None
+    return x, k
+
+
+def _windows(imp, x, k) -> Value:
+    """[..., H, W] -> [..., H/kh, kh, W/kw, kw] (a view)."""
+    *lead, h, w = x.type.shape
+    return imp.reshape(x, (*lead, h // k[0], k[0], w // k[1], k[1]))
+
+
+@handles(aten.avg_pool2d)
+def avg_pool2d(imp, n):
+    a = bind(n)
+    got = _pool_window(imp, n, a["kernel_size"], a.get("stride"), a.get("padding"),
+                       ceil_mode=bool(a.get("ceil_mode")))
+    if got is None or a.get("divisor_override"):
+        return imp.torch_call(n)
+    x, k = got
+    win = _windows(imp, x, k)
+    r = win.type.rank
+    return imp.create(st.MeanOp, win, dims=(r - 3, r - 1), keepdim=False)
+
+
+@handles(aten.max_pool2d_with_indices)
+def max_pool2d(imp, n):
+    a = bind(n)
+    got = _pool_window(imp, n, a["kernel_size"], a.get("stride"), a.get("padding"),
+                       a.get("dilation"), bool(a.get("ceil_mode")))
+    indices_used = any(u.target is operator.getitem and u.args[1] == 1 for u in n.users)
+    if got is None or indices_used:
+        return imp.torch_call(n)
+    x, k = got
+    win = _windows(imp, x, k)
+    r = win.type.rank
+    return [imp.create(st.MaxOp, win, dims=(r - 3, r - 1), keepdim=False), None]

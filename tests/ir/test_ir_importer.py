@@ -179,3 +179,12 @@ def test_op_with_omitted_outputs_imports_as_torch_call():
     prog = check(Fn(fn), rnd(1, 2, 5, 5), rnd(1, 3, 5, 5), rnd(2, 3, 3, 3), atol=1e-4,
                  allow_torch_call=True)
     assert "aten.convolution_backward.default" in summarize(prog.module).torch_call_targets
+
+
+def test_non_overlapping_pooling_imports_as_reductions():
+    def fn(x):
+        return F.avg_pool2d(x, 2) + F.max_pool2d(x, 2), F.avg_pool2d(x, 3, 1)  # overlapping
+
+    prog = check(Fn(fn), rnd(2, 3, 6, 6), atol=1e-5, allow_torch_call=True)
+    targets = summarize(prog.module).torch_call_targets
+    assert list(targets) == ["aten.avg_pool2d.default"] and targets["aten.avg_pool2d.default"] == 1
