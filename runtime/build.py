@@ -66,7 +66,7 @@ _BASE_FLAGS = (
     "-fPIC",
     "-shared",
     "-fno-math-errno",
-    "-fno-trapping-math",
+    "-fno-trapping-math", "-ffp-contract=off",
 )
 
 _lock = threading.Lock()
