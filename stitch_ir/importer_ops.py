@@ -489,6 +489,8 @@ def index(imp, n):
     x = imp.value(n.args[0])
     indices = list(n.args[1])
     live = [(d, a) for d, a in enumerate(indices) if a is not None]
+    if len(live) > 1:
+        return _index_adjacent(imp, n, x, live)
     if len(live) != 1:
         return imp.torch_call(n)
     d, a = live[0]
@@ -729,3 +731,31 @@ def max_pool2d(imp, n):
     win = _windows(imp, x, k)
     r = win.type.rank
     return [imp.create(st.MaxOp, win, dims=(r - 3, r - 1), keepdim=False), None]
+
+
+def _index_adjacent(imp, n, x: Value, live) -> Value:
+    """``x[..., i0, i1, ...]`` with index tensors on adjacent dims (e.g. nearest upsampling):
+    the indices broadcast together and address the merged dims, so this is one index_select
+    of a linearised index over those dims merged into one."""
+    dims_ = [d for d, _ in live]
+    if dims_ != list(range(dims_[0], dims_[0] + len(dims_))):
+        return imp.torch_call(n)
+    idx = [imp.value(a) for _, a in live]
+    if any(not i.type.dtype.is_int for i in idx):
+        return imp.torch_call(n)
+    first, last = dims_[0], dims_[-1]
+    shape = list(x.type.shape)
+    bshape = tuple(torch.broadcast_shapes(*[tuple(i.type.shape) for i in idx]))
+    flat = None
+    for d, i in zip(dims_, idx):
+        i = imp.broadcast(imp.cast(i, DType.i64), bshape)
+        size = shape[d]
+        i = imp.create(st.WhereOp, imp.create(st.LtOp, i, imp.constant(0, i.type)),
+                       imp.create(st.AddOp, i, imp.constant(size, i.type)), i)
+        flat = i if flat is None else imp.create(
+            st.AddOp, imp.create(st.MulOp, flat, imp.constant(size, i.type)), i)
+    merged = math.prod(shape[first:last + 1])
+    xm = imp.reshape(x, (*shape[:first], merged, *shape[last + 1:]))
+    count = math.prod(bshape)
+    picked = imp.create(st.IndexSelectOp, xm, imp.reshape(flat, (count,)), dim=first)
+    return imp.reshape(picked, imp.out_type().shape)

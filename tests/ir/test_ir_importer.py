@@ -188,3 +188,10 @@ def test_non_overlapping_pooling_imports_as_reductions():
     prog = check(Fn(fn), rnd(2, 3, 6, 6), atol=1e-5, allow_torch_call=True)
     targets = summarize(prog.module).torch_call_targets
     assert list(targets) == ["aten.avg_pool2d.default"] and targets["aten.avg_pool2d.default"] == 1
+
+
+def test_multi_index_on_adjacent_dims_imports_without_torch_call():
+    """Nearest upsampling indexes H and W with two broadcast index tensors."""
+    check(Fn(lambda x: F.interpolate(x, scale_factor=2, mode="nearest") * 2), rnd(2, 3, 4, 5))
+    ih, iw = torch.tensor([[0], [2], [-1]]), torch.tensor([1, 0, 3, 3])
+    check(Fn(lambda x: x[:, ih, iw] + 1), rnd(2, 4, 5))
