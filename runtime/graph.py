@@ -34,7 +34,7 @@ from runtime.build import load_kernel
 from stitch_ir.core import BlockArgument, FuncOp, OpResult, Value
 from stitch_ir.dialects import fusion, st
 from stitch_ir.importer import ImportedProgram, dtype_to_torch
-from stitch_ir.interpreter import IMPLS, decode_torch_args, resolve_torch_op
+from stitch_ir.interpreter import IMPLS, decode_torch_args, resolve_torch_op, torch_call_results
 
 log = logging.getLogger("stitch.runtime")
 
@@ -194,12 +194,9 @@ class CompiledGraph:
         if isinstance(op, st.TorchCallOp):
             fn = resolve_torch_op(op.attributes["target"])
             spec = op.attributes["args"]
-            def run(env, fn=fn, spec=spec, reads=reads, writes=writes):
+            def run(env, fn=fn, spec=spec, reads=reads, writes=writes, op=op):
                 a, kw = decode_torch_args(spec, [env[i] for i in reads])
-                out = fn(*a, **kw)
-                flat = [t for t in (out if isinstance(out, tuple | list) else [out])
-                        if isinstance(t, torch.Tensor)]
-                for w, t in zip(writes, flat):
+                for w, t in zip(writes, torch_call_results(op, fn(*a, **kw))):
                     env[w] = t
             return Step(op.attributes["target"], run, "torch", reads, writes)
         self.fallbacks.append(f"'{op.name}' outside any fusion group")

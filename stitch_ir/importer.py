@@ -378,8 +378,10 @@ class GraphImporter:
             if not isinstance(leaf, torch.Tensor):
                 raise self.fail(f"op returns a {type(leaf).__name__}, which stitch cannot hold")
             types.append(type_from_meta(leaf))
-        op = st.TorchCallOp(operands, types, {"target": str(n.target), "args": json.dumps(spec)},
-                            loc=self.loc)
+        attrs = {"target": str(n.target), "args": json.dumps(spec)}
+        if isinstance(val, tuple | list):
+            attrs["outputs"] = [k for k, leaf in enumerate(leaves) if leaf is not None]
+        op = st.TorchCallOp(operands, types, attrs, loc=self.loc)
         self.b.insert(op)
         if not isinstance(val, tuple | list):
             return op.results[0]

@@ -512,6 +512,19 @@ def resolve_torch_op(target: str):
     return obj
 
 
+def torch_call_results(op, out) -> list:
+    """The tensors of a torch op's return value that the ``st.torch_call`` op's results stand
+    for (by tuple position when the op records them)."""
+    import torch
+
+    if not isinstance(out, tuple | list):
+        return [out]
+    positions = op.attr("outputs")
+    if positions is not None:
+        return [out[k] for k in positions]
+    return [t for t in out if isinstance(t, torch.Tensor)]
+
+
 @impl("st.torch_call")
 def _torch_call(op, args):
     import torch
@@ -520,8 +533,7 @@ def _torch_call(op, args):
     tensors = [torch.from_numpy(np.array(a, order="C")) for a in args]  # keeps rank 0
     pos, kw = decode_torch_args(op.attributes["args"], tensors)
     out = fn(*pos, **kw)
-    flat = list(out) if isinstance(out, tuple | list) else [out]
-    flat = [t for t in flat if isinstance(t, torch.Tensor)]
+    flat = torch_call_results(op, out)
     if len(flat) != len(op.results):
         raise InterpreterError(f"'{op.attributes['target']}' returned {len(flat)} tensors, the op "
                                f"declares {len(op.results)}{op.where()}")

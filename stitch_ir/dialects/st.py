@@ -765,6 +765,9 @@ class TorchCallOp(StOp):
     kind = TORCH
     num_results = None
     required_attrs = ("target", "args")
+    # ``outputs``: for an op returning a tuple, the tuple position of each result (outputs the
+    # op was asked not to compute are skipped, so results and positions need not line up).
+    optional_attrs = ("outputs",)
 
     def verify_(self) -> None:
         target = self.attributes["target"]
