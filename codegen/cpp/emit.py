@@ -247,6 +247,11 @@ class Emitter:
             return self.temp(ct, BINARY_C[type(op)].format(a=a, b=b))
         if isinstance(op, st.DivOp):
             a, b = (self.value(o, idx) for o in op.operands)
+            inner = self.scopes[-1].loop_vars
+            if t.dtype.is_float and inner and not (self._deps(b) & inner):
+                # a loop-invariant divisor (a row's sum): one reciprocal, hoisted; then multiply
+                inv = self.temp(ct, f"(({ct})1 / {b})")
+                return self.temp(ct, f"({a} * {inv})")
             return self.temp(ct, f"({a} / {b})")
         if isinstance(op, st.FloorDivOp | st.RemainderOp):
             a, b = (self.value(o, idx) for o in op.operands)
