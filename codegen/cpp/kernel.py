@@ -201,7 +201,7 @@ class RowKernel:
                 em.line(f"{_acc_ctype(r)} {acc} = {init};")
                 clauses.append(f"reduction({clause}:{acc})")
                 if isinstance(r, st.MaxOp | st.MinOp):
-                    em.line(f"bool {acc}_nan = false;")
+                    em.line(f"int {acc}_nan = 0;")  # an int flag vectorises; a bool does not
                     clauses.append(f"reduction(|:{acc}_nan)")
             if self.em_has_gather:
                 clauses.append("reduction(|:err)")
@@ -273,9 +273,9 @@ def _acc_init(r: st.ReduceOp, mode: str) -> tuple[str, str]:
 def _acc_update(r: st.ReduceOp, mode: str, acc: str, x: str, mean: str | None) -> str:
     t = ctype(r.result.type.dtype)
     if isinstance(r, st.MaxOp):
-        return f"{acc} = ({t}){x} > {acc} ? ({t}){x} : {acc}; {acc}_nan |= ({x} != {x});"
+        return f"{acc} = ({t}){x} > {acc} ? ({t}){x} : {acc}; {acc}_nan |= (int)({x} != {x});"
     if isinstance(r, st.MinOp):
-        return f"{acc} = ({t}){x} < {acc} ? ({t}){x} : {acc}; {acc}_nan |= ({x} != {x});"
+        return f"{acc} = ({t}){x} < {acc} ? ({t}){x} : {acc}; {acc}_nan |= (int)({x} != {x});"
     if isinstance(r, st.ProdOp):
         return f"{acc} *= ({t}){x};"
     if isinstance(r, st.AnyOp):
@@ -419,7 +419,7 @@ class PhaseKernel:
                 em.line(f"{t} {acc} = {init};")
                 extra = ""
                 if isinstance(op, st.MaxOp | st.MinOp):
-                    em.line(f"bool {acc}_nan = false;")
+                    em.line(f"int {acc}_nan = 0;")  # an int flag vectorises; a bool does not
                     extra = f" reduction(|:{acc}_nan)"
                 em.mark()
                 for k, size in enumerate(red_shape):
