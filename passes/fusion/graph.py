@@ -64,8 +64,8 @@ class PlanGraph:
     def fusible(self) -> list[int]:
         return [i for i, r in enumerate(self.role) if r == FUSIBLE]
 
-    def is_convex(self, members: int) -> bool:
-        """No path leaves the group and comes back (``members`` is a bitset)."""
+    def reach(self, members: int) -> tuple[int, int]:
+        """(descendants, ancestors) of a group, as bitsets."""
         d = a = 0
         m = members
         while m:
@@ -74,18 +74,16 @@ class PlanGraph:
             d |= self.desc_bits[i]
             a |= self.anc_bits[i]
             m ^= low
+        return d, a
+
+    def is_convex(self, members: int) -> bool:
+        """No path leaves the group and comes back (``members`` is a bitset)."""
+        d, a = self.reach(members)
         return (d & a & ~members) == 0
 
     def closure(self, members: int) -> int:
         """The smallest convex superset: add every node on a path between two members."""
-        d = a = 0
-        m = members
-        while m:
-            low = m & -m
-            i = low.bit_length() - 1
-            d |= self.desc_bits[i]
-            a |= self.anc_bits[i]
-            m ^= low
+        d, a = self.reach(members)
         return members | (d & a)
 
     def neighbours(self, i: int) -> list[int]:
