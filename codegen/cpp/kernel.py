@@ -173,22 +173,37 @@ class RowKernel:
         for v in outs_full:
             used_in.setdefault(id(v), set()).add(avail[id(v)])
         cheap = (st.ReduceOp, st.ReshapeOp, st.BroadcastOp, st.ConstantOp, st.IotaOp)
-        regional = [op.result for op in self.body if not isinstance(op, cheap)
-                    and len(op.results) == 1 and math.prod(dims(op.result)) == full
-                    and len(used_in.get(id(op.result), ())) > 1]
+        regional: list[Value] = []
+        for op in self.body:
+            if isinstance(op, cheap) or len(op.results) != 1 or \
+                    math.prod(dims(op.result)) != full or len(used_in.get(id(op.result), ())) < 2:
+                continue
+            if _recompute_cost(op.result, {id(v) for v in regional}) > RECOMPUTE_LIMIT:
+                regional.append(op.result)
         bufs = {id(v): f"rowbuf{k}" for k, v in enumerate(regional)}
         ends = [loop_of[id(r)] + (1 if isinstance(r, st.VarOp) else 0) for r in self.reduces]
         n_loops = 1 + max(ends + [avail[id(v)] for v in outs_full + regional])
+        # Large outputs are written row by row from an L1 row buffer with streaming stores: no
+        # read-for-ownership of the destination, and 32 MiB of results do not evict the inputs.
+        out_bytes = sum(full * v.type.dtype.itemsize for v in outs_full)
+        streams = {id(v): f"streambuf{k}" for k, v in enumerate(outs_full)} \
+            if out_bytes >= STREAM_MIN_BYTES else {}
         lines: list[str] = []
         em.push(lines, "      ", loop_vars={"r"})
+        # the next row of each row-major input is fetched while this row computes
+        for a in self.group.body.args:
+            if math.prod(dims(a)) == full and self.R > 1:
+                em.line(f"st_prefetch_row({self.em.buffers[id(a)]} + (r + 1 < {self.R} ? r + 1 : r)"
+                        f" * {self.L}, {self.L * a.type.dtype.itemsize});")
         means: dict[int, str] = {}
         done_row_outs: set[int] = set()
         for loop in range(n_loops):
             steps = [(r, "main") for r in self.reduces if loop_of[id(r)] == loop]
             steps += [(r, "dev") for r in self.reduces
                       if isinstance(r, st.VarOp) and loop_of[id(r)] + 1 == loop]
-            stores = [(v, f"{self.out_ptrs[id(v)]}[r * {self.L} + j]") for v in outs_full
-                      if avail[id(v)] == loop]
+            stores = [(v, f"{streams[id(v)]}[j]" if id(v) in streams else
+                       f"{self.out_ptrs[id(v)]}[r * {self.L} + j]")
+                      for v in outs_full if avail[id(v)] == loop]
             stores += [(v, f"{bufs[id(v)]}[j]") for v in regional if avail[id(v)] == loop]
             if not steps and not stores:
                 continue
@@ -223,6 +238,10 @@ class RowKernel:
             lines.extend("        " + d for d in self.col_decl)
             lines.extend(body)
             em.line("}")
+            for v, _ in stores:
+                if id(v) in streams:
+                    em.line(f"st_stream_row({self.out_ptrs[id(v)]} + r * {self.L}, {streams[id(v)]}, "
+                            f"{self.L * v.type.dtype.itemsize});")
             for v in regional:
                 if avail[id(v)] == loop:
                     self._register(v, f"{bufs[id(v)]}[j]")
@@ -243,12 +262,58 @@ class RowKernel:
                 em.line(f"{self.out_ptrs[id(v)]}[r] = {em.value(v, self.idx_of(v))};")
         em.pop()
         return {"R": self.R, "L": self.L, "row_decl": self.row_decl, "lines": lines,
-                "row_buffers": [(bufs[id(v)], ctype(v.type.dtype)) for v in regional]}
+                "row_buffers": [(bufs[id(v)], ctype(v.type.dtype)) for v in regional] +
+                [(streams[id(v)], ctype(v.type.dtype)) for v in outs_full if id(v) in streams],
+                "streaming": bool(streams)}
 
     @property
     def em_has_gather(self) -> bool:
         return any(isinstance(op, st.EmbeddingOp | st.IndexSelectOp | st.GatherOp)
                    for op in self.body)
+
+
+# A row value read in several phases is either kept in a row buffer (one store, then one L1
+# load per later phase) or recomputed in each phase from the row's inputs, which are in L1 by
+# then. Recomputing wins for short chains of cheap ops (x * 0.125, y + b + res): the buffer's
+# store and loads cost as much as the ops, and the buffer competes for L1. Anything with a
+# transcendental, a division or a gather is buffered.
+RECOMPUTE_LIMIT = 4
+# Outputs of a rows kernel at least this large are written with streaming stores (a fraction of
+# a server L3: results this large leave the cache before a consumer reads them anyway).
+STREAM_MIN_BYTES = 8 << 20
+_EXPENSIVE = frozenset({
+    "st.exp", "st.exp2", "st.log", "st.log2", "st.log1p", "st.expm1", "st.sqrt", "st.rsqrt",
+    "st.sin", "st.cos", "st.tan", "st.tanh", "st.sigmoid", "st.erf", "st.div", "st.pow",
+    "st.remainder", "st.floor_div", "st.atan2", "st.reciprocal"})
+
+
+def _recompute_cost(v: Value, buffered: set[int]) -> int:
+    """Ops plus loads needed to recompute ``v`` inside a phase; > RECOMPUTE_LIMIT means keep it.
+    Stops at block arguments (a load), reductions (a register) and buffered values (a load)."""
+    seen: set[int] = set()
+    cost = 0
+
+    def walk(u: Value, root: bool) -> None:
+        nonlocal cost
+        if id(u) in seen:
+            return
+        seen.add(id(u))
+        op = getattr(u, "owner", None)  # block arguments have none
+        if op is None or (not root and id(u) in buffered):
+            cost += 1  # a load
+            return
+        if isinstance(op, st.ReduceOp | st.ConstantOp | st.IotaOp):
+            return
+        if op.name in _EXPENSIVE or isinstance(op, st.EmbeddingOp | st.IndexSelectOp | st.GatherOp):
+            cost += RECOMPUTE_LIMIT + 1
+            return
+        if not isinstance(op, st.ReshapeOp | st.BroadcastOp):
+            cost += 1
+        for o in op.operands:
+            walk(o, False)
+
+    walk(v, True)
+    return cost
 
 
 def _acc_ctype(r: st.ReduceOp) -> str:

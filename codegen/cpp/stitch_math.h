@@ -1,31 +1,44 @@
 // stitch_math.h: float32 math that GCC vectorises (no libm calls in inner loops).
-// exp: Cephes-style range reduction + degree-5 polynomial (~1 ulp); erf: Eigen's rational
-// approximation on [-4, 4] (a few ulp); tanh and sigmoid through exp. NaN and inf propagate.
+// Measured by tests/runtime/test_stitch_math.py against float64: exp <= 2 ulp (Cephes range
+// reduction, degree-5 polynomial), erf <= 8 ulp (Eigen's rational approximation on [-4, 4]),
+// tanh <= 4 ulp (Cephes polynomial below 0.625, through exp above), sigmoid <= 4 ulp.
+// NaN and inf propagate.
 #pragma once
 #include <cstdint>
 #include <cstring>
 #include <cmath>
 
+// ST_FMA: one rounding where the target has fused multiply-add (explicit, so -ffp-contract=off
+// does not change it), a*b+c elsewhere.
+#if defined(__FMA__) || defined(__aarch64__)
+#define ST_FMA(a, b, c) std::fma((a), (b), (c))
+#else
+#define ST_FMA(a, b, c) ((a) * (b) + (c))
+#endif
+
+// exp(x) = 2^n * p(r), n = round(x / ln2), r = x - n ln2 (two-part ln2). The scale 2^n is added
+// to p's exponent bits, so the only selects are the two range ends: no clamps, which GCC turns
+// into chains of blends. NaN flows through the arithmetic. Results below exp(-86.98) = 1.8e-38
+// are flushed to 0 (subnormal results), above ln(FLT_MAX) they are inf.
 static inline float st_exp(float x) {
-  const float hi = 88.3762626647950f, lo = -87.3365447505531f;
-  float xc = x > hi ? hi : x;
-  xc = xc < lo ? lo : xc;
-  float fl = std::floor(xc * 1.44269504088896341f + 0.5f);
-  float r = xc - fl * 0.693359375f + fl * 2.12194440e-4f;
-  float z = r * r;
+  const float hi = 88.72283172607421875f, lo = -86.98f;
+  float n = std::nearbyint(x * 1.44269504088896341f);
+  float r = ST_FMA(n, -0.693359375f, x);
+  r = ST_FMA(n, 2.12194440e-4f, r);
   float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * z + r + 1.0f;
-  union { uint32_t u; float f; } p;
-  p.u = (uint32_t)((int32_t)fl + 127) << 23;
-  float out = y * p.f;
+  y = ST_FMA(y, r, 1.3981999507e-3f);
+  y = ST_FMA(y, r, 8.3334519073e-3f);
+  y = ST_FMA(y, r, 4.1665795894e-2f);
+  y = ST_FMA(y, r, 1.6666665459e-1f);
+  y = ST_FMA(y, r, 5.0000001201e-1f);
+  y = ST_FMA(y, r * r, r + 1.0f);
+  int32_t bits;
+  std::memcpy(&bits, &y, 4);
+  bits += (int32_t)n << 23;
+  float out;
+  std::memcpy(&out, &bits, 4);
   out = x > hi ? INFINITY : out;
-  out = x < lo ? 0.0f : out;
-  return x != x ? x : out;
+  return x < lo ? 0.0f : out;
 }
 
 static inline double st_exp(double x) { return std::exp(x); }
@@ -52,11 +65,19 @@ static inline float st_erf(float x) {
 static inline double st_erf(double x) { return std::erf(x); }
 
 static inline float st_tanh(float x) {
+  // |x| < 0.625: Cephes' odd polynomial (1 - e) / (1 + e) would cancel there; else through exp.
   float a = x < 0.0f ? -x : x;
+  float z = x * x;
+  float p = -5.70498872745e-3f;
+  p = ST_FMA(p, z, 2.06390887954e-2f);
+  p = ST_FMA(p, z, -5.37397155531e-2f);
+  p = ST_FMA(p, z, 1.33314422036e-1f);
+  p = ST_FMA(p, z, -3.33332819422e-1f);
+  float small = ST_FMA(p * z, x, x);
   float e = st_exp(-2.0f * a);
   float t = (1.0f - e) / (1.0f + e);
-  t = a < 1e-4f ? a : t;                              // tanh(a) = a to float precision
   t = x < 0.0f ? -t : t;
+  t = a < 0.625f ? small : t;
   return x != x ? x : t;
 }
 
@@ -79,3 +100,32 @@ template <typename T> static inline T st_floordiv_f(T a, T b) { return std::floo
 template <typename T> static inline T st_remainder_f(T a, T b) { T r = std::fmod(a, b); return (r != 0 && ((r < 0) != (b < 0))) ? r + b : r; }
 static inline int64_t st_floordiv_i(int64_t a, int64_t b) { int64_t q = a / b; return (a % b != 0 && ((a < 0) != (b < 0))) ? q - 1 : q; }
 static inline int64_t st_remainder_i(int64_t a, int64_t b) { int64_t r = a % b; return (r != 0 && ((r < 0) != (b < 0))) ? r + b : r; }
+
+// Row movement for the rows strategy. st_prefetch_row asks for the cache lines of the next
+// row; st_stream_row copies a finished row from its L1 buffer to memory with streaming stores
+// (no read-for-ownership of the destination); a kernel that used it ends with st_stream_fence.
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+static inline void st_prefetch_row(const void* p, int64_t nbytes) {
+  const char* c = (const char*)p;
+  for (int64_t b = 0; b < nbytes; b += 64) __builtin_prefetch(c + b);
+}
+static inline void st_stream_row(void* dst, const void* src, int64_t nbytes) {
+  char* d = (char*)dst;
+  const char* s = (const char*)src;
+#if defined(__AVX__)
+  int64_t head = (int64_t)((32 - ((uintptr_t)d & 31)) & 31);
+  head = head < nbytes ? head : nbytes;
+  std::memcpy(d, s, head);
+  d += head, s += head, nbytes -= head;
+  for (; nbytes >= 32; nbytes -= 32, d += 32, s += 32)
+    _mm256_stream_si256((__m256i*)d, _mm256_loadu_si256((const __m256i*)s));
+#endif
+  std::memcpy(d, s, nbytes);
+}
+static inline void st_stream_fence() {
+#if defined(__AVX__)
+  _mm_sfence();
+#endif
+}
