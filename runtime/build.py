@@ -310,6 +310,67 @@ def build_library(source: str, name: str = "kernel", flags: list[str] | None = N
     return lib
 
 
+def build_kernels(kernels: list[tuple[str, str]], prelude: str, flags: list[str] | None = None,
+                  parts: int | None = None) -> dict[str, Path]:
+    """Build many kernels as a few translation units; returns symbol -> library path.
+
+    ``kernels`` are ``(symbol, body)`` pairs whose bodies all follow ``prelude`` (the includes
+    and helpers they share). Starting the compiler and parsing the headers costs more than a
+    kernel's own code, so the kernels not built before are compiled ``parts`` at a time (one
+    unit per core by default, compiled concurrently). Every kernel gets a small reference file
+    naming the library that holds it, keyed like :func:`build_library`'s cache: a kernel built
+    before, in any batch, is found again and nothing is compiled for it.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    cxx = compiler()
+    flags = default_flags() if flags is None else list(flags)
+    base = [_LAYOUT_VERSION, prelude, flags, cxx, _version(cxx)]
+    if any(f.startswith(("-march=native", "-mcpu=native", "-mtune=native")) for f in flags):
+        base.append(_host_cpu())
+    folder = cache_dir()
+    found: dict[str, Path] = {}
+    todo: list[tuple[str, str, Path]] = []
+    for symbol, body in dict(kernels).items():
+        digest = hashlib.sha256(json.dumps(base + [body]).encode()).hexdigest()
+        ref = folder / f"{_sanitize(symbol)}-{digest[:24]}.ref"
+        try:
+            lib = folder / ref.read_text(encoding="utf-8").strip()
+        except OSError:
+            lib = None
+        if lib is not None and lib.exists():
+            found[symbol] = lib
+            _bump("cache_hits")
+        else:
+            todo.append((symbol, body, ref))
+    if not todo:
+        return found
+    n = max(1, min(len(todo), parts or len(os.sched_getaffinity(0))))
+    # balance the units by source length, keeping each unit's kernels in the given order
+    units: list[list[tuple[str, str, Path]]] = [[] for _ in range(n)]
+    sizes = [0] * n
+    for item in sorted(todo, key=lambda t: -len(t[1])):
+        k = sizes.index(min(sizes))
+        units[k].append(item)
+        sizes[k] += len(item[1])
+    order = {sym: i for i, (sym, _, _) in enumerate(todo)}
+    units = [sorted(u, key=lambda t: order[t[0]]) for u in units if u]
+
+    def build(unit: list[tuple[str, str, Path]]) -> Path:
+        source = prelude + "\n" + "\n".join(body for _, body, _ in unit)
+        name = unit[0][0] if len(unit) == 1 else f"batch{len(unit)}_{unit[0][0]}"
+        lib = build_library(source, name=name, flags=flags)
+        for _, _, ref in unit:
+            _write_atomic(ref, lib.name)
+        return lib
+
+    with ThreadPoolExecutor(len(units)) as pool:
+        for unit, lib in zip(units, pool.map(build, units)):
+            for symbol, _, _ in unit:
+                found[symbol] = lib
+    return found
+
+
 def load_library(path: str | os.PathLike[str]) -> ctypes.CDLL:
     """``dlopen`` the library at ``path`` once per process (later calls return the same CDLL)."""
     key = str(Path(path).resolve())
@@ -378,6 +439,11 @@ class Kernel:
 
     def __repr__(self) -> str:
         return f"Kernel({self.symbol!r}, {str(self.path)!r})"
+
+
+def load_built(path: Path, symbol: str) -> Kernel:
+    """``symbol`` of the already built library at ``path`` (from :func:`build_kernels`)."""
+    return Kernel(load_library(path), symbol, path, path.with_suffix(".cpp"))
 
 
 def load_kernel(source: str, symbol: str, name: str | None = None, flags: list[str] | None = None) -> Kernel:

@@ -30,7 +30,7 @@ import torch
 
 from codegen.cpp.emit import Unsupported
 from codegen.cpp.kernel import KernelSource, render_group
-from runtime.build import load_kernel
+from runtime.build import load_built
 from stitch_ir.core import BlockArgument, FuncOp, OpResult, Value
 from stitch_ir.dialects import fusion, st
 from stitch_ir.importer import ImportedProgram, dtype_to_torch
@@ -127,11 +127,9 @@ class CompiledGraph:
         return sum(1 for s in self.steps if s.kind == "kernel")
 
     def _build_all(self) -> dict[int, KernelSource | Unsupported]:
-        """Render every kernel, then compile them concurrently (one compiler per core)."""
-        import os
-        from concurrent.futures import ThreadPoolExecutor
-
-        from runtime.build import build_library
+        """Render every kernel, then compile them as one translation unit per core."""
+        from codegen.cpp.kernel import PRELUDE
+        from runtime.build import build_kernels
 
         sources: dict[int, KernelSource | Unsupported] = {}
         for k, op in enumerate(self.func.body.ops[:-1]):
@@ -140,10 +138,8 @@ class CompiledGraph:
                     sources[id(op)] = render_group(op, f"g{k}")
                 except Unsupported as e:
                     sources[id(op)] = e
-        todo = [s for s in sources.values() if isinstance(s, KernelSource)]
-        workers = max(1, min(len(todo), len(os.sched_getaffinity(0))))
-        with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(lambda s: build_library(s.source, s.symbol), todo))
+        todo = [(s.symbol, s.body) for s in sources.values() if isinstance(s, KernelSource)]
+        self.libraries = build_kernels(todo, PRELUDE)
         return sources
 
     def _step(self, op) -> Step:
@@ -154,7 +150,7 @@ class CompiledGraph:
             if isinstance(src, Unsupported):
                 self.fallbacks.append(f"{op.kind} group of {len(op.body.ops) - 1} ops ({src})")
                 return self._interpreted(op, reads, writes)
-            kern = load_kernel(src.source, src.symbol, src.symbol)
+            kern = load_built(self.libraries[src.symbol], src.symbol)
             types = [r for r in op.results]
             list(src.scratch)
 

@@ -35,6 +35,16 @@ TEMPLATES = jinja2.Environment(
     undefined=jinja2.StrictUndefined, keep_trailing_newline=True, trim_blocks=True,
     lstrip_blocks=True)
 MATH_HEADER = (Path(__file__).parent / "stitch_math.h").read_text()
+# What every kernel source starts with after its comment; a batch of kernels compiled as one
+# translation unit shares one copy (runtime.build.build_kernels).
+PRELUDE = """#include <cstdint>
+#include <cmath>
+#include <limits>
+#include <vector>
+#if STITCH_OPENMP
+#include <omp.h>
+#endif
+""" + MATH_HEADER.replace("#pragma once\n", "")
 SCATTERS = (st.IndexAddOp, st.ScatterAddOp, st.ScatterReduceOp)
 
 
@@ -46,6 +56,7 @@ class KernelSource:
     n_inputs: int
     n_outputs: int
     scratch: list[int] = field(default_factory=list)  # bytes of each scratch buffer
+    body: str = ""  # the source without PRELUDE: what a batch of kernels concatenates
 
 
 def _shape_nz(v: Value) -> tuple[int, ...]:
@@ -699,7 +710,7 @@ def render_group(group: fusion.GroupOp, name: str = "") -> KernelSource:
         "ops": ops, "kind": group.kind, "mapping": group.attr("mapping", ""),
         "inputs": [(f"in{k}", ctype(a.type.dtype), str(a.type)) for k, a in enumerate(args)],
         "outputs": [(f"out{k}", ctype(v.type.dtype), str(v.type)) for k, v in enumerate(outputs)],
-        "math": MATH_HEADER,
+        "prelude": PRELUDE,
     }
     strategy = "rows"
     scratch: list[int] = []
@@ -719,8 +730,9 @@ def render_group(group: fusion.GroupOp, name: str = "") -> KernelSource:
     body_hash = hashlib.sha256(repr((ops, str(group.attributes), strategy)).encode())
     context["symbol"] = "stitch_" + (name or "k") + "_" + body_hash.hexdigest()[:10]
     source = TEMPLATES.get_template(template).render(**context)
+    body = TEMPLATES.get_template(template).render(**{**context, "prelude": ""})
     symbol = context["symbol"]
     # the symbol names the source: two different kernels never share one
     final = "stitch_" + (name or "k") + "_" + hashlib.sha256(source.encode()).hexdigest()[:12]
-    source = source.replace(symbol, final)
-    return KernelSource(final, source, strategy, len(args), len(outputs), scratch)
+    return KernelSource(final, source.replace(symbol, final), strategy, len(args), len(outputs),
+                        scratch, body.replace(symbol, final))

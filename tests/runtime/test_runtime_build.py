@@ -225,3 +225,39 @@ def test_compiler_flags_and_cache_dir_follow_the_environment(
     monkeypatch.setenv("CXX", "no-such-compiler-xyz")
     with pytest.raises(build.BuildError, match="no-such-compiler-xyz"):
         build.compiler()
+
+
+PRELUDE = "#include <cstdint>\nstatic inline float twice(float x) { return 2.0f * x; }\n"
+
+
+def scale_kernel(symbol: str, k: float) -> tuple[str, str]:
+    return symbol, (f'extern "C" int {symbol}(void* const* args) {{\n'
+                    f"  const float* x = (const float*)args[0]; float* y = (float*)args[1];\n"
+                    f"  for (int i = 0; i < 5; ++i) y[i] = twice(x[i]) * {k}f;\n  return 0;\n}}\n")
+
+
+def test_batched_kernels_share_units_and_each_is_found_again(kernel_cache: Path) -> None:
+    kernels = [scale_kernel(f"k{i}", i + 0.5) for i in range(5)]
+    before = build.stats()
+    libs = build.build_kernels(kernels, PRELUDE, parts=2)
+    assert build.stats()["compiled"] == before["compiled"] + 2  # two units, five kernels
+    assert len(set(libs.values())) == 2
+    x = np.arange(5, dtype=np.float32) - 2.0
+    for i, (symbol, _) in enumerate(kernels):
+        y = np.zeros(5, np.float32)
+        build.load_built(libs[symbol], symbol)(x.ctypes.data, y.ctypes.data)
+        np.testing.assert_array_equal(y, 2 * x * np.float32(i + 0.5))
+    # a later batch that repeats three of them compiles only the new one
+    mid = build.stats()
+    again = build.build_kernels(kernels[1:4] + [scale_kernel("k9", 9.5)], PRELUDE)
+    assert build.stats()["compiled"] == mid["compiled"] + 1
+    assert all(again[s] == libs[s] for s, _ in kernels[1:4])
+
+
+def test_broken_kernel_in_a_batch_names_the_unit_source(kernel_cache: Path) -> None:
+    bad = ("broken", 'extern "C" int broken(void* const* args) { return undefined_name; }\n')
+    with pytest.raises(build.BuildError) as info:
+        build.build_kernels([scale_kernel("fine", 1.0), bad], PRELUDE, parts=1)
+    err = info.value
+    assert "undefined_name" in str(err) and err.source_path.exists()
+    assert "undefined_name" in err.source_path.read_text()
