@@ -547,13 +547,32 @@ class PhaseKernel:
 
         self.nest(dims(op.result), body)
 
-    PREFETCH = 16  # edges ahead: enough misses in flight to cover DRAM latency
+    # The owned-destination index_add loop (see ``scatter``). Random row reads and writes are
+    # what it waits on: a row (256 B for 64 floats) costs ~50 ns from DRAM however it is
+    # prefetched, so the loop keeps a few rows of every random stream in flight.
+    SCATTER_CHUNK = 1024  # edges whose owned subset is listed at once (a few KiB, L1 resident)
+    PREFETCH = 6  # owned edges ahead for the random rows (gathered rows, destination rows)
+    PREFETCH_EDGE = 16  # owned edges ahead for the rows indexed by the edge (read in order)
+    PREFETCH_BYTES = 512  # of one row; the hardware prefetcher follows a longer row by itself
 
-    def _prefetch_rows(self, op, n_edges: int) -> None:
-        """Software prefetch of the rows the edge PREFETCH ahead will gather: random row reads
-        are latency-bound, and the hardware prefetcher cannot guess them."""
+    def _prefetch(self, ptr: str, nbytes: int, write: bool, hint: int) -> None:
+        """Prefetch every cache line of the ``nbytes`` at ``ptr`` (up to PREFETCH_BYTES)."""
+        n = min(nbytes, self.PREFETCH_BYTES)
+        args = f", {int(write)}, {hint})"
+        if n <= 64:
+            self.em.line(f"__builtin_prefetch((const char*)({ptr}){args};")
+            if n > 1:  # a short row may straddle two lines
+                self.em.line(f"__builtin_prefetch((const char*)({ptr}) + {n - 1}{args};")
+            return
+        self.em.line(f"for (int64_t q = 0; q < {n}; q += 64) "
+                     f"__builtin_prefetch((const char*)({ptr}) + q{args};")
+        if n % 64:
+            self.em.line(f"__builtin_prefetch((const char*)({ptr}) + {n - 1}{args};")
+
+    def _prefetch_rows(self, edge: str, n_edges: int) -> None:
+        """Prefetch the table rows the gathers of edge ``edge`` will read: random row reads are
+        latency-bound, and the hardware prefetcher cannot guess them."""
         em = self.em
-        ahead = f"(e + {self.PREFETCH} < {n_edges} ? e + {self.PREFETCH} : e)"
         for g in self.body:
             if not isinstance(g, st.EmbeddingOp | st.IndexSelectOp):
                 continue
@@ -563,8 +582,34 @@ class PhaseKernel:
                     len(dims(ids)) != 1 or dims(ids)[0] != n_edges:
                 continue
             row = math.prod(dims(table)[1:])
-            em.line(f"__builtin_prefetch({em.buffers[id(table)]} + "
-                    f"{em.buffers[id(ids)]}[{ahead}] * {row});")
+            self._prefetch(f"{em.buffers[id(table)]} + {em.buffers[id(ids)]}[{edge}] * {row}",
+                           row * table.type.dtype.itemsize, False, 3)
+
+    def _edge_rows(self, src: Value) -> list[tuple[str, int]]:
+        """(buffer, row bytes) of the buffers ``src`` reads at its own index, i.e. the row of
+        edge ``e`` (same shape, through element-wise ops only)."""
+        em = self.em
+        shape = dims(src)
+        found: dict[str, int] = {}
+        seen: set[int] = set()
+
+        def walk(v: Value) -> None:
+            if id(v) in seen or dims(v) != shape:
+                return
+            seen.add(id(v))
+            if id(v) in em.buffers:
+                found.setdefault(em.buffers[id(v)],
+                                 math.prod(shape[1:]) * v.type.dtype.itemsize)
+                return
+            op = getattr(v, "owner", None)
+            if op is None or isinstance(op, (st.EmbeddingOp, st.IndexSelectOp, st.GatherOp,
+                                             st.PermuteOp, st.ReshapeOp, *SCATTERS)):
+                return
+            for o in op.operands:
+                walk(o)
+
+        walk(src)
+        return list(found.items())
 
     def scatter(self, op, targets: list[str]) -> None:
         """out = x, then accumulate src; index_add along dim 0 in parallel with every thread
@@ -577,47 +622,7 @@ class PhaseKernel:
         ct = ctype(out.type.dtype)
         target = targets[0]
         if isinstance(op, st.IndexAddOp) and op.attributes["dim"] == 0:
-            rows, inner = xs[0], xs[1:]
-            n_edges = dims(idx)[0]
-            alpha = op.attr("alpha", 1)
-            em.line("{")
-            em.line("#if STITCH_OPENMP")
-            em.line("const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();")
-            em.line("#else")
-            em.line("const int64_t nt = 1, tid = 0;")
-            em.line("#endif")
-            em.line(f"const int64_t lo = {rows} * tid / nt, hi = {rows} * (tid + 1) / nt;")
-            em.mark()
-            em.line(f"for (int64_t e = 0; e < {n_edges}; ++e) {{")
-            body: list[str] = []
-            em.push(body, em.scopes[-1].indent + "  ", loop_vars={"e"})
-            d = em.checked_index(em.value(idx, ["e"]), rows)
-            em.line(f"if ({d} < lo || {d} >= hi) continue;")
-            self._prefetch_rows(op, n_edges)
-            if id(idx) in em.buffers:  # and the destination row it will accumulate into
-                ahead = f"(e + {self.PREFETCH} < {n_edges} ? e + {self.PREFETCH} : e)"
-                em.line(f"__builtin_prefetch({target} + {em.buffers[id(idx)]}[{ahead}] * "
-                        f"{math.prod(inner)}, 1);")
-            names = [f"c{k}" for k in range(len(inner))]
-            em.mark()
-            for k, n in enumerate(inner):
-                if k == len(inner) - 1:
-                    em.line("#pragma omp simd")
-                em.line(f"for (int64_t {names[k]} = 0; {names[k]} < {n}; ++{names[k]}) {{")
-            deep: list[str] = []
-            em.push(deep, em.scopes[-1].indent + "  ", loop_vars=set(names))
-            val = em.value(src, ["e"] + names)
-            scale = "" if alpha == 1 else f"({ct}){literal(alpha, out.type.dtype)} * "
-            em.line(f"{target}[{linearize([d] + names, xs)}] += {scale}{val};")
-            em.pop()
-            em.scopes[-1].lines.extend(deep)
-            for _ in inner:
-                em.line("}")
-            em.pop()
-            em.scopes[-1].lines.extend(body)
-            em.line("}")
-            em.line("}")
-            em.line("#pragma omp barrier")
+            self._index_add_rows(op, target, xs, ct)
             return
         if isinstance(op, st.ScatterReduceOp) and op.attributes["reduce"] == "mean":
             raise Unsupported("scatter_reduce 'mean' in the cpp target")
@@ -661,6 +666,95 @@ class PhaseKernel:
         for _ in ishape:
             em.line("}")
         em.line("}")
+
+    def _index_add_rows(self, op, target: str, xs: list[int], ct: str) -> None:
+        """index_add along dim 0, every thread owning the destination rows [lo, hi): a thread
+        reads the edges chunk by chunk, lists the ones it owns (edge and checked destination),
+        then accumulates them in edge order with the rows of the edge PREFETCH ahead in flight.
+        Each destination row sums its edges in increasing edge order whatever the thread count,
+        so the result is the same bits for any number of threads."""
+        em = self.em
+        _, idx, src = op.operands
+        rows, inner = xs[0], xs[1:]
+        width = math.prod(inner)
+        n_edges = dims(idx)[0]
+        alpha = op.attr("alpha", 1)
+        chunk = min(self.SCATTER_CHUNK, n_edges)
+        et = "int32_t" if n_edges < 2 ** 31 else "int64_t"
+        dt = "int32_t" if rows < 2 ** 31 else "int64_t"
+        em.line("{")
+        em.line("#if STITCH_OPENMP")
+        em.line("const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();")
+        em.line("#else")
+        em.line("const int64_t nt = 1, tid = 0;")
+        em.line("#endif")
+        em.line(f"const int64_t lo = {rows} * tid / nt, hi = {rows} * (tid + 1) / nt;")
+        em.line(f"{et} own_e[{chunk}];")
+        em.line(f"{dt} own_d[{chunk}];")
+        em.mark()
+        em.line(f"for (int64_t e0 = 0; e0 < {n_edges}; e0 += {chunk}) {{")
+        outer: list[str] = []
+        em.push(outer, em.scopes[-1].indent + "  ", loop_vars={"e0"})
+        em.line(f"const int64_t e1 = e0 + {chunk} < {n_edges} ? e0 + {chunk} : {n_edges};")
+        em.line("int64_t n = 0;")
+        # 1. the owned edges of this chunk, in order (branch-free)
+        em.mark()
+        em.line("for (int64_t e = e0; e < e1; ++e) {")
+        listing: list[str] = []
+        em.push(listing, em.scopes[-1].indent + "  ", loop_vars={"e"})
+        d = em.checked_index(em.value(idx, ["e"]), rows)
+        em.line(f"own_e[n] = ({et})e;")
+        em.line(f"own_d[n] = ({dt}){d};")
+        em.line(f"n += ({d} >= lo) & ({d} < hi);")
+        em.pop()
+        em.scopes[-1].lines.extend(listing)
+        em.line("}")
+        # 2. accumulate them
+        em.mark()
+        em.line("for (int64_t k = 0; k < n; ++k) {")
+        body: list[str] = []
+        em.push(body, em.scopes[-1].indent + "  ", loop_vars={"k", "e", "d"})
+        em.line("{")
+        em.line(f"const int64_t ka = k + {self.PREFETCH} < n ? k + {self.PREFETCH} : n - 1;")
+        em.line("const int64_t ea = own_e[ka];")
+        em.line("(void)ea;")
+        self._prefetch_rows("ea", n_edges)
+        self._prefetch(f"{target} + (int64_t)own_d[ka] * {width}",
+                       width * op.result.type.dtype.itemsize, True, 3)
+        em.line("}")
+        edge_rows = [(b, n) for b, n in self._edge_rows(src) if n >= 64]
+        if edge_rows:  # read in edge order, but with gaps when the thread owns few edges
+            em.line("{")
+            em.line(f"const int64_t eb = own_e[k + {self.PREFETCH_EDGE} < n ? "
+                    f"k + {self.PREFETCH_EDGE} : n - 1];")
+            for buf, nbytes in edge_rows:
+                self._prefetch(f"{buf} + eb * {math.prod(dims(src)[1:])}", nbytes, False, 0)
+            em.line("}")
+        em.line("const int64_t e = own_e[k];")
+        em.line("const int64_t d = own_d[k];")
+        names = [f"c{k}" for k in range(len(inner))]
+        em.mark()
+        for k, n in enumerate(inner):
+            if k == len(inner) - 1:
+                em.line("#pragma omp simd")
+            em.line(f"for (int64_t {names[k]} = 0; {names[k]} < {n}; ++{names[k]}) {{")
+        deep: list[str] = []
+        em.push(deep, em.scopes[-1].indent + "  ", loop_vars=set(names))
+        val = em.value(src, ["e"] + names)
+        scale = "" if alpha == 1 else f"({ct}){literal(alpha, op.result.type.dtype)} * "
+        em.line(f"{target}[{linearize(['d'] + names, xs)}] += {scale}{val};")
+        em.pop()
+        em.scopes[-1].lines.extend(deep)
+        for _ in inner:
+            em.line("}")
+        em.pop()
+        em.scopes[-1].lines.extend(body)
+        em.line("}")
+        em.pop()
+        em.scopes[-1].lines.extend(outer)
+        em.line("}")
+        em.line("}")
+        em.line("#pragma omp barrier")
 
     def _reset_scattered(self, op, target: str, ishape: list[int], xs: list[int]) -> None:
         """include_self=False: every position some element scatters to starts from the

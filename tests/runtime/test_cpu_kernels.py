@@ -107,6 +107,47 @@ def test_gnn_gather_add_relu_index_add(nodes, edges, feat, seed):
              [torch.randn(nodes, feat), torch.randn(edges, feat), src, dst])
 
 
+@settings(max_examples=8, deadline=None)
+@given(SIZES, hs.sampled_from([1, 5, 40, 97]), hs.sampled_from([(), (1,), (3,), (2, 5), (33,)]),
+       hs.booleans(), hs.integers(0, 99))
+def test_index_add_owned_edge_chunks(nodes, edges, inner, floats, seed):
+    """The owned-destination index_add loop lists a thread's edges chunk by chunk; a 3-edge
+    chunk here, so full, partial and empty chunks and the clamped prefetch window all run. Each
+    row must sum its edges in edge order: the same bits as a serial loop; an index out of range
+    is an error."""
+    import codegen.cpp.kernel as kernel
+
+    gen = torch.Generator().manual_seed(seed)
+    src = torch.randint(0, nodes, (edges,), generator=gen)
+    dst = torch.randint(0, nodes, (edges,), generator=gen)
+    if floats:
+        x, e = torch.randn(nodes, *inner, generator=gen), torch.randn(edges, *inner, generator=gen)
+        fn = lambda x, e, s, d: (x * 0.5).index_add(0, d, F.relu(x[s] + e), alpha=2.0)  # noqa: E731
+    else:
+        x = torch.randint(-9, 9, (nodes, *inner), generator=gen)
+        e = torch.randint(-9, 9, (edges, *inner), generator=gen)
+        fn = lambda x, e, s, d: torch.zeros_like(x).index_add(0, d, x[s] * e)  # noqa: E731
+    old, kernel.PhaseKernel.SCATTER_CHUNK = kernel.PhaseKernel.SCATTER_CHUNK, 3
+    try:
+        g = run_both(fn, [x, e, src, dst])
+    finally:
+        kernel.PhaseKernel.SCATTER_CHUNK = old
+    assert any("own_e[" in s.source.source for s in g.steps if s.kind == "kernel")
+    with torch.no_grad():
+        if floats:
+            want, vals = x * 0.5, 2.0 * F.relu(x[src] + e)
+        else:
+            want, vals = torch.zeros_like(x), x[src] * e
+        for k in range(edges):
+            want[dst[k]] += vals[k]
+    (got,) = g(x, e, src, dst)
+    assert torch.equal(got, want)
+    bad = dst.clone()
+    bad[-1] = nodes
+    with pytest.raises(RuntimeError, match="out of range"):
+        g(x, e, src, bad)
+
+
 def test_segment_softmax_scatter_reduce():
     parent = torch.tensor([[0, 0, 1, 1, 1, 2, 2]])
 
