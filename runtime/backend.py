@@ -7,8 +7,9 @@ dynamo graph into forward and backward aten graphs (decomposed with the same tab
 pipeline, so training works and backward's memory-intensive ops fuse like any others.
 
 Options (``torch.compile(..., options={...})``): ``target`` (only ``cpu`` runs here),
-``fusion`` (none | greedy | stitch), ``dump_dir`` (also ``STITCH_DUMP_DIR``): each compiled graph's
-IR before and after fusion, its plan and its kernel sources.
+``fusion`` (none | greedy | stitch), ``time_limit`` (seconds the stitch planner may search per
+graph, default 10), ``dump_dir`` (also ``STITCH_DUMP_DIR``): each compiled graph's IR before and
+after fusion, its plan and its kernel sources.
 
 Shapes: stitch compiles static shapes. A graph whose inputs carry symbolic sizes (dynamo's
 automatic dynamic shapes, after a second input shape) is specialised at call time: the first call
@@ -61,8 +62,9 @@ def compile_fx(gm: torch.fx.GraphModule, options: dict) -> Any:
                            list(range(len(placeholders))))
     _dump(dump_dir, gid, "before_fusion.sir", print_module(module))
     fusion = options.get("fusion", "stitch")
-    pipeline = (f"canonicalize,cse,dce,sink-broadcasts,fusion-plan{{planner={fusion}}},"
-                "fusion-apply,stitch-schedule")
+    budget = float(options.get("time_limit", 10.0))
+    pipeline = (f"canonicalize,cse,dce,sink-broadcasts,"
+                f"fusion-plan{{planner={fusion} time_limit={budget}}},fusion-apply,stitch-schedule")
     ctx = PassContext(target="cpu")
     PassManager.parse(pipeline).run(module, ctx)
     plan = ctx.results["plan"][module.func().sym_name]
