@@ -486,13 +486,18 @@ class PhaseKernel:
         red_shape = [shape[d] for d in op.dims]
         t = ctype(op.result.type.dtype)
         n = max(1, math.prod(red_shape))
+        # The simd lanes here are usually the outputs, so each output adds its terms one at a
+        # time: a float accumulator's error grows with the length (adder_quant's 144-term sums
+        # were many ulps off torch's cascade sum, enough to flip later round()s). float32 sums
+        # accumulate in double and round once at the store, as the reference interpreter does.
+        at = "double" if t == "float" and isinstance(op, st.SumOp | st.MeanOp | st.VarOp) else t
 
         def body(out_idx):
             names = [f"k{self.n_loops}_{k}" for k in range(len(red_shape))]
 
             def loops(mode: str, acc: str, mean: str | None):
                 init, clause = _acc_init(op, mode)
-                em.line(f"{t} {acc} = {init};")
+                em.line(f"{at} {acc} = {init};")
                 extra = ""
                 if isinstance(op, st.MaxOp | st.MinOp):
                     em.line(f"int {acc}_nan = 0;")  # an int flag vectorises; a bool does not
@@ -514,7 +519,7 @@ class PhaseKernel:
             acc = f"acc{self.n_loops}"
             if isinstance(op, st.VarOp):
                 loops("main", acc + "s", None)
-                em.line(f"const {t} {acc}m = {acc}s / ({t}){n};")
+                em.line(f"const {at} {acc}m = {acc}s / ({at}){n};")
                 loops("dev", acc, f"{acc}m")
             else:
                 loops("main", acc, None)
@@ -550,7 +555,7 @@ class PhaseKernel:
     # The owned-destination index_add loop (see ``scatter``). Random row reads and writes are
     # what it waits on: a row (256 B for 64 floats) costs ~50 ns from DRAM however it is
     # prefetched, so the loop keeps a few rows of every random stream in flight.
-    SCATTER_CHUNK = 1024  # edges whose owned subset is listed at once (a few KiB, L1 resident)
+    SCATTER_CHUNK = 1024  # owned edges listed at once (a few KiB, L1 resident)
     PREFETCH = 6  # owned edges ahead for the random rows (gathered rows, destination rows)
     PREFETCH_EDGE = 16  # owned edges ahead for the rows indexed by the edge (read in order)
     PREFETCH_BYTES = 512  # of one row; the hardware prefetcher follows a longer row by itself
@@ -669,8 +674,9 @@ class PhaseKernel:
 
     def _index_add_rows(self, op, target: str, xs: list[int], ct: str) -> None:
         """index_add along dim 0, every thread owning the destination rows [lo, hi): a thread
-        reads the edges chunk by chunk, lists the ones it owns (edge and checked destination),
-        then accumulates them in edge order with the rows of the edge PREFETCH ahead in flight.
+        reads the edges in order and lists the next SCATTER_CHUNK it owns (edge and checked
+        destination; as many whatever the thread count), then accumulates them in edge order
+        with the rows of the owned edge PREFETCH ahead in flight.
         Each destination row sums its edges in increasing edge order whatever the thread count,
         so the result is the same bits for any number of threads."""
         em = self.em
@@ -692,14 +698,15 @@ class PhaseKernel:
         em.line(f"{et} own_e[{chunk}];")
         em.line(f"{dt} own_d[{chunk}];")
         em.mark()
-        em.line(f"for (int64_t e0 = 0; e0 < {n_edges}; e0 += {chunk}) {{")
+        em.line(f"for (int64_t e0 = 0; e0 < {n_edges};) {{")
         outer: list[str] = []
         em.push(outer, em.scopes[-1].indent + "  ", loop_vars={"e0"})
-        em.line(f"const int64_t e1 = e0 + {chunk} < {n_edges} ? e0 + {chunk} : {n_edges};")
         em.line("int64_t n = 0;")
-        # 1. the owned edges of this chunk, in order (branch-free)
+        # 1. the next `chunk` owned edges, in order (branch-free)
+        em.line("{")
+        em.line("int64_t e = e0;")
         em.mark()
-        em.line("for (int64_t e = e0; e < e1; ++e) {")
+        em.line(f"for (; e < {n_edges} && n < {chunk}; ++e) {{")
         listing: list[str] = []
         em.push(listing, em.scopes[-1].indent + "  ", loop_vars={"e"})
         d = em.checked_index(em.value(idx, ["e"]), rows)
@@ -708,6 +715,8 @@ class PhaseKernel:
         em.line(f"n += ({d} >= lo) & ({d} < hi);")
         em.pop()
         em.scopes[-1].lines.extend(listing)
+        em.line("}")
+        em.line("e0 = e;")
         em.line("}")
         # 2. accumulate them
         em.mark()

@@ -111,10 +111,10 @@ def test_gnn_gather_add_relu_index_add(nodes, edges, feat, seed):
 @given(SIZES, hs.sampled_from([1, 5, 40, 97]), hs.sampled_from([(), (1,), (3,), (2, 5), (33,)]),
        hs.booleans(), hs.integers(0, 99))
 def test_index_add_owned_edge_chunks(nodes, edges, inner, floats, seed):
-    """The owned-destination index_add loop lists a thread's edges chunk by chunk; a 3-edge
-    chunk here, so full, partial and empty chunks and the clamped prefetch window all run. Each
-    row must sum its edges in edge order: the same bits as a serial loop; an index out of range
-    is an error."""
+    """The owned-destination index_add loop lists a thread's owned edges a chunk at a time; 3
+    here, so full and partial chunks and the clamped prefetch window all run. Each row must
+    sum its edges in edge order: the same bits as a serial loop; an index out of range is an
+    error."""
     import codegen.cpp.kernel as kernel
 
     gen = torch.Generator().manual_seed(seed)
