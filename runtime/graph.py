@@ -132,10 +132,10 @@ class CompiledGraph:
         from runtime.build import build_kernels
 
         sources: dict[int, KernelSource | Unsupported] = {}
-        for k, op in enumerate(self.func.body.ops[:-1]):
+        for op in self.func.body.ops[:-1]:
             if isinstance(op, fusion.GroupOp) and op.kind != "view":
-                try:
-                    sources[id(op)] = render_group(op, f"g{k}")
+                try:  # named by kind and content: equal groups anywhere share one kernel
+                    sources[id(op)] = render_group(op, op.kind)
                 except Unsupported as e:
                     sources[id(op)] = e
         todo = [(s.symbol, s.body) for s in sources.values() if isinstance(s, KernelSource)]
