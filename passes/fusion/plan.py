@@ -147,6 +147,9 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.2f} MB"
 
 
+CANDIDATES_PER_SECOND = 3000  # groups described per second of planning, measured here
+
+
 def make_plan(func: FuncOp, planner: str, device: DeviceSpec, *, time_limit: float = 10.0,
               beam: int = 4, max_size: int = 40, max_solver_nodes: int = 6000,
               workers: int = 1) -> FusionPlan:
@@ -170,11 +173,14 @@ def make_plan(func: FuncOp, planner: str, device: DeviceSpec, *, time_limit: flo
             solver = {"status": "BEAM_SEARCH", "gap": float("nan"), "candidates": 0,
                       "solver_seconds": 0.0}
         else:
-            # Candidate growth may use about half the time; the solver gets the rest.
+            # Budgets are work, not wall time, so a plan does not depend on the machine's load
+            # (and a second compile hits the kernel cache): candidate growth may describe
+            # CANDIDATES_PER_SECOND x time_limit / 2 groups (about half the time on this
+            # class of machine), the solver gets time_limit / 2 of CP-SAT's deterministic time.
             cands = candidates(g, costs, beam, max_size, seeds=[greedy],
-                               deadline=t0 + 0.5 * time_limit)
-            left = max(0.5, time_limit - (time.perf_counter() - t0))
-            res: SolveResult = solve_cpsat(g, costs, cands, greedy, left, workers)
+                               deadline=t0 + 2 * time_limit,
+                               budget=int(CANDIDATES_PER_SECOND * 0.5 * time_limit))
+            res: SolveResult = solve_cpsat(g, costs, cands, greedy, 0.5 * time_limit, workers)
             if not res.groups:  # no solution within the limit: fall back
                 groups = beam_search(g, costs)
             else:

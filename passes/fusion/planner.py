@@ -105,13 +105,16 @@ def plan_greedy(g: PlanGraph, costs: Costs) -> list[int]:
 
 
 def candidates(g: PlanGraph, costs: Costs, beam: int, max_size: int,
-               seeds: list[list[int]] = (), deadline: float = math.inf) -> set[int]:
+               seeds: list[list[int]] = (), deadline: float = math.inf,
+               budget: int | None = None) -> set[int]:
     """Connected, convex, legal groups grown from every fusible op, keeping the ``beam`` most
     beneficial of each size per seed (benefit = summed singleton time - fused time).
 
     A growing group carries its fusible-neighbour, descendant and ancestor bitsets, so adding
     one op and testing convexity are a few big-integer operations. A group already expanded
-    from another seed is not expanded again; growth stops at ``deadline`` (perf_counter)."""
+    from another seed is not expanded again. Growth stops after ``budget`` groups have been
+    described (work, not time: the same candidates on a loaded machine), or at ``deadline``
+    (perf_counter), a guard for machines far slower than expected."""
     fusible = 0
     for i in g.fusible():
         fusible |= 1 << i
@@ -125,8 +128,9 @@ def candidates(g: PlanGraph, costs: Costs, beam: int, max_size: int,
     for plan in seeds:
         out.update(b for b in plan if costs(b).legal)
     expanded: set[int] = set()
+    stop = math.inf if budget is None else costs.calls + budget
     for seed in g.fusible():
-        if time.perf_counter() > deadline:
+        if time.perf_counter() > deadline or costs.calls > stop:
             break
         frontier = [(1 << seed, nbr[seed], g.desc_bits[seed], g.anc_bits[seed])]
         for _ in range(max_size - 1):
@@ -196,6 +200,7 @@ def solve_cpsat(g: PlanGraph, costs: Costs, cands: set[int], hint: list[int],
     from ortools.sat.python import cp_model
 
     t0 = time.perf_counter()
+    det_left = time_limit  # CP-SAT's deterministic time: the same plan however loaded the machine
     cand = sorted(c for c in cands if costs(c).legal)
     index = {c: k for k, c in enumerate(cand)}
     m = cp_model.CpModel()
@@ -212,8 +217,9 @@ def solve_cpsat(g: PlanGraph, costs: Costs, cands: set[int], hint: list[int],
     status, groups, objective, bound = "UNKNOWN", [], math.inf, 0.0
     cuts = 0
     for _ in range(max_rounds):
-        left = time_limit - (time.perf_counter() - t0)
-        if left <= 0.05:
+        # a wall-clock guard far above the budget, for machines much slower than the reference
+        left = 4 * time_limit - (time.perf_counter() - t0)
+        if det_left <= 0.01 or left <= 0.05:
             status = status if groups else "UNKNOWN"
             break
         m.ClearHints()
@@ -222,9 +228,11 @@ def solve_cpsat(g: PlanGraph, costs: Costs, cands: set[int], hint: list[int],
             m.AddHint(x[k], c in chosen)
         solver = cp_model.CpSolver()
         solver.parameters.max_time_in_seconds = left
+        solver.parameters.max_deterministic_time = det_left
         solver.parameters.num_workers = workers
         solver.parameters.random_seed = 0
         code = solver.Solve(m)
+        det_left -= solver.ResponseProto().deterministic_time
         if code not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
             status = solver.StatusName(code)
             groups = []
