@@ -269,3 +269,27 @@ def test_scatter_reduce(reduce, include_self):
     idx = torch.randint(0, 5, (3, 4), generator=gen)
     run_both(lambda x, i, s: x.scatter_reduce(1, i, s, reduce, include_self=include_self) * 2,
              [torch.randn(3, 5), idx, torch.randn(3, 4)])
+
+
+def _fake_quant(y):
+    s = y.abs().amax() / 127
+    return torch.round(y / s).clamp(-128, 127) * s
+
+
+@settings(max_examples=4, deadline=None, derandomize=True)
+@given(hs.sampled_from([1, 3]), hs.sampled_from([1000, 4097]), hs.sampled_from([1, 7, 64, 300]),
+       hs.integers(0, 2**16))
+def test_long_sum_feeding_round_is_correctly_rounded(a, n, b, seed):
+    """adder_quant: a float32 sum accumulated one term at a time per output (the simd lanes are
+    the outputs) was many ulps off, and a later round(y / s) landed on the other side of .5 (1e-3
+    at the logits). Sums now accumulate in double: y is the correctly rounded sum, and the
+    quantised values equal eager's ops on that sum bit for bit (derandomized: a one-ulp
+    difference in y / s still flips about one round in 10^7)."""
+    x = torch.randn(a, n, b, generator=torch.Generator().manual_seed(seed))
+    model = Fn(lambda x: (x.sum(1), _fake_quant(x.sum(1)))).eval()
+    g = compile_program(import_model(model, (x,)), device_spec=cpu_spec(measure=False))
+    assert not g.fallbacks, g.fallbacks
+    y, q = g(x)
+    y_ref = x.double().sum(1).float()
+    torch.testing.assert_close(y, y_ref, rtol=2e-7, atol=1e-6)
+    assert torch.equal(q, _fake_quant(y_ref))
