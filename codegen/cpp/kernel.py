@@ -289,6 +289,12 @@ class RowKernel:
 # store and loads cost as much as the ops, and the buffer competes for L1. Anything with a
 # transcendental, a division or a gather is buffered.
 RECOMPUTE_LIMIT = 4
+# Reductions that keep the innermost dim (column sums: weight gradients): outputs per task (an
+# L1 accumulator row), and how the reduced index space is cut (at most COLUMN_CHUNKS chunks of
+# at least COLUMN_CHUNK_MIN terms; the partial rows go to scratch).
+COLUMN_BLOCK = 1024
+COLUMN_CHUNKS = 16
+COLUMN_CHUNK_MIN = 64
 # Outputs of a rows kernel at least this large are written with streaming stores (a fraction of
 # a server L3: results this large leave the cache before a consumer reads them anyway).
 STREAM_MIN_BYTES = 8 << 20
@@ -361,6 +367,16 @@ def _acc_update(r: st.ReduceOp, mode: str, acc: str, x: str, mean: str | None) -
     return f"{acc} += ({t}){x};"
 
 
+def _combine(clause: str, a: str, b: str) -> str:
+    """``a = a (clause) b`` for two partial accumulators."""
+    if clause in ("max", "min"):
+        cmp = ">" if clause == "max" else "<"
+        return f"{a} = {b} {cmp} {a} ? {b} : {a};"
+    if clause == "||":
+        return f"{a} = {a} || {b};"
+    return f"{a} = {a} {clause} {b};"
+
+
 def _acc_final(r: st.ReduceOp, acc: str, n: int) -> str:
     t = ctype(r.result.type.dtype)
     if isinstance(r, st.MaxOp | st.MinOp):
@@ -399,6 +415,7 @@ class PhaseKernel:
 
     def render(self, first_scratch_arg: int) -> dict:
         em = self.em
+        self.first_scratch = first_scratch_arg
         phases: list[list[str]] = []
         for v in self.materialised():
             if id(v) not in self.out_names:
@@ -491,6 +508,9 @@ class PhaseKernel:
         # were many ulps off torch's cascade sum, enough to flip later round()s). float32 sums
         # accumulate in double and round once at the store, as the reference interpreter does.
         at = "double" if t == "float" and isinstance(op, st.SumOp | st.MeanOp | st.VarOp) else t
+        if len(shape) - 1 not in op.dims and dims(op.result) and dims(op.result)[-1] > 1 \
+                and not isinstance(op, st.VarOp):
+            return self._column_reduce(op, targets, at)
 
         def body(out_idx):
             names = [f"k{self.n_loops}_{k}" for k in range(len(red_shape))]
@@ -526,6 +546,106 @@ class PhaseKernel:
             self.store(targets, op.result, out_idx, _acc_final(op, acc, n))
 
         self.nest(dims(op.result), body)
+
+    def _column_reduce(self, op: st.ReduceOp, targets: list[str], at: str) -> None:
+        """A reduction that keeps the innermost (contiguous) dim (column sums: weight
+        gradients). Walking an output's terms would stride through the input a page per step,
+        so the reduced index space is cut into a fixed number of chunks (not one per thread:
+        the answer must not depend on the thread count); a task takes one chunk and a block of
+        up to COLUMN_BLOCK outputs and reads its rows contiguously into an L1 accumulator row,
+        then writes that partial row to scratch; after the barrier each output combines its
+        chunks in order."""
+        em = self.em
+        shape = dims(op.operand(0))
+        out_shape = dims(op.result)
+        red_shape = [shape[d] for d in op.dims]
+        n = max(1, math.prod(red_shape))
+        J = out_shape[-1]
+        O = max(1, math.prod(out_shape[:-1]))
+        B = min(J, COLUMN_BLOCK)
+        blocks = O * -(-J // B)  # tasks without chunking; chunk only to reach COLUMN_CHUNKS
+        chunks = max(1, min(-(-COLUMN_CHUNKS // blocks), n // COLUMN_CHUNK_MIN))
+        self.n_loops += 1
+        L = self.n_loops
+        o, c, jb, jj, kk = f"o{L}", f"c{L}", f"jb{L}", f"j{L}", f"kk{L}"
+        cnt, acc, nan = f"n{L}", f"cacc{L}", f"cnan{L}"
+        minmax = isinstance(op, st.MaxOp | st.MinOp)
+        err = " reduction(|:err)" if self.gathers else ""
+        init, clause = _acc_init(op, "main")
+        # partial rows [O, chunks, J] (and their NaN flags) in scratch
+        part = f"part{L}"
+        k = len(self.scratch)
+        self.scratch.append(O * chunks * J * (8 if at == "double" else op.result.type.dtype.itemsize))
+        em.line(f"{at}* __restrict {part} = ({at}*)args[{self.first_scratch + k}];")
+        if minmax:
+            self.scratch.append(O * chunks * J * 4)
+            em.line(f"int* __restrict {part}_nan = (int*)args[{self.first_scratch + k + 1}];")
+        onames = delinearize(o, out_shape[:-1]) if out_shape[:-1] else []
+        em.mark()
+        em.line("#pragma omp for collapse(3) schedule(static)")
+        em.line(f"for (int64_t {o} = 0; {o} < {O}; ++{o})")
+        em.line(f"for (int64_t {c} = 0; {c} < {chunks}; ++{c})")
+        em.line(f"for (int64_t {jb} = 0; {jb} < {J}; {jb} += {B})")
+        em.line("{")
+        outer: list[str] = []
+        em.push(outer, em.scopes[-1].indent + "  ", loop_vars={o, c, jb})
+        em.line(f"const int64_t {cnt} = {J} - {jb} < {B} ? {J} - {jb} : {B};")
+        em.line(f"{at} {acc}[{B}];")
+        if minmax:
+            em.line(f"int {nan}[{B}];")
+        em.line(f"for (int64_t {jj} = 0; {jj} < {B}; ++{jj}) {{ {acc}[{jj}] = {init};"
+                + (f" {nan}[{jj}] = 0;" if minmax else "") + " }")
+        em.mark()
+        em.line(f"for (int64_t {kk} = {n} * {c} / {chunks}; {kk} < {n} * ({c} + 1) / {chunks}; "
+                f"++{kk}) {{")
+        knames = delinearize(kk, red_shape)
+        em.line(f"#pragma omp simd{err}")
+        em.line(f"for (int64_t {jj} = 0; {jj} < {cnt}; ++{jj}) {{")
+        inner: list[str] = []
+        em.push(inner, em.scopes[-1].indent + "  ", loop_vars={kk, jj})
+        out_idx = onames + [f"({jb} + {jj})"]
+        x = em.value(op.operand(0), self._input_index(op, out_idx, knames))
+        em.line(_acc_update(op, "main", "ACC", x, None).replace("ACC_nan", f"{nan}[{jj}]")
+                .replace("ACC", f"{acc}[{jj}]"))
+        em.pop()
+        em.scopes[-1].lines.extend(inner)
+        em.line("}")
+        em.line("}")
+        slot = f"({o} * {chunks} + {c}) * {J} + {jb}"
+        em.line("#pragma omp simd")
+        em.line(f"for (int64_t {jj} = 0; {jj} < {cnt}; ++{jj}) {{ {part}[{slot} + {jj}] = "
+                f"{acc}[{jj}];" + (f" {part}_nan[{slot} + {jj}] = {nan}[{jj}];" if minmax else "")
+                + " }")
+        em.pop()
+        em.scopes[-1].lines.extend(outer)
+        em.line("}")
+        # combine each output's chunks in chunk order
+        em.mark()
+        em.line("#pragma omp for schedule(static)")
+        em.line(f"for (int64_t {o} = 0; {o} < {O}; ++{o})")
+        em.line("{")
+        comb: list[str] = []
+        em.push(comb, em.scopes[-1].indent + "  ", loop_vars={o})
+        em.line(f"#pragma omp simd{err}")
+        em.line(f"for (int64_t {jj} = 0; {jj} < {J}; ++{jj}) {{")
+        em.line(f"  {at} a = {part}[{o} * {chunks} * {J} + {jj}];")
+        if minmax:
+            em.line(f"  int a_nan = {part}_nan[{o} * {chunks} * {J} + {jj}];")
+        em.line(f"  for (int64_t {c} = 1; {c} < {chunks}; ++{c}) {{")
+        p = f"{part}[({o} * {chunks} + {c}) * {J} + {jj}]"
+        if minmax:
+            em.line(f"    a_nan |= {part}_nan[({o} * {chunks} + {c}) * {J} + {jj}];")
+        em.line(f"    {_combine(clause, 'a', p)}")
+        em.line("  }")
+        body: list[str] = []
+        em.push(body, em.scopes[-1].indent + "  ", loop_vars={jj})
+        self.store(targets, op.result, onames + [jj], _acc_final(op, "a", n))
+        em.pop()
+        em.scopes[-1].lines.extend(body)
+        em.line("}")
+        em.pop()
+        em.scopes[-1].lines.extend(comb)
+        em.line("}")
 
     def arg_reduce(self, op: st.ArgReduceOp, targets: list[str]) -> None:
         em = self.em
