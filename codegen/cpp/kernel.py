@@ -367,6 +367,13 @@ def _acc_update(r: st.ReduceOp, mode: str, acc: str, x: str, mean: str | None) -
     return f"{acc} += ({t}){x};"
 
 
+def reshape_root(v: Value) -> Value:
+    """The value ``v`` is a chain of reshapes of (``v`` itself when it is not a reshape)."""
+    while isinstance(getattr(v, "owner", None), st.ReshapeOp):
+        v = v.owner.operand(0)
+    return v
+
+
 def _combine(clause: str, a: str, b: str) -> str:
     """``a = a (clause) b`` for two partial accumulators."""
     if clause in ("max", "min"):
@@ -406,12 +413,19 @@ class PhaseKernel:
                            for op in self.body)
 
     def materialised(self) -> list[Value]:
-        out = []
-        for op in self.body:
+        """Values with a loop nest of their own, in an order producers-first. An output that is
+        a reshape chain of an in-group value (GELU-backward's result, reshaped on its way out)
+        is computed right after that value's op, so later phases (its column sum) read it from
+        the output buffer instead of recomputing it (see ``reshape_root``)."""
+        out: list[tuple[int, Value]] = []
+        position = {id(op): k for k, op in enumerate(self.body)}
+        for k, op in enumerate(self.body):
             for r in op.results:
                 if id(r) in self.out_names or isinstance(op, (st.ReduceOp, *SCATTERS)):
-                    out.append(r)
-        return out
+                    root = reshape_root(r)
+                    at = position.get(id(getattr(root, "owner", None)), k) if root is not r else k
+                    out.append((at, r))
+        return [r for _, r in sorted(out, key=lambda t: t[0])]
 
     def render(self, first_scratch_arg: int) -> dict:
         em = self.em
@@ -441,6 +455,10 @@ class PhaseKernel:
             em.pop()
             phases.append(lines)
             em.buffers[id(v)] = targets[0]
+            root = reshape_root(v)
+            if root is not v and id(root) not in em.buffers and \
+                    getattr(root, "owner", None) in self.body:
+                em.buffers[id(root)] = targets[0]  # same elements, same row-major order
         return {"phases": phases}
 
     # one loop nest over ``shape``; ``emit(idx)`` writes the body
