@@ -125,6 +125,26 @@ class Scope:
 IDENT = re.compile(r"[A-Za-z_]\w*")
 
 
+_DISCRETE = frozenset({"st.round", "st.floor", "st.ceil", "st.trunc", "st.sign", "st.eq", "st.ne",
+                       "st.lt", "st.le", "st.gt", "st.ge", "st.floor_div", "st.remainder"})
+
+
+def _feeds_discrete(v: Value, hops: int = 4) -> bool:
+    """Whether ``v`` reaches a rounding, a comparison or an int cast within ``hops`` element-wise
+    ops: there the last bit of a quotient decides the answer, so a / b stays a division
+    (a * (1 / b) can be one ulp off and flip round(); quantisation's scale = amax / 127 feeding
+    round(x / scale) flips about once in 1e7 elements)."""
+    for user in v.users:
+        if user.name in _DISCRETE:
+            return True
+        if user.name == "st.cast" and not user.results[0].type.dtype.is_float:
+            return True
+        if hops > 1 and not isinstance(user, st.ReduceOp) and user.name.startswith("st.") and \
+                len(user.results) == 1 and _feeds_discrete(user.results[0], hops - 1):
+            return True
+    return False
+
+
 class Emitter:
     def __init__(self, buffers: dict[int, str]):
         # id(value) -> C pointer name, for block arguments and materialised values
@@ -248,7 +268,8 @@ class Emitter:
         if isinstance(op, st.DivOp):
             a, b = (self.value(o, idx) for o in op.operands)
             inner = self.scopes[-1].loop_vars
-            if t.dtype.is_float and inner and not (self._deps(b) & inner):
+            if t.dtype.is_float and inner and not (self._deps(b) & inner) and \
+                    not _feeds_discrete(op.result):
                 # a loop-invariant divisor (a row's sum): one reciprocal, hoisted; then multiply
                 inv = self.temp(ct, f"(({ct})1 / {b})")
                 return self.temp(ct, f"({a} * {inv})")

@@ -323,3 +323,19 @@ def test_column_reductions_chunked(a, b, c, how, keepdim):
         run_both(fn, [x], atol=1e-5, rtol=1e-4)
     finally:
         kernel.COLUMN_CHUNK_MIN, kernel.COLUMN_BLOCK = old
+
+
+@settings(max_examples=4, deadline=None)
+@given(SIZES, hs.sampled_from([5, 33, 1000]))
+def test_quotient_feeding_round_is_an_exact_division(a, c):
+    """A loop-invariant divisor normally becomes one reciprocal and a multiply; a quotient that
+    goes into round() (quantisation) stays an IEEE division, so it rounds exactly as eager."""
+    x = torch.randn(a, c) * 3
+
+    def quant(x):
+        s = x.abs().amax(-1, keepdim=True) / 127
+        return torch.round(x / s).clamp(-128, 127) * s
+
+    g = run_both(quant, [x], atol=0, rtol=0)
+    src = "".join(s.source.source for s in g.steps if s.kind == "kernel")
+    assert "st.round" in src and "(float)1 /" not in src
