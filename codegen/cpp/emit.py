@@ -125,8 +125,8 @@ class Scope:
 IDENT = re.compile(r"[A-Za-z_]\w*")
 
 
-_DISCRETE = frozenset({"st.round", "st.floor", "st.ceil", "st.trunc", "st.sign", "st.eq", "st.ne",
-                       "st.lt", "st.le", "st.gt", "st.ge", "st.floor_div", "st.remainder"})
+_DISCRETE = (st.RoundOp, st.FloorOp, st.CeilOp, st.TruncOp, st.SignOp, st.CompareOp,
+             st.FloorDivOp, st.RemainderOp)
 
 
 def _feeds_discrete(v: Value, hops: int = 4) -> bool:
@@ -135,7 +135,7 @@ def _feeds_discrete(v: Value, hops: int = 4) -> bool:
     (a * (1 / b) can be one ulp off and flip round(); quantisation's scale = amax / 127 feeding
     round(x / scale) flips about once in 1e7 elements)."""
     for user in v.users:
-        if user.name in _DISCRETE:
+        if isinstance(user, _DISCRETE):
             return True
         if user.name == "st.cast" and not user.results[0].type.dtype.is_float:
             return True
