@@ -101,8 +101,13 @@ FUSABLE_DECOMPOSITIONS = [
     aten._adaptive_avg_pool2d, aten.upsample_nearest2d, aten.upsample_bilinear2d, aten.flip,
 ]
 # Ops the core-aten table would decompose that ``st`` represents directly (and better: an
-# index_add decomposed into index_put loses its scatter structure).
-KEEP = [aten.index_add, aten.scatter_add, aten.scatter_reduce, aten.var, aten.index_select]
+# index_add decomposed into index_put loses its scatter structure). And cpu flash attention:
+# torch's decomposition of it (meant for export) returns the attention weights where the op
+# returns its logsumexp, so under AOTAutograd the decomposed forward fed the un-decomposed
+# flash backward a wrong logsumexp -- silently wrong gradients in float32 (a
+# TransformerEncoderLayer's were off by 8x). It stays one torch call, forward and backward.
+KEEP = [aten.index_add, aten.scatter_add, aten.scatter_reduce, aten.var, aten.index_select,
+        aten._scaled_dot_product_flash_attention_for_cpu]
 
 
 def decomposition_table() -> dict:
