@@ -151,22 +151,23 @@ def main(argv=None) -> int:
             with torch.no_grad():
                 g(*inputs)
             # (b): run only the kernel step into a preallocated output (its arena / buffer)
+            cs = g.new_call_state()
             pre = [s for s in g.steps if s.kind != "kernel"]
             for s in pre[: len(pre)]:
                 if s.kind in ("constant", "view"):
-                    s.run(env)
+                    s.run(env, cs)
             fns = {"eager": lambda fn=fn, inputs=inputs: fn(*inputs),
                    "stitch": lambda g=g, inputs=inputs: g(*inputs)}
             if ind is not None:
                 fns["inductor"] = lambda ind=ind, inputs=inputs: ind(*inputs)
             if kstep is not None:
-                kstep.run(env)  # allocates its outputs once
+                kstep.run(env, cs)  # allocates its outputs once
                 fixed = [env[w] for w in kstep.writes]
 
-                def kernel_only(kstep=kstep, env=env, fixed=fixed, g=g):
+                def kernel_only(kstep=kstep, env=env, fixed=fixed, g=g, cs=cs):
                     ins = [env[i] for i in kstep.reads]
                     kstep_ptrs = [t.data_ptr() for t in ins + fixed]
-                    kstep.kernel(*kstep_ptrs, *g.scratch_views[g.steps.index(kstep)])
+                    kstep.kernel(*kstep_ptrs, *cs.scratch[g.steps.index(kstep)])
 
                 fns["kernel"] = kernel_only
             with torch.no_grad():

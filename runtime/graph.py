@@ -15,12 +15,19 @@ reads it or any view of it) is known at build time, so intermediates and kernel 
 static offsets in one arena (first fit over lifetimes: storage is reused within a call), and the
 arena lives across calls: a steady-state call allocates nothing but the outputs it hands back,
 as eager does (a fresh large allocation costs milliseconds of page faults on these machines).
+
+Concurrency: a graph may be called from several threads at once (serving code does). Everything
+a call writes — the arena, its typed views and scratch pointers, the outputs it may reuse — is
+a ``CallState``; a call takes a free one from the graph's pool (or makes one) and gives it back
+when it returns. One caller at a time reuses one state forever (no allocation in steady state);
+N concurrent callers hold N states, so no two calls ever share a byte they write.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -78,9 +85,21 @@ def _typed(storage: torch.Tensor, v: Value) -> torch.Tensor:
 
 
 @dataclass
+class CallState:
+    """What one call in flight owns (see the module docstring)."""
+
+    arena: torch.Tensor
+    views: dict[int, torch.Tensor]  # slot -> typed view of the arena
+    scratch: dict[int, list[int]]  # step -> scratch buffer addresses
+    # Outputs handed to the caller, by slot: reused when the caller has dropped them (a caching
+    # allocator for outputs: fresh pages cost more than the kernels here).
+    handed_out: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
 class Step:
     name: str
-    run: Callable[[list], None]
+    run: Callable[[list, CallState], None]
     kind: str  # kernel | library | view | constant | torch | interpreter
     reads: list[int] = field(default_factory=list)  # value slots
     writes: list[int] = field(default_factory=list)
@@ -94,10 +113,9 @@ class CompiledGraph:
     def __init__(self, prog: ImportedProgram, func: FuncOp | None = None):
         self.prog = prog
         self.func = func or prog.module.func()
-        self.arena: torch.Tensor | None = None
-        # Outputs handed to the caller, by slot: reused when the caller has dropped them (a
-        # caching allocator for outputs: fresh pages cost more than the kernels here).
-        self.handed_out: dict[int, torch.Tensor] = {}
+        self._free_states: list[CallState] = []  # call states not in use (see CallState)
+        self._states_lock = threading.Lock()
+        self._n_states = 0
         self.slots: dict[int, int] = {}
         self.steps: list[Step] = []
         self.fallbacks: list[str] = []
@@ -133,7 +151,7 @@ class CompiledGraph:
 
         sources: dict[int, KernelSource | Unsupported] = {}
         for op in self.func.body.ops[:-1]:
-            if isinstance(op, fusion.GroupOp) and op.kind != "view":
+            if isinstance(op, fusion.GroupOp) and op.kind != "view" and not _all_empty(op):
                 try:  # named by kind and content: equal groups anywhere share one kernel
                     sources[id(op)] = render_group(op, op.kind)
                 except Unsupported as e:
@@ -145,6 +163,14 @@ class CompiledGraph:
     def _step(self, op) -> Step:
         reads = [self._slot(v) for v in op.operands]
         writes = [self._slot(r) for r in op.results]
+        if isinstance(op, fusion.GroupOp) and _all_empty(op):
+            types = list(op.results)
+
+            def run(env, cs, writes=writes, types=types):  # zero elements: nothing to compute
+                for w, v in zip(writes, types):
+                    self._alloc(cs, env, w, v)
+
+            return Step("empty", run, "empty", reads, writes)
         if isinstance(op, fusion.GroupOp) and op.kind != "view":
             src = self.sources[id(op)]
             if isinstance(src, Unsupported):
@@ -156,10 +182,10 @@ class CompiledGraph:
 
             step_no = len(self.steps)
 
-            def run(env, kern=kern, reads=reads, writes=writes, types=types, k=step_no):
+            def run(env, cs, kern=kern, reads=reads, writes=writes, types=types, k=step_no):
                 ins = [_contiguous(env[i]) for i in reads]
-                outs = [self._alloc(env, w, v) for w, v in zip(writes, types)]
-                tmp = self.scratch_views[k]
+                outs = [self._alloc(cs, env, w, v) for w, v in zip(writes, types)]
+                tmp = cs.scratch[k]
                 try:
                     kern(*[t.data_ptr() for t in ins + outs], *tmp)
                 except RuntimeError:
@@ -169,7 +195,7 @@ class CompiledGraph:
             return Step(src.symbol, run, "kernel", reads, writes, src, kern)
         if isinstance(op, fusion.GroupOp):  # a view group: reshapes only
             inner = op.body
-            def run(env, op=op, reads=reads, writes=writes):
+            def run(env, cs, op=op, reads=reads, writes=writes):
                 vals = {id(a): env[i] for a, i in zip(inner.args, reads)}
                 for o in inner.ops[:-1]:
                     vals[id(o.result)] = _view(o, [vals[id(x)] for x in o.operands])
@@ -177,12 +203,12 @@ class CompiledGraph:
                     env[w] = vals[id(y)]
             return Step("view", run, "view", reads, writes)
         if isinstance(op, VIEW_OPS):
-            def run(env, op=op, reads=reads, writes=writes):
+            def run(env, cs, op=op, reads=reads, writes=writes):
                 env[writes[0]] = _view(op, [env[i] for i in reads])
             return Step(op.name, run, "view", reads, writes)
         if isinstance(op, st.ConstantOp | st.IotaOp):
             value = torch.from_numpy(IMPLS[op.name](op, [])[0].copy())
-            def run(env, value=value, writes=writes):
+            def run(env, cs, value=value, writes=writes):
                 env[writes[0]] = value
             return Step(op.name, run, "constant", reads, writes)
         if isinstance(op, st.LibraryOp):
@@ -190,7 +216,7 @@ class CompiledGraph:
         if isinstance(op, st.TorchCallOp):
             fn = resolve_torch_op(op.attributes["target"])
             spec = op.attributes["args"]
-            def run(env, fn=fn, spec=spec, reads=reads, writes=writes, op=op):
+            def run(env, cs, fn=fn, spec=spec, reads=reads, writes=writes, op=op):
                 a, kw = decode_torch_args(spec, [env[i] for i in reads])
                 for w, t in zip(writes, torch_call_results(op, fn(*a, **kw))):
                     env[w] = t
@@ -199,37 +225,37 @@ class CompiledGraph:
         return self._interpreted(op, reads, writes)
 
     def _interpreted(self, op, reads, writes) -> Step:
-        def run(env, op=op, reads=reads, writes=writes):
-            args = [env[i].detach().contiguous().numpy() for i in reads]
+        def run(env, cs, op=op, reads=reads, writes=writes):
+            args = [_to_numpy(env[i]) for i in reads]
             outs = IMPLS[op.name](op, args)
-            for w, o in zip(writes, outs):
-                env[w] = torch.from_numpy(np.ascontiguousarray(o))
+            for w, o, r in zip(writes, outs, op.results):
+                env[w] = _from_numpy(o, r)
         return Step(op.name, run, "interpreter", reads, writes)
 
     def _library(self, op, reads, writes) -> Callable:
         res = op.result
 
-        def out(env):
-            return self._alloc(env, writes[0], res)
+        def out(env, cs):
+            return self._alloc(cs, env, writes[0], res)
 
         if isinstance(op, st.MatmulOp):
-            def run(env):
-                torch.mm(env[reads[0]], env[reads[1]], out=out(env))
+            def run(env, cs):
+                torch.mm(env[reads[0]], env[reads[1]], out=out(env, cs))
         elif isinstance(op, st.BatchMatmulOp):
-            def run(env):
-                torch.bmm(env[reads[0]], env[reads[1]], out=out(env))
+            def run(env, cs):
+                torch.bmm(env[reads[0]], env[reads[1]], out=out(env, cs))
         elif isinstance(op, st.AddmmOp):
             alpha, beta = op.attr("alpha", 1), op.attr("beta", 1)
-            def run(env):
+            def run(env, cs):
                 torch.addmm(env[reads[0]], env[reads[1]], env[reads[2]], beta=beta, alpha=alpha,
-                            out=out(env))
+                            out=out(env, cs))
         elif isinstance(op, st.LinearOp):
-            def run(env):
+            def run(env, cs):
                 b = env[reads[2]] if len(reads) == 3 else None
                 env[writes[0]] = torch.nn.functional.linear(env[reads[0]], env[reads[1]], b)
         else:  # convolution
             a = op.attributes
-            def run(env):
+            def run(env, cs):
                 b = env[reads[2]] if len(reads) == 3 else None
                 env[writes[0]] = torch.ops.aten.convolution.default(
                     env[reads[0]], env[reads[1]], b, list(a["stride"]), list(a["padding"]),
@@ -273,30 +299,34 @@ class CompiledGraph:
         offsets, total = first_fit(intervals)
         self.layout = list(zip(keys, offsets, intervals))
         self.arena_bytes = total
-        self.views: dict[int, torch.Tensor] = {}
-        self.scratch_views: dict[int, list[int]] = {k: [] for k in range(len(self.steps))}
 
-    def _materialise_arena(self) -> None:
-        self.arena = torch.empty(max(self.arena_bytes, ALIGN), dtype=torch.uint8)
-        base = self.arena
+    def new_call_state(self) -> CallState:
+        """A fresh arena with its typed views and scratch pointers (one per concurrent call)."""
+        arena = torch.empty(max(self.arena_bytes, ALIGN), dtype=torch.uint8)
+        cs = CallState(arena, {}, {k: [] for k in range(len(self.steps))})
         for key, off, (_, _, n) in self.layout:
             if key[0] == "slot":
-                v = key[2]
-                self.views[key[1]] = _typed(base[off:off + n], v)
+                cs.views[key[1]] = _typed(arena[off:off + n], key[2])
             else:
-                self.scratch_views[key[1]].append(base.data_ptr() + off)
+                cs.scratch[key[1]].append(arena.data_ptr() + off)
+        return cs
 
-    def _alloc(self, env, slot: int, v: Value) -> torch.Tensor:
-        t = self.views.get(slot)
+    @property
+    def call_states(self) -> int:
+        """How many call states exist (the most calls that were ever in flight at once)."""
+        return self._n_states
+
+    def _alloc(self, cs: CallState, env, slot: int, v: Value) -> torch.Tensor:
+        t = cs.views.get(slot)
         if t is None:  # a graph output: fresh storage, or last call's if nobody holds it
-            prev = self.handed_out.get(slot)
+            prev = cs.handed_out.get(slot)
             # references: the dict entry, ``prev`` and getrefcount's argument
             if prev is not None and sys.getrefcount(prev) <= 3 and _storage_unshared(prev):
                 t = prev.detach()  # a new tensor object on the same storage
             else:
                 t = torch.empty([int(d) for d in v.type.shape],
                                 dtype=dtype_to_torch(v.type.dtype))
-            self.handed_out[slot] = t
+            cs.handed_out[slot] = t
         env[slot] = t
         return t
 
@@ -315,11 +345,18 @@ class CompiledGraph:
                 raise ValueError(f"input {self.prog.arg_names[i]} has shape {list(t.shape)} "
                                  f"{t.dtype}, the graph was compiled for {want}")
             env[i] = t
-        if self.arena is None:
-            self._materialise_arena()
-        for s in self.steps:
-            s.run(env)
-        return [env[o] for o in self.outputs]
+        with self._states_lock:
+            cs = self._free_states.pop() if self._free_states else None
+        if cs is None:
+            cs = self.new_call_state()
+            self._n_states += 1
+        try:
+            for s in self.steps:
+                s.run(env, cs)
+            return [env[o] for o in self.outputs]
+        finally:
+            with self._states_lock:
+                self._free_states.append(cs)
 
 
 _use_count = getattr(torch._C, "_storage_Use_Count", None)
@@ -332,6 +369,30 @@ def _storage_unshared(t: torch.Tensor) -> bool:
         return False
     storage = t.untyped_storage()
     return _use_count(storage._cdata) <= 2  # ``t`` itself and ``storage`` above
+
+
+def _all_empty(group) -> bool:
+    """Whether every result of ``group`` has zero elements (static shapes)."""
+    return all(any(d == 0 for d in r.type.shape) for r in group.results)
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    """A tensor as the interpreter's array (numpy has no bfloat16: it computes bf16 as float32
+    values that are bf16-exact)."""
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        t = t.float()
+    return t.contiguous().numpy()
+
+
+def _from_numpy(a: np.ndarray, v: Value) -> torch.Tensor:
+    """The interpreter's array as a tensor of ``v``'s type, keeping its shape (rank 0 too)."""
+    a = np.asarray(a)
+    t = torch.from_numpy(a.copy() if not a.flags.c_contiguous or a.ndim == 0 else a)
+    want = dtype_to_torch(v.type.dtype)
+    if t.dtype != want:
+        t = t.to(want)
+    return t.reshape([int(d) for d in v.type.shape])
 
 
 def _contiguous(t: torch.Tensor) -> torch.Tensor:

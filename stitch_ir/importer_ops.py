@@ -76,6 +76,27 @@ def unary(imp: GraphImporter, n: Node) -> Value:
     return imp.create(UNARY[_packet(n)], x)
 
 
+@handles(aten.round.decimals)
+def round_decimals(imp, n):
+    """round(x, decimals=d) as eager's cpu kernel computes it, in opmath (float32 for half):
+    d >= 0: nearbyint(x * 10^d) / 10^d; d < 0: nearbyint(x / 10^-d) * 10^-d, with 10^|d| computed
+    in double and rounded once to opmath. Both are exact IEEE operations, so the fused kernel
+    gives eager's bits (the emitter keeps a division by a constant a true division)."""
+    out = imp.out_type()
+    d = int(bind(n)["decimals"])
+    x = imp.operand(n.args[0], out.dtype, out.shape)
+    if d == 0 or not out.dtype.is_float:
+        return imp.create(st.RoundOp, x) if out.dtype.is_float else x
+    op_dt = DType.f32 if out.dtype in (DType.f16, DType.bf16) else out.dtype
+    xo = imp.cast(x, op_dt)
+    scale = imp.constant(float(10.0 ** abs(d)), TensorType(out.shape, op_dt))
+    if d > 0:
+        r = imp.create(st.DivOp, imp.create(st.RoundOp, imp.create(st.MulOp, xo, scale)), scale)
+    else:
+        r = imp.create(st.MulOp, imp.create(st.RoundOp, imp.create(st.DivOp, xo, scale)), scale)
+    return imp.cast(r, out.dtype)
+
+
 @handles(aten.isnan, aten.isinf)
 def predicate(imp, n):
     x = imp.value(n.args[0])

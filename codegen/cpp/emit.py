@@ -25,8 +25,16 @@ from stitch_ir.core import BlockArgument, Value
 from stitch_ir.dialects import st
 from stitch_ir.types import DType
 
-CTYPE = {DType.f64: "double", DType.f32: "float", DType.i64: "int64_t", DType.i32: "int32_t",
-         DType.i16: "int16_t", DType.i8: "int8_t", DType.u8: "uint8_t", DType.i1: "bool"}
+# The C type a value is computed in. Half types (f16, bf16) are computed in float and stored as
+# their 16 bits (STORAGE): loads widen (``load``), every half-typed value is rounded to its type
+# (``round_to``), stores narrow (``store``) -- one rounding per op, as eager's cpu kernels do.
+CTYPE = {DType.f64: "double", DType.f32: "float", DType.f16: "float", DType.bf16: "float",
+         DType.i64: "int64_t", DType.i32: "int32_t", DType.i16: "int16_t", DType.i8: "int8_t",
+         DType.u8: "uint8_t", DType.i1: "bool"}
+HALF = (DType.f16, DType.bf16)
+_WIDEN = {DType.f16: "st_h2f", DType.bf16: "st_bf2f"}
+_NARROW = {DType.f16: "st_f2h", DType.bf16: "st_f2bf"}
+_ROUND = {DType.f16: "st_round_h", DType.bf16: "st_round_bf"}
 
 
 class Unsupported(Exception):
@@ -34,10 +42,49 @@ class Unsupported(Exception):
 
 
 def ctype(dt: DType) -> str:
+    """The C type values of ``dt`` are computed in (float for the half types)."""
     try:
         return CTYPE[dt]
     except KeyError:
         raise Unsupported(f"element type {dt} is not supported by the cpp target") from None
+
+
+def storage_ctype(dt: DType) -> str:
+    """The C element type of a buffer holding ``dt`` (the half types: their bits)."""
+    return "uint16_t" if dt in HALF else ctype(dt)
+
+
+def compute_itemsize(dt: DType) -> int:
+    """Bytes of one element in a kernel's own scratch (computed type: float for half)."""
+    return 4 if dt in HALF else dt.itemsize
+
+
+def load(dt: DType, raw: str) -> str:
+    """An element read from a buffer of ``dt``, as its computed type."""
+    return f"{_WIDEN[dt]}({raw})" if dt in HALF else raw
+
+
+def store(dt: DType, expr: str) -> str:
+    """A computed value of ``dt`` as the element written to a buffer of ``dt``."""
+    return f"{_NARROW[dt]}({expr})" if dt in HALF else expr
+
+
+def round_to(dt: DType, expr: str) -> str:
+    """A float result rounded to ``dt``'s precision (a no-op but for the half types)."""
+    return f"{_ROUND[dt]}({expr})" if dt in HALF else expr
+
+
+def half_value(value: float, dt: DType) -> float:
+    """``value`` rounded to the half type ``dt`` (nearest even), as a Python float."""
+    import numpy as np
+
+    if dt is DType.f16:
+        return float(np.float32(np.float16(value)))
+    u = int(np.array(value, dtype=np.float32).view(np.uint32))
+    if math.isnan(value):
+        return value
+    u = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
+    return float(np.array(u & 0xFFFFFFFF, dtype=np.uint32).view(np.float32))
 
 
 def literal(value, dt: DType) -> str:
@@ -46,6 +93,8 @@ def literal(value, dt: DType) -> str:
     if dt.is_int:
         return f"((int64_t){int(value)}LL)" if dt is DType.i64 else f"(({ctype(dt)}){int(value)})"
     v = float(value)
+    if dt in HALF:  # a half constant holds a half value, computed in float
+        v, dt = half_value(v, dt), DType.f32
     if math.isnan(v):
         return "NAN" if dt is DType.f32 else "(double)NAN"
     if math.isinf(v):
@@ -123,6 +172,9 @@ class Scope:
 
 
 IDENT = re.compile(r"[A-Za-z_]\w*")
+# Ops that compute a new value (as opposed to layout ops, gathers and constants, which pass an
+# already rounded value through): their half-typed results are rounded.
+_ROUNDED = (*UNARY_C, *BINARY_C, st.DivOp, st.FloorDivOp, st.RemainderOp, st.CastOp, st.IotaOp)
 
 
 _DISCRETE = (st.RoundOp, st.FloorOp, st.CeilOp, st.TruncOp, st.SignOp, st.CompareOp,
@@ -145,10 +197,38 @@ def _feeds_discrete(v: Value, hops: int = 4) -> bool:
     return False
 
 
+def _splat_value(v: Value) -> float | None:
+    """The value of a splat constant (through broadcasts and reshapes), else None."""
+    while isinstance(getattr(v, "owner", None), st.BroadcastOp | st.ReshapeOp):
+        v = v.owner.operand(0)
+    op = getattr(v, "owner", None)
+    if isinstance(op, st.ConstantOp) and op.is_splat:
+        return float(op.attributes["value"])
+    return None
+
+
+def _exact_reciprocal(c: float) -> bool:
+    """Whether x / c == x * (1 / c) for every x: c a power of two whose reciprocal is normal."""
+    if c == 0 or not math.isfinite(c):
+        return False
+    m, e = math.frexp(abs(c))
+    return m == 0.5 and -125 <= e <= 126
+
+
+# Ops whose result is exactly one of their (already rounded) operands, or an integer-valued
+# function of one: no rounding needed when they are computed in float on half values.
+_EXACT_ON_HALF = (st.NegOp, st.AbsOp, st.ReluOp, st.SignOp, st.FloorOp, st.CeilOp, st.RoundOp,
+                  st.TruncOp, st.MaximumOp, st.MinimumOp, st.WhereOp, st.ClampOp)
+
+
 class Emitter:
-    def __init__(self, buffers: dict[int, str]):
+    def __init__(self, buffers: dict[int, str], half: dict[str, DType] | None = None):
         # id(value) -> C pointer name, for block arguments and materialised values
         self.buffers = buffers
+        # pointer name -> half type, for buffers that store f16 / bf16 bits (inputs, outputs)
+        self.half: dict[str, DType] = dict(half or {})
+        # float buffers a scatter accumulates a half value in, rounded once when it is done
+        self.wide: set[str] = set()
         # id(value) -> C expression valid for the current row (row scalars, row buffers)
         self.known: dict[int, Callable[[list[str]], str | None]] = {}
         self.scopes: list[Scope] = []
@@ -237,7 +317,10 @@ class Emitter:
                 memo[key] = got
                 return got
         if id(v) in self.buffers:
-            expr = self.temp(ctype(v.type.dtype), f"{self.buffers[id(v)]}[{linearize(idx, dims(v))}]")
+            name = self.buffers[id(v)]
+            raw = f"{name}[{linearize(idx, dims(v))}]"
+            expr = self.temp(ctype(v.type.dtype), load(self.half[name], raw) if name in self.half
+                             else raw)
         elif isinstance(v, BlockArgument):
             raise Unsupported("a block argument without a buffer")
         else:
@@ -245,7 +328,31 @@ class Emitter:
         memo[key] = expr
         return expr
 
+    def store(self, ptr: str, lin: str, dt: DType, expr: str) -> str:
+        """The statement writing computed value ``expr`` of ``dt`` to ``ptr[lin]``."""
+        return f"{ptr}[{lin}] = {store(dt, expr) if ptr in self.half else expr};"
+
+    def update(self, ptr: str, lin: str, dt: DType, fn: Callable[[str], str]) -> str:
+        """The statement ``ptr[lin] = fn(ptr[lin])`` (a scatter's read-modify-write), widening
+        and narrowing where ``ptr`` holds half bits: one rounding per update, as eager."""
+        cell = f"{ptr}[{lin}]"
+        if ptr in self.half:
+            h = self.half[ptr]
+            return f"{cell} = {store(h, fn(load(h, cell)))};"
+        if ptr in self.wide:
+            return f"{cell} = {fn(cell)};"
+        return f"{cell} = {round_to(dt, fn(cell))};"  # a half value kept in float scratch
+
     def op_value(self, v: Value, idx: list[str]) -> str:
+        expr = self._op_value(v, idx)
+        op = v.owner
+        if v.type.dtype in HALF and isinstance(op, _ROUNDED) and not isinstance(op, _EXACT_ON_HALF):
+            if isinstance(op, st.CastOp) and op.operand(0).type.dtype is v.type.dtype:
+                return expr
+            return self.temp("float", round_to(v.type.dtype, expr))
+        return expr
+
+    def _op_value(self, v: Value, idx: list[str]) -> str:
         op = v.owner
         t = v.type
         ct = ctype(t.dtype)
@@ -268,9 +375,14 @@ class Emitter:
         if isinstance(op, st.DivOp):
             a, b = (self.value(o, idx) for o in op.operands)
             inner = self.scopes[-1].loop_vars
-            if t.dtype.is_float and inner and not (self._deps(b) & inner) and \
-                    not _feeds_discrete(op.result):
-                # a loop-invariant divisor (a row's sum): one reciprocal, hoisted; then multiply
+            const = _splat_value(op.operand(1))
+            if t.dtype.is_float and const is not None and _exact_reciprocal(const):
+                return self.temp(ct, f"({a} * {literal(1.0 / const, t.dtype)})")
+            if t.dtype.is_float and inner and not (self._deps(b) & inner) and const is None \
+                    and not _feeds_discrete(op.result):
+                # a loop-invariant divisor (a row's sum): one reciprocal, hoisted; then multiply.
+                # Not for a constant divisor: x / 3 is eager's exact quotient (round(x, 3)
+                # divides by 1000 after rounding); a vector division is cheap next to a load.
                 inv = self.temp(ct, f"(({ct})1 / {b})")
                 return self.temp(ct, f"({a} * {inv})")
             return self.temp(ct, f"({a} / {b})")

@@ -26,7 +26,19 @@ from pathlib import Path
 
 import jinja2
 
-from codegen.cpp.emit import Emitter, Unsupported, ctype, delinearize, dims, linearize, literal
+from codegen.cpp.emit import (
+    HALF,
+    Emitter,
+    Unsupported,
+    compute_itemsize,
+    ctype,
+    delinearize,
+    dims,
+    linearize,
+    literal,
+    round_to,
+    storage_ctype,
+)
 from stitch_ir.core import Value
 from stitch_ir.dialects import fusion, st
 
@@ -84,7 +96,8 @@ class RowsUnfit(Unsupported):
 class RowKernel:
     """The ``rows`` strategy (see the module docstring)."""
 
-    def __init__(self, group: fusion.GroupOp, buffers: dict[int, str], out_ptrs: dict[int, str]):
+    def __init__(self, group: fusion.GroupOp, buffers: dict[int, str], out_ptrs: dict[int, str],
+                 half: dict[str, object] | None = None):
         self.group = group
         self.body = group.body.ops[:-1]
         self.outputs = list(dict.fromkeys(group.body.terminator.operands))
@@ -104,7 +117,7 @@ class RowKernel:
                     isinstance(r, st.ArgReduceOp):
                 raise RowsUnfit(f"'{r.name}' is not a row reduction over the dominant rows")
         self.reduces = reduces
-        self.em = Emitter(buffers)
+        self.em = Emitter(buffers, half)
         self.names: dict[tuple, list[str]] = {}
         self.row_decl: list[str] = []
         self.col_decl: list[str] = []
@@ -199,6 +212,9 @@ class RowKernel:
         out_bytes = sum(full * v.type.dtype.itemsize for v in outs_full)
         streams = {id(v): f"streambuf{k}" for k, v in enumerate(outs_full)} \
             if out_bytes >= STREAM_MIN_BYTES else {}
+        for v in outs_full:  # a stream buffer holds its output's stored bits
+            if id(v) in streams and v.type.dtype in HALF:
+                em.half[streams[id(v)]] = v.type.dtype
         lines: list[str] = []
         em.push(lines, "      ", loop_vars={"r"})
         # the next row of each row-major input is fetched while this row computes
@@ -212,10 +228,10 @@ class RowKernel:
             steps = [(r, "main") for r in self.reduces if loop_of[id(r)] == loop]
             steps += [(r, "dev") for r in self.reduces
                       if isinstance(r, st.VarOp) and loop_of[id(r)] + 1 == loop]
-            stores = [(v, f"{streams[id(v)]}[j]" if id(v) in streams else
-                       f"{self.out_ptrs[id(v)]}[r * {self.L} + j]")
+            stores = [((streams[id(v)], "j") if id(v) in streams else
+                       (self.out_ptrs[id(v)], f"r * {self.L} + j"), v)
                       for v in outs_full if avail[id(v)] == loop]
-            stores += [(v, f"{bufs[id(v)]}[j]") for v in regional if avail[id(v)] == loop]
+            stores += [((bufs[id(v)], "j"), v) for v in regional if avail[id(v)] == loop]
             if not steps and not stores:
                 continue
             accs = []
@@ -243,13 +259,13 @@ class RowKernel:
             for r, mode, acc in accs:
                 x = em.value(r.operand(0), self.idx_of(r.operand(0)))
                 em.line(_acc_update(r, mode, acc, x, means.get(id(r))))
-            for v, target in stores:
-                em.line(f"{target} = {em.value(v, self.idx_of(v))};")
+            for (ptr, lin), v in stores:
+                em.line(em.store(ptr, lin, v.type.dtype, em.value(v, self.idx_of(v))))
             em.pop()
             lines.extend("        " + d for d in self.col_decl)
             lines.extend(body)
             em.line("}")
-            for v, _ in stores:
+            for _, v in stores:
                 if id(v) in streams:
                     em.line(f"st_stream_row({self.out_ptrs[id(v)]} + r * {self.L}, {streams[id(v)]}, "
                             f"{self.L * v.type.dtype.itemsize});")
@@ -262,19 +278,23 @@ class RowKernel:
                     means[id(r)] = name
                     em.line(f"const {_acc_ctype(r)} {name} = {acc} / ({_acc_ctype(r)}){self.L};")
                     continue
-                em.line(f"const {ctype(r.result.type.dtype)} {name} = {_acc_final(r, acc, self.L)};")
+                final = round_to(r.result.type.dtype, _acc_final(r, acc, self.L))
+                em.line(f"const {ctype(r.result.type.dtype)} {name} = {final};")
                 self._register(r.result, name)
             for v in outs_row:
                 if id(v) not in done_row_outs and avail[id(v)] <= loop + 1:
-                    em.line(f"{self.out_ptrs[id(v)]}[r] = {em.value(v, self.idx_of(v))};")
+                    em.line(em.store(self.out_ptrs[id(v)], "r", v.type.dtype,
+                                     em.value(v, self.idx_of(v))))
                     done_row_outs.add(id(v))
         for v in outs_row:
             if id(v) not in done_row_outs:
-                em.line(f"{self.out_ptrs[id(v)]}[r] = {em.value(v, self.idx_of(v))};")
+                em.line(em.store(self.out_ptrs[id(v)], "r", v.type.dtype,
+                                 em.value(v, self.idx_of(v))))
         em.pop()
         return {"R": self.R, "L": self.L, "row_decl": self.row_decl, "lines": lines,
                 "row_buffers": [(bufs[id(v)], ctype(v.type.dtype)) for v in regional] +
-                [(streams[id(v)], ctype(v.type.dtype)) for v in outs_full if id(v) in streams],
+                [(streams[id(v)], storage_ctype(v.type.dtype)) for v in outs_full
+                 if id(v) in streams],
                 "streaming": bool(streams)}
 
     @property
@@ -402,10 +422,11 @@ def _acc_final(r: st.ReduceOp, acc: str, n: int) -> str:
 class PhaseKernel:
     """The ``phases`` strategy (see the module docstring)."""
 
-    def __init__(self, group: fusion.GroupOp, buffers: dict[int, str], out_names: dict[int, list]):
+    def __init__(self, group: fusion.GroupOp, buffers: dict[int, str], out_names: dict[int, list],
+                 half: dict[str, object] | None = None):
         self.group = group
         self.body = group.body.ops[:-1]
-        self.em = Emitter(buffers)
+        self.em = Emitter(buffers, half)
         self.out_names = out_names  # id(value) -> every output pointer it is written to
         self.scratch: list[int] = []
         self.n_loops = 0
@@ -432,9 +453,12 @@ class PhaseKernel:
         self.first_scratch = first_scratch_arg
         phases: list[list[str]] = []
         for v in self.materialised():
-            if id(v) not in self.out_names:
+            # A half-typed scatter accumulates in float and rounds once at the end, as eager's
+            # index_add / scatter_add / scatter_reduce do: its target is a float scratch.
+            wide = isinstance(v.owner, SCATTERS) and v.type.dtype in HALF
+            if id(v) not in self.out_names or wide:
                 k = len(self.scratch)
-                self.scratch.append(max(1, math.prod(dims(v))) * v.type.dtype.itemsize)
+                self.scratch.append(max(1, math.prod(dims(v))) * compute_itemsize(v.type.dtype))
                 name = f"scr{k}"
                 phases.append([f"    {ctype(v.type.dtype)}* __restrict {name} = "
                                f"({ctype(v.type.dtype)}*)args[{first_scratch_arg + k}];"])
@@ -449,7 +473,10 @@ class PhaseKernel:
             elif isinstance(op, st.ReduceOp):
                 self.reduce(op, targets)
             elif isinstance(op, SCATTERS):
+                em.wide.add(targets[0])
                 self.scatter(op, targets)
+                if wide:
+                    self._round_scattered(v, targets[0])
             else:
                 self.elementwise(v, targets)
             em.pop()
@@ -460,6 +487,19 @@ class PhaseKernel:
                     getattr(root, "owner", None) in self.body:
                 em.buffers[id(root)] = targets[0]  # same elements, same row-major order
         return {"phases": phases}
+
+    def _round_scattered(self, v: Value, acc: str) -> None:
+        """Round a half scatter's float accumulator to its type, in place, and write it to the
+        outputs that ``v`` is."""
+        lin_of = lambda idx: linearize(idx, dims(v))  # noqa: E731
+        dt = v.type.dtype
+
+        def body(idx):
+            self.em.line(f"{acc}[{lin_of(idx)}] = {round_to(dt, f'{acc}[{lin_of(idx)}]')};")
+            for t in self.out_names.get(id(v), []):
+                self.em.line(self.em.store(t, lin_of(idx), dt, f"{acc}[{lin_of(idx)}]"))
+
+        self.nest(dims(v), body)
 
     # one loop nest over ``shape``; ``emit(idx)`` writes the body
     def nest(self, shape: list[int], emit, reductions: str = "") -> None:
@@ -496,7 +536,7 @@ class PhaseKernel:
     def store(self, targets: list[str], v: Value, idx: list[str], expr: str) -> None:
         lin = linearize(idx, dims(v))
         for t in targets:
-            self.em.line(f"{t}[{lin}] = {expr};")
+            self.em.line(self.em.store(t, lin, v.type.dtype, expr))
 
     def elementwise(self, v: Value, targets: list[str]) -> None:
         self.nest(dims(v), lambda idx: self.store(targets, v, idx, self.em.value(v, idx)))
@@ -520,7 +560,7 @@ class PhaseKernel:
         shape = dims(op.operand(0))
         red_shape = [shape[d] for d in op.dims]
         t = ctype(op.result.type.dtype)
-        n = max(1, math.prod(red_shape))
+        n = math.prod(red_shape)  # 0 for an empty reduction: its mean is 0 / 0 = NaN, as eager
         # The simd lanes here are usually the outputs, so each output adds its terms one at a
         # time: a float accumulator's error grows with the length (adder_quant's 144-term sums
         # were many ulps off torch's cascade sum, enough to flip later round()s). float32 sums
@@ -561,7 +601,8 @@ class PhaseKernel:
                 loops("dev", acc, f"{acc}m")
             else:
                 loops("main", acc, None)
-            self.store(targets, op.result, out_idx, _acc_final(op, acc, n))
+            self.store(targets, op.result, out_idx,
+                       round_to(op.result.type.dtype, _acc_final(op, acc, n)))
 
         self.nest(dims(op.result), body)
 
@@ -577,7 +618,7 @@ class PhaseKernel:
         shape = dims(op.operand(0))
         out_shape = dims(op.result)
         red_shape = [shape[d] for d in op.dims]
-        n = max(1, math.prod(red_shape))
+        n = math.prod(red_shape)  # 0 for an empty reduction: its mean is 0 / 0 = NaN, as eager
         J = out_shape[-1]
         O = max(1, math.prod(out_shape[:-1]))
         B = min(J, COLUMN_BLOCK)
@@ -593,7 +634,8 @@ class PhaseKernel:
         # partial rows [O, chunks, J] (and their NaN flags) in scratch
         part = f"part{L}"
         k = len(self.scratch)
-        self.scratch.append(O * chunks * J * (8 if at == "double" else op.result.type.dtype.itemsize))
+        self.scratch.append(O * chunks * J * (8 if at == "double" else
+                                              compute_itemsize(op.result.type.dtype)))
         em.line(f"{at}* __restrict {part} = ({at}*)args[{self.first_scratch + k}];")
         if minmax:
             self.scratch.append(O * chunks * J * 4)
@@ -657,7 +699,8 @@ class PhaseKernel:
         em.line("  }")
         body: list[str] = []
         em.push(body, em.scopes[-1].indent + "  ", loop_vars={jj})
-        self.store(targets, op.result, onames + [jj], _acc_final(op, "a", n))
+        self.store(targets, op.result, onames + [jj],
+                   round_to(op.result.type.dtype, _acc_final(op, "a", n)))
         em.pop()
         em.scopes[-1].lines.extend(body)
         em.line("}")
@@ -789,21 +832,19 @@ class PhaseKernel:
         dst = list(names)
         dst[dim] = pos
         val = em.value(src, names)
-        cell = f"{target}[{linearize(dst, xs)}]"
+        lin = linearize(dst, xs)
+        dt = out.type.dtype
         if isinstance(op, st.ScatterReduceOp):
             red = op.attributes["reduce"]
-            if red in ("sum", "mean"):
-                em.line(f"{cell} += {val};")
-            elif red == "prod":
-                em.line(f"{cell} *= {val};")
-            elif red == "amax":
-                em.line(f"{cell} = st_max({cell}, ({ct}){val});")
-            else:
-                em.line(f"{cell} = st_min({cell}, ({ct}){val});")
+            fn = {"sum": lambda c: f"{c} + {val}", "mean": lambda c: f"{c} + {val}",
+                  "prod": lambda c: f"{c} * {val}",
+                  "amax": lambda c: f"st_max({c}, ({ct}){val})",
+                  "amin": lambda c: f"st_min({c}, ({ct}){val})"}[red]
         else:
             alpha = op.attr("alpha", 1)
-            scale = "" if alpha == 1 else f"({ct}){literal(alpha, out.type.dtype)} * "
-            em.line(f"{cell} += {scale}{val};")
+            scale = "" if alpha == 1 else f"({ct}){literal(alpha, dt)} * "
+            fn = lambda c: f"{c} + {scale}{val}"  # noqa: E731
+        em.line(em.update(target, lin, dt, fn))
         em.pop()
         em.scopes[-1].lines.extend(body)
         for _ in ishape:
@@ -889,7 +930,8 @@ class PhaseKernel:
         em.push(deep, em.scopes[-1].indent + "  ", loop_vars=set(names))
         val = em.value(src, ["e"] + names)
         scale = "" if alpha == 1 else f"({ct}){literal(alpha, op.result.type.dtype)} * "
-        em.line(f"{target}[{linearize(['d'] + names, xs)}] += {scale}{val};")
+        em.line(em.update(target, linearize(["d"] + names, xs), op.result.type.dtype,
+                          lambda c: f"{c} + {scale}{val}"))
         em.pop()
         em.scopes[-1].lines.extend(deep)
         for _ in inner:
@@ -923,7 +965,7 @@ class PhaseKernel:
         pos = em.checked_index(em.value(op.operand(1), names), xs[op.attributes["dim"]])
         dst = list(names)
         dst[op.attributes["dim"]] = pos
-        em.line(f"{target}[{linearize(dst, xs)}] = {ident};")
+        em.line(em.store(target, linearize(dst, xs), t, ident))
         em.pop()
         em.scopes[-1].lines.extend(body)
         for _ in ishape:
@@ -940,17 +982,21 @@ def render_group(group: fusion.GroupOp, name: str = "") -> KernelSource:
     outputs = list(group.body.terminator.operands)
     for v in args + outputs:
         ctype(v.type.dtype)
-        if 0 in dims(v):
-            raise Unsupported("a zero-size tensor")
+    if all(0 in dims(v) for v in outputs):
+        raise Unsupported("every output is empty (the runtime allocates them; nothing to run)")
     buffers = {id(a): f"in{k}" for k, a in enumerate(args)}
     out_names: dict[int, list[str]] = {}
     for k, v in enumerate(outputs):
         out_names.setdefault(id(v), []).append(f"out{k}")
+    # buffers of half types hold their 16 bits; the kernel computes in float
+    half = {f"in{k}": a.type.dtype for k, a in enumerate(args) if a.type.dtype in HALF}
+    half.update({f"out{k}": v.type.dtype for k, v in enumerate(outputs) if v.type.dtype in HALF})
     ops = [op.name for op in group.body.ops[:-1]]
     context = {
         "ops": ops, "kind": group.kind, "mapping": group.attr("mapping", ""),
-        "inputs": [(f"in{k}", ctype(a.type.dtype), str(a.type)) for k, a in enumerate(args)],
-        "outputs": [(f"out{k}", ctype(v.type.dtype), str(v.type)) for k, v in enumerate(outputs)],
+        "inputs": [(f"in{k}", storage_ctype(a.type.dtype), str(a.type)) for k, a in enumerate(args)],
+        "outputs": [(f"out{k}", storage_ctype(v.type.dtype), str(v.type))
+                    for k, v in enumerate(outputs)],
         "prelude": PRELUDE,
     }
     strategy = "rows"
@@ -958,12 +1004,12 @@ def render_group(group: fusion.GroupOp, name: str = "") -> KernelSource:
     try:
         if len(set(map(id, outputs))) != len(outputs):
             raise RowsUnfit("an output yielded twice")
-        rk = RowKernel(group, dict(buffers), {k: v[0] for k, v in out_names.items()})
+        rk = RowKernel(group, dict(buffers), {k: v[0] for k, v in out_names.items()}, half)
         context.update(rk.render(), gathers=rk.em_has_gather)
         template = "rows.cpp.jinja"
     except RowsUnfit:
         strategy = "phases"
-        pk = PhaseKernel(group, dict(buffers), out_names)
+        pk = PhaseKernel(group, dict(buffers), out_names, half)
         context.update(pk.render(len(args) + len(outputs)), gathers=pk.gathers)
         scratch = pk.scratch
         template = "phases.cpp.jinja"

@@ -129,3 +129,45 @@ static inline void st_stream_fence() {
   _mm_sfence();
 #endif
 }
+
+// Half precision (float16 and bfloat16) is stored as its 16 bits and computed in float, as
+// eager's cpu kernels do: every load widens to float, every value of a half type is rounded to
+// it (st_round_h / st_round_bf: float -> half -> float), every store narrows. The conversions
+// are integer and float selects, not library calls or the scalar F16C instruction GCC emits
+// for _Float16, so they vectorise with the loop around them (16 lanes per instruction with
+// AVX-512). Both round to nearest even, keep subnormals (as c10::Half / c10::BFloat16 do; the
+// AVX512-BF16 instruction would flush them) and keep NaN a NaN (quieted).
+static inline uint32_t st_fbits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+static inline float st_bitsf(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+// Written with masks, not ?: -- GCC gives up vectorising a loop whose selects nest too deep.
+static inline float st_h2f(uint16_t h) {
+  const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+  const uint32_t em = h & 0x7FFFu;
+  // exponent and mantissa moved to float's places and rebiased by 2^112: exact for normals
+  // and subnormals alike; inf / NaN get float's all-ones exponent
+  const uint32_t scaled = st_fbits(st_bitsf(em << 13) * 0x1p112f);
+  const uint32_t m_inf = 0u - (uint32_t)(em >= 0x7C00u);
+  return st_bitsf(sign | (scaled & ~m_inf) | (((em << 13) | 0x7F800000u) & m_inf));
+}
+static inline uint16_t st_f2h(float f) {
+  uint32_t u = st_fbits(f);
+  const uint32_t sign = (u >> 16) & 0x8000u;
+  u &= 0x7FFFFFFFu;
+  const uint32_t big = 0x7C00u | ((uint32_t)(u > 0x7F800000u) << 9);  // inf, or a quiet NaN
+  // below 2^-14 the result is subnormal: adding 0.5 lines the mantissa up, rounding nearest even
+  const uint32_t sub = st_fbits(st_bitsf(u) + 0.5f) - 0x3F000000u;
+  // normal: rebias the exponent, add half an ulp minus one plus the odd bit (nearest even)
+  const uint32_t nrm = (u + 0xC8000FFFu + ((u >> 13) & 1u)) >> 13;
+  const uint32_t m_big = 0u - (uint32_t)(u >= 0x47800000u);
+  const uint32_t m_sub = 0u - (uint32_t)(u < 0x38800000u);
+  return (uint16_t)(((big & m_big) | (sub & m_sub) | (nrm & ~(m_big | m_sub))) | sign);
+}
+static inline float st_bf2f(uint16_t h) { return st_bitsf((uint32_t)h << 16); }
+static inline uint16_t st_f2bf(float f) {
+  const uint32_t u = st_fbits(f);
+  const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const uint32_t m_nan = 0u - (uint32_t)((u & 0x7FFFFFFFu) > 0x7F800000u);
+  return (uint16_t)((r & ~m_nan) | (((u >> 16) | 0x40u) & m_nan));
+}
+static inline float st_round_h(float x) { return st_h2f(st_f2h(x)); }
+static inline float st_round_bf(float x) { return st_bf2f(st_f2bf(x)); }

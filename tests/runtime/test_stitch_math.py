@@ -98,3 +98,59 @@ def test_special_values(kernel, name):
     ok = np.isnan(want) | np.isclose(got, want, rtol=3e-7, atol=2e-38)
     assert ok.all(), [(float(a), float(b), float(c)) for a, b, c, k in
                       zip(SPECIAL, got, want, ok) if not k]
+
+
+HALF_SOURCE = MATH_H + r"""
+extern "C" int widen(void* const* args) {
+  const uint16_t* __restrict h = (const uint16_t*)args[0];
+  float* __restrict out = (float*)args[1];
+  const int64_t n = *(const int64_t*)args[2];
+  const int64_t bf = *(const int64_t*)args[3];
+  #pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = bf ? st_bf2f(h[i]) : st_h2f(h[i]);
+  return 0;
+}
+extern "C" int narrow(void* const* args) {
+  const float* __restrict x = (const float*)args[0];
+  uint16_t* __restrict out = (uint16_t*)args[1];
+  const int64_t n = *(const int64_t*)args[2];
+  const int64_t bf = *(const int64_t*)args[3];
+  #pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = bf ? st_f2bf(x[i]) : st_f2h(x[i]);
+  return 0;
+}
+"""
+
+
+@pytest.mark.parametrize("bf", [False, True], ids=["f16", "bf16"])
+def test_half_conversions_match_torch_bit_for_bit(kernel, bf):
+    """Every f16 / bf16 bit pattern widens as torch widens it; random float32 bit patterns (all
+    exponents: subnormals, overflow, inf, NaN), normal values and the rounding edges narrow as
+    torch narrows them (nearest even, NaN stays NaN)."""
+    import torch
+
+    half = torch.bfloat16 if bf else torch.float16
+    widen = build.load_kernel(HALF_SOURCE, "widen", name="stitch_half_widen")
+    narrow = build.load_kernel(HALF_SOURCE, "narrow", name="stitch_half_narrow")
+    flag = np.array([int(bf)], dtype=np.int64)
+    bits = torch.arange(65536, dtype=torch.int32).to(torch.int16)
+    out = torch.empty(65536, dtype=torch.float32)
+    widen(bits.data_ptr(), out.data_ptr(), np.array([65536], dtype=np.int64).ctypes.data,
+          flag.ctypes.data)
+    want = bits.view(half).float()
+    same = (out == want) | (out.isnan() & want.isnan())
+    assert bool(same.all()), bits[~same][:8]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.cat([
+        torch.randint(-2**31, 2**31 - 1, (1 << 20,), generator=gen, dtype=torch.int64)
+        .to(torch.int32).view(torch.float32),
+        torch.randn(1 << 18, generator=gen) * 300, torch.randn(1 << 18, generator=gen) * 1e-5,
+        torch.tensor([65504.0, 65519.99, 65520.0, 65536.0, 2.0**-24, 2.0**-25, 3 * 2.0**-26,
+                      6.1e-5, 3.3895e38, 3.4e38, float("inf"), -float("inf"), float("nan"),
+                      0.0, -0.0, 1e-45])])
+    got = torch.empty(x.numel(), dtype=torch.int16)
+    narrow(x.data_ptr(), got.data_ptr(), np.array([x.numel()], dtype=np.int64).ctypes.data,
+           flag.ctypes.data)
+    want = x.to(half)
+    ok = (got == want.view(torch.int16)) | (got.view(half).isnan() & want.isnan())
+    assert bool(ok.all()), (x[~ok][:8], got[~ok][:8], want.view(torch.int16)[~ok][:8])
