@@ -31,12 +31,16 @@ COLUMN_BLOCK_BYTES = 64  # one cache line of columns per task: no false sharing
 PARTIAL_BYTES = 8  # fp32/fp64 partial results written and read back by a split reduce
 
 
+# Starting and joining an OpenMP team: waking the other threads and the closing barrier. On a
+# quiet machine a few microseconds; when another process holds a core, the team waits for it
+# to be scheduled (milliseconds), which a kernel on the calling thread never does.
+TEAM_START_SECONDS = 5e-6
+
+
 def cpu_schedule(desc: KernelDesc, spec: DeviceSpec) -> Schedule:
     mapping, why, tasks, split, rows = _mapping(desc, spec)
     cores = spec.cores
     threads = min(cores, tasks)
-    waves = math.ceil(tasks / threads)
-    imbalance = waves * threads / tasks
     syncs = desc.grid_syncs + (1 if split > 1 else 0)
 
     # Partials of a split reduction, then regional buffers that do not fit a core's L2.
@@ -45,14 +49,27 @@ def cpu_schedule(desc: KernelDesc, spec: DeviceSpec) -> Schedule:
     if desc.smem_bytes_per_row > spec.l2_bytes:
         spill = 2 * rows * desc.smem_bytes_per_row
     traffic = desc.traffic + extra + spill
-
-    bw = bandwidth(spec, traffic, threads)
-    mem = traffic / bw * imbalance
     per_core_flops = spec.fp32_flops / cores
     per_core_trans = spec.transcendental_rate / cores
-    comp = (desc.flops / per_core_flops + desc.transcendentals / per_core_trans) / threads
-    comp *= imbalance
-    sync = syncs * spec.barrier_base
+
+    def body(threads: int) -> tuple[float, float, float, int]:
+        waves = math.ceil(tasks / threads)
+        imbalance = waves * threads / tasks
+        bw = bandwidth(spec, traffic, threads)
+        mem = traffic / bw * imbalance
+        comp = (desc.flops / per_core_flops + desc.transcendentals / per_core_trans) / threads
+        return mem, comp * imbalance, bw, waves
+
+    # The team: all cores when the work pays for starting them, else the calling thread alone
+    # (a tiny kernel then costs a function call, and its barriers are free).
+    mem, comp, bw, waves = body(threads)
+    parallel = TEAM_START_SECONDS + max(mem, comp) + syncs * spec.barrier_base
+    mem1, comp1, bw1, waves1 = body(1)
+    if threads > 1 and max(mem1, comp1) <= parallel:
+        threads, mem, comp, bw, waves = 1, mem1, comp1, bw1, waves1
+        why += "; too little work for a team: the calling thread"
+    sync = syncs * spec.barrier_base if threads > 1 else 0.0
+    team_start = TEAM_START_SECONDS if threads > 1 else 0.0
     return Schedule(
         device=spec.name,
         mapping=mapping,
@@ -70,14 +87,15 @@ def cpu_schedule(desc: KernelDesc, spec: DeviceSpec) -> Schedule:
         grid_syncs=syncs,
         extra_bytes=extra + spill,
         smem_opt_in=False,
-        launch_seconds=spec.launch_overhead,
+        launch_seconds=spec.launch_overhead + team_start,
         memory_seconds=mem,
         memory_floor_seconds=traffic / bandwidth(spec, traffic, cores),
         compute_seconds=comp,
         latency_floor_seconds=0.0,
         sync_seconds=sync,
         resource_penalty_seconds=spill / bw,
-        seconds=spec.launch_overhead + max(mem, comp) + sync,
+        seconds=spec.launch_overhead + team_start + max(mem, comp) + sync,
+        team=threads,
     )
 
 

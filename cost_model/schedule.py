@@ -68,6 +68,9 @@ class Schedule:
 
     legal: bool = True
     reason: str = ""  # why not legal; "" when legal
+    # CPU: OpenMP threads the kernel runs on. 1 = the calling thread alone, no parallel team:
+    # starting and joining a team costs more than a tiny kernel's work. 0 on a GPU.
+    team: int = 0
 
     @property
     def fits_one_wave(self) -> bool:

@@ -7,7 +7,8 @@ each group annotated with attributes the code generators read:
 - ``dominant``: indices (in the group body) of the ops that choose the mapping: the reductions
   touching the most elements, else the largest gather / scatter, else the largest op;
 - ``mapping``, ``threads``, ``blocks``, ``rows_per_block``, ``split``, ``smem_bytes``,
-  ``grid_sync``: the cost model's schedule on the target (AStitch's adaptive thread mapping:
+  ``grid_sync`` (and on the cpu ``team``: OpenMP threads, 1 = the calling thread alone): the
+  cost model's schedule on the target (AStitch's adaptive thread mapping:
   warp per row, block per row, rows packed per block, long rows split across blocks, column
   tiles; on the cpu: rows, splits or column blocks per task);
 - ``arg_schemes``: one per group operand: ``local`` (read once), ``regional`` (a row kept in
@@ -77,6 +78,7 @@ def schedule_group(group: fusion.GroupOp, device) -> dict:
         "smem_bytes": sched.smem_per_block, "grid_sync": sched.grid_syncs > 0,
         "schemes": schemes, "arg_schemes": arg_schemes, "estimated_us": round(sched.seconds * 1e6, 3),
         "demoted": info.demoted,
+        **({"team": sched.team} if sched.team else {}),
     }
 
 

@@ -998,6 +998,9 @@ def render_group(group: fusion.GroupOp, name: str = "") -> KernelSource:
         "outputs": [(f"out{k}", storage_ctype(v.type.dtype), str(v.type))
                     for k, v in enumerate(outputs)],
         "prelude": PRELUDE,
+        # a kernel too small to feed a thread team runs on the calling thread (the schedule's
+        # choice): the parallel region is serialised, no threads are woken
+        "serial": group.attr("team", 0) == 1,
     }
     strategy = "rows"
     scratch: list[int] = []

@@ -132,8 +132,15 @@ def test_round_decimals_is_eager_bit_for_bit(dt, decimals):
 
 @pytest.mark.parametrize("dt", [torch.float32] + HALF)
 def test_rank0_results_keep_their_shape(dt):
-    x = torch.randn(5, 7)
-    check(lambda x: (x.sum().to(dt), x.amax(), (x * 2).mean().to(dt)), [x], ulps=2)
+    x = torch.randn(5, 7, generator=torch.Generator().manual_seed(7))
+
+    def fn(x):
+        return x.sum().to(dt), x.amax(), (x * 2).mean().to(dt)
+
+    got = compiled(fn, [x])(x)
+    for a, b in zip(got, fn(x)):
+        assert a.shape == b.shape == torch.Size([]) and a.dtype == b.dtype
+        torch.testing.assert_close(a, b)  # a float sum's order may move its last bit
 
 
 def test_zero_size_groups_need_no_interpreter():

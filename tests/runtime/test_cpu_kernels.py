@@ -339,3 +339,15 @@ def test_quotient_feeding_round_is_an_exact_division(a, c):
     g = run_both(quant, [x], atol=0, rtol=0)
     src = "".join(s.source.source for s in g.steps if s.kind == "kernel")
     assert "st.round" in src and "(float)1 /" not in src
+
+
+def test_tiny_kernels_run_on_the_calling_thread():
+    """The schedule gives a kernel too small to pay for a thread team the calling thread alone
+    (a serialised parallel region); a large one gets the team."""
+    small = run_both(lambda x, y: torch.relu(x * y + 1), [torch.randn(4, 5), torch.randn(4, 5)])
+    large = run_both(lambda x, y: torch.relu(x * y + 1),
+                     [torch.randn(512, 1024), torch.randn(512, 1024)])
+    (ks,) = [s for s in small.steps if s.kind == "kernel"]
+    (kl,) = [s for s in large.steps if s.kind == "kernel"]
+    assert "#pragma omp parallel reduction(|:err) if(0)" in ks.source.source
+    assert "if(0)" not in kl.source.source
