@@ -437,6 +437,15 @@ class Kernel:
         if rc:
             raise RuntimeError(f"kernel {self.symbol} ({self.path}) returned {rc}")
 
+    def call_list(self, pointers: list[int]) -> None:
+        """Call the kernel on a list of raw addresses (ints, no None): the runtime's hot path."""
+        packer = self._packers.get(len(pointers))
+        if packer is None:
+            packer = self._packers[len(pointers)] = struct.Struct(f"{len(pointers)}P").pack
+        rc = self._fn(packer(*pointers))
+        if rc:
+            raise RuntimeError(f"kernel {self.symbol} ({self.path}) returned {rc}")
+
     def __repr__(self) -> str:
         return f"Kernel({self.symbol!r}, {str(self.path)!r})"
 

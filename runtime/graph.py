@@ -21,6 +21,12 @@ a call writes — the arena, its typed views and scratch pointers, the outputs i
 a ``CallState``; a call takes a free one from the graph's pool (or makes one) and gives it back
 when it returns. One caller at a time reuses one state forever (no allocation in steady state);
 N concurrent callers hold N states, so no two calls ever share a byte they write.
+
+Per-call cost: what does not change from call to call is done once per call state. Constants,
+arena views and every view or constant step whose operands are such values ("static" slots) are
+computed when the state is made; a call copies that environment, binds its inputs and runs the
+remaining steps. A kernel step keeps its argument array per state with the static pointers (arena
+buffers, scratch, constants) filled in and patches only the pointers that change per call.
 """
 
 from __future__ import annotations
@@ -46,6 +52,9 @@ from stitch_ir.interpreter import IMPLS, decode_torch_args, resolve_torch_op, to
 log = logging.getLogger("stitch.runtime")
 
 VIEW_OPS = (st.ReshapeOp, st.PermuteOp, st.BroadcastOp, st.SliceOp)
+# Library ops run with torch's ``out=`` into a planned buffer; the others (linear, convolution)
+# return a tensor torch allocated, so their results get no arena storage.
+OUT_LIBRARY_OPS = ("st.mm", "st.bmm", "st.addmm")
 
 
 ALIGN = 64
@@ -94,6 +103,8 @@ class CallState:
     # Outputs handed to the caller, by slot: reused when the caller has dropped them (a caching
     # allocator for outputs: fresh pages cost more than the kernels here).
     handed_out: dict[int, torch.Tensor] = field(default_factory=dict)
+    env: list = field(default_factory=list)  # the static slots' tensors; a call copies it
+    args: dict[int, list[int]] = field(default_factory=dict)  # step -> kernel argument array
 
 
 @dataclass
@@ -129,6 +140,10 @@ class CompiledGraph:
         self.outputs = [self._slot(v) for v in self.func.return_op.operands]
         self._plan_lifetimes()
         self.consts = {i: t.detach().contiguous() for i, t in prog.constants.items()}
+        self._input_types = [
+            (i, torch.Size([int(d) for d in self.func.args[i].type.shape]),
+             dtype_to_torch(self.func.args[i].type.dtype)) for i in prog.user_inputs]
+        self._find_static()
         self.build_seconds = time.perf_counter() - t0
         if self.fallbacks:
             log.warning("stitch: %d group(s) run through the reference interpreter: %s",
@@ -177,22 +192,9 @@ class CompiledGraph:
                 self.fallbacks.append(f"{op.kind} group of {len(op.body.ops) - 1} ops ({src})")
                 return self._interpreted(op, reads, writes)
             kern = load_built(self.libraries[src.symbol], src.symbol)
-            types = [r for r in op.results]
-            list(src.scratch)
-
-            step_no = len(self.steps)
-
-            def run(env, cs, kern=kern, reads=reads, writes=writes, types=types, k=step_no):
-                ins = [_contiguous(env[i]) for i in reads]
-                outs = [self._alloc(cs, env, w, v) for w, v in zip(writes, types)]
-                tmp = cs.scratch[k]
-                try:
-                    kern(*[t.data_ptr() for t in ins + outs], *tmp)
-                except RuntimeError:
-                    raise RuntimeError(f"stitch kernel {kern.symbol} ({kern.source_path}): an "
-                                       "index read from a tensor is out of range") from None
-
-            return Step(src.symbol, run, "kernel", reads, writes, src, kern)
+            return Step(src.symbol, self._kernel_run(kern, len(self.steps), reads, writes,
+                                                     list(op.results)),
+                        "kernel", reads, writes, src, kern)
         if isinstance(op, fusion.GroupOp):  # a view group: reshapes only
             inner = op.body
             def run(env, cs, op=op, reads=reads, writes=writes):
@@ -223,6 +225,56 @@ class CompiledGraph:
             return Step(op.attributes["target"], run, "torch", reads, writes)
         self.fallbacks.append(f"'{op.name}' outside any fusion group")
         return self._interpreted(op, reads, writes)
+
+    def _kernel_run(self, kern, k: int, reads: list[int], writes: list[int], types: list):
+        """The run function of kernel step ``k``: its argument array (inputs, outputs, scratch)
+        lives in the call state with the static pointers filled in; a call patches the rest."""
+        call = kern.call_list
+        dyn_reads: list[tuple[int, int]] = []  # (position, slot), found per state
+        dyn_writes: list[tuple[int, int, Value]] = []
+        plan: list = []  # [dyn_reads, dyn_writes] once known (the same for every state)
+
+        def template(cs: CallState) -> list[int]:
+            args, dr, dw = [], [], []
+            for pos, slot in enumerate(reads):
+                t = cs.env[slot]
+                if slot in self.static_slots and t is not None and t.is_contiguous():
+                    args.append(t.data_ptr())
+                else:
+                    args.append(0)
+                    dr.append((pos, slot))
+            for pos, (slot, v) in enumerate(zip(writes, types), len(reads)):
+                t = cs.views.get(slot)
+                if t is not None:
+                    args.append(t.data_ptr())
+                else:
+                    args.append(0)
+                    dw.append((pos, slot, v))
+            if not plan:
+                plan.extend([dr, dw])
+                dyn_reads.extend(dr)
+                dyn_writes.extend(dw)
+            cs.args[k] = args + list(cs.scratch[k])
+            return cs.args[k]
+
+        def run(env, cs):
+            args = cs.args.get(k) or template(cs)
+            keep = []  # contiguous copies of strided operands, alive until the call returns
+            for pos, slot in dyn_reads:
+                t = env[slot]
+                if not t.is_contiguous():
+                    t = t.contiguous()
+                    keep.append(t)
+                args[pos] = t.data_ptr()
+            for pos, slot, v in dyn_writes:
+                args[pos] = self._alloc(cs, env, slot, v).data_ptr()
+            try:
+                call(args)
+            except RuntimeError:
+                raise RuntimeError(f"stitch kernel {kern.symbol} ({kern.source_path}): an "
+                                   "index read from a tensor is out of range") from None
+
+        return run
 
     def _interpreted(self, op, reads, writes) -> Step:
         def run(env, cs, op=op, reads=reads, writes=writes):
@@ -277,7 +329,7 @@ class CompiledGraph:
             if s.kind == "view":
                 for w in s.writes:
                     root[w] = root.get(s.reads[0], s.reads[0])
-            elif s.kind in ("kernel", "library"):
+            elif s.kind == "kernel" or (s.kind == "library" and s.name in OUT_LIBRARY_OPS):
                 for w in s.writes:
                     owners[w] = (k, values[by_slot[w]])
         last: dict[int, int] = {}
@@ -299,6 +351,30 @@ class CompiledGraph:
         offsets, total = first_fit(intervals)
         self.layout = list(zip(keys, offsets, intervals))
         self.arena_bytes = total
+        self.static_slots: frozenset[int] = frozenset()
+        self.static_steps: list[Step] = []
+        self.call_steps: list[Step] = list(self.steps)
+
+    def _find_static(self) -> None:
+        """Static slots (see the module docstring): constants, arena buffers, and what constant
+        and view steps make of them -- unless a "view" copies (a reshape of a permuted tensor
+        is a copy; its data changes every call). Found by running the steps on a first state,
+        which then serves the first call."""
+        static = set(self.prog.constants) | {key[1] for key, _, _ in self.layout
+                                             if key[0] == "slot"}
+        cs = self.new_call_state()
+        for s in self.steps:
+            if s.kind == "constant" or (s.kind == "view" and all(r in static for r in s.reads)):
+                s.run(cs.env, cs)
+                base = {cs.env[r].untyped_storage().data_ptr() for r in s.reads}
+                if s.kind == "constant" or all(
+                        cs.env[w].untyped_storage().data_ptr() in base for w in s.writes):
+                    static.update(s.writes)
+                    self.static_steps.append(s)
+        self.static_slots = frozenset(static)
+        self.call_steps = [s for s in self.steps if s not in self.static_steps]
+        self._free_states.append(cs)
+        self._n_states = 1
 
     def new_call_state(self) -> CallState:
         """A fresh arena with its typed views and scratch pointers (one per concurrent call)."""
@@ -309,6 +385,13 @@ class CompiledGraph:
                 cs.views[key[1]] = _typed(arena[off:off + n], key[2])
             else:
                 cs.scratch[key[1]].append(arena.data_ptr() + off)
+        cs.env = [None] * len(self.slots)
+        for i, t in self.consts.items():
+            cs.env[i] = t
+        for slot, t in cs.views.items():
+            cs.env[slot] = t
+        for s in self.static_steps:
+            s.run(cs.env, cs)
         return cs
 
     @property
@@ -335,23 +418,20 @@ class CompiledGraph:
         if len(user_inputs) != len(self.prog.user_inputs):
             raise TypeError(f"expected {len(self.prog.user_inputs)} inputs, got "
                             f"{len(user_inputs)}")
-        env: list = [None] * len(self.slots)
-        for i, t in self.consts.items():
-            env[i] = t
-        for i, t in zip(self.prog.user_inputs, user_inputs):
-            want = self.func.args[i].type
-            if list(t.shape) != [int(d) for d in want.shape] or t.dtype != dtype_to_torch(
-                    want.dtype):
+        for (i, shape, dtype), t in zip(self._input_types, user_inputs):
+            if t.shape != shape or t.dtype != dtype:
                 raise ValueError(f"input {self.prog.arg_names[i]} has shape {list(t.shape)} "
-                                 f"{t.dtype}, the graph was compiled for {want}")
-            env[i] = t
+                                 f"{t.dtype}, the graph was compiled for {self.func.args[i].type}")
         with self._states_lock:
             cs = self._free_states.pop() if self._free_states else None
         if cs is None:
             cs = self.new_call_state()
             self._n_states += 1
         try:
-            for s in self.steps:
+            env = cs.env.copy()
+            for i, t in zip(self.prog.user_inputs, user_inputs):
+                env[i] = t
+            for s in self.call_steps:
                 s.run(env, cs)
             return [env[o] for o in self.outputs]
         finally:
