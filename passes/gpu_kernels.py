@@ -13,8 +13,9 @@ and its schedule (``kernel_mappings``, ``kernel_threads``, ``kernel_blocks``,
 kernel's own ops.
 
 Invariants:
-- every yielded value, every scatter and every reduction read by another kernel is
-  materialised by exactly one kernel; everything else is recomputed (inlined) where used;
+- every yielded value, every scatter and every reduction is materialised by exactly one
+  kernel (a reduction only in registers unless another kernel reads it); everything else is
+  recomputed (inlined) where used; only reductions and scatters order kernels;
 - kernels are listed in execution order: each reads only values of earlier kernels, or values
   of its own kernel when it is a reduction kernel (in-kernel stitching: registers / shared
   memory across the levels of a row);
@@ -71,10 +72,13 @@ def split_group(group: fusion.GroupOp) -> list[_Kernel]:
             if id(r) in out_ids or isinstance(op, (st.ReduceOp, *SCATTERS)):
                 materialised.append(r)
     materialised += [v for v in outputs if isinstance(v, BlockArgument)]
-    m_ids = {id(v) for v in materialised}
+    # Only reductions and scatters are barriers: an element-wise output is recomputed by any
+    # kernel that needs it, so it never orders kernels.
+    m_ids = {id(v) for v in materialised if isinstance(v, OpResult)
+             and isinstance(v.owner, (st.ReduceOp, *SCATTERS))}
 
     def deps(v: Value) -> set[int]:
-        """Materialised values ``v`` reads through inlined ops."""
+        """Barrier values ``v`` reads through inlined ops."""
         out: set[int] = set()
         seen: set[int] = set()
         stack = [o for o in v.owner.operands] if isinstance(v, OpResult) else []
@@ -105,6 +109,8 @@ def split_group(group: fusion.GroupOp) -> list[_Kernel]:
         kernels[-1].values.append(v)
         where[id(v)] = len(kernels) - 1
 
+    # barriers first (in program order), then the element-wise outputs join a kernel they fit
+    materialised.sort(key=lambda v: id(v) not in m_ids)
     for v in materialised:
         op = v.owner if isinstance(v, OpResult) else None
         if isinstance(op, st.ReduceOp):

@@ -230,3 +230,36 @@ def launch_group(src, module: ModuleType, buffers: dict[str, torch.Tensor]) -> N
 
 def content_key(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# -- stitchc compile --emit kernels ------------------------------------------------------------
+
+
+def emit_kernels(module, target: str, out: Path, deterministic: bool = False) -> list[dict]:
+    """Write every GPU kernel of ``module`` (scheduled for ``target``) under ``out``: the group's
+    Triton source (``<symbol>.py``), each kernel's PTX and cubin, and ``kernels.json`` with one
+    resource report per kernel; groups the generator cannot compile are listed with the reason."""
+    import shutil
+
+    from codegen.triton.emit import Unsupported
+    from stitch_ir.dialects import fusion
+
+    arch = int(target[3:])
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    for op in module.walk():
+        if not isinstance(op, fusion.GroupOp) or op.kind == "view":
+            continue
+        try:
+            src, builds, note = build_group(op, arch, op.kind, deterministic)
+        except Unsupported as e:
+            rows.append({"group": op.kind, "unsupported": str(e)})
+            continue
+        _write_atomic(out / f"{src.symbol}.py", src.source)
+        for b in builds:
+            for path in (b.ptx_path, b.cubin_path):
+                shutil.copyfile(path, out / f"{src.symbol}.{b.kernel}{path.suffix}")
+            rows.append({"group": op.kind, "symbol": src.symbol, "mapping": op.attr("mapping"),
+                         **b.report, "note": note})
+    _write_atomic(out / "kernels.json", json.dumps(rows, indent=1))
+    return rows

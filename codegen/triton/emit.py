@@ -302,11 +302,16 @@ class Emitter:
             expr += ".to(tl.float32)"
         return self.temp(expr, "x")
 
-    def store(self, ptr: str, v: Value, idx: list[str], expr: str, shape: str = "") -> None:
+    def store(self, ptr: str, v: Value, idx: list[str], expr: str, shape: str = "",
+              tile: str = "") -> None:
         """Store ``expr`` (v at idx) with the mask of the tiles its address uses; ``shape`` is
-        the tile shape a constant is widened to."""
+        the tile shape a constant is widened to, ``tile`` the index tile(s) the stored value
+        spans (``o + k``): an address that does not use all of them (a size-1 output) is
+        widened over them, and their masks leave one valid lane per address."""
         offset = linearize(idx, dims(v))
         deps = self.deps_of(offset) | self.deps_of(expr)
+        if tile and self.deps_of(tile) - self.deps_of(offset):
+            offset = f"{offset} + 0 * ({tile})"
         mask = self.mask_for(self.deps_of(offset))
         dt = v.type.dtype
         if expr in ("INF", "-INF", "NAN") or is_int_literal(expr) or _is_float_literal(expr):

@@ -245,7 +245,7 @@ class GroupRenderer:
             idx = self._split_flat(em, f"e{j}", dims(v))
             expr = em.value(v, idx)
             for ptr in self.targets[id(v)]:
-                em.store(f"{ptr}_ptr", v, idx, expr, "[BLOCK]")
+                em.store(f"{ptr}_ptr", v, idx, expr, "[BLOCK]", f"e{j}")
         em.pop()
         grid = -(-sizes[0] // block)
         what = f"element-wise: {len(stores)} output(s) of {' / '.join(map(str, sizes))} " \
@@ -296,7 +296,7 @@ class GroupRenderer:
         em.push(lines, "    ")
         self._flat(em, [n], sched, n >= 2 ** 31)
         idx = self._split_flat(em, "e0", dims(out))
-        em.store(f"{target}_ptr", out, idx, em.value(x, idx), "[BLOCK]")
+        em.store(f"{target}_ptr", out, idx, em.value(x, idx), "[BLOCK]", "e0")
         em.pop()
         self._emit(f"k{i}_scatter_init", lines, -(-n // block), max(1, threads // 32),
                    {"BLOCK": block}, f"scatter, step 1: the destination ({n} elements) starts "
@@ -318,7 +318,10 @@ class GroupRenderer:
         at = [pos[d]] if isinstance(op, st.IndexAddOp) else pos
         dst = list(pos)
         dst[d] = em.checked_index(em.value(idx, at), dims(x)[d])
-        cell = f"{target}_ptr + {linearize(dst, dims(out))}"
+        offset = linearize(dst, dims(out))
+        if "e0" not in em.deps_of(offset):  # one destination for every lane (size-1 dims)
+            offset = f"{offset} + 0 * e0"
+        cell = f"{target}_ptr + {offset}"
         ct = tl_type(out.type.dtype)
         if reset:
             red = op.attributes["reduce"]
@@ -336,7 +339,8 @@ class GroupRenderer:
             fn = "tl.atomic_add"
             if isinstance(op, st.ScatterReduceOp) and op.attributes["reduce"] in ("amax", "amin"):
                 fn = "tl.atomic_max" if op.attributes["reduce"] == "amax" else "tl.atomic_min"
-            em.line(f"{fn}({cell}, ({val}).to({ct}), mask=mask)")
+            # widened to the tile (a constant or a scalar adds the same to every lane)
+            em.line(f"{fn}({cell}, ({val} + tl.full([BLOCK], 0, {ct})).to({ct}), mask=mask)")
             what = f"scatter, {'step 3' if reset else 'step 2'}: {n} source elements " \
                    f"accumulated with {fn}"
         em.pop()
@@ -370,8 +374,7 @@ class GroupRenderer:
         em.tile("c", "c0 + tl.arange(0, BLOCK)", frozenset({"c"}))
         em.line(f"c_mask = c < {width}")
         cparts = self._split_flat(em, "c", inner) if inner else []
-        acc = em.temp(f"{em.value(x, ['d'] + cparts)}.to({_acc(op.result)})", "acc")
-        em.line(f"acc = {acc}")
+        em.line(f"acc = tl.full([BLOCK], 0, {_acc(op.result)}) + {em.value(x, ['d'] + cparts)}")
         em.mark()
         em.line("for j in range(start, end):  # in edge order: the same sums as a serial loop")
         body: list[str] = []
@@ -385,7 +388,7 @@ class GroupRenderer:
         em.line(f"acc += {val}")
         em.pop()
         em.scopes[-1].lines.extend(body)
-        em.store(f"{target}_ptr", op.result, ["d"] + cparts, "acc", "[BLOCK]")
+        em.store(f"{target}_ptr", op.result, ["d"] + cparts, "acc", "[BLOCK]", "c")
         em.pop()
         em.scopes[-1].lines.extend(cols)
         em.pop()

@@ -175,10 +175,11 @@ class ReduceKernel:
                 raise Unsupported(f"'{r.name}' over {shape} dims {list(r.dims)} is not of the "
                                   f"kernel's parallel shape ({self.O} x {self.K})")
         self.outputs = [v for v in values if id(v) in targets]
-        self.full = [v for v in self.outputs if math.prod(dims(v)) == self.O * self.K]
-        self.scalar = [v for v in self.outputs if v not in self.full]
-        for v in self.scalar:
-            if math.prod(dims(v)) != self.O:
+        # one value per position is stored once per position (also when K == 1)
+        self.scalar = [v for v in self.outputs if math.prod(dims(v)) == self.O]
+        self.full = [v for v in self.outputs if v not in self.scalar]
+        for v in self.full:
+            if math.prod(dims(v)) != self.O * self.K:
                 raise Unsupported(f"an output of shape {dims(v)} in a {self.O} x {self.K} "
                                   "reduction kernel")
         self._levels()
@@ -340,8 +341,8 @@ class ReduceKernel:
         done: set[int] = set()
         means: dict[int, str] = {}
         # the combined results of earlier levels (a split: from the partials in scratch)
-        if split > 1:
-            upto = self.n_levels if final else level
+        upto = self.n_levels if final else level
+        if split > 1 and any(s.level < upto for s in self.steps):
             em.tile("sp", self._k_tile(pow2(split)), frozenset())
             em.line(f"sp_mask = o_mask & (sp < {split})")
             for s in self.steps:
@@ -366,15 +367,14 @@ class ReduceKernel:
                 pass  # full outputs were stored in their level's loop
             elif self.single:
                 for v in self.full:
-                    if id(v) not in done:
-                        self._store_full(em, v)
-            if split > 1:
+                    self._store_full(em, v)
+            if split > 1 and self.scalar:
                 em.line("o_first = o_mask & (c == 0)  # one program per position stores")
                 em.masks[frozenset({"o"})] = "o_first"
             for v in self.scalar:
                 for ptr in self.targets[id(v)]:
                     em.store(f"{ptr}_ptr", v, self.o_index(em, v),
-                             em.value(v, self.o_index(em, v)), self._tile_shape("1"))
+                             em.value(v, self.o_index(em, v)), self._tile_shape("1"), "o")
         em.pop()
         grid = self.o_blocks * split
         writes = [] if final else [(self.partials[id(s)], self.O * split, s.acc)
@@ -469,7 +469,7 @@ class ReduceKernel:
         idx = self.full_index(em, v, self.S, self.D)
         expr = em.value(v, idx)
         for ptr in self.targets[id(v)]:
-            em.store(f"{ptr}_ptr", v, idx, expr, self._tile_shape("BLOCK_K"))
+            em.store(f"{ptr}_ptr", v, idx, expr, self._tile_shape("BLOCK_K"), "o + k")
 
     def _finish(self, em: Emitter, s: Step, acc: str, means: dict, done: set) -> None:
         """A step's reduced accumulator -> the reduction's value (or a variance's mean)."""
