@@ -51,6 +51,19 @@ def _numel(v: Value) -> int:
     return math.prod(int(d) for d in v.type.shape)
 
 
+def _moves(op, k: int) -> bool:
+    """Whether ``op`` reads its operand ``k`` at other positions than its result's own."""
+    if isinstance(op, st.PermuteOp):
+        shape = op.operand(0).type.shape
+        kept = [p for p in op.attributes["perm"] if shape[p] != 1]
+        return kept != sorted(kept)
+    if isinstance(op, st.SliceOp | st.PadOp | st.CatOp):
+        return True
+    if isinstance(op, st.EmbeddingOp | st.IndexSelectOp | st.GatherOp):
+        return k == 0  # the table; the index is read in place
+    return False
+
+
 class _Kernel:
     def __init__(self, cls: tuple):
         self.cls = cls
@@ -77,20 +90,23 @@ def split_group(group: fusion.GroupOp) -> list[_Kernel]:
     m_ids = {id(v) for v in materialised if isinstance(v, OpResult)
              and isinstance(v.owner, (st.ReduceOp, *SCATTERS))}
 
-    def deps(v: Value) -> set[int]:
-        """Barrier values ``v`` reads through inlined ops."""
-        out: set[int] = set()
-        seen: set[int] = set()
-        stack = [o for o in v.owner.operands] if isinstance(v, OpResult) else []
+    def deps(v: Value) -> dict[int, bool]:
+        """Barrier values ``v`` reads through inlined ops -> whether some path reads it at
+        another position than ``v``'s own (through a permute, slice, pad, cat or gather): such
+        a value comes from memory, so it must be computed by an earlier kernel."""
+        out: dict[int, bool] = {}
+        seen: set[tuple[int, bool]] = set()
+        stack = [(o, _moves(v.owner, k)) for k, o in enumerate(v.owner.operands)] \
+            if isinstance(v, OpResult) else []
         while stack:
-            u = stack.pop()
-            if id(u) in seen:
+            u, moved = stack.pop()
+            if (id(u), moved) in seen:
                 continue
-            seen.add(id(u))
+            seen.add((id(u), moved))
             if id(u) in m_ids:
-                out.add(id(u))
+                out[id(u)] = out.get(id(u), False) or moved
             elif isinstance(u, OpResult):
-                stack.extend(u.owner.operands)
+                stack.extend((o, moved or _moves(u.owner, k)) for k, o in enumerate(u.owner.operands))
         return out
 
     kernels: list[_Kernel] = []
@@ -101,7 +117,8 @@ def split_group(group: fusion.GroupOp) -> list[_Kernel]:
         for k, kern in enumerate(kernels):
             if not fits(kern):
                 continue
-            if all(where[x] < k or (where[x] == k and kern.is_reduce) for x in d):
+            if all(where[x] < k or (where[x] == k and kern.is_reduce and not moved)
+                   for x, moved in d.items()):
                 kern.values.append(v)
                 where[id(v)] = k
                 return

@@ -89,9 +89,13 @@ class TritonGraph(CompiledGraph):
         return sources
 
     def _step(self, op) -> Step:
-        if isinstance(op, fusion.GroupOp) and op.kind != "view" and \
-                isinstance(self.sources[id(op)], TritonSource):
-            return self._kernel_step(op)
+        if isinstance(op, fusion.GroupOp) and op.kind != "view":
+            src = self.sources[id(op)]
+            if isinstance(src, TritonSource):
+                return self._kernel_step(op)
+            self.fallbacks.append(f"{op.kind} group of {len(op.body.ops) - 1} ops ({src})")
+            return self._interpreted(op, [self._slot(v) for v in op.operands],
+                                     [self._slot(r) for r in op.results])
         if isinstance(op, st.ConstantOp | st.IotaOp) and self.device.type != "cpu":
             value = torch.from_numpy(IMPLS[op.name](op, [])[0].copy()).to(self.device)
             writes = [self._slot(r) for r in op.results]
