@@ -193,6 +193,7 @@ class Scope:
     memo: dict[tuple, str] = field(default_factory=dict)
     tiles: set[str] = field(default_factory=set)  # index tiles this scope's loop defines
     hoist_at: int = 0  # where statements hoisted into this scope go (above its inner loop)
+    uid: int = 0  # unique per emitter (never id(): a later loop's scope may reuse a freed id)
 
 
 IDENT = re.compile(r"[A-Za-z_]\w*")
@@ -214,12 +215,14 @@ class Emitter:
         self.counter = 0
         self.deps: dict[str, frozenset[str]] = {}  # name -> base tiles it depends on
         self.uses_err = False
-        self.same: dict[tuple, str] = {}
+        self.same: dict[tuple, str] = {}  # (scope uid, expression) -> temporary
+        self.scope_count = 0
 
     # -- scopes --------------------------------------------------------------------------------
     def push(self, lines: list[str], indent: str, tiles=()) -> None:
         parent = dict(self.scopes[-1].memo) if self.scopes else {}
-        self.scopes.append(Scope(lines, indent, parent, set(tiles), len(lines)))
+        self.scope_count += 1
+        self.scopes.append(Scope(lines, indent, parent, set(tiles), len(lines), self.scope_count))
 
     def pop(self) -> None:
         self.scopes.pop()
@@ -268,7 +271,7 @@ class Emitter:
     def temp(self, expr: str, prefix: str = "t") -> str:
         deps = self.deps_of(expr)
         home = self._home(deps)
-        key = (id(self.scopes[home]), expr)
+        key = (self.scopes[home].uid, expr)
         if key in self.same:  # the same expression in the same scope: computed once
             return self.same[key]
         name = f"{prefix}{self.counter}"

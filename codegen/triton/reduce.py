@@ -174,6 +174,9 @@ class ReduceKernel:
             if kept != _nz(self.kept) or math.prod(shape[d] for d in r.dims) != self.K:
                 raise Unsupported(f"'{r.name}' over {shape} dims {list(r.dims)} is not of the "
                                   f"kernel's parallel shape ({self.O} x {self.K})")
+        if any(math.prod(dims(v)) >= 2 ** 31 for r in self.reduces for v in r.operands):
+            raise Unsupported("a reduction over 2^31 elements or more (its index arithmetic is "
+                              "int32)")
         self.outputs = [v for v in values if id(v) in targets]
         # one value per position is stored once per position (also when K == 1)
         self.scalar = [v for v in self.outputs if math.prod(dims(v)) == self.O]
