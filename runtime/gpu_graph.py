@@ -10,10 +10,10 @@ The same steps as ``runtime.graph.CompiledGraph`` (library ops through torch, vi
 - under Triton's interpreter (``interpret=True``, no GPU needed): the same kernel source runs on
   numpy over CPU tensors (slow: small shapes only). This is how CI checks the GPU target.
 
-Buffers: intermediates and kernel scratch live in one arena on the device, planned as the cpu
-graph plans them (static offsets over lifetimes); outputs are allocated per call. A group that
-gathers or scatters raises a shared int32 error flag when an index is out of range; the call
-checks it at the end (one device sync, only for graphs that have such groups).
+Buffers: intermediates and kernel scratch live in one arena on the device per call state,
+planned as the cpu graph plans them (static offsets over lifetimes); outputs are allocated per
+call. A group that gathers or scatters raises the call state's int32 error flag when an index is
+out of range; a last step checks it (one device sync, only in graphs that have such groups).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 
 from codegen.triton.emit import Unsupported
 from codegen.triton.kernel import TritonSource, render_group
-from runtime.graph import ALIGN, CompiledGraph, Step, _contiguous, _typed
+from runtime.graph import ALIGN, CallState, CompiledGraph, Step, _all_empty, _contiguous, _typed
 from runtime.triton_build import build_group, launch_group, load_module
 from stitch_ir.dialects import fusion, st
 from stitch_ir.importer import dtype_to_torch
@@ -66,17 +66,17 @@ class TritonGraph(CompiledGraph):
         self.device = torch.device("cpu") if interpret else torch.device(device or "cuda")
         self.deterministic = torch.are_deterministic_algorithms_enabled() \
             if deterministic is None else deterministic
-        self.err = torch.zeros(1, dtype=torch.int32, device=self.device)
         self.triton_sources: dict[int, TritonSource] = {}
         super().__init__(prog)
         self.consts = {i: t.to(self.device) for i, t in self.consts.items()}
-        self.checks_err = any(s.uses_err for s in self.triton_sources.values())
+        if any(s.uses_err for s in self.triton_sources.values()):
+            self.steps.append(Step("check-indices", _check_err, "check"))
 
     # -- building ------------------------------------------------------------------------------
     def _build_all(self) -> dict:
         sources: dict = {}
         for op in self.func.body.ops[:-1]:
-            if isinstance(op, fusion.GroupOp) and op.kind != "view":
+            if isinstance(op, fusion.GroupOp) and op.kind != "view" and not _all_empty(op):
                 try:
                     if self.interpret:
                         src = render_group(op, op.kind, self.deterministic)
@@ -89,7 +89,7 @@ class TritonGraph(CompiledGraph):
         return sources
 
     def _step(self, op) -> Step:
-        if isinstance(op, fusion.GroupOp) and op.kind != "view":
+        if isinstance(op, fusion.GroupOp) and op.kind != "view" and not _all_empty(op):
             src = self.sources[id(op)]
             if isinstance(src, TritonSource):
                 return self._kernel_step(op)
@@ -100,7 +100,7 @@ class TritonGraph(CompiledGraph):
             value = torch.from_numpy(IMPLS[op.name](op, [])[0].copy()).to(self.device)
             writes = [self._slot(r) for r in op.results]
 
-            def run(env, value=value, writes=writes):
+            def run(env, cs, value=value, writes=writes):
                 env[writes[0]] = value
             return Step(op.name, run, "constant", [], writes)
         return super()._step(op)
@@ -113,64 +113,62 @@ class TritonGraph(CompiledGraph):
         types = list(op.results)
         k = len(self.steps)
 
-        def run(env):
+        def run(env, cs):
             bufs = {f"in{j}": _contiguous(env[i]) for j, i in enumerate(reads)}
             for j, (w, v) in enumerate(zip(writes, types)):
-                bufs[f"out{j}"] = self._alloc(env, w, v)
-            for j, t in enumerate(self.scratch_tensors[k]):
+                bufs[f"out{j}"] = self._alloc(cs, env, w, v)
+            for j, t in enumerate(cs.scratch[k]):
                 bufs[f"scr{j}"] = t
-            bufs["err"] = self.err
+            bufs["err"] = cs.err
             launch_group(src, module, bufs)
 
         return Step(src.symbol, run, "kernel", reads, writes, _Scratch(src), module)
 
     def _interpreted(self, op, reads, writes) -> Step:
-        def run(env, op=op, reads=reads, writes=writes):
+        def run(env, cs, op=op, reads=reads, writes=writes):
             args = [env[i].detach().cpu().contiguous().numpy() for i in reads]
             for w, o in zip(writes, IMPLS[op.name](op, args)):
                 env[w] = torch.from_numpy(np.ascontiguousarray(o)).to(self.device)
         return Step(op.name, run, "interpreter", reads, writes)
 
     # -- buffers -------------------------------------------------------------------------------
-    def _materialise_arena(self) -> None:
-        self.arena = torch.empty(max(self.arena_bytes, ALIGN), dtype=torch.uint8,
-                                 device=self.device)
-        self.scratch_tensors: dict[int, list[torch.Tensor]] = {k: [] for k in
-                                                               range(len(self.steps))}
+    def new_call_state(self) -> CallState:
+        """A fresh arena on the device, its typed views, typed scratch tensors per kernel step
+        and an error flag (one per concurrent call, as the cpu graph does)."""
+        arena = torch.empty(max(self.arena_bytes, ALIGN), dtype=torch.uint8, device=self.device)
+        cs = CallState(arena, {}, {k: [] for k in range(len(self.steps))})
+        by_step = self.sources_by_step
         for key, off, (_, _, n) in self.layout:
             if key[0] == "slot":
-                self.views[key[1]] = _typed(self.arena[off:off + n], key[2])
+                cs.views[key[1]] = _typed(arena[off:off + n], key[2])
             else:
                 step, j = key[1], key[2]
-                src = self.sources_by_step[step]
-                count, dt = src.scratch[j]
-                t = self.arena[off:off + max(1, count) * dt.itemsize].view(dtype_to_torch(dt))
-                self.scratch_tensors[step].append(t)
+                count, dt = by_step[step].scratch[j]
+                cs.scratch[step].append(
+                    arena[off:off + max(1, count) * dt.itemsize].view(dtype_to_torch(dt)))
+        cs.err = torch.zeros(1, dtype=torch.int32, device=self.device)
+        return cs
 
     @property
     def sources_by_step(self) -> dict[int, TritonSource]:
         by_symbol = {s.symbol: s for s in self.triton_sources.values()}
         return {k: by_symbol[s.name] for k, s in enumerate(self.steps) if s.kind == "kernel"}
 
-    def _alloc(self, env, slot: int, v) -> torch.Tensor:
-        t = self.views.get(slot)
+    def _alloc(self, cs: CallState, env, slot: int, v) -> torch.Tensor:
+        t = cs.views.get(slot)
         if t is None:  # a graph output: fresh storage on the device
             t = torch.empty([int(d) for d in v.type.shape], dtype=dtype_to_torch(v.type.dtype),
                             device=self.device)
-            self.handed_out[slot] = t
         env[slot] = t
         return t
 
-    # -- calling -------------------------------------------------------------------------------
-    def __call__(self, *user_inputs: torch.Tensor) -> list[torch.Tensor]:
-        if self.arena is None:
-            self._materialise_arena()
-        out = super().__call__(*user_inputs)
-        if self.checks_err and int(self.err.item()):
-            self.err.zero_()
-            raise RuntimeError("stitch: an index read from a tensor is out of range (a gather "
-                               "or scatter in a Triton kernel)")
-        return out
+
+def _check_err(env, cs) -> None:
+    """The last step of a graph with gathers or scatters: one read of the call's error flag."""
+    if int(cs.err.item()):
+        cs.err.zero_()
+        raise RuntimeError("stitch: an index read from a tensor is out of range (a gather or "
+                           "scatter in a Triton kernel)")
 
 
 def compile_gpu_program(prog, target: str = "sm_80", fusion: str = "stitch", device_spec=None,
