@@ -15,6 +15,8 @@ Invariants:
 - Occupancy is bounded by blocks, threads, registers and shared memory per SM, exactly as
   the CUDA occupancy calculator does (registers per warp rounded up to the allocation unit,
   1 KiB reserved shared memory per block).
+- Threads per block and rows per block are powers of two (Triton's num_warps and tile sizes
+  must be): a size that does not fit is rounded down, an element-wise block rounded up.
 - Memory time is linear in bytes for a fixed launch shape, and the launch shape depends on
   the parallel structure only, never on bytes: latency is monotone in bytes.
 """
@@ -160,7 +162,8 @@ def _shape(desc: KernelDesc, spec: DeviceSpec, regs: int) -> _Shape:
 def _elementwise_shape(desc: KernelDesc, spec: DeviceSpec) -> _Shape:
     vec = _vec(desc)
     n = desc.parallel_size
-    tpb = min(DEFAULT_TPB, _round_up(math.ceil(n / vec), spec.warp_size))
+    # blocks of a power-of-two number of warps: Triton's num_warps and tile sizes must be
+    tpb = min(DEFAULT_TPB, _pow2_ceil(_round_up(math.ceil(n / vec), spec.warp_size)))
     blocks = math.ceil(n / (tpb * vec))
     return _Shape(
         "elementwise", f"no reduction: {vec} elements per thread", tpb, 1, 1, blocks, desc.smem_bytes_per_row
@@ -317,7 +320,7 @@ def _tpb_cap(spec: DeviceSpec, regs: int) -> int:
     """The largest block (whole warps) whose registers fit one block's register file."""
     per_warp = _round_up(regs * spec.warp_size, spec.reg_alloc_unit)
     warps = min(spec.threads_per_block_max // spec.warp_size, spec.regs_per_block // per_warp)
-    return max(1, warps) * spec.warp_size
+    return _pow2_floor(max(1, warps)) * spec.warp_size
 
 
 def _rows_fitting(spec: DeviceSpec, want: int, smem_row: int) -> int:
@@ -325,11 +328,15 @@ def _rows_fitting(spec: DeviceSpec, want: int, smem_row: int) -> int:
     single row that does not fit is reported as a shared-memory error)."""
     if smem_row == 0:
         return want
-    return max(1, min(want, spec.smem_per_block // smem_row))
+    return _pow2_floor(max(1, min(want, spec.smem_per_block // smem_row)))
 
 
 def _vec(desc: KernelDesc) -> int:
     return max(1, VEC_BYTES // desc.elem_bytes)
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
 
 
 def _pow2_ceil(n: int) -> int:

@@ -19,7 +19,9 @@ each group annotated with attributes the code generators read:
   row kept in shared memory / a per-thread row buffer for use after a reduction), ``global``
   (global memory and a grid barrier: reductions of another parallel shape than the dominant
   one, scatters read back, and regional values demoted because shared memory ran out) or
-  ``recompute`` (constants and iotas, recomputed where used).
+  ``recompute`` (constants and iotas, recomputed where used);
+- on a GPU target, ``kernel_*``: the kernels the group runs as, cut at its grid barriers, each
+  with its own schedule (``passes.gpu_kernels``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 from cost_model import schedule
 from passes.fusion.features import GATHERS, SCATTERS, describe, reduce_desc
 from passes.fusion.graph import bits, build_graph
+from passes.gpu_kernels import gpu_kernels
 from passes.pass_manager import Pass, PassContext, register_pass
 from stitch_ir.core import Module
 from stitch_ir.dialects import fusion, st
@@ -92,3 +95,5 @@ class StitchSchedulePass(Pass):
         for op in module.walk():
             if isinstance(op, fusion.GroupOp) and op.kind != "view":
                 op.set_attrs(**schedule_group(op, device))
+                if device.kind == "gpu":  # where the group is cut into kernels, and how each runs
+                    op.set_attrs(**gpu_kernels(op, device))

@@ -6,7 +6,9 @@ dynamo graph into forward and backward aten graphs (decomposed with the same tab
 ``stitchc`` path); both go through the same import -> plan -> fuse -> generate -> build
 pipeline, so training works and backward's memory-intensive ops fuse like any others.
 
-Options (``torch.compile(..., options={...})``): ``target`` (only ``cpu`` runs here),
+Options (``torch.compile(..., options={...})``): ``target`` (``cpu``; ``sm_80`` / ``sm_90``:
+Triton kernels, chosen by default when the inputs are CUDA tensors; with CPU tensors they run
+under Triton's interpreter, ``interpret``),
 ``fusion`` (none | greedy | stitch), ``time_limit`` (seconds the stitch planner may search per
 graph, default 10), ``dump_dir`` (also ``STITCH_DUMP_DIR``): each compiled graph's IR before and
 after fusion, its plan and its kernel sources.
@@ -65,15 +67,22 @@ def compile_fx(gm: torch.fx.GraphModule, options: dict) -> Any:
     budget = float(options.get("time_limit", 10.0))
     pipeline = (f"canonicalize,cse,dce,sink-broadcasts,"
                 f"fusion-plan{{planner={fusion} time_limit={budget}}},fusion-apply,stitch-schedule")
-    ctx = PassContext(target="cpu")
+    target = options.get("target", "cpu")
+    ctx = PassContext(target=target)
     PassManager.parse(pipeline).run(module, ctx)
     plan = ctx.results["plan"][module.func().sym_name]
     _dump(dump_dir, gid, "after_fusion.sir", print_module(module))
     _dump(dump_dir, gid, "plan.json", plan.dumps())
-    graph = CompiledGraph(prog)
+    if target == "cpu":
+        graph = CompiledGraph(prog)
+    else:  # Triton kernels, on the inputs' CUDA device (or interpreted: options["interpret"])
+        from runtime.gpu_graph import TritonGraph
+
+        graph = TritonGraph(prog, target, interpret=options.get("interpret"))
+    suffix = ".cpp" if target == "cpu" else ".py"
     for step in graph.steps:
         if step.source is not None:
-            _dump(dump_dir, gid, f"kernels/{step.source.symbol}.cpp", step.source.source)
+            _dump(dump_dir, gid, f"kernels/{step.source.symbol}{suffix}", step.source.source)
     fell = summarize(module).torch_call_targets
     for target, n in fell.items():
         FALLBACKS[target] += n
@@ -106,12 +115,16 @@ def _compiler(options: dict):
     from functorch.compile import make_boxed_func
 
     def compile_graph(gm: torch.fx.GraphModule, example_inputs):
-        if options.get("target", "cpu") != "cpu":
-            raise RuntimeError(f"stitch: target {options['target']!r} needs a GPU; this build runs "
-                               "the cpu target only")
+        opts = dict(options)
+        # the target follows the inputs' device: CUDA tensors get the device's sm_* target
+        dev = next((x.device for x in example_inputs if isinstance(x, torch.Tensor)), None)
+        if dev is not None and dev.type == "cuda" and "target" not in opts:
+            from runtime.gpu_graph import target_of
+
+            opts["target"] = target_of(dev)
         if _static(example_inputs):
-            return make_boxed_func(_or_torch(gm, options))
-        return make_boxed_func(_specialising(gm, options))
+            return make_boxed_func(_or_torch(gm, opts))
+        return make_boxed_func(_specialising(gm, opts))
 
     return compile_graph
 

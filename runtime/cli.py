@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 TARGETS = ("cpu", "sm_80", "sm_90")
-EMITS = ("ir", "plan", "svg")
+EMITS = ("ir", "plan", "svg", "kernels")
 CANONICAL = "canonicalize,cse,dce"
 
 
@@ -113,6 +113,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if plan is not None:
         print(plan.summary())
     written = []
+    if "kernels" in emits:  # first: a kernel re-rendered after spilling notes it on its group
+        _emit_kernels(prog.module, args.target, out / "kernels")
     if "ir" in emits:
         written.append(out / "module.sir")
         _write_new(written[-1], print_module(prog.module))
@@ -120,13 +122,74 @@ def cmd_compile(args: argparse.Namespace) -> int:
         raise ValueError("--emit plan/svg needs a pipeline with fusion-plan")
     if "plan" in emits or "svg" in emits:
         written.append(out / "plan.json")
-        _write_new(written[-1], plan.dumps())
+        _write_new(written[-1], _plan_json(plan, prog.module, args.target))
     if "svg" in emits:
         written.append(out / "plan.svg")
         _write_new(written[-1], render_svg(plan, f"{args.model}"))
+    if "kernels" in emits:
+        written.append(out / "kernels")
     for path in written:
         print(f"  wrote {path}")
     return 0
+
+
+def _plan_json(plan, module, target: str) -> str:
+    """The plan, plus on a GPU target how each group runs: its kernels (cut at grid barriers),
+    each kernel's mapping and why, and why a kernel was re-rendered."""
+    import json
+
+    from stitch_ir.dialects import fusion
+
+    data = plan.to_json()
+    if target != "cpu":
+        data["gpu_kernels"] = [
+            {"group": k, "kind": op.kind, "kernels": [
+                {"values": list(v), "mapping": m, "why": w} for v, m, w in
+                zip(op.attr("kernel_values", ()), op.attr("kernel_mappings", ()),
+                    op.attr("kernel_why", ()))],
+             "notes": list(op.attr("kernel_notes", ()))}
+            for k, op in enumerate(o for o in module.walk()
+                                   if isinstance(o, fusion.GroupOp) and o.kind != "view")]
+    return json.dumps(data, indent=1)
+
+
+def _emit_kernels(module, target: str, out: Path) -> None:
+    """Kernel sources; for a GPU target also PTX, cubin and a resource report per kernel."""
+    if target == "cpu":
+        from codegen.cpp.emit import Unsupported
+        from codegen.cpp.kernel import render_group
+        from stitch_ir.dialects import fusion
+
+        out.mkdir(parents=True, exist_ok=True)
+        for op in module.walk():
+            if isinstance(op, fusion.GroupOp) and op.kind != "view":
+                try:
+                    src = render_group(op, op.kind)
+                except Unsupported as e:
+                    print(f"  kernel: {op.kind} group not compiled: {e}")
+                    continue
+                _write_new(out / f"{src.symbol}.cpp", src.source)
+        return
+    from runtime.triton_build import emit_kernels
+
+    t0 = time.perf_counter()
+    rows = emit_kernels(module, target, out)
+    built = [r for r in rows if "kernel" in r]
+    spills = [r for r in built if r["spill_bytes"]]
+    print(f"  kernels  {len(built)} Triton kernels for {target} in "
+          f"{time.perf_counter() - t0:.1f}s: max {max([r['registers'] for r in built] or [0])} "
+          f"registers, {len(spills)} spilling, max shared memory "
+          f"{max([r['shared_bytes'] for r in built] or [0])} bytes")
+    print(f"  {'kernel':<40} {'regs':>5} {'spill':>6} {'smem':>7} {'warps':>5} {'grid':>7}  what")
+    for r in built:
+        print(f"  {r['symbol'][:24] + '.' + r['kernel']:<40} {r['registers']:>5} "
+              f"{r['spill_bytes']:>6} {r['shared_bytes']:>7} {r['num_warps']:>5} {r['grid']:>7}  "
+              f"{r['what'][:60]}")
+        if r["note"]:
+            print(f"      re-rendered: {r['note']}")
+    for r in rows:
+        if "unsupported" in r:
+            print(f"  not compiled: {r['group']} group: {r['unsupported']}")
 
 
 def _median_spread(ts: list[float]) -> tuple[float, float]:
@@ -144,19 +207,34 @@ def cmd_run(args: argparse.Namespace) -> int:
     from runtime.graph import compile_program
     from stitch_ir.importer import import_model
 
-    if args.target != "cpu":
-        raise ValueError(f"stitchc run: target {args.target!r} needs a GPU; this build runs "
-                         "kernels on the cpu target only (use compile --target for GPU code)")
+    gpu = args.target != "cpu"
+    if gpu and not args.interpret and not torch.cuda.is_available():
+        raise ValueError(f"stitchc run: target {args.target!r} needs a CUDA GPU; none here (add "
+                         "--interpret to run its Triton kernels under TRITON_INTERPRET=1)")
+    if args.repeat is None:
+        args.repeat = 1 if args.interpret else 20
     if args.threads:
         torch.set_num_threads(args.threads)
     w = models.get(args.model)
     inputs = w.example_inputs
-    print(f"stitchc run: {args.model} on cpu, {torch.get_num_threads()} threads")
+    where = "cpu" if not gpu else (f"{args.target} Triton kernels under TRITON_INTERPRET=1 (cpu "
+                                   "tensors: timings are not GPU timings)" if args.interpret
+                                   else f"{args.target} on {torch.cuda.get_device_name()}")
+    if gpu and not args.interpret:
+        w.model.cuda()
+        inputs = tuple(t.cuda() for t in inputs)
+    print(f"stitchc run: {args.model} on {where}, {torch.get_num_threads()} threads")
     t0 = time.perf_counter()
     prog = import_model(w.model, inputs)
     print(f"  [1/4] export + import            {time.perf_counter() - t0:6.2f} s", flush=True)
     t0 = time.perf_counter()
-    g = compile_program(prog, fusion=args.fusion)
+    if gpu:
+        from runtime.gpu_graph import compile_gpu_program
+
+        g = compile_gpu_program(prog, args.target, args.fusion, interpret=args.interpret)
+        launches = sum(len(s.launches) for s in g.triton_sources.values())
+    else:
+        g = compile_program(prog, fusion=args.fusion)
     print(f"  [2/4] plan + codegen + build     {time.perf_counter() - t0:6.2f} s   "
           f"({g.kernels} kernels, {len(g.fallbacks)} interpreter fallbacks)", flush=True)
     with torch.no_grad():
@@ -169,7 +247,10 @@ def cmd_run(args: argparse.Namespace) -> int:
           f"({'ok' if ok else 'FAIL'}, tolerance {args.tol:g} x max(1, max|eager|) = "
           f"{args.tol * scale:.1e})", flush=True)
     contenders = {"eager": lambda: w.model(*inputs), "stitch": lambda: g(*inputs)}
-    if not args.no_inductor:
+    if gpu:  # a CUDA call returns before its kernels finish: time to completion
+        contenders = {k: (lambda f=f: (f(), torch.cuda.synchronize() if not args.interpret
+                                       else None)) for k, f in contenders.items()}
+    if not args.no_inductor and not args.interpret:
         t0 = time.perf_counter()
         compiled = torch.compile(w.model, backend="inductor")
         with torch.no_grad():
@@ -191,7 +272,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         med, spread = _median_spread(ts)
         print(f"        {name:<9} {med * 1e3:9.2f} ms +- {spread * 1e3:6.2f}   "
               f"{base / med:5.2f}x eager")
-    print(f"  stitch kernels launched per call: {g.kernels} fused + "
+    print(f"  stitch kernels launched per call: {g.kernels} fused"
+          + (f" ({launches} Triton launches)" if gpu else "") + " + "
           f"{sum(1 for s in g.steps if s.kind == 'library')} library calls")
     return 0 if ok else 1
 
@@ -221,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", required=True)
     c.add_argument("--target", choices=TARGETS, default="cpu")
     c.add_argument("--emit", default="ir",
-                   help="comma-separated: ir (module.sir), plan (plan.json), svg (plan.svg)")
+                   help="comma-separated: ir (module.sir), plan (plan.json), svg (plan.svg), "
+                        "kernels (kernels/: sources; for sm_*: PTX, cubin, kernels.json)")
     c.add_argument("-o", "--output", default="out")
     c.add_argument("--fusion", choices=("none", "greedy", "stitch"), default="stitch",
                    help="the fusion planner")
@@ -231,14 +314,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--time-passes", action="store_true")
     c.set_defaults(fn=cmd_compile)
 
-    r = sub.add_parser("run", help="compile for the cpu, check against eager, time vs inductor")
+    r = sub.add_parser("run", help="compile, check against eager, time vs inductor")
     r.add_argument("--model", default="bert")
     r.add_argument("--target", choices=TARGETS, default="cpu")
     r.add_argument("--fusion", choices=("none", "greedy", "stitch"), default="stitch")
-    r.add_argument("--repeat", type=int, default=20)
+    r.add_argument("--repeat", type=int, default=None, help="timed calls (default 20; 1 with --interpret)")
     r.add_argument("--threads", type=int, default=0, help="torch threads (default: all)")
     r.add_argument("--tol", type=float, default=1e-4, help="max abs error accepted vs eager")
     r.add_argument("--no-inductor", action="store_true", help="skip torch.compile (inductor)")
+    r.add_argument("--interpret", action="store_true",
+                   help="sm_*: run the Triton kernels under TRITON_INTERPRET=1 on cpu tensors")
     r.set_defaults(fn=cmd_run)
 
     o = sub.add_parser("opt", help="parse textual IR, run passes, print the result")

@@ -494,12 +494,14 @@ def _view(op, args: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def compile_program(prog: ImportedProgram, target: str = "cpu", fusion: str = "stitch",
                     device_spec=None) -> CompiledGraph:
-    """Plan, fuse, schedule and build ``prog`` (already imported) for the cpu target."""
+    """Plan, fuse, schedule and build ``prog`` (already imported) for ``target`` (sm_80 / sm_90:
+    ``runtime.gpu_graph``)."""
     from passes import PassContext, PassManager
 
-    if target != "cpu":
-        raise ValueError(f"target {target!r} cannot run here: only the cpu target executes "
-                         "kernels in this build (GPU targets emit code only)")
+    if target != "cpu":  # Triton kernels: on a CUDA device, or under Triton's interpreter
+        from runtime.gpu_graph import compile_gpu_program
+
+        return compile_gpu_program(prog, target, fusion, device_spec)
     pipeline = (f"canonicalize,cse,dce,sink-broadcasts,fusion-plan{{planner={fusion}}},"
                 "fusion-apply,stitch-schedule")
     ctx = PassContext(target=target, device_spec=device_spec)
