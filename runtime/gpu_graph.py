@@ -20,12 +20,21 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import torch
 
 from codegen.triton.emit import Unsupported
 from codegen.triton.kernel import TritonSource, render_group
-from runtime.graph import ALIGN, CallState, CompiledGraph, Step, _all_empty, _contiguous, _typed
+from runtime.graph import (
+    ALIGN,
+    CallState,
+    CompiledGraph,
+    Step,
+    _all_empty,
+    _contiguous,
+    _from_numpy,
+    _to_numpy,
+    _typed,
+)
 from runtime.triton_build import build_group, launch_group, load_module
 from stitch_ir.dialects import fusion, st
 from stitch_ir.importer import dtype_to_torch
@@ -68,9 +77,14 @@ class TritonGraph(CompiledGraph):
             if deterministic is None else deterministic
         self.triton_sources: dict[int, TritonSource] = {}
         super().__init__(prog)
-        self.consts = {i: t.to(self.device) for i, t in self.consts.items()}
+
+    def _final_steps(self) -> list[Step]:
         if any(s.uses_err for s in self.triton_sources.values()):
-            self.steps.append(Step("check-indices", _check_err, "check"))
+            return [Step("check-indices", _check_err, "check")]
+        return []
+
+    def _place(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.device)
 
     # -- building ------------------------------------------------------------------------------
     def _build_all(self) -> dict:
@@ -126,9 +140,9 @@ class TritonGraph(CompiledGraph):
 
     def _interpreted(self, op, reads, writes) -> Step:
         def run(env, cs, op=op, reads=reads, writes=writes):
-            args = [env[i].detach().cpu().contiguous().numpy() for i in reads]
-            for w, o in zip(writes, IMPLS[op.name](op, args)):
-                env[w] = torch.from_numpy(np.ascontiguousarray(o)).to(self.device)
+            args = [_to_numpy(env[i].cpu()) for i in reads]
+            for w, o, r in zip(writes, IMPLS[op.name](op, args), op.results):
+                env[w] = _from_numpy(o, r).to(self.device)
         return Step(op.name, run, "interpreter", reads, writes)
 
     # -- buffers -------------------------------------------------------------------------------
@@ -147,7 +161,7 @@ class TritonGraph(CompiledGraph):
                 cs.scratch[step].append(
                     arena[off:off + max(1, count) * dt.itemsize].view(dtype_to_torch(dt)))
         cs.err = torch.zeros(1, dtype=torch.int32, device=self.device)
-        return cs
+        return self._fill_env(cs)
 
     @property
     def sources_by_step(self) -> dict[int, TritonSource]:

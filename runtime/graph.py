@@ -137,9 +137,10 @@ class CompiledGraph:
         self.sources = self._build_all()
         for op in self.func.body.ops[:-1]:
             self.steps.append(self._step(op))
+        self.steps += self._final_steps()
         self.outputs = [self._slot(v) for v in self.func.return_op.operands]
         self._plan_lifetimes()
-        self.consts = {i: t.detach().contiguous() for i, t in prog.constants.items()}
+        self.consts = {i: self._place(t.detach().contiguous()) for i, t in prog.constants.items()}
         self._input_types = [
             (i, torch.Size([int(d) for d in self.func.args[i].type.shape]),
              dtype_to_torch(self.func.args[i].type.dtype)) for i in prog.user_inputs]
@@ -150,6 +151,14 @@ class CompiledGraph:
                         len(self.fallbacks), "; ".join(self.fallbacks))
 
     # -- building ------------------------------------------------------------------------------
+    def _final_steps(self) -> list[Step]:
+        """Steps a target runs after the function's ops (none on the cpu)."""
+        return []
+
+    def _place(self, t: torch.Tensor) -> torch.Tensor:
+        """A constant where the kernels read it (the cpu: as it is)."""
+        return t
+
     def _slot(self, v: Value) -> int:
         if id(v) not in self.slots:
             self.slots[id(v)] = len(self.slots)
@@ -385,6 +394,10 @@ class CompiledGraph:
                 cs.views[key[1]] = _typed(arena[off:off + n], key[2])
             else:
                 cs.scratch[key[1]].append(arena.data_ptr() + off)
+        return self._fill_env(cs)
+
+    def _fill_env(self, cs: CallState) -> CallState:
+        """The state's static environment: constants, arena views, static steps' results."""
         cs.env = [None] * len(self.slots)
         for i, t in self.consts.items():
             cs.env[i] = t
