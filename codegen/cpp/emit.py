@@ -177,26 +177,6 @@ IDENT = re.compile(r"[A-Za-z_]\w*")
 _ROUNDED = (*UNARY_C, *BINARY_C, st.DivOp, st.FloorDivOp, st.RemainderOp, st.CastOp, st.IotaOp)
 
 
-_DISCRETE = (st.RoundOp, st.FloorOp, st.CeilOp, st.TruncOp, st.SignOp, st.CompareOp,
-             st.FloorDivOp, st.RemainderOp)
-
-
-def _feeds_discrete(v: Value, hops: int = 4) -> bool:
-    """Whether ``v`` reaches a rounding, a comparison or an int cast within ``hops`` element-wise
-    ops: there the last bit of a quotient decides the answer, so a / b stays a division
-    (a * (1 / b) can be one ulp off and flip round(); quantisation's scale = amax / 127 feeding
-    round(x / scale) flips about once in 1e7 elements)."""
-    for user in v.users:
-        if isinstance(user, _DISCRETE):
-            return True
-        if user.name == "st.cast" and not user.results[0].type.dtype.is_float:
-            return True
-        if hops > 1 and not isinstance(user, st.ReduceOp) and user.name.startswith("st.") and \
-                len(user.results) == 1 and _feeds_discrete(user.results[0], hops - 1):
-            return True
-    return False
-
-
 def _splat_value(v: Value) -> float | None:
     """The value of a splat constant (through broadcasts and reshapes), else None."""
     while isinstance(getattr(v, "owner", None), st.BroadcastOp | st.ReshapeOp):
@@ -373,18 +353,14 @@ class Emitter:
             a, b = (self.value(o, idx) for o in op.operands)
             return self.temp(ct, BINARY_C[type(op)].format(a=a, b=b))
         if isinstance(op, st.DivOp):
+            # Always a true division, as eager divides: a hoisted reciprocal and a multiply is
+            # up to an ulp off, and what follows may amplify that (a round() flips; Attention
+            # Round's (w / s - q)^2 / sigma^2 feeding a softmax moved by 1e-2). Only a power of
+            # two divides as an exact multiply. A vector division costs less than a load.
             a, b = (self.value(o, idx) for o in op.operands)
-            inner = self.scopes[-1].loop_vars
             const = _splat_value(op.operand(1))
             if t.dtype.is_float and const is not None and _exact_reciprocal(const):
                 return self.temp(ct, f"({a} * {literal(1.0 / const, t.dtype)})")
-            if t.dtype.is_float and inner and not (self._deps(b) & inner) and const is None \
-                    and not _feeds_discrete(op.result):
-                # a loop-invariant divisor (a row's sum): one reciprocal, hoisted; then multiply.
-                # Not for a constant divisor: x / 3 is eager's exact quotient (round(x, 3)
-                # divides by 1000 after rounding); a vector division is cheap next to a load.
-                inv = self.temp(ct, f"(({ct})1 / {b})")
-                return self.temp(ct, f"({a} * {inv})")
             return self.temp(ct, f"({a} / {b})")
         if isinstance(op, st.FloorDivOp | st.RemainderOp):
             a, b = (self.value(o, idx) for o in op.operands)

@@ -3,8 +3,10 @@ loss, loss.backward) against eager, float32, on the workload's own inputs.
 
 Criteria (1e-4, as the backend issue asks):
 - forward: every output element within 1e-4 of eager, relative to the output's scale
-  (max(1, max |eager|));
-- training step: the loss within 1e-4 (relative), and the parameter gradients within 1e-4 in
+  (max(1, max |eager|)), and the loss within 1e-4 relative -- or within 3x eager's own change
+  under a one-ulp perturbation of every parameter where that is larger (attention_round
+  quantises: one ulp upstream flips a round(); inductor differs from eager there by 8.7e-3);
+- training step: the parameter gradients within 1e-4 in
   relative L2 norm over all parameters together. Not element-wise: some workloads have
   parameters whose exact gradient is zero (a conv bias feeding a batch norm that subtracts the
   batch mean), so eager's own value there is rounding noise; inductor differs from eager there
@@ -48,10 +50,12 @@ def _step(w, fn):
                            if p.grad is not None}, [t.detach().clone() for t in _leaves(out)]
 
 
-def _sensitivity(w, want) -> float:
-    """Relative L2 change of eager's gradients when every float parameter moves by one ulp."""
+def _sensitivity(w, want, want_out, want_loss) -> tuple[float, float, float]:
+    """How much eager itself moves when every float parameter moves by one ulp: the relative L2
+    change of its gradients, and the largest change of a forward output relative to that
+    output's scale (quantising models round: one ulp upstream flips a round() downstream)."""
     norm = torch.cat([g.flatten() for g in want.values()]).norm().item()
-    worst = 0.0
+    worst = worst_out = worst_loss = 0.0
     for seed in range(2):
         gen = torch.Generator().manual_seed(seed)
         saved = {n: p.detach().clone() for n, p in w.model.named_parameters()}
@@ -59,13 +63,19 @@ def _sensitivity(w, want) -> float:
             for p in w.model.parameters():
                 if p.is_floating_point():
                     p.mul_(1 + 2.0**-23 * torch.randn(p.shape, generator=gen).sign())
-        _, moved, _ = _step(w, w.model)
+        loss, moved, moved_out = _step(w, w.model)
+        worst_loss = max(worst_loss, abs((loss - want_loss).item()) / max(abs(want_loss.item()),
+                                                                             1e-12))
         with torch.no_grad():
             for n, p in w.model.named_parameters():
                 p.copy_(saved[n])
         diff = torch.cat([(moved[n] - want[n]).flatten() for n in want]).norm().item()
         worst = max(worst, diff / norm)
-    return worst
+        for a, b in zip(moved_out, want_out):
+            if b.is_floating_point() and b.numel():
+                scale = max(1.0, b.abs().max().item())
+                worst_out = max(worst_out, (a - b).abs().max().item() / scale)
+    return worst, worst_out, worst_loss
 
 
 @pytest.mark.parametrize("name", models.names())
@@ -74,7 +84,9 @@ def test_workload_forward_and_training_step_match_eager(name):
     torch._dynamo.reset()
     w = models.get(name)
     want_loss, want, want_out = _step(w, w.model)
-    bound = max(1e-4, 3 * _sensitivity(w, want))
+    grad_sens, out_sens, loss_sens = _sensitivity(w, want, want_out, want_loss)
+    bound = max(1e-4, 3 * grad_sens)
+    out_bound = max(1e-4, 3 * out_sens)
 
     # One compiled training step: its forward outputs are the forward check (inference under
     # no_grad compiles another graph; tests/runtime/test_backend.py covers that path).
@@ -87,10 +99,11 @@ def test_workload_forward_and_training_step_match_eager(name):
         if b.is_floating_point():
             scale = max(1.0, b.abs().max().item())
             err = (a - b).abs().max().item()
-            assert err <= 1e-4 * scale, f"{name} output {k}: max error {err:.2e} (scale {scale:.2e})"
+            assert err <= out_bound * scale, \
+                f"{name} output {k}: max error {err:.2e} (scale {scale:.2e}, bound {out_bound:.1e})"
         else:
             assert torch.equal(a, b), f"{name} output {k} differs"
-    torch.testing.assert_close(got_loss, want_loss, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got_loss, want_loss, rtol=max(1e-4, 3 * loss_sens), atol=1e-6)
     assert got.keys() == want.keys()
     diff = torch.cat([(got[n] - want[n]).flatten() for n in want]).norm().item()
     norm = torch.cat([want[n].flatten() for n in want]).norm().item()

@@ -328,8 +328,8 @@ def test_column_reductions_chunked(a, b, c, how, keepdim):
 @settings(max_examples=4, deadline=None)
 @given(SIZES, hs.sampled_from([5, 33, 1000]))
 def test_quotient_feeding_round_is_an_exact_division(a, c):
-    """A loop-invariant divisor normally becomes one reciprocal and a multiply; a quotient that
-    goes into round() (quantisation) stays an IEEE division, so it rounds exactly as eager."""
+    """Divisions stay IEEE divisions (no hoisted reciprocal): quantisation's round(x / s)
+    rounds exactly as eager, and so does softmax's x / sum."""
     x = torch.randn(a, c) * 3
 
     def quant(x):
@@ -339,6 +339,9 @@ def test_quotient_feeding_round_is_an_exact_division(a, c):
     g = run_both(quant, [x], atol=0, rtol=0)
     src = "".join(s.source.source for s in g.steps if s.kind == "kernel")
     assert "st.round" in src and "(float)1 /" not in src
+    g = run_both(lambda x: (torch.exp(x) / torch.exp(x).sum(-1, keepdim=True), x / 8), [x])
+    src = "".join(s.source.source for s in g.steps if s.kind == "kernel")
+    assert "(float)1 /" not in src and "* (0.125f)" in src  # x / 8 is an exact multiply
 
 
 def test_tiny_kernels_run_on_the_calling_thread():
