@@ -62,7 +62,7 @@ def summarize(module: Module) -> OpSummary:
         c = classify(op)
         if c is not None:
             counts[c] += 1
-        if c == TORCH_CALL:
+        if isinstance(op, st.TorchCallOp):
             targets[op.attributes["target"]] += 1
     return OpSummary(counts, targets)
 

@@ -110,6 +110,13 @@ class TritonGraph(CompiledGraph):
             self.fallbacks.append(f"{op.kind} group of {len(op.body.ops) - 1} ops ({src})")
             return self._interpreted(op, [self._slot(v) for v in op.operands],
                                      [self._slot(r) for r in op.results])
+        if isinstance(op, st.SeedOp) and self.device.type != "cpu":  # drawn on the device
+            writes = [self._slot(r) for r in op.results]
+
+            def run(env, cs, writes=writes):
+                env[writes[0]] = torch.randint(-2**63, 2**63 - 1, (), dtype=torch.int64,
+                                               device=self.device)
+            return Step(op.name, run, "seed", [], writes)
         if isinstance(op, st.ConstantOp | st.IotaOp) and self.device.type != "cpu":
             value = torch.from_numpy(IMPLS[op.name](op, [])[0].copy()).to(self.device)
             writes = [self._slot(r) for r in op.results]

@@ -222,6 +222,10 @@ class CompiledGraph:
             def run(env, cs, value=value, writes=writes):
                 env[writes[0]] = value
             return Step(op.name, run, "constant", reads, writes)
+        if isinstance(op, st.SeedOp):  # a fresh seed per call, from torch's default generator
+            def run(env, cs, writes=writes):
+                env[writes[0]] = torch.randint(-2**63, 2**63 - 1, (), dtype=torch.int64)
+            return Step(op.name, run, "seed", reads, writes)
         if isinstance(op, st.LibraryOp):
             return Step(op.name, self._library(op, reads, writes), "library", reads, writes)
         if isinstance(op, st.TorchCallOp):

@@ -241,6 +241,18 @@ class GraphImporter:
         except (ValueError, TypeError, KeyError, IRError) as e:
             raise self.fail(f"{cls.name}: {e}") from None
 
+    def rand(self, shape: tuple) -> Value:
+        """Uniform [0, 1) float32 of ``shape``: the graph's seed (one ``st.seed`` per graph,
+        drawn per call) on a counter range of its own."""
+        if getattr(self, "_seed", None) is None:
+            self._seed = self.b.insert(st.SeedOp((), [TensorType((), DType.i64)], {},
+                                                 loc=self.loc)).result
+            self._rand_offset = 0
+        offset = self._rand_offset
+        self._rand_offset += max(1, math.prod(shape))
+        seed = self.broadcast(self._seed, tuple(shape))
+        return self.create(st.RandOp, seed, offset=offset)
+
     def out_type(self, k: int | None = None) -> TensorType:
         val = self.node.meta.get("val")
         if k is not None:

@@ -97,6 +97,46 @@ def round_decimals(imp, n):
     return imp.cast(r, out.dtype)
 
 
+# ----------------------------------------------------------------------------------------------
+# Random numbers: st.rand (Philox, seeded per call from torch's generator; see st.RandOp). The
+# streams are not eager's (no compiler reproduces those); the distributions are.
+
+
+@handles(aten.native_dropout)
+def native_dropout(imp, n):
+    """(x * keep / (1 - p), keep) with keep = rand < 1 - p, as eager's bernoulli(1 - p) mask."""
+    a = bind(n)
+    out, mask_t = imp.out_type(0), imp.out_type(1)
+    x = imp.value(a["input"])
+    p, train = float(a["p"]), a["train"]
+    if not train or p == 0:
+        return [x, imp.constant(True, mask_t)]
+    if p >= 1:
+        return [imp.constant(0.0, out), imp.constant(False, mask_t)]
+    keep = imp.create(st.LtOp, imp.rand(out.shape), imp.constant(1.0 - p, TensorType(out.shape,
+                                                                                      DType.f32)))
+    kept = imp.create(st.MulOp, x, imp.cast(keep, out.dtype))
+    return [imp.create(st.MulOp, kept, imp.constant(1.0 / (1.0 - p), out)), keep]
+
+
+@handles(aten.rand_like, aten.rand)
+def rand(imp, n):
+    out = imp.out_type()
+    if not out.dtype.is_float:
+        raise imp.fail(f"rand of {out.dtype}")
+    return imp.cast(imp.rand(out.shape), out.dtype)
+
+
+@handles(aten.bernoulli.p, aten.bernoulli.default)
+def bernoulli(imp, n):
+    """1 where rand < p (p a number, or the input tensor of probabilities), else 0."""
+    a = bind(n)
+    out = imp.out_type()
+    u = imp.rand(out.shape)
+    p = imp.operand(a["p"] if "p" in a and a["p"] is not None else a["self"], DType.f32, out.shape)
+    return imp.cast(imp.create(st.LtOp, u, p), out.dtype)
+
+
 @handles(aten.isnan, aten.isinf)
 def predicate(imp, n):
     x = imp.value(n.args[0])

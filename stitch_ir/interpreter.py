@@ -272,6 +272,48 @@ def _iota(op, args):
     return [to_type(r, op.result.type)]
 
 
+PHILOX_ROUND = (0xD2511F53, 0xCD9E8D57)
+PHILOX_KEY = (0x9E3779B9, 0xBB67AE85)
+U32 = np.uint64(0xFFFFFFFF)
+
+
+def philox_uniform(seed: int, counters: np.ndarray) -> np.ndarray:
+    """Philox4x32-10 of (key = seed, counter = (c, 0, 0, 0)), first word, as a float in [0, 1)
+    the way Triton's ``tl.rand`` converts it (the cpu kernels' ``st_rand`` computes the same)."""
+    c0 = counters.astype(np.uint64) & U32
+    c1 = np.zeros_like(c0)
+    c2 = np.zeros_like(c0)
+    c3 = np.zeros_like(c0)
+    seed &= (1 << 64) - 1
+    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32)
+    a, b = np.uint64(PHILOX_ROUND[0]), np.uint64(PHILOX_ROUND[1])
+    for _ in range(10):
+        p0, p2 = a * c0, b * c2  # 32 x 32 -> 64 bits: exact in uint64
+        c0, c1, c2, c3 = ((p2 >> np.uint64(32)) ^ c1 ^ k0) & U32, p2 & U32, \
+            ((p0 >> np.uint64(32)) ^ c3 ^ k1) & U32, p0 & U32
+        k0 = (k0 + np.uint64(PHILOX_KEY[0])) & U32
+        k1 = (k1 + np.uint64(PHILOX_KEY[1])) & U32
+    x = c0.astype(np.uint32).view(np.int32).astype(np.int64)
+    x = np.where(x < 0, -x - 1, x)
+    return (x.astype(np.float32) * np.float32(4.6566127342e-10)).astype(np.float32)
+
+
+@impl("st.seed")
+def _seed(op, args):
+    import torch  # the same generator the runtime draws from: manual_seed reproduces it
+
+    return [np.asarray(int(torch.randint(-2**63, 2**63 - 1, (), dtype=torch.int64)))]
+
+
+@impl("st.rand")
+def _rand(op, args):
+    seed = int(np.asarray(args[0]).reshape(-1)[0]) if args[0].size else 0
+    shape = op.result.type.shape
+    n = int(np.prod(shape)) if shape else 1
+    counters = np.uint64(op.attributes["offset"]) + np.arange(n, dtype=np.uint64)
+    return [philox_uniform(seed, counters).reshape(shape)]
+
+
 # ----------------------------------------------------------------------------------------------
 # Gather / scatter
 

@@ -344,6 +344,10 @@ class Emitter:
             a = op.attributes
             return self.temp(ct, f"({ct})({literal(a['start'], t.dtype)} + "
                                  f"{literal(a['step'], t.dtype)} * ({ct})({idx[0]}))")
+        if isinstance(op, st.RandOp):
+            seed = self.value(op.operand(0), idx)
+            pos = linearize(idx, dims(v))
+            return self.temp(ct, f"st_rand({seed}, (uint32_t)({op.attributes['offset']}LL + {pos}))")
         if isinstance(op, tuple(UNARY_C)):
             if isinstance(op, INT_IDENTITY) and not t.dtype.is_float:
                 return self.value(op.operand(0), idx)

@@ -171,3 +171,22 @@ static inline uint16_t st_f2bf(float f) {
 }
 static inline float st_round_h(float x) { return st_h2f(st_f2h(x)); }
 static inline float st_round_bf(float x) { return st_bf2f(st_f2bf(x)); }
+
+// Random numbers: Philox4x32-10 keyed by the seed, counter (c, 0, 0, 0); the first word becomes
+// a float in [0, 1) as Triton's tl.rand makes it, so the cpu, Triton and the interpreter
+// (stitch_ir.interpreter.philox_uniform) draw the same stream. Vectorises: 32 x 32 -> 64-bit
+// products and xors.
+static inline float st_rand(int64_t seed, uint32_t c0) {
+  uint32_t c1 = 0, c2 = 0, c3 = 0;
+  uint32_t k0 = (uint32_t)((uint64_t)seed & 0xFFFFFFFFu), k1 = (uint32_t)((uint64_t)seed >> 32);
+  for (int r = 0; r < 10; ++r) {
+    const uint64_t p0 = (uint64_t)0xD2511F53u * c0, p2 = (uint64_t)0xCD9E8D57u * c2;
+    const uint32_t n0 = (uint32_t)(p2 >> 32) ^ c1 ^ k0, n2 = (uint32_t)(p0 >> 32) ^ c3 ^ k1;
+    c1 = (uint32_t)p2, c3 = (uint32_t)p0, c0 = n0, c2 = n2;
+    k0 += 0x9E3779B9u, k1 += 0xBB67AE85u;
+  }
+  int32_t x;
+  std::memcpy(&x, &c0, 4);
+  x = x < 0 ? -x - 1 : x;
+  return (float)x * 4.6566127342e-10f;
+}

@@ -362,6 +362,10 @@ class Emitter:
             a = op.attributes
             return self.temp(f"({literal(a['start'], t.dtype)} + {literal(a['step'], t.dtype)} * "
                              f"{idx[0]}).to({ct})")
+        if isinstance(op, st.RandOp):  # the stream st.RandOp defines (tl.rand's, see _rand)
+            seed = self.value(op.operand(0), idx)
+            pos = linearize(idx, dims(v))
+            return self.temp(f"_rand({seed}, ({op.attributes['offset']} + {pos}).to(tl.uint32))")
         if isinstance(op, tuple(UNARY)):
             if isinstance(op, INT_IDENTITY) and not t.dtype.is_float:
                 return self.value(op.operand(0), idx)

@@ -41,7 +41,7 @@ TEMPLATES = jinja2.Environment(
     undefined=jinja2.StrictUndefined, keep_trailing_newline=True, trim_blocks=True,
     lstrip_blocks=True)
 SCATTERS = (st.IndexAddOp, st.ScatterAddOp, st.ScatterReduceOp)
-HELPERS = ("_max_nan", "_min_nan", "_mul", "_argmax_combine", "_argmin_combine")
+HELPERS = ("_max_nan", "_min_nan", "_mul", "_argmax_combine", "_argmin_combine", "_rand")
 
 
 @dataclass

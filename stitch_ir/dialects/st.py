@@ -501,6 +501,41 @@ class IotaOp(StOp):
         return [TensorType((int(attrs["size"]),), attrs["dtype"])]
 
 
+@register_op
+class SeedOp(StOp):
+    """A fresh random seed (rank-0 i64) each time the function runs: the runtime draws it from
+    torch's default generator, so ``torch.manual_seed`` makes a compiled graph reproducible.
+    Impure: never folded, fused or deduplicated (kind ``torch``: it runs as its own step)."""
+
+    name = "st.seed"
+    kind = TORCH
+    num_operands = 0
+
+    @classmethod
+    def infer_types(cls, ts, attrs):
+        return [TensorType((), DType.i64)]
+
+
+@register_op
+class RandOp(StOp):
+    """Uniform floats in [0, 1): element i is Philox4x32-10 of (key = seed, counter = offset + i,
+    i the row-major index), its first word as Triton's ``tl.rand`` makes a float. A pure
+    function of the seed and the position, so a kernel may compute any element anywhere, and
+    the cpu, Triton and interpreter streams are the same. The operand is the seed broadcast to
+    the result's shape; ``offset`` keeps the graph's random ops on disjoint counters."""
+
+    name = "st.rand"
+    kind = ELEMENTWISE
+    num_operands = 1
+    required_attrs = ("offset",)
+
+    @classmethod
+    def infer_types(cls, ts, attrs):
+        if ts[0].dtype is not DType.i64:
+            raise TypeError(f"st.rand takes an i64 seed, got {ts[0].dtype}")
+        return [ts[0].with_dtype(DType.f32)]
+
+
 # ----------------------------------------------------------------------------------------------
 # Gather / scatter
 

@@ -35,6 +35,13 @@ class Fn(torch.nn.Module):
         return self.fn(*xs, *self.ps)
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Inputs drawn with torch.randn repeat from run to run (a layernorm of 2 or 3 values is
+    ill-conditioned: an unlucky draw broke the 1e-5 bound once)."""
+    torch.manual_seed(0)
+
+
 def run_triton(fn, inputs, params=(), atol=1e-5, rtol=1e-5, deterministic=False, target="sm_80"):
     """Compile for ``target``, run under the interpreter, check against eager and the reference
     interpreter; returns the graph."""

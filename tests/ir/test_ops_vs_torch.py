@@ -663,6 +663,44 @@ def _iota(d: Draw, name: str):
     check(outs, types, exp)
 
 
+def _philox_scalar(seed: int, counter: int) -> float:
+    """Philox4x32-10, first word, as tl.rand makes a float: plain Python integers, one element
+    (an independent reference for the interpreter's vectorised numpy version)."""
+    m = 0xFFFFFFFF
+    c = [counter & m, 0, 0, 0]
+    k0, k1 = seed & m, (seed >> 32) & m
+    for _ in range(10):
+        p0, p2 = 0xD2511F53 * c[0], 0xCD9E8D57 * c[2]
+        c = [(p2 >> 32) ^ c[1] ^ k0, p2 & m, (p0 >> 32) ^ c[3] ^ k1, p0 & m]
+        k0, k1 = (k0 + 0x9E3779B9) & m, (k1 + 0xBB67AE85) & m
+    x = c[0] - (1 << 32) if c[0] >= 1 << 31 else c[0]
+    x = -x - 1 if x < 0 else x
+    return float(np.float32(np.float32(x) * np.float32(4.6566127342e-10)))
+
+
+@case("st.seed", "st.rand")
+def _random(d: Draw, name: str):
+    """st.seed draws from torch's default generator (manual_seed reproduces it); st.rand is
+    Philox of the seed and offset + row-major position."""
+    seed_val = int(d.rng.integers(-2**63, 2**63 - 1))
+    if name == "st.seed":
+        torch.manual_seed(seed_val & 0xFFFFFFFF)
+        (a,), types = run_one(st.SeedOp, [])
+        torch.manual_seed(seed_val & 0xFFFFFFFF)
+        (b,), _ = run_one(st.SeedOp, [])
+        assert types[0] == TensorType((), I64) and a.shape == () and int(a) == int(b)
+        return
+    shape = d.shape(0, 3, 64)
+    offset = d.int(0, 1000, "offset")
+    seed = np.full(shape, seed_val, dtype=np.int64)
+    (u,), types = run_one(st.RandOp, [seed], offset=offset)
+    assert types[0] == TensorType(tuple(shape), F32) and u.dtype == np.float32
+    flat = u.reshape(-1)
+    for i in range(flat.size):
+        assert flat[i] == _philox_scalar(seed_val & (2**64 - 1), offset + i)
+    assert ((flat >= 0) & (flat < 1)).all()
+
+
 # ----------------------------------------------------------------------------------------------
 # Gather / scatter
 
