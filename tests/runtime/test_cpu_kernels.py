@@ -354,3 +354,16 @@ def test_tiny_kernels_run_on_the_calling_thread():
     (kl,) = [s for s in large.steps if s.kind == "kernel"]
     assert "#pragma omp parallel reduction(|:err) if(0)" in ks.source.source
     assert "if(0)" not in kl.source.source
+
+
+@pytest.mark.parametrize("e", [2, 3, 0.5, -1, -2, 1.5])
+def test_pow_by_a_constant_is_eager_bit_for_bit(e):
+    """The exponents eager special-cases (2, 3, 0.5, -1, -2) are multiplications, a square root
+    or a division, as eager computes them: the same bits, and a loop that vectorises (no powf)."""
+    x = torch.randn(33, 129) * 3
+    # torch's own sqrt (and powf) on this cpu is not correctly rounded: an ulp off numpy's
+    # IEEE square root on ~3% of values, which the kernel's vsqrtps matches
+    tol = 2.5e-7 if e in (0.5, 1.5) else 0
+    g = run_both(lambda x: torch.pow(x, e) + 1, [x], atol=tol, rtol=tol)
+    src = "".join(s.source.source for s in g.steps if s.kind == "kernel")
+    assert ("std::pow" in src) == (e == 1.5)
