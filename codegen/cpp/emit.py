@@ -122,11 +122,18 @@ def linearize(idx: list[str], shape: list[int]) -> str:
 
 
 def delinearize(lin: str, shape: list[int]) -> list[str]:
+    """The multi-index of flat index ``lin`` in ``shape``, for ``lin`` in [0, prod(shape)) (every
+    caller's case): the outermost dim needs no ``% n`` -- an integer modulo in an index defeats
+    contiguous vector loads (GPT-2's q/k/v split read ``(i1*64 + i3) % 768``)."""
     out = []
     stride = 1
-    for n in reversed(shape):
+    outer = next((k for k, n in enumerate(shape) if n != 1), None)
+    for k in range(len(shape) - 1, -1, -1):
+        n = shape[k]
         if n == 1:
             out.append("0")
+        elif k == outer:
+            out.append(f"({lin}) / {stride}" if stride > 1 else f"({lin})")
         else:
             out.append(f"(({lin}) / {stride}) % {n}" if stride > 1 else f"({lin}) % {n}")
         stride *= n
