@@ -32,6 +32,10 @@ CTYPE = {DType.f64: "double", DType.f32: "float", DType.f16: "float", DType.bf16
          DType.i64: "int64_t", DType.i32: "int32_t", DType.i16: "int16_t", DType.i8: "int8_t",
          DType.u8: "uint8_t", DType.i1: "bool"}
 HALF = (DType.f16, DType.bf16)
+# Element types a buffer stores differently from how they are computed: half types as their
+# bits, and i1 as bytes (a ``bool`` load stops GCC from vectorising a loop: a masked softmax
+# with a bool mask ran branchy scalar code, 2.3x slower with a random mask).
+STORED = (*HALF, DType.i1)
 _WIDEN = {DType.f16: "st_h2f", DType.bf16: "st_bf2f"}
 _NARROW = {DType.f16: "st_f2h", DType.bf16: "st_f2bf"}
 _ROUND = {DType.f16: "st_round_h", DType.bf16: "st_round_bf"}
@@ -50,8 +54,8 @@ def ctype(dt: DType) -> str:
 
 
 def storage_ctype(dt: DType) -> str:
-    """The C element type of a buffer holding ``dt`` (the half types: their bits)."""
-    return "uint16_t" if dt in HALF else ctype(dt)
+    """The C element type of a buffer holding ``dt`` (the half types: their bits; i1: bytes)."""
+    return "uint16_t" if dt in HALF else "uint8_t" if dt is DType.i1 else ctype(dt)
 
 
 def compute_itemsize(dt: DType) -> int:
@@ -60,12 +64,17 @@ def compute_itemsize(dt: DType) -> int:
 
 
 def load(dt: DType, raw: str) -> str:
-    """An element read from a buffer of ``dt``, as its computed type."""
+    """An element read from a buffer of ``dt`` (stored as ``storage_ctype``), as its computed
+    type."""
+    if dt is DType.i1:
+        return f"({raw} != 0)"
     return f"{_WIDEN[dt]}({raw})" if dt in HALF else raw
 
 
 def store(dt: DType, expr: str) -> str:
     """A computed value of ``dt`` as the element written to a buffer of ``dt``."""
+    if dt is DType.i1:
+        return f"(uint8_t)({expr})"
     return f"{_NARROW[dt]}({expr})" if dt in HALF else expr
 
 
@@ -219,11 +228,12 @@ _EXACT_ON_HALF = (st.NegOp, st.AbsOp, st.ReluOp, st.SignOp, st.FloorOp, st.CeilO
 
 
 class Emitter:
-    def __init__(self, buffers: dict[int, str], half: dict[str, DType] | None = None):
+    def __init__(self, buffers: dict[int, str], stored: dict[str, DType] | None = None):
         # id(value) -> C pointer name, for block arguments and materialised values
         self.buffers = buffers
-        # pointer name -> half type, for buffers that store f16 / bf16 bits (inputs, outputs)
-        self.half: dict[str, DType] = dict(half or {})
+        # pointer name -> element type, for buffers that store it differently from how it is
+        # computed (STORED: f16 / bf16 bits, i1 bytes; the group's inputs and outputs)
+        self.stored: dict[str, DType] = dict(stored or {})
         # float buffers a scatter accumulates a half value in, rounded once when it is done
         self.wide: set[str] = set()
         # id(value) -> C expression valid for the current row (row scalars, row buffers)
@@ -316,7 +326,7 @@ class Emitter:
         if id(v) in self.buffers:
             name = self.buffers[id(v)]
             raw = f"{name}[{linearize(idx, dims(v))}]"
-            expr = self.temp(ctype(v.type.dtype), load(self.half[name], raw) if name in self.half
+            expr = self.temp(ctype(v.type.dtype), load(self.stored[name], raw) if name in self.stored
                              else raw)
         elif isinstance(v, BlockArgument):
             raise Unsupported("a block argument without a buffer")
@@ -327,14 +337,14 @@ class Emitter:
 
     def store(self, ptr: str, lin: str, dt: DType, expr: str) -> str:
         """The statement writing computed value ``expr`` of ``dt`` to ``ptr[lin]``."""
-        return f"{ptr}[{lin}] = {store(dt, expr) if ptr in self.half else expr};"
+        return f"{ptr}[{lin}] = {store(dt, expr) if ptr in self.stored else expr};"
 
     def update(self, ptr: str, lin: str, dt: DType, fn: Callable[[str], str]) -> str:
         """The statement ``ptr[lin] = fn(ptr[lin])`` (a scatter's read-modify-write), widening
         and narrowing where ``ptr`` holds half bits: one rounding per update, as eager."""
         cell = f"{ptr}[{lin}]"
-        if ptr in self.half:
-            h = self.half[ptr]
+        if ptr in self.stored:
+            h = self.stored[ptr]
             return f"{cell} = {store(h, fn(load(h, cell)))};"
         if ptr in self.wide:
             return f"{cell} = {fn(cell)};"

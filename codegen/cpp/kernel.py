@@ -28,6 +28,7 @@ import jinja2
 
 from codegen.cpp.emit import (
     HALF,
+    STORED,
     Emitter,
     Unsupported,
     compute_itemsize,
@@ -97,7 +98,7 @@ class RowKernel:
     """The ``rows`` strategy (see the module docstring)."""
 
     def __init__(self, group: fusion.GroupOp, buffers: dict[int, str], out_ptrs: dict[int, str],
-                 half: dict[str, object] | None = None):
+                 stored: dict[str, object] | None = None):
         self.group = group
         self.body = group.body.ops[:-1]
         self.outputs = list(dict.fromkeys(group.body.terminator.operands))
@@ -117,7 +118,7 @@ class RowKernel:
                     isinstance(r, st.ArgReduceOp):
                 raise RowsUnfit(f"'{r.name}' is not a row reduction over the dominant rows")
         self.reduces = reduces
-        self.em = Emitter(buffers, half)
+        self.em = Emitter(buffers, stored)
         self.names: dict[tuple, list[str]] = {}
         self.row_decl: list[str] = []
         self.col_decl: list[str] = []
@@ -213,8 +214,8 @@ class RowKernel:
         streams = {id(v): f"streambuf{k}" for k, v in enumerate(outs_full)} \
             if out_bytes >= STREAM_MIN_BYTES else {}
         for v in outs_full:  # a stream buffer holds its output's stored bits
-            if id(v) in streams and v.type.dtype in HALF:
-                em.half[streams[id(v)]] = v.type.dtype
+            if id(v) in streams and v.type.dtype in STORED:
+                em.stored[streams[id(v)]] = v.type.dtype
         lines: list[str] = []
         em.push(lines, "      ", loop_vars={"r"})
         # the next row of each row-major input is fetched while this row computes
@@ -423,10 +424,10 @@ class PhaseKernel:
     """The ``phases`` strategy (see the module docstring)."""
 
     def __init__(self, group: fusion.GroupOp, buffers: dict[int, str], out_names: dict[int, list],
-                 half: dict[str, object] | None = None):
+                 stored: dict[str, object] | None = None):
         self.group = group
         self.body = group.body.ops[:-1]
-        self.em = Emitter(buffers, half)
+        self.em = Emitter(buffers, stored)
         self.out_names = out_names  # id(value) -> every output pointer it is written to
         self.scratch: list[int] = []
         self.n_loops = 0
@@ -988,9 +989,10 @@ def render_group(group: fusion.GroupOp, name: str = "") -> KernelSource:
     out_names: dict[int, list[str]] = {}
     for k, v in enumerate(outputs):
         out_names.setdefault(id(v), []).append(f"out{k}")
-    # buffers of half types hold their 16 bits; the kernel computes in float
-    half = {f"in{k}": a.type.dtype for k, a in enumerate(args) if a.type.dtype in HALF}
-    half.update({f"out{k}": v.type.dtype for k, v in enumerate(outputs) if v.type.dtype in HALF})
+    # half types are stored as their 16 bits, i1 as bytes; the kernel computes in float / bool
+    stored = {f"in{k}": a.type.dtype for k, a in enumerate(args) if a.type.dtype in STORED}
+    stored.update({f"out{k}": v.type.dtype for k, v in enumerate(outputs)
+                   if v.type.dtype in STORED})
     ops = [op.name for op in group.body.ops[:-1]]
     context = {
         "ops": ops, "kind": group.kind, "mapping": group.attr("mapping", ""),
@@ -1007,12 +1009,12 @@ def render_group(group: fusion.GroupOp, name: str = "") -> KernelSource:
     try:
         if len(set(map(id, outputs))) != len(outputs):
             raise RowsUnfit("an output yielded twice")
-        rk = RowKernel(group, dict(buffers), {k: v[0] for k, v in out_names.items()}, half)
+        rk = RowKernel(group, dict(buffers), {k: v[0] for k, v in out_names.items()}, stored)
         context.update(rk.render(), gathers=rk.em_has_gather)
         template = "rows.cpp.jinja"
     except RowsUnfit:
         strategy = "phases"
-        pk = PhaseKernel(group, dict(buffers), out_names, half)
+        pk = PhaseKernel(group, dict(buffers), out_names, stored)
         context.update(pk.render(len(args) + len(outputs)), gathers=pk.gathers)
         scratch = pk.scratch
         template = "phases.cpp.jinja"

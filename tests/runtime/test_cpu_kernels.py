@@ -367,3 +367,24 @@ def test_pow_by_a_constant_is_eager_bit_for_bit(e):
     g = run_both(lambda x: torch.pow(x, e) + 1, [x], atol=tol, rtol=tol)
     src = "".join(s.source.source for s in g.steps if s.kind == "kernel")
     assert ("std::pow" in src) == (e == 1.5)
+
+
+def test_bool_mask_softmax_vectorises(tmp_path):
+    """A bool input is read as bytes: every row loop of a masked softmax vectorises (a ``bool``
+    load made GCC give up on if-conversion: branchy scalar code, slower with random masks)."""
+    x, m = torch.randn(7, 300), torch.rand(7, 300) < 0.3
+    g = run_both(lambda x, m: x.masked_fill(m, float("-inf")).softmax(-1), [x, m])
+    (k,) = [s for s in g.steps if s.kind == "kernel"]
+    assert "const uint8_t* __restrict in0" in k.source.source
+    src = tmp_path / "k.cpp"
+    src.write_text(k.source.source)
+    out = subprocess.run([build.compiler(), *build.default_flags(), "-fopt-info-vec-all",
+                          str(src), "-o", str(tmp_path / "k.so")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    lines = [n for n, text in enumerate(k.source.source.splitlines(), 1)
+             if "for (int64_t j = 0;" in text]
+    assert len(lines) >= 2
+    done = {int(rep.split("k.cpp:")[1].split(":")[0]) for rep in out.stderr.splitlines()
+            if "k.cpp:" in rep and "optimized: loop vectorized" in rep}
+    for n in lines:  # every row loop (GCC reports the pragma's, the loop's or the body's line)
+        assert done & {n - 1, n, n + 1}, (n, sorted(done))
