@@ -16,7 +16,7 @@ def _ms(r: dict, k: str) -> str:
     t = r.get("time", {}).get(k)
     if t is None:
         return r["status"].get(k, "-") if r["status"].get(k) != "OK" else "-"
-    cell = f"{t['median_ms']:.3g} ±{t['iqr_ms']:.2g}"
+    cell = f"{t['median_ms']:.3g} ±{t['iqr_ms']:.2g} ({t.get('mean_ms', math.nan):.3g})"
     return cell if r["status"].get(k) == "OK" else f"{cell} {r['status'][k]}"
 
 
@@ -68,9 +68,10 @@ def markdown(env: dict, results: list[dict]) -> str:
         f"{', '.join(f'{x:.1f}' for x in env['load_avg'])}, {env['repeat']} alternating rounds, "
         f"wall {env.get('wall_s', 0):.0f} s.",
         "",
-        "Times: steady-state ms per call (inference) or per training step, median ± inter-quartile "
-        "range. Speed-ups are eager / contender and inductor / stitch (higher is better for the "
-        "second-named); in parentheses where a contender is WRONG or FAIL (not a valid comparison). "
+        "Times: steady-state ms per call (inference) or per training step: the median call ± the "
+        "inter-quartile range (the mean call, stalls included, in parentheses). Speed-ups: eager / "
+        "contender and inductor / stitch, from the medians (above 1: the second-named is faster); in "
+        "parentheses where a contender is WRONG or FAIL (not a valid comparison). "
         "Compile: first call cold / warm, seconds. Stitch steps per call: k = fused kernels, lib = "
         "library calls (mm, conv), torch = aten ops run by torch, interp = numpy interpreter.",
         "",

@@ -24,8 +24,10 @@ For each case, in this order:
 3. kernels: stitch's steps per call by kind (kernel, library, view, torch, interpreter, ...),
    summed over the graphs the case compiled (forward and backward for a training step); for
    inductor, the number of kernels it generated.
-4. steady state: contenders alternate (eager, inductor, stitch, eager, ...), ``--repeat`` rounds;
-   each sample averages as many calls as fill ~``--sample-ms``; median and inter-quartile spread.
+4. steady state: contenders alternate (eager, inductor, stitch, eager, ...), ``--repeat`` rounds
+   of as many calls as fill ~``--sample-ms``, each call timed alone: the median call and the
+   inter-quartile range (speed-ups use medians), and the mean, which adds the stalls a loaded
+   machine causes (a descheduled call, a parallel region waiting for a descheduled thread).
 5. ``--profile``: stitch's time per call by step kind (``bench/overhead.py``).
 
 Errors (a bf16 case stitch cannot compile, a model dynamo cannot trace) are recorded per contender
@@ -173,7 +175,10 @@ def sensitivity(case: Case, model, inputs, loss, want) -> float:
 
 # -- timing ----------------------------------------------------------------------------------------
 def steady(fns: dict, repeat: int, sample_s: float) -> dict[str, dict]:
-    """Alternating contenders, ``repeat`` rounds; each sample is the mean of ``k`` calls."""
+    """Alternating contenders, ``repeat`` rounds of ``k`` calls each (``k`` calls fill about
+    ``sample_s``), every call timed alone. ``median_ms`` is the median call: on a loaded machine a
+    call is sometimes descheduled, or its parallel region waits for a descheduled thread, for
+    milliseconds; the median is the typical call, ``mean_ms`` includes those stalls."""
     ks = {}
     for name, f in fns.items():
         f()
@@ -182,24 +187,27 @@ def steady(fns: dict, repeat: int, sample_s: float) -> dict[str, dict]:
             t = time.perf_counter()
             f()
             ts.append(time.perf_counter() - t)
-        one = sorted(ts)[1]
-        ks[name] = max(1, min(1000, int(sample_s / max(one, 1e-7))))
+        ks[name] = max(2, min(500, int(sample_s / max(sorted(ts)[1], 1e-7))))
+    calls: dict[str, list[float]] = {n: [] for n in fns}
     samples: dict[str, list[float]] = {n: [] for n in fns}
+    tick = time.perf_counter
     for _ in range(repeat):
         for name, f in fns.items():
-            k = ks[name]
-            t = time.perf_counter()
-            for _ in range(k):
+            out = calls[name]
+            t0 = tick()
+            for _ in range(ks[name]):
+                t = tick()
                 f()
-            samples[name].append((time.perf_counter() - t) / k)
-    out = {}
-    for name, ts in samples.items():
+                out.append(tick() - t)
+            samples[name].append((tick() - t0) / ks[name])
+    res = {}
+    for name, ts in calls.items():
         s = sorted(ts)
         q = lambda p, s=s: s[min(len(s) - 1, int(p * (len(s) - 1) + 0.5))]  # noqa: E731
-        out[name] = {"median_ms": q(0.5) * 1e3, "iqr_ms": (q(0.75) - q(0.25)) * 1e3,
-                     "min_ms": s[0] * 1e3, "calls_per_sample": ks[name],
-                     "samples_ms": [x * 1e3 for x in ts]}
-    return out
+        res[name] = {"median_ms": q(0.5) * 1e3, "iqr_ms": (q(0.75) - q(0.25)) * 1e3,
+                     "mean_ms": sum(s) / len(s) * 1e3, "min_ms": s[0] * 1e3, "calls": len(s),
+                     "calls_per_sample": ks[name], "samples_ms": [x * 1e3 for x in samples[name]]}
+    return res
 
 
 def _first_call(c: Contender) -> tuple[float, object]:
