@@ -117,12 +117,12 @@ def markdown(env: dict, results: list[dict]) -> str:
     if prof:
         lines += ["", "## Where stitch's time goes (ms per call, `--profile`)", "",
                   "| case | call | outside graphs (dynamo/AOT) | graph Python | kernel | library | "
-                  "torch | interpreter | view | slowest kernels |",
+                  "torch | interpreter | view | slowest steps (inputs) |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for r in prof:
             p = r["profile"]
             k = p["by_kind_ms"]
-            top = "; ".join(f"{n} {ms:.3f}" for n, ms in p["top_kernels_ms"][:3])
+            top = "; ".join(f"{n.split(' ', 1)[1]} ({shp}) {ms:.3f}" for n, ms, shp in p["top_steps_ms"][:3])
             lines.append(f"| {r['case']} | {p['call_ms']:.3f} | {p['outside_graphs_ms']:.3f} | "
                          f"{p['graph_python_ms']:.3f} | " + " | ".join(
                              f"{k.get(x, 0):.3f}" for x in ("kernel", "library", "torch",

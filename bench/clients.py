@@ -301,7 +301,7 @@ def run_case(case: Case, args) -> dict:
     if args.profile and graphs and "stitch" in fns:
         from bench.overhead import profile_steps
 
-        r["profile"] = profile_steps(graphs, fns["stitch"], calls=max(3, args.repeat))
+        r["profile"] = profile_steps(graphs, fns["stitch"])
     t = r["time"]
     if "inductor" in t:
         r["inductor_vs_eager"] = t["eager"]["median_ms"] / t["inductor"]["median_ms"]

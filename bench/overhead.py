@@ -37,28 +37,34 @@ import torch
 
 
 # -- stitch's time by step kind inside real calls -------------------------------------------------
-def profile_steps(graphs, call, calls: int = 10) -> dict:
-    """Runs ``call()`` ``calls`` times with a timer around every step of ``graphs`` and around each
-    ``CompiledGraph.__call__``; returns ms per call: total, outside the graphs (dynamo, AOTAutograd,
-    autograd, the caller's own ops), the graphs' own Python (the step loop, argument checks), and
-    each step kind; plus the slowest kernels."""
+def profile_steps(graphs, call, calls: int | None = None, budget_s: float = 0.3) -> dict:
+    """Runs ``call()`` with a timer around every step of ``graphs`` and around each
+    ``CompiledGraph.__call__`` (``calls`` times, or as often as fills ``budget_s``); returns ms per
+    call: total, outside the graphs (dynamo, AOTAutograd, autograd, the caller's own ops), the
+    graphs' own Python (the step loop, argument checks), each step kind; and the slowest steps
+    with their input shapes (``!`` marks a non-contiguous input)."""
     from runtime.graph import CompiledGraph
 
     by_kind: Counter = Counter()
     by_step: Counter = Counter()
+    shapes: dict[str, str] = {}
     in_graph = [0.0]
     saved = []
-    for g in graphs:
-        for s in g.steps:
+    for gi, g in enumerate(graphs):
+        for k, s in enumerate(g.steps):
             saved.append((s, s.run))
+            key = f"g{gi}.{k} {s.kind} {s.name}"
 
-            def timed(env, s=s, run=s.run):
+            def timed(env, s=s, run=s.run, key=key):
+                if key not in shapes:
+                    shapes[key] = " ".join(
+                        "x".join(map(str, env[i].shape)) + ("" if env[i].is_contiguous() else "!")
+                        for i in s.reads if isinstance(env[i], torch.Tensor))
                 t = time.perf_counter()
                 run(env)
                 dt = time.perf_counter() - t
                 by_kind[s.kind] += dt
-                if s.kind == "kernel":
-                    by_step[s.name] += dt
+                by_step[key] += dt
             s.run = timed
     original = CompiledGraph.__call__
 
@@ -71,7 +77,10 @@ def profile_steps(graphs, call, calls: int = 10) -> dict:
 
     CompiledGraph.__call__ = graph_call
     try:
+        t = time.perf_counter()
         call()
+        if calls is None:
+            calls = max(5, min(2000, int(budget_s / max(time.perf_counter() - t, 1e-6))))
         by_kind.clear()
         by_step.clear()
         in_graph[0] = 0.0
@@ -84,10 +93,11 @@ def profile_steps(graphs, call, calls: int = 10) -> dict:
         for s, run in saved:
             s.run = run
     steps = sum(by_kind.values())
-    return {"call_ms": total / calls * 1e3, "outside_graphs_ms": (total - in_graph[0]) / calls * 1e3,
+    return {"calls": calls, "call_ms": total / calls * 1e3,
+            "outside_graphs_ms": (total - in_graph[0]) / calls * 1e3,
             "graph_python_ms": (in_graph[0] - steps) / calls * 1e3,
             "by_kind_ms": {k: v / calls * 1e3 for k, v in by_kind.items()},
-            "top_kernels_ms": [(n, v / calls * 1e3) for n, v in by_step.most_common(8)]}
+            "top_steps_ms": [(n, v / calls * 1e3, shapes.get(n, "")) for n, v in by_step.most_common(10)]}
 
 
 # -- the two graphs -------------------------------------------------------------------------------

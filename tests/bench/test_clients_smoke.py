@@ -27,7 +27,7 @@ def test_one_tiny_case_end_to_end(tmp_path):
     assert set(r["compile_s"]["stitch"]) == {"cold", "warm"}
     for k in ("eager", "inductor", "stitch"):
         assert len(r["time"][k]["samples_ms"]) == 2 and r["time"][k]["median_ms"] > 0
-    assert r["profile"]["by_kind_ms"]["kernel"] > 0
+    assert r["profile"]["by_kind_ms"]["kernel"] > 0 and r["profile"]["top_steps_ms"][0][2] == "8x67 8x67"
     md = (tmp_path / "clients.md").read_text()
     assert case in md and "Geometric means" in md
     for png in ("clients_vs_eager.png", "clients_vs_inductor.png"):
