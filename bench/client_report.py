@@ -40,9 +40,9 @@ def _steps(r: dict) -> str:
     s = r.get("stitch_steps")
     if s is None:
         return "-"
-    order = ("kernel", "library", "torch", "interpreter", "view", "constant")
-    short = {"kernel": "k", "library": "lib", "torch": "torch", "interpreter": "interp",
-             "view": "view", "constant": "const"}
+    order = ("kernel", "copy kernel", "library", "torch", "interpreter", "view", "constant")
+    short = {"kernel": "k", "copy kernel": "copy-k", "library": "lib", "torch": "torch",
+             "interpreter": "interp", "view": "view", "constant": "const"}
     return " ".join(f"{s[k]}{short[k]}" for k in order if s.get(k))
 
 
@@ -72,8 +72,10 @@ def markdown(env: dict, results: list[dict]) -> str:
         "inter-quartile range (the mean call, stalls included, in parentheses). Speed-ups: eager / "
         "contender and inductor / stitch, from the medians (above 1: the second-named is faster); in "
         "parentheses where a contender is WRONG or FAIL (not a valid comparison). "
-        "Compile: first call cold / warm, seconds. Stitch steps per call: k = fused kernels, lib = "
-        "library calls (mm, conv), torch = aten ops run by torch, interp = numpy interpreter.",
+        "Compile: first call cold / warm, seconds. Stitch steps per call: k = fused kernels (of which "
+        "copy-k only move data: slices, permutes, casts), lib = library calls (mm, conv), torch = aten "
+        "ops run by torch, interp = groups run by the numpy interpreter, view = torch views made per "
+        "call.",
         "",
         "| case | eager ms | inductor ms | stitch ms | ind/eager | stitch/eager | stitch/ind | "
         "err stitch (bound) | compile ind | compile stitch | ind kernels | stitch steps |",

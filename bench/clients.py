@@ -83,11 +83,27 @@ def recording():
         rec["fallbacks"] = dict(Counter(backend.FALLBACKS) - before)
 
 
+LAYOUT_OPS = {"st.slice", "st.permute", "st.reshape", "st.broadcast", "st.concat", "st.constant",
+              "st.cast", "st.transpose", "st.expand", "st.pad"}
+
+
+def kernel_ops(step) -> list[str]:
+    """The st ops a kernel step was generated from (the source's second comment line)."""
+    for line in step.source.source.splitlines()[:4]:
+        if line.startswith("// from st ops:"):
+            return [o.strip() for o in line.split(":", 1)[1].split(",")]
+    return []
+
+
 def step_counts(graphs) -> dict[str, int]:
+    """Steps per call by kind; ``copy kernel`` counts the kernels that only move data (slices,
+    permutes, casts...: a layout copy a view or the consumer's index map could have avoided)."""
     counts: Counter = Counter()
     for g in graphs:
         counts.update(s.kind for s in g.steps)
-    return dict(counts)
+        counts["copy kernel"] += sum(1 for s in g.steps if s.kind == "kernel" and s.source is not None
+                                     and set(kernel_ops(s)) <= LAYOUT_OPS)
+    return {k: v for k, v in counts.items() if v}
 
 
 # -- contenders ------------------------------------------------------------------------------------

@@ -39,14 +39,16 @@ import torch
 # -- stitch's time by step kind inside real calls -------------------------------------------------
 def profile_steps(graphs, call, calls: int | None = None, budget_s: float = 0.3) -> dict:
     """Runs ``call()`` with a timer around every step of ``graphs`` and around each
-    ``CompiledGraph.__call__`` (``calls`` times, or as often as fills ``budget_s``); returns ms per
-    call: total, outside the graphs (dynamo, AOTAutograd, autograd, the caller's own ops), the
-    graphs' own Python (the step loop, argument checks), each step kind; and the slowest steps
-    with their input shapes (``!`` marks a non-contiguous input)."""
+    ``CompiledGraph.__call__`` (``calls`` times, or as often as fills ``budget_s``). Returns ms per
+    call, as medians over the calls (a loaded machine preempts a call now and then; the median is
+    the typical call): total, outside the graphs (dynamo, AOTAutograd, autograd, the caller's own
+    ops), the graphs' own Python (the step loop, argument checks: graph time minus its steps),
+    each step kind (the sum of its steps' medians), and the slowest steps with their input shapes
+    (``!`` marks a non-contiguous input)."""
     from runtime.graph import CompiledGraph
 
-    by_kind: Counter = Counter()
-    by_step: Counter = Counter()
+    per_step: dict[str, list[float]] = defaultdict(list)
+    kinds: dict[str, str] = {}
     shapes: dict[str, str] = {}
     in_graph = [0.0]
     saved = []
@@ -54,6 +56,7 @@ def profile_steps(graphs, call, calls: int | None = None, budget_s: float = 0.3)
         for k, s in enumerate(g.steps):
             saved.append((s, s.run))
             key = f"g{gi}.{k} {s.kind} {s.name}"
+            kinds[key] = s.kind
 
             def timed(env, s=s, run=s.run, key=key):
                 if key not in shapes:
@@ -62,9 +65,7 @@ def profile_steps(graphs, call, calls: int | None = None, budget_s: float = 0.3)
                         for i in s.reads if isinstance(env[i], torch.Tensor))
                 t = time.perf_counter()
                 run(env)
-                dt = time.perf_counter() - t
-                by_kind[s.kind] += dt
-                by_step[key] += dt
+                per_step[key].append(time.perf_counter() - t)
             s.run = timed
     original = CompiledGraph.__call__
 
@@ -76,28 +77,36 @@ def profile_steps(graphs, call, calls: int | None = None, budget_s: float = 0.3)
             in_graph[0] += time.perf_counter() - t
 
     CompiledGraph.__call__ = graph_call
+    totals, inside = [], []
     try:
         t = time.perf_counter()
         call()
         if calls is None:
             calls = max(5, min(2000, int(budget_s / max(time.perf_counter() - t, 1e-6))))
-        by_kind.clear()
-        by_step.clear()
-        in_graph[0] = 0.0
-        t0 = time.perf_counter()
+        per_step.clear()
         for _ in range(calls):
+            in_graph[0] = 0.0
+            t0 = time.perf_counter()
             call()
-        total = time.perf_counter() - t0
+            totals.append(time.perf_counter() - t0)
+            inside.append(in_graph[0])
     finally:
         CompiledGraph.__call__ = original
         for s, run in saved:
             s.run = run
-    steps = sum(by_kind.values())
-    return {"calls": calls, "call_ms": total / calls * 1e3,
-            "outside_graphs_ms": (total - in_graph[0]) / calls * 1e3,
-            "graph_python_ms": (in_graph[0] - steps) / calls * 1e3,
-            "by_kind_ms": {k: v / calls * 1e3 for k, v in by_kind.items()},
-            "top_steps_ms": [(n, v / calls * 1e3, shapes.get(n, "")) for n, v in by_step.most_common(10)]}
+
+    def med(xs):
+        return sorted(xs)[len(xs) // 2] * 1e3 if xs else 0.0
+
+    # a step that runs n times per call (a graph called n times) counts n times
+    step_ms = {k: med(v) * max(1, round(len(v) / calls)) for k, v in per_step.items()}
+    by_kind: Counter = Counter()
+    for k, ms in step_ms.items():
+        by_kind[kinds[k]] += ms
+    top = sorted(step_ms.items(), key=lambda kv: -kv[1])[:10]
+    return {"calls": calls, "call_ms": med(totals), "outside_graphs_ms": med(totals) - med(inside),
+            "graph_python_ms": med(inside) - sum(step_ms.values()),
+            "by_kind_ms": dict(by_kind), "top_steps_ms": [(n, ms, shapes.get(n, "")) for n, ms in top]}
 
 
 # -- the two graphs -------------------------------------------------------------------------------
@@ -357,20 +366,23 @@ def report(rows: list[dict], profiles: dict[str, str], threads: int, calls: int)
 def main(argv=None) -> int:
     warnings.filterwarnings("ignore")
     ap = argparse.ArgumentParser()
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", default="2,1", help="comma-separated thread counts")
     ap.add_argument("--calls", type=int, default=500)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--size", type=int, default=8)
     ap.add_argument("--out", default="bench/results/overhead.md")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    rows, profiles = [], {}
-    for name, (fn, inputs) in graphs_to_measure(args.size).items():
-        row, prof = measure(name, fn, inputs, args.calls, args.rounds, args.threads)
-        rows.append(row)
-        profiles[name] = prof
-        print(name, {k: round(v["p50"], 1) for k, v in row["us"].items()}, flush=True)
-    text = report(rows, profiles, args.threads, args.calls)
+    sections = []
+    for threads in [int(t) for t in args.threads.split(",")]:
+        torch.set_num_threads(threads)
+        rows, profiles = [], {}
+        for name, (fn, inputs) in graphs_to_measure(args.size).items():
+            row, prof = measure(name, fn, inputs, args.calls, args.rounds, threads)
+            rows.append(row)
+            profiles[name] = prof
+            print(threads, name, {k: round(v["p50"], 1) for k, v in row["us"].items()}, flush=True)
+        sections.append(report(rows, profiles if threads == 1 else {}, threads, args.calls))
+    text = "\n".join(sections)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
     print(text)
