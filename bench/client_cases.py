@@ -339,6 +339,6 @@ def all_cases() -> list[Case]:
 
     for name in models.names():
         for mode in ("infer", "train"):
-            add(name, "workload", workload_case(name, mode == "train"), mode, "f32", False,
+            add(f"wl.{name}", "workload", workload_case(name, mode == "train"), mode, "f32", False,
                 "models/ workload")
     return cases

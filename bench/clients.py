@@ -7,8 +7,9 @@ Cases (``bench/client_cases.py``): HF BERT, GPT-2, T5, ViT from configs; a ResNe
 PyG GIN and GAT; an MLP training loop; small graphs (broadcast chain, masked fill, fake quant,
 quantise / dequantise, group norm, RMSNorm, SiLU * mul); batch 1 and 8 (or small and large);
 float32 and bfloat16; and the nine workloads of ``models/`` (inference call and training step).
-``--quick`` runs the tiny configs only; ``--cases`` takes comma-separated fnmatch patterns on the
-case names (``bert*``, ``*/bf16/*``), a bare word matching any name that starts with it.
+``--quick`` runs a tiny-config subset (``QUICK`` there). ``--cases`` takes comma-separated fnmatch
+patterns on the case names (``bert*``, ``*/bf16/*``, ``wl.*/train``: the workloads are named
+``wl.<name>/f32/<mode>``), a bare word matching any name that starts with it.
 
 For each case, in this order:
 1. correctness: one call (inference, under no_grad) or one training step (loss, then the
