@@ -14,6 +14,8 @@ from pathlib import Path
 
 def _ms(r: dict, k: str) -> str:
     t = r.get("time", {}).get(k)
+    if t is not None and k not in r["status"]:  # an extra timing (stitch@1thr)
+        return f"{t['median_ms']:.3g} ±{t['iqr_ms']:.2g} ({t.get('mean_ms', math.nan):.3g})"
     if t is None:
         return r["status"].get(k, "-") if r["status"].get(k) != "OK" else "-"
     cell = f"{t['median_ms']:.3g} ±{t['iqr_ms']:.2g} ({t.get('mean_ms', math.nan):.3g})"
@@ -81,6 +83,10 @@ def markdown(env: dict, results: list[dict]) -> str:
         "err stitch (bound) | compile ind | compile stitch | ind kernels | stitch steps |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    serial = any("stitch@1thr" in r.get("time", {}) for r in results)
+    if serial:
+        lines[-2] = lines[-2][:-1] + " stitch@1thr ms |"
+        lines[-1] += "---|"
     for r in results:
         err = r.get("error", {}).get("stitch")
         err_s = "-" if err is None else f"{err:.1e} ({r.get('bound', math.nan):.0e})"
@@ -88,7 +94,8 @@ def markdown(env: dict, results: list[dict]) -> str:
             f"| {r['case']} | {_ms(r, 'eager')} | {_ms(r, 'inductor')} | {_ms(r, 'stitch')} | "
             f"{_x(r, 'inductor_vs_eager', ('inductor',))} | {_x(r, 'stitch_vs_eager', ('stitch',))} | "
             f"{_x(r, 'stitch_vs_inductor', ('stitch', 'inductor'))} | {err_s} | {_compile(r, 'inductor')} "
-            f"| {_compile(r, 'stitch')} | {r.get('inductor_kernels', '-')} | {_steps(r)} |")
+            f"| {_compile(r, 'stitch')} | {r.get('inductor_kernels', '-')} | {_steps(r)} |"
+            + (f" {_ms(r, 'stitch@1thr')} |" if serial else ""))
     lines += ["", "## Geometric means (valid comparisons only)", "",
               "| family | n | inductor / eager | stitch / eager | stitch / inductor |",
               "|---|---|---|---|---|"]

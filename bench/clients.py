@@ -310,6 +310,16 @@ def run_case(case: Case, args) -> dict:
             r["status"][kind] = "FAIL"
             r["errors"][kind] = _short(e)
     fns = {k: cs[k] for k in CONTENDERS if r["status"][k] != "FAIL"}
+    if args.also_serial and "stitch" in fns:
+        # the same compiled stitch graphs with one OpenMP thread: what running small kernels
+        # serially (no parallel region) would give; library calls go serial too
+        def serial(c=cs["stitch"], n=args.threads):
+            torch.set_num_threads(1)
+            try:
+                return c()
+            finally:
+                torch.set_num_threads(n)
+        fns["stitch@1thr"] = serial
     try:
         r["time"] = steady(fns, args.repeat, args.sample_ms / 1e3)
     except Exception as e:  # noqa: BLE001
@@ -403,6 +413,8 @@ def main(argv=None) -> int:
                     help="stitch planner budget per graph (default: the backend's)")
     ap.add_argument("--profile", action="store_true", help="stitch's time by step kind")
     ap.add_argument("--fresh-cache", action="store_true", help="cold compiles with empty disk caches")
+    ap.add_argument("--also-serial", action="store_true",
+                    help="also time stitch's compiled graphs called with one thread (stitch@1thr)")
     ap.add_argument("--list", action="store_true", help="print the selected case names and exit")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
