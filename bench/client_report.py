@@ -65,7 +65,7 @@ def markdown(env: dict, results: list[dict]) -> str:
     lines = [
         "# Client benchmark: eager / inductor / stitch",
         "",
-        f"`python -m bench.clients{' --quick' if env.get('quick') else ''}` — {env['date']}, torch "
+        f"`{env.get('command', 'python -m bench.clients')}` — {env['date']}, torch "
         f"{env['torch']}, {env['threads']} thread(s) on {env['cpus']} cpu(s), load average at start "
         f"{', '.join(f'{x:.1f}' for x in env['load_avg'])}, {env['repeat']} alternating rounds, "
         f"wall {env.get('wall_s', 0):.0f} s.",
@@ -144,6 +144,7 @@ def charts(out: Path, results: list[dict]) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter
 
     rs = [r for r in results if r.get("time")]
     if not rs:
@@ -159,12 +160,15 @@ def charts(out: Path, results: list[dict]) -> None:
             ys = [r[key] if valid(r, key) else math.nan for r in rs]
             ax.bar(xs, ys, width=0.8 / n, label=label, color=color)
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+        ax.tick_params(axis="y", which="minor", labelsize=7)
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xticks(range(len(rs)))
         ax.set_xticklabels(names, rotation=90, fontsize=7)
         ax.set_ylabel(ylabel)
         ax.set_title(title)
-        ax.legend()
+        ax.legend(loc="upper right", fontsize=8)
         ax.grid(axis="y", which="both", alpha=0.3)
         fig.tight_layout()
         fig.savefig(out / fname, dpi=110)

@@ -392,8 +392,13 @@ def warm_up_backends() -> None:
     torch._dynamo.reset()
 
 
-def environment(args) -> dict:
-    return {"torch": torch.__version__, "threads": args.threads, "python": platform.python_version(),
+def environment(args, argv) -> dict:
+    import shlex
+    import sys
+
+    cmd = " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    return {"command": f"python -m bench.clients {cmd}".strip(), "torch": torch.__version__,
+            "threads": args.threads, "python": platform.python_version(),
             "machine": platform.machine(), "cpus": os.cpu_count(),
             "load_avg": os.getloadavg(), "quick": args.quick, "repeat": args.repeat,
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -432,7 +437,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     warm_up_backends()
     results = []
-    env = environment(args)
+    env = environment(args, argv)
     print(f"# {len(cases)} case(s), {args.threads} thread(s), repeat {args.repeat}", flush=True)
     for case in cases:
         tc = time.perf_counter()
