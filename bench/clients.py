@@ -280,7 +280,7 @@ def run_case(case: Case, args) -> dict:
             if kind == "stitch":
                 r["stitch_steps"] = step_counts(rec["graphs"])
                 r["stitch_graphs"] = len(rec["graphs"])
-                r["kernels_built"] = build.stats()["compiled"] - before[0]
+                r["kernel_libraries_built"] = build.stats()["compiled"] - before[0]  # TUs, not kernels
                 r["fallbacks"] = rec["fallbacks"]
             else:
                 r["inductor_kernels"] = _inductor_kernels() - before[1]
