@@ -429,9 +429,17 @@ def main(argv=None) -> int:
     if args.list:
         print("\n".join(c.name for c in cases))
         return 0
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return run_all(cases, args, argv)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def run_all(cases: list[Case], args, argv) -> int:
     from bench.client_report import write_all
 
-    torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
