@@ -5,7 +5,10 @@
 
 1. GPT-2's ``gelu_new`` on 8x16x256: the kernel as generated (``std::pow(x, 3.0f)``) against the
    same source with ``x * x * x``.
-2. ``masked_fill(mask, -inf).softmax(-1)`` on 2048x1024: the kernel with a 20 % random mask and
+2. GPT-2's q / k / v split of the 1x128x2304 attention projection (slices, head reshape,
+   permutes, scale): the copy kernel as generated (``(i*64 + j) % 768`` in the innermost index)
+   against the same source with the no-op ``% 768`` removed (``i < 12``, ``j < 64``).
+3. ``masked_fill(mask, -inf).softmax(-1)`` on 2048x1024: the kernel with a 20 % random mask and
    with no mask, and variants that load the mask as ``uint8_t``, drop the NaN flag of the max,
    or fill with -1e30 instead of -inf (which of them removes the dependence on the mask).
 
@@ -59,6 +62,14 @@ def gelu_new(x):
     return 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * (x + 0.044715 * torch.pow(x, 3.0))))
 
 
+def qkv_split(x):
+    q, k, v = x.split(768, -1)
+    q = q.view(1, 128, 12, 64).permute(0, 2, 1, 3) * 0.125
+    k = k.view(1, 128, 12, 64).permute(0, 2, 3, 1) * 0.125
+    v = v.view(1, 128, 12, 64).permute(0, 2, 1, 3)
+    return q.contiguous(), k.contiguous(), v.contiguous()
+
+
 def masked_softmax(x, mask):
     return x.masked_fill(mask, float("-inf")).softmax(-1)
 
@@ -81,6 +92,18 @@ def main(argv=None) -> int:
     mul3(*ptrs)
     print(f"gelu_new 8x16x256: std::pow {a:.3f} ms, x*x*x {b:.3f} ms "
           f"(max error vs eager {(out - gelu_new(x)).abs().max().item():.1e})")
+
+    x = torch.randn(1, 128, 2304, generator=gen)
+    step, scratch = _compiled_kernel(qkv_split, (x,))
+    outs = [torch.empty(1, 12, 128, 64), torch.empty(1, 12, 64, 128), torch.empty(1, 12, 128, 64)]
+    no_mod = _variant(step, step.source.source.replace(") % 768))", ")))"), "nomod")
+    ptrs = [x.data_ptr(), *[o.data_ptr() for o in outs], *scratch]
+    a, b = _median_ms(step.kernel, ptrs, args.calls), _median_ms(no_mod, ptrs, args.calls)
+    for o in outs:
+        o.fill_(float("nan"))
+    no_mod(*ptrs)
+    err = max((o - w).abs().max().item() for o, w in zip(outs, qkv_split(x)))
+    print(f"q/k/v split 1x128x2304: with % 768 {a:.3f} ms, without {b:.3f} ms (max error vs eager {err:.0e})")
 
     x = torch.randn(2048, 1024, generator=gen) * 2
     masks = {"20% mask": torch.rand(2048, 1024, generator=gen) < 0.2,
