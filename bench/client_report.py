@@ -48,6 +48,11 @@ def _steps(r: dict) -> str:
     return " ".join(f"{s[k]}{short[k]}" for k in order if s.get(k))
 
 
+def _checks(p: dict) -> str:
+    c = p.get("input_checks_us")
+    return f"{c[0]:.1f} -> {c[1]:.1f} ({p['inputs']})" if c else "-"
+
+
 def valid(r: dict, key: str) -> bool:
     needs = {"stitch_vs_eager": ("stitch",), "inductor_vs_eager": ("inductor",),
              "stitch_vs_inductor": ("stitch", "inductor")}[key]
@@ -126,8 +131,9 @@ def markdown(env: dict, results: list[dict]) -> str:
     if prof:
         lines += ["", "## Where stitch's time goes (ms per call, `--profile`)", "",
                   "| case | call | outside graphs (dynamo/AOT) | graph Python | kernel | library | "
-                  "torch | interpreter | view | slowest steps (inputs) |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "torch | interpreter | view | input checks us: now -> precomputed (inputs) | "
+                  "slowest steps (inputs) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in prof:
             p = r["profile"]
             k = p["by_kind_ms"]
@@ -135,7 +141,8 @@ def markdown(env: dict, results: list[dict]) -> str:
             lines.append(f"| {r['case']} | {p['call_ms']:.3f} | {p['outside_graphs_ms']:.3f} | "
                          f"{p['graph_python_ms']:.3f} | " + " | ".join(
                              f"{k.get(x, 0):.3f}" for x in ("kernel", "library", "torch",
-                                                              "interpreter", "view")) + f" | {top} |")
+                                                              "interpreter", "view"))
+                         + f" | {_checks(p)} | {top} |")
     return "\n".join(lines) + "\n"
 
 
