@@ -8,7 +8,7 @@ export STITCH_CACHE_DIR        ?= $(CURDIR)/.stitch_cache
 export TRITON_CACHE_DIR        ?= $(CURDIR)/.stitch_cache/triton
 export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.stitch_cache/inductor
 
-.PHONY: setup run test lint clean
+.PHONY: setup run test lint clean bench bench-quick
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -20,6 +20,12 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# The client benchmark needs the bench extra (transformers, matplotlib) on top of the set-up.
+BENCH_STAMP := $(VENV)/.installed-bench
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/python -m pip install --quiet -e ".[dev,models,bench]" --config-settings editable_mode=compat
+	@touch $(BENCH_STAMP)
+
 # The main job on the embedded default target (cpu): plan, generate, build and run bert,
 # check it against eager and time it against eager and torch.compile (inductor).
 run: $(STAMP)
@@ -28,6 +34,15 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 -p no:cacheprovider tests
+
+# Client models (HF, CNN, GNN, small graphs, the nine workloads) under eager / inductor / stitch:
+# bench/results/clients/clients.{json,md} and the charts. bench-quick: the tiny configs (< 3 min).
+BENCH_ARGS ?=
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m bench.clients --threads 2 $(BENCH_ARGS)
+
+bench-quick: $(BENCH_STAMP)
+	$(BIN)/python -m bench.clients --quick --threads 2 --out bench/results/clients_quick $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
