@@ -116,6 +116,7 @@ class Step:
     writes: list[int] = field(default_factory=list)
     source: KernelSource | None = None
     kernel: object = None  # the loaded kernel of a kernel step
+    view_of: list[int] | None = None  # a view step: the read slot each write is a view of
 
 
 class CompiledGraph:
@@ -175,7 +176,8 @@ class CompiledGraph:
 
         sources: dict[int, KernelSource | Unsupported] = {}
         for op in self.func.body.ops[:-1]:
-            if isinstance(op, fusion.GroupOp) and op.kind != "view" and not _all_empty(op):
+            if isinstance(op, fusion.GroupOp) and op.kind != "view" and not _all_empty(op) \
+                    and not self._as_views(op):
                 try:  # named by kind and content: equal groups anywhere share one kernel
                     sources[id(op)] = render_group(op, op.kind)
                 except Unsupported as e:
@@ -195,6 +197,8 @@ class CompiledGraph:
                     self._alloc(cs, env, w, v)
 
             return Step("empty", run, "empty", reads, writes)
+        if isinstance(op, fusion.GroupOp) and op.kind != "view" and self._as_views(op):
+            return self._view_group(op, reads, writes)
         if isinstance(op, fusion.GroupOp) and op.kind != "view":
             src = self.sources[id(op)]
             if isinstance(src, Unsupported):
@@ -205,14 +209,7 @@ class CompiledGraph:
                                                      list(op.results)),
                         "kernel", reads, writes, src, kern)
         if isinstance(op, fusion.GroupOp):  # a view group: reshapes only
-            inner = op.body
-            def run(env, cs, op=op, reads=reads, writes=writes):
-                vals = {id(a): env[i] for a, i in zip(inner.args, reads)}
-                for o in inner.ops[:-1]:
-                    vals[id(o.result)] = _view(o, [vals[id(x)] for x in o.operands])
-                for w, y in zip(writes, inner.terminator.operands):
-                    env[w] = vals[id(y)]
-            return Step("view", run, "view", reads, writes)
+            return self._view_group(op, reads, writes)
         if isinstance(op, VIEW_OPS):
             def run(env, cs, op=op, reads=reads, writes=writes):
                 env[writes[0]] = _view(op, [env[i] for i in reads])
@@ -238,6 +235,40 @@ class CompiledGraph:
             return Step(op.attributes["target"], run, "torch", reads, writes)
         self.fallbacks.append(f"'{op.name}' outside any fusion group")
         return self._interpreted(op, reads, writes)
+
+    def _view_group(self, op, reads: list[int], writes: list[int]) -> Step:
+        """A group of layout ops run as torch views of its operands (no kernel)."""
+        inner = op.body
+
+        def run(env, cs, op=op, reads=reads, writes=writes):
+            vals = {id(a): env[i] for a, i in zip(inner.args, reads)}
+            for o in inner.ops[:-1]:
+                vals[id(o.result)] = _view(o, [vals[id(x)] for x in o.operands])
+            for w, y in zip(writes, inner.terminator.operands):
+                env[w] = vals[id(y)]
+
+        base: dict[int, int] = {id(a): i for a, i in zip(inner.args, reads)}
+        for o in inner.ops[:-1]:  # each value views the operand its chain starts from
+            base[id(o.result)] = base[id(o.operand(0))]
+        view_of = [base[id(y)] for y in inner.terminator.operands]
+        return Step("view", run, "view", reads, writes, view_of=view_of)
+
+    def _as_views(self, group) -> bool:
+        """Whether a group that only moves data (slices, permutes, reshapes, broadcasts) is
+        better run as torch views: when only library and torch calls read its results, which take
+        strided operands as they are (a transposed matmul operand is a BLAS flag, not a copy),
+        where a copy kernel would write the whole tensor out first. Not for graph outputs (the
+        caller gets a fresh tensor, as traced) nor values a kernel reads (kernels read contiguous
+        buffers)."""
+        if not all(isinstance(o, VIEW_OPS) for o in group.body.ops[:-1]):
+            return False
+        returned = {id(v) for v in self.func.return_op.operands}
+        for r in group.results:
+            if id(r) in returned or not r.users:
+                return False
+            if not all(isinstance(u, st.LibraryOp | st.TorchCallOp) for u in r.users):
+                return False
+        return True
 
     def _kernel_run(self, kern, k: int, reads: list[int], writes: list[int], types: list):
         """The run function of kernel step ``k``: its argument array (inputs, outputs, scratch)
@@ -340,8 +371,8 @@ class CompiledGraph:
             for w in s.writes:
                 root[w] = w
             if s.kind == "view":
-                for w in s.writes:
-                    root[w] = root.get(s.reads[0], s.reads[0])
+                for w, r in zip(s.writes, s.view_of or [s.reads[0]] * len(s.writes)):
+                    root[w] = root.get(r, r)
             elif s.kind == "kernel" or (s.kind == "library" and s.name in OUT_LIBRARY_OPS):
                 for w in s.writes:
                     owners[w] = (k, values[by_slot[w]])

@@ -388,3 +388,25 @@ def test_bool_mask_softmax_vectorises(tmp_path):
             if "k.cpp:" in rep and "optimized: loop vectorized" in rep}
     for n in lines:  # every row loop (GCC reports the pragma's, the loop's or the body's line)
         assert done & {n - 1, n, n + 1}, (n, sorted(done))
+
+
+def test_layout_only_groups_read_by_library_calls_are_views():
+    """Slices and transposes of a weight that only matmuls read are torch views (no copy
+    kernel); the rest of the graph is unchanged."""
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(4, 16, 16))
+
+        def forward(self, x):
+            for i in range(4):
+                x = torch.relu(x @ self.w[i].t())
+            return x
+
+    m = M().eval()
+    x = torch.randn(8, 16)
+    g = compile_program(import_model(m, (x,)), device_spec=cpu_spec(measure=False))
+    kernels = [s for s in g.steps if s.kind == "kernel"]
+    assert len(kernels) == 4 and all("st.slice" not in s.source.source for s in kernels)
+    with torch.no_grad():
+        torch.testing.assert_close(g(x)[0], m(x))
