@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 from cost_model import DeviceSpec
+from passes.fusion import plan_cache
 from passes.fusion.features import GroupInfo
 from passes.fusion.graph import FUSIBLE, GLUE, PlanGraph, build_graph, members_of
 from passes.fusion.planner import (
@@ -166,6 +167,9 @@ def make_plan(func: FuncOp, planner: str, device: DeviceSpec, *, time_limit: flo
         groups = none
     elif planner == "greedy":
         groups = plan_greedy(g, costs)
+    elif (hit := _cached(func, g, planner, device, time_limit, beam, max_size,
+                         max_solver_nodes))[0] is not None:
+        groups, solver = hit[0], {**hit[1], "cache": "hit"}
     else:
         greedy = plan_greedy(g, costs)
         if len(g.fusible()) > max_solver_nodes:
@@ -194,12 +198,29 @@ def make_plan(func: FuncOp, planner: str, device: DeviceSpec, *, time_limit: flo
         if costs.total(greedy) < costs.total(groups):
             groups = greedy
             solver["status"] = solver.get("status", "") + " (greedy plan kept: cheaper)"
+        plan_cache.store(hit[1], [members_of(b) for b in groups], solver)
     assert is_acyclic(g, groups), "planner produced a cyclic plan"
     plan = FusionPlan(planner, device.name, g, [costs(b) for b in groups],
                       [costs(b) for b in none], solver=solver)
     plan.reasons = explain(plan, costs, planner)
     plan.planning_seconds = time.perf_counter() - t0
     return plan
+
+
+def _cached(func, g, planner, device, time_limit, beam, max_size, max_solver_nodes):
+    """(groups as bitsets, solver report) from the plan cache, or (None, the cache key)."""
+    from stitch_ir.printer import print_op
+
+    k = plan_cache.key(print_op(func), {"planner": planner, "time_limit": time_limit,
+                                        "beam": beam, "max_size": max_size,
+                                        "max_solver_nodes": max_solver_nodes}, device)
+    got = plan_cache.load(k, g.n)
+    if got is None:
+        return None, k
+    groups = [_bits(m) for m in got[0]]
+    if not is_acyclic(g, groups) or sum(len(m) for m in got[0]) != len(g.fusible()):
+        return None, k
+    return groups, got[1]
 
 
 def explain(plan: FusionPlan, costs: Costs, planner: str) -> list[EdgeReason]:

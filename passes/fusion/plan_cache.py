@@ -1,0 +1,66 @@
+"""A disk cache of the stitch planner's decisions, so a graph compiled before is not planned again.
+
+Candidate growth and the CP-SAT search are most of a compile (seconds per graph); the kernels
+are already cached by content. A recompile -- a new process, ``torch._dynamo.reset()``, the
+same model compiled again -- sees the same function text, so the chosen groups are stored under a
+key of everything the search depends on: the function's printed IR (ops, types, attributes, in
+order: plan node ids are op positions), the planner's options and budgets, and the device spec.
+Only the groups (member node ids) and the solver's report are stored; the costs and the reasons
+for unfused edges are recomputed (deterministic and cheap), so a hit yields the same plan.
+
+Invariants: a cache file is written atomically; an unreadable, stale or mismatched entry is a
+miss, never an error; ``STITCH_PLAN_CACHE=0`` turns the cache off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from pathlib import Path
+
+VERSION = 1  # bump when planning changes in a way the key does not see
+
+
+def _folder() -> Path | None:
+    if os.environ.get("STITCH_PLAN_CACHE", "1") == "0":
+        return None
+    root = os.environ.get("STITCH_CACHE_DIR")
+    base = Path(root).expanduser() if root else \
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "stitch"
+    return base / "plans"
+
+
+def key(func_text: str, options: dict, device) -> str:
+    payload = json.dumps([VERSION, func_text, sorted(options.items()), repr(device)],
+                         default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+def load(k: str, n_nodes: int) -> tuple[list[list[int]], dict] | None:
+    folder = _folder()
+    if folder is None:
+        return None
+    try:
+        data = json.loads((folder / f"{k}.json").read_text())
+        groups = [[int(i) for i in g] for g in data["groups"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if sorted(i for g in groups for i in g) != sorted(set(i for g in groups for i in g)) or \
+            any(not 0 <= i < n_nodes for g in groups for i in g):
+        return None
+    return groups, dict(data.get("solver", {}))
+
+
+def store(k: str, groups: list[list[int]], solver: dict) -> None:
+    folder = _folder()
+    if folder is None:
+        return
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{k}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+        tmp.write_text(json.dumps({"groups": groups, "solver": solver}, default=str))
+        os.replace(tmp, folder / f"{k}.json")
+    except OSError:
+        pass  # a cache that cannot be written is only a slower next compile
