@@ -137,6 +137,32 @@ def bernoulli(imp, n):
     return imp.cast(imp.create(st.LtOp, u, p), out.dtype)
 
 
+@handles(aten.fake_quantize_per_tensor_affine_cachemask)
+def fake_quantize_cachemask(imp, n):
+    """Quantise and dequantise as eager's cpu kernel computes it (its bits): q = (int64)(zp +
+    nearbyint(x * (1.0f / scale))), out = (clamp(q, lo, hi) - zp) * scale, mask = lo <= q <= hi,
+    scale in float. So a QAT model's fake-quant fuses with its neighbours."""
+    import numpy as np
+
+    a = bind(n)
+    out, mask_t = imp.out_type(0), imp.out_type(1)
+    if out.dtype is not DType.f32:
+        raise imp.fail(f"fake_quantize of {out.dtype}")
+    f32, i64 = TensorType(out.shape, DType.f32), TensorType(out.shape, DType.i64)
+    scale = float(np.float32(a["scale"]))
+    inv = float(np.float32(1.0) / np.float32(scale))
+    zp, lo, hi = int(a["zero_point"]), int(a["quant_min"]), int(a["quant_max"])
+    x = imp.value(a["self"])
+    t = imp.create(st.RoundOp, imp.create(st.MulOp, x, imp.constant(inv, f32)))
+    q = imp.cast(imp.create(st.AddOp, t, imp.constant(float(zp), f32)), DType.i64)
+    c = imp.create(st.ClampOp, q, imp.constant(lo, i64), imp.constant(hi, i64))
+    deq = imp.create(st.MulOp, imp.cast(imp.create(st.SubOp, c, imp.constant(zp, i64)), DType.f32),
+                     imp.constant(scale, f32))
+    inside = imp.create(st.LogicalAndOp, imp.create(st.GeOp, q, imp.constant(lo, i64)),
+                        imp.create(st.LeOp, q, imp.constant(hi, i64)))
+    return [deq, imp.cast(inside, mask_t.dtype)]
+
+
 @handles(aten.isnan, aten.isinf)
 def predicate(imp, n):
     x = imp.value(n.args[0])

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as hs
 
 from cost_model import cpu_spec
-from runtime import build
+from runtime import backend, build
 from runtime.graph import compile_program
 from stitch_ir.importer import import_model
 
@@ -410,3 +410,23 @@ def test_layout_only_groups_read_by_library_calls_are_views():
     assert len(kernels) == 4 and all("st.slice" not in s.source.source for s in kernels)
     with torch.no_grad():
         torch.testing.assert_close(g(x)[0], m(x))
+
+
+@pytest.mark.parametrize(("scale", "zp", "lo", "hi"), [(0.05, 3, -128, 127), (1 / 3, -2, -8, 7)])
+def test_fake_quantize_is_compiled_bit_for_bit(scale, zp, lo, hi):
+    """fake_quantize_per_tensor_affine (QAT) becomes a fused kernel with eager's bits, including
+    ties at half a step, and its gradient through the saved mask."""
+    x = torch.cat([torch.randn(999) * 10, torch.tensor([(k + 0.5) * scale for k in range(-9, 9)])])
+
+    def f(x):
+        return torch.fake_quantize_per_tensor_affine(x, scale, zp, lo, hi)
+
+    before = sum(v for k, v in backend.FALLBACKS.items() if "fake_quant" in k)
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="stitch")
+    assert torch.equal(compiled(x), f(x))
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    f(a).sum().backward()
+    compiled(b).sum().backward()
+    assert torch.equal(a.grad, b.grad)
+    assert sum(v for k, v in backend.FALLBACKS.items() if "fake_quant" in k) == before
