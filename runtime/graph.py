@@ -228,8 +228,17 @@ class CompiledGraph:
         if isinstance(op, st.TorchCallOp):
             fn = resolve_torch_op(op.attributes["target"])
             spec = op.attributes["args"]
-            def run(env, cs, fn=fn, spec=spec, reads=reads, writes=writes, op=op):
-                a, kw = decode_torch_args(spec, [env[i] for i in reads])
+            # st values are logical tensors: a view step may hand a torch op a strided operand
+            # where the traced graph had a contiguous one (the importer drops AOT's clones), and
+            # some ops read their operands as if contiguous (_embedding_bag_forward_only did).
+            # Stride-reading ops (as_strided) get their operand as it is.
+            keep = op.attributes["target"].startswith(("aten.as_strided", "aten.set_"))
+
+            def run(env, cs, fn=fn, spec=spec, reads=reads, writes=writes, op=op, keep=keep):
+                ops = [env[i] for i in reads] if keep else \
+                    [_contiguous(env[i]) if isinstance(env[i], torch.Tensor) else env[i]
+                     for i in reads]
+                a, kw = decode_torch_args(spec, ops)
                 for w, t in zip(writes, torch_call_results(op, fn(*a, **kw))):
                     env[w] = t
             return Step(op.attributes["target"], run, "torch", reads, writes)
