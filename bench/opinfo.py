@@ -37,6 +37,7 @@ import json
 import logging
 import math
 import multiprocessing as mp
+import signal
 import sys
 import time
 import warnings
@@ -392,7 +393,10 @@ def _worker(conn, dtype_name: str, n: int) -> None:
     dtype = DTYPES[dtype_name]
     conn.send(("ready",))
     while True:
-        key = conn.recv()
+        try:
+            key = conn.recv()
+        except (EOFError, OSError):  # the parent is gone
+            return
         if key is None:
             return
         op = table[key]
@@ -659,6 +663,8 @@ def main(argv: list[str] | None = None) -> int:
     spent = float(data.get("seconds", 0.0)) if a.update else 0.0
     print(f"opinfo: {len(keys)} op(s), {a.dtype}, {a.samples} sample(s) each -> {json_path}",
           file=sys.stderr)
+    # SIGTERM unwinds like Ctrl-C, so the pool's finally stops the workers.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     pool = WorkerPool(a.dtype, a.samples, a.jobs, a.timeout)
     for k, (key, results, secs) in enumerate(pool.run(keys), 1):
         data["ops"][key] = {"samples": results, "seconds": secs, "commit": data["commit"]}

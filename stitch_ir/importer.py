@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch.fx import Node
 
-from stitch_ir.core import Builder, FuncOp, IRError, Module, ReturnOp, Value
+from stitch_ir.core import Builder, DenseAttr, FuncOp, IRError, Module, ReturnOp, Value
 from stitch_ir.dialects import st
 from stitch_ir.types import DType, Sym, TensorType
 
@@ -322,10 +322,24 @@ class GraphImporter:
                         continue
                     outs.append(self.value(a))
                 self.b.insert(ReturnOp(outs, loc=self.loc))
+            elif n.op == "get_attr":
+                self.env[n] = self.attribute(n)
             elif n.op != "placeholder":
                 raise self.fail(f"unsupported FX node kind '{n.op}'")
         self.node = None
         return Module([f])
+
+    def attribute(self, n: Node) -> Value:
+        """A tensor the graph module holds (a lifted constant): a dense ``st.constant``."""
+        obj: Any = self.graph.owning_module
+        for part in str(n.target).split("."):
+            obj = getattr(obj, part, None)
+        if not isinstance(obj, torch.Tensor) or obj.layout != torch.strided:
+            raise self.fail(f"attribute '{n.target}' is not a dense tensor")
+        t = obj.detach()
+        dt = dtype_from_torch(t.dtype)
+        arr = to_numpy(t.float() if t.dtype == torch.bfloat16 else t)
+        return self.b.insert(st.ConstantOp.dense(DenseAttr.from_array(arr, dt))).result
 
     def call(self, n: Node) -> Any:
         if n.target is operator.getitem:
@@ -389,5 +403,6 @@ class GraphImporter:
         return [None if leaf is None else next(results) for leaf in leaves]
 
 
-# Handlers for the individual ops live in importer_ops (registered on import).
-from stitch_ir import importer_ops  # noqa: E402,F401
+# Handlers for the individual ops live in importer_ops and importer_lowerings (registered on
+# import; no op is handled by both).
+from stitch_ir import importer_lowerings, importer_ops  # noqa: E402,F401
