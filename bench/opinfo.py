@@ -37,6 +37,7 @@ import json
 import logging
 import math
 import multiprocessing as mp
+import os
 import signal
 import sys
 import time
@@ -620,8 +621,11 @@ def render_markdown(data: dict) -> str:
 
 
 def _commit() -> str:
+    """The commit the code under test comes from (``STITCH_COMMIT`` when run from an export)."""
     import subprocess
 
+    if os.environ.get("STITCH_COMMIT"):
+        return os.environ["STITCH_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, cwd=Path(__file__).parent, check=True).stdout.strip()
