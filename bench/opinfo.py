@@ -240,8 +240,26 @@ def _shapes(x: Any) -> str:
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:200] if text else ''}"
+    """``Type: first line`` (two lines when the first only introduces the second)."""
+    text = [t.strip() for t in str(e).strip().splitlines() if t.strip()]
+    line = " ".join(text[:2]) if len(text) > 1 and text[0].endswith(":") else (text or [""])[0]
+    return f"{type(e).__name__}: {line[:200]}"
+
+
+def _fails_without_stitch(fn, inputs, kwargs) -> str | None:
+    """The error ``torch.compile`` raises with the ``aot_eager`` backend (dynamo + AOTAutograd,
+    no stitch), or None when that runs: tells torch's own limits from stitch's errors."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    args, kw = tree_map(clone_preserving_strides, (inputs, kwargs))
+    try:
+        torch.compile(fn, backend="aot_eager", fullgraph=True)(*args, **kw)
+    except Exception as e:  # noqa: BLE001
+        return _first_line(e)
+    finally:
+        torch._dynamo.reset()
+    return None
 
 
 class _LogCapture(logging.Handler):
@@ -329,6 +347,10 @@ def run_sample(op, sample, index: int = 0, backend: str = "stitch") -> SampleRes
         result.status, result.detail = "skip", f"dynamo cannot capture it: {_first_line(e)}"
     except Exception as e:  # noqa: BLE001 - any failure of the compiled function is recorded
         result.status, result.detail = "error", _first_line(e)
+        torch_error = _fails_without_stitch(fn, inputs, sample.kwargs)
+        if torch_error is not None:
+            result.status = "skip"
+            result.detail = f"torch.compile fails without stitch too (aot_eager): {torch_error}"
     else:
         values = key not in VALUES_UNDEFINED
         ok, err, why = compare(expected, actual, values)
