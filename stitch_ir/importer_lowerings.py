@@ -14,6 +14,9 @@ declines (returns ``imp.torch_call(n)``):
   ``st.scatter_reduce`` with ``amax`` and ``include_self=false`` (the one written value). When
   indices repeat, torch leaves which write wins undefined; this picks the largest of them;
 - ``index_reduce`` is ``st.scatter_reduce`` with the index broadcast along the other dims;
+- ``max_pool2d_with_indices`` in general (overlap, padding, dilation, ceil mode, indices used)
+  is a strided view of the -inf padded input, ``st.max`` and ``st.argmax`` over each window and
+  an index table; its backward is an ``st.scatter_add`` at those indices;
 - ``copy``, the ``*_copy`` variants of views, ``view_of``, ``empty_permuted`` / ``*_strided``
   (undefined values: zeros), ``fmax`` / ``fmin`` (NaN-ignoring max / min as selects), integer
   ``fmod`` (``a - trunc(a / b) * b``).
@@ -398,3 +401,85 @@ def fmod(imp, n):
     a, b = (imp.operand(v, out.dtype, out.shape) for v in n.args[:2])
     q = imp.create(st.DivOp, a, b)
     return imp.create(st.SubOp, a, imp.create(st.MulOp, q, b))
+
+
+# ----------------------------------------------------------------------------------------------
+# Max pooling with indices (overlapping windows, padding, dilation, ceil mode)
+
+
+def _pair(v, default) -> list[int]:
+    v = list(v) if v else list(default)
+    return v * 2 if len(v) == 1 else v
+
+
+def max_pool2d_with_indices(imp, n):
+    """Windows are a strided view of the input padded with -inf; values are their max and
+    indices the flat input position of their argmax, both as torch's cpu kernel defines them:
+    the first maximum in window order, the last NaN when there is one, and the first in-bounds
+    position of a window that holds only -inf."""
+    a = bind(n)
+    x = imp.value(a["self"])
+    vals_t, idx_t = imp.out_type(0), imp.out_type(1)
+    if x.type.rank not in (3, 4) or not x.type.dtype.is_float or not _static(x.type.shape):
+        return imp.torch_call(n)
+    kh, kw = _pair(a["kernel_size"], ())
+    sh, sw = _pair(a.get("stride"), (kh, kw))
+    ph, pw = _pair(a.get("padding"), (0, 0))
+    dh, dw = _pair(a.get("dilation"), (1, 1))
+    *lead, h, w = x.type.shape
+    oh, ow = vals_t.shape[-2:]
+    if min(oh, ow, h, w) <= 0 or oh * ow * kh * kw > MAX_TABLE:
+        return imp.torch_call(n)
+    # pad so that every window slot exists (ceil mode's last windows may run past the input)
+    hp = max(h + ph, (oh - 1) * sh + (kh - 1) * dh + 1)
+    wp = max(w + pw, (ow - 1) * sw + (kw - 1) * dw + 1)
+    r = x.type.rank
+    padded = imp.create(st.PadOp, x, low=(0,) * (r - 2) + (ph, pw),
+                        high=(0,) * (r - 2) + (hp - h - ph, wp - w - pw), value=-math.inf)
+    lead_strides = tuple(s * hp * wp for s in _contiguous_strides(tuple(lead)))
+    shape = (*lead, oh, ow, kh, kw)
+    strides = (*lead_strides, sh * wp, sw, dh * wp, dw)
+    win = strided_gather(imp, padded, shape, strides, 0)
+    k = kh * kw
+    flat_shape = (*lead, oh, ow, k)
+    vals = imp.create(st.MaxOp, win, dims=(r, r + 1), keepdim=False)
+    first = imp.create(st.ArgMaxOp, imp.reshape(win, flat_shape), dims=(r,), keepdim=True)
+    # the last NaN: the first one of the window read backwards
+    back = strided_gather(imp, padded, shape, (*lead_strides, sh * wp, sw, -dh * wp, -dw),
+                          (kh - 1) * dh * wp + (kw - 1) * dw)
+    last = imp.create(st.ArgMaxOp, imp.reshape(back, flat_shape), dims=(r,), keepdim=True)
+    last = imp.create(st.SubOp, imp.constant(k - 1, last.type), last)
+    keep_t = vals.type.with_shape((*lead, oh, ow, 1))
+    slot = imp.create(st.WhereOp, imp.create(st.IsNanOp, imp.reshape(vals, keep_t.shape)),
+                      last, first)
+    # window slot -> flat input position, and each window's first in-bounds position
+    ih = np.arange(oh)[:, None, None, None] * sh - ph + np.arange(kh)[None, None, :, None] * dh
+    iw = np.arange(ow)[None, :, None, None] * sw - pw + np.arange(kw)[None, None, None, :] * dw
+    table = (ih * w + iw).reshape(oh, ow, k).astype(np.int64)
+    h0 = np.arange(oh) * sh - ph
+    h0 = h0 + np.maximum(0, -(h0 // dh)) * dh * (h0 < 0)
+    w0 = np.arange(ow) * sw - pw
+    w0 = w0 + np.maximum(0, -(w0 // dw)) * dw * (w0 < 0)
+    first_in = (h0[:, None] * w + w0[None, :]).astype(np.int64)
+    pos_table = imp.broadcast(_dense(imp, table, DType.i64), flat_shape)
+    pos = imp.reshape(imp.create(st.GatherOp, pos_table, slot, dim=r), idx_t.shape)
+    all_neg_inf = imp.create(st.EqOp, vals, imp.constant(-math.inf, vals.type))
+    pos = imp.create(st.WhereOp, all_neg_inf,
+                     imp.broadcast(_dense(imp, first_in, DType.i64), idx_t.shape), pos)
+    return [imp.cast(vals, vals_t.dtype), imp.cast(pos, idx_t.dtype)]
+
+
+@handles(aten.max_pool2d_with_indices_backward)
+def max_pool2d_backward(imp, n):
+    """The gradient flows to the argmax of each window: a scatter_add of the output gradient
+    into the input plane at the forward's indices."""
+    a = bind(n)
+    g, x, idx = (imp.value(a[k]) for k in ("grad_output", "self", "indices"))
+    if x.type.rank not in (3, 4) or not _static(x.type.shape, g.type.shape):
+        return imp.torch_call(n)
+    *lead, h, w = x.type.shape
+    plane = imp.constant(0, TensorType((*lead, h * w), x.type.dtype))
+    cells = math.prod(g.type.shape[-2:])
+    r = imp.create(st.ScatterAddOp, plane, imp.reshape(imp.cast(idx, DType.i64), (*lead, cells)),
+                   imp.reshape(imp.cast(g, x.type.dtype), (*lead, cells)), dim=x.type.rank - 2)
+    return imp.reshape(r, x.type.shape)

@@ -729,8 +729,10 @@ def max_pool2d(imp, n):
     got = _pool_window(imp, n, a["kernel_size"], a.get("stride"), a.get("padding"),
                        a.get("dilation"), bool(a.get("ceil_mode")))
     indices_used = any(u.target is operator.getitem and u.args[1] == 1 for u in n.users)
-    if got is None or indices_used:
-        return imp.torch_call(n)
+    if got is None or indices_used:  # the general form: windows, argmax and an index table
+        from stitch_ir.importer_lowerings import max_pool2d_with_indices
+
+        return max_pool2d_with_indices(imp, n)
     x, k = got
     win = _windows(imp, x, k)
     r = win.type.rank

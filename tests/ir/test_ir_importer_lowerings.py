@@ -184,13 +184,26 @@ def test_graph_constants_import_as_dense_constants():
     np.testing.assert_allclose(got, fn(x).numpy(), rtol=1e-7)
 
 
+def _pool_edge_cases():
+    x = torch.full((1, 1, 5, 5), float("-inf"))
+    x[0, 0, 0, :2] = 1.0
+    x[0, 0, 3, 3] = x[0, 0, 4, 4] = float("nan")
+    x[0, 0, 2, 0] = x[0, 0, 2, 1] = 2.0
+    return x
+
+
 @pytest.mark.parametrize("fn,inputs", [
     (lambda x, s: torch.slice_scatter(x, s, 0, 1, None, 3).diagonal(1), (rnd(8, 5), rnd(3, 5))),
     (lambda x, s: x.scatter(1, torch.tensor([[2, 0], [1, 3]]), s).unfold(1, 2, 1),
      (rnd(2, 4), rnd(2, 2))),
     (lambda x, v: index_put(x, [None, torch.tensor([2, 0])], v).as_strided((2, 2), (1, 3)),
      (rnd(3, 3), rnd(3, 1))),
-], ids=["slice_scatter_diagonal", "scatter_unfold", "index_put_as_strided"])
+    (lambda x: torch.nn.functional.max_pool2d(x, 3, 1, 1, return_indices=True)[1] * 1.0,
+     (_pool_edge_cases(),)),
+    (lambda x: torch.nn.functional.max_pool2d(x, 3, 2, 1, 2, True, True)[1] * 1.0,
+     (rnd(2, 3, 7, 6),)),
+], ids=["slice_scatter_diagonal", "scatter_unfold", "index_put_as_strided",
+        "max_pool_indices_edge_cases", "max_pool_indices_dilated_ceil"])
 def test_lowerings_end_to_end(fn, inputs):
     from runtime import backend
 
@@ -202,3 +215,50 @@ def test_lowerings_end_to_end(fn, inputs):
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert not (backend.FALLBACKS - before), backend.FALLBACKS - before
+
+
+POOLS = {
+    "overlapping_padded": dict(kernel_size=3, stride=2, padding=1),
+    "dilated_ceil": dict(kernel_size=(2, 3), stride=(2, 1), padding=(1, 1), dilation=(2, 1),
+                         ceil_mode=True),
+    "ceil_no_padding": dict(kernel_size=2, stride=2, ceil_mode=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(POOLS))
+def test_max_pool_with_indices_is_windows_and_argmax(name):
+    kw = POOLS[name]
+    pool = torch.nn.functional.max_pool2d
+    check(lambda x: pool(x, return_indices=True, **kw), rnd(2, 3, 7, 6))
+    check(lambda x: pool(x, return_indices=True, **kw), rnd(2, 5, 5))
+
+
+def test_max_pool_indices_follow_torch_on_ties_nan_and_minus_inf():
+    """Ties: the first maximum; NaN: the last NaN of the window; a window of only -inf: its
+    first in-bounds position (torch's cpu kernel)."""
+    check(lambda x: torch.nn.functional.max_pool2d(x, 3, 1, 1, return_indices=True),
+          _pool_edge_cases())
+
+
+def test_max_pool_training_step_end_to_end():
+    from runtime import backend
+
+    x = rnd(2, 3, 8, 8).requires_grad_()
+    torch._dynamo.reset()
+    before = backend.FALLBACKS.copy()
+    torch.compile(lambda x: torch.nn.functional.max_pool2d(x, 3, 2, 1).sum(),
+                  backend="stitch")(x).backward()
+    torch._dynamo.reset()
+    got, x.grad = x.grad, None
+    torch.nn.functional.max_pool2d(x, 3, 2, 1).sum().backward()
+    torch.testing.assert_close(got, x.grad, rtol=0, atol=0)
+    assert not (backend.FALLBACKS - before), backend.FALLBACKS - before
+
+
+def test_max_pool_backward_scatters_to_the_argmax():
+    def fn(x, g):
+        _, idx = torch.nn.functional.max_pool2d(x, 3, 2, 1, return_indices=True)
+        return torch.ops.aten.max_pool2d_with_indices_backward(g, x, [3, 3], [2, 2], [1, 1],
+                                                               [1, 1], False, idx)
+
+    check(fn, rnd(2, 2, 6, 5), rnd(2, 2, 3, 3))
