@@ -16,7 +16,8 @@ declines (returns ``imp.torch_call(n)``):
 - ``index_reduce`` is ``st.scatter_reduce`` with the index broadcast along the other dims;
 - ``max_pool2d_with_indices`` in general (overlap, padding, dilation, ceil mode, indices used)
   is a strided view of the -inf padded input, ``st.max`` and ``st.argmax`` over each window and
-  an index table; its backward is an ``st.scatter_add`` at those indices;
+  an index table; its backward is an ``st.scatter_add`` at those indices; ``avg_pool2d`` in
+  general is the window sum over a zero-padded view divided by a per-window divisor table;
 - ``copy``, the ``*_copy`` variants of views, ``view_of``, ``empty_permuted`` / ``*_strided``
   (undefined values: zeros), ``fmax`` / ``fmin`` (NaN-ignoring max / min as selects), integer
   ``fmod`` (``a - trunc(a / b) * b``).
@@ -483,3 +484,48 @@ def max_pool2d_backward(imp, n):
     r = imp.create(st.ScatterAddOp, plane, imp.reshape(imp.cast(idx, DType.i64), (*lead, cells)),
                    imp.reshape(imp.cast(g, x.type.dtype), (*lead, cells)), dim=x.type.rank - 2)
     return imp.reshape(r, x.type.shape)
+
+
+def avg_pool2d_general(imp, n):
+    """Window sums of the zero-padded input divided by torch's per-window divisor (the window
+    clipped to the padded input with count_include_pad, else to the input; divisor_override
+    wins; a window with no input element is 0)."""
+    a = bind(n)
+    x = imp.value(a["self"])
+    out = imp.out_type()
+    if x.type.rank not in (3, 4) or not x.type.dtype.is_float or not _static(x.type.shape):
+        return imp.torch_call(n)
+    kh, kw = _pair(a["kernel_size"], ())
+    sh, sw = _pair(a.get("stride"), (kh, kw))
+    ph, pw = _pair(a.get("padding"), (0, 0))
+    *lead, h, w = x.type.shape
+    oh, ow = out.shape[-2:]
+    if min(oh, ow, h, w) <= 0:
+        return imp.torch_call(n)
+    hp, wp = max(h + ph, (oh - 1) * sh + kh), max(w + pw, (ow - 1) * sw + kw)
+    r = x.type.rank
+    padded = imp.create(st.PadOp, x, low=(0,) * (r - 2) + (ph, pw),
+                        high=(0,) * (r - 2) + (hp - h - ph, wp - w - pw), value=0.0)
+    lead_strides = tuple(s * hp * wp for s in _contiguous_strides(tuple(lead)))
+    win = strided_gather(imp, padded, (*lead, oh, ow, kh, kw),
+                         (*lead_strides, sh * wp, sw, wp, 1), 0)
+    total = imp.create(st.SumOp, win, dims=(r, r + 1), keepdim=False)
+
+    def extent(o, s, p, k, size):
+        lo = np.arange(o) * s - p
+        hi = np.minimum(lo + k, size + p)
+        full = hi - lo
+        lo, hi = np.maximum(lo, 0), np.minimum(hi, size)
+        return full, np.maximum(hi - lo, 0)
+
+    full_h, in_h = extent(oh, sh, ph, kh, h)
+    full_w, in_w = extent(ow, sw, pw, kw, w)
+    if a.get("divisor_override"):
+        div = np.full((oh, ow), float(a["divisor_override"]))
+    elif a.get("count_include_pad", True):
+        div = (full_h[:, None] * full_w[None, :]).astype(np.float64)
+    else:
+        div = (in_h[:, None] * in_w[None, :]).astype(np.float64)
+    div[(in_h[:, None] * in_w[None, :]) == 0] = 1.0  # an empty window's sum (0) stays 0
+    table = imp.broadcast(_dense(imp, div, x.type.dtype), total.type.shape)
+    return imp.create(st.DivOp, total, table)

@@ -715,8 +715,10 @@ def avg_pool2d(imp, n):
     a = bind(n)
     got = _pool_window(imp, n, a["kernel_size"], a.get("stride"), a.get("padding"),
                        ceil_mode=bool(a.get("ceil_mode")))
-    if got is None or a.get("divisor_override"):
-        return imp.torch_call(n)
+    if got is None or a.get("divisor_override"):  # the general form: windows and a divisor table
+        from stitch_ir.importer_lowerings import avg_pool2d_general
+
+        return avg_pool2d_general(imp, n)
     x, k = got
     win = _windows(imp, x, k)
     r = win.type.rank

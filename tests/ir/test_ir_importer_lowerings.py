@@ -262,3 +262,15 @@ def test_max_pool_backward_scatters_to_the_argmax():
                                                                [1, 1], False, idx)
 
     check(fn, rnd(2, 2, 6, 5), rnd(2, 2, 3, 3))
+
+
+@pytest.mark.parametrize("kw", [
+    dict(kernel_size=3, stride=2, padding=1),
+    dict(kernel_size=3, stride=2, padding=1, count_include_pad=False, ceil_mode=True),
+    dict(kernel_size=(2, 3), stride=1, divisor_override=4),
+    dict(kernel_size=2, stride=3, padding=1, ceil_mode=True),
+], ids=["padded", "exclude_pad_ceil", "divisor_override", "gapped_ceil"])
+def test_avg_pool_is_window_sum_over_divisor(kw):
+    pool = torch.nn.functional.avg_pool2d
+    check(lambda x: pool(x, **kw), rnd(2, 3, 7, 6))
+    check(lambda x: pool(x, **kw), rnd(3, 5, 5))
