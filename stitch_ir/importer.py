@@ -99,6 +99,7 @@ FUSABLE_DECOMPOSITIONS = [
     aten.tril, aten.triu, aten.mv, aten.dot, aten.baddbmm, aten.addmv, aten.norm,
     aten.linalg_vector_norm, aten.native_dropout_backward, aten.squeeze, aten.pixel_shuffle,
     aten._adaptive_avg_pool2d, aten.upsample_nearest2d, aten.upsample_bilinear2d, aten.flip,
+    aten._batch_norm_with_update_functional, aten._batch_norm_with_update, aten.ldexp,
 ]
 # Ops the core-aten table would decompose that ``st`` represents directly (and better: an
 # index_add decomposed into index_put loses its scatter structure).

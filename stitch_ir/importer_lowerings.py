@@ -529,3 +529,33 @@ def avg_pool2d_general(imp, n):
     div[(in_h[:, None] * in_w[None, :]) == 0] = 1.0  # an empty window's sum (0) stays 0
     table = imp.broadcast(_dense(imp, div, x.type.dtype), total.type.shape)
     return imp.create(st.DivOp, total, table)
+
+
+@handles(aten.put)
+def put(imp, n):
+    """``x.put(index, source, accumulate)``: index_put on the flattened input."""
+    a = bind(n)
+    x, idx, src = (imp.value(a[k]) for k in ("self", "index", "source"))
+    if not _static(x.type.shape, idx.type.shape) or not idx.type.dtype.is_int or \
+            x.type.dtype.is_bool:
+        return imp.torch_call(n)
+    numel, k = x.type.numel(), idx.type.numel()
+    flat, flat_idx = imp.reshape(x, (numel,)), imp.reshape(idx, (k,))
+    vals = imp.reshape(imp.cast(src, x.type.dtype), (k,))
+    if a.get("accumulate"):
+        r = imp.create(st.IndexAddOp, flat, flat_idx, vals, dim=0)
+    else:
+        r = _overwrite(imp, flat, flat_idx, vals, 0)
+    return imp.reshape(r, x.type.shape)
+
+
+@handles(aten.angle)
+def angle(imp, n):
+    """The angle of a real number: pi below zero, else 0; NaN stays NaN."""
+    out = imp.out_type()
+    x = imp.value(n.args[0])
+    if not out.dtype.is_float or x.type.dtype != out.dtype:
+        return imp.torch_call(n)
+    below = imp.create(st.LtOp, x, imp.constant(0, x.type))
+    r = imp.create(st.WhereOp, below, imp.constant(math.pi, out), imp.constant(0, out))
+    return imp.create(st.WhereOp, imp.create(st.IsNanOp, x), x, r)

@@ -274,3 +274,32 @@ def test_avg_pool_is_window_sum_over_divisor(kw):
     pool = torch.nn.functional.avg_pool2d
     check(lambda x: pool(x, **kw), rnd(2, 3, 7, 6))
     check(lambda x: pool(x, **kw), rnd(3, 5, 5))
+
+
+def test_put_angle_ldexp():
+    check(lambda x, s: x.put(torch.tensor([4, -1, 0]), s), rnd(2, 3), rnd(3))
+    check(lambda x, s: x.put(torch.tensor([[1, 1], [4, 1]]), s, accumulate=True), rnd(2, 3),
+          rnd(2, 2))
+    check(torch.angle, torch.tensor([-2.0, -0.0, 0.0, 3.0, float("nan"), float("-inf")]))
+    check(torch.ldexp, rnd(4), torch.tensor([1, -2, 3, 0]))
+
+
+def test_batch_norm_with_update_decomposes_end_to_end():
+    from runtime import backend
+
+    x, w, b = rnd(4, 3, 5), rnd(3), rnd(3)
+    stats = [torch.zeros(3), torch.ones(3)]
+    want_stats = [s.clone() for s in stats]
+
+    def fn(x, w, b, mean, var):
+        return torch.ops.aten._batch_norm_with_update(x, w, b, mean, var, 0.1, 1e-5)[0]
+
+    torch._dynamo.reset()
+    before = backend.FALLBACKS.copy()
+    got = torch.compile(fn, backend="stitch", fullgraph=True)(x, w, b, *stats)
+    torch._dynamo.reset()
+    want = fn(x, w, b, *want_stats)
+    torch.testing.assert_close(got, want)
+    for s, t in zip(stats, want_stats):  # the running statistics are updated in place
+        torch.testing.assert_close(s, t)
+    assert not (backend.FALLBACKS - before), backend.FALLBACKS - before
