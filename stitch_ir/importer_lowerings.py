@@ -282,32 +282,59 @@ def scatter(imp, n):
     return imp.create(st.ScatterReduceOp, x, idx, src, dim=dim, reduce=red, include_self=True)
 
 
+def _linear_index(imp, shape, dims: list[int], idx: list[Value]) -> Value:
+    """Index tensors on the adjacent ``dims`` (negatives wrapped per dim) as one index into those
+    dims merged, broadcast together."""
+    bshape = tuple(torch.broadcast_shapes(*[tuple(i.type.shape) for i in idx]))
+    flat = None
+    for d, i in zip(dims, idx):
+        i = imp.broadcast(imp.cast(i, DType.i64), bshape)
+        size = imp.constant(shape[d], i.type)
+        i = imp.create(st.WhereOp, imp.create(st.LtOp, i, imp.constant(0, i.type)),
+                       imp.create(st.AddOp, i, size), i)
+        flat = i if flat is None else imp.create(st.AddOp, imp.create(st.MulOp, flat, size), i)
+    return flat
+
+
 @handles(aten.index_put)
 def index_put(imp, n):
-    """``x[(None,) * d + (idx,)] = v`` with one 1-D integer index: an index_add (accumulate)
-    or an overwriting scatter along d."""
+    """``x[(None,) * d + (i0, i1, ...)] = v`` with integer indices on adjacent dims: the dims
+    merged and the indices linearised, then an index_add (accumulate) or an overwriting scatter
+    along the merged dim."""
     args = bind(n)
     x = imp.value(args["self"])
     indices = list(args["indices"])
     live = [d for d, i in enumerate(indices) if i is not None]
-    if len(live) != 1 or not _static(x.type.shape) or x.type.rank == 0:
+    if not live or live != list(range(live[0], live[-1] + 1)) or not _static(x.type.shape) \
+            or x.type.rank == 0:
         return imp.torch_call(n)
-    d = live[0]
-    idx = imp.value(indices[d])
-    if idx.type.rank != 1 or not idx.type.dtype.is_int:
-        return imp.torch_call(n)
-    shape = x.type.shape[:d] + (idx.type.shape[0],) + x.type.shape[d + 1:]
+    idx = [imp.value(indices[d]) for d in live]
+    if any(not i.type.dtype.is_int for i in idx) or not _static(*(i.type.shape for i in idx)):
+        return imp.torch_call(n)  # boolean masks select a data-dependent number of elements
+    d, last = live[0], live[-1]
+    shape = x.type.shape
+    merged = math.prod(shape[d:last + 1])
+    if len(live) == 1 and idx[0].type.rank == 1:
+        flat_idx = idx[0]
+    else:
+        flat_idx = _linear_index(imp, shape, live, idx)
+    count = flat_idx.type.numel()
+    indexed = shape[:d] + tuple(flat_idx.type.shape) + shape[last + 1:]
     v = imp.value(args["values"])
-    if v.type.rank > len(shape):
+    if v.type.rank > len(indexed):
         return imp.torch_call(n)
-    v = imp.broadcast(imp.cast(v, x.type.dtype), shape)
+    v = imp.reshape(imp.broadcast(imp.cast(v, x.type.dtype), indexed),
+                    shape[:d] + (count,) + shape[last + 1:])
+    flat_idx = imp.reshape(flat_idx, (count,))
+    xm = imp.reshape(x, shape[:d] + (merged,) + shape[last + 1:])
     if args.get("accumulate"):
         if x.type.dtype.is_bool:
             return imp.torch_call(n)
-        return imp.create(st.IndexAddOp, x, idx, v, dim=d)
-    view = (1,) * d + (idx.type.shape[0],) + (1,) * (x.type.rank - d - 1)
-    full = imp.broadcast(imp.reshape(idx, view), shape)
-    return _overwrite(imp, x, full, v, d)
+        r = imp.create(st.IndexAddOp, xm, flat_idx, v, dim=d)
+    else:
+        view = (1,) * d + (count,) + (1,) * (xm.type.rank - d - 1)
+        r = _overwrite(imp, xm, imp.broadcast(imp.reshape(flat_idx, view), v.type.shape), v, d)
+    return imp.reshape(r, shape)
 
 
 @handles(aten.index_reduce)

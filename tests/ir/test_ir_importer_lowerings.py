@@ -303,3 +303,12 @@ def test_batch_norm_with_update_decomposes_end_to_end():
     for s, t in zip(stats, want_stats):  # the running statistics are updated in place
         torch.testing.assert_close(s, t)
     assert not (backend.FALLBACKS - before), backend.FALLBACKS - before
+
+
+def test_index_put_on_adjacent_dims_linearises_the_indices():
+    i0, i1 = torch.tensor([[0], [2], [-1]]), torch.tensor([0, -1])
+    check(lambda x, v: index_put(x, [None, i0, i1], v), rnd(2, 4, 3, 2), rnd(3, 2, 2))
+    # repeated positions accumulate
+    check(lambda x, v: index_put(x, [i0, torch.tensor([1, -2])], v, True), rnd(4, 3), rnd(2))
+    check(lambda x, v: index_put(x, [torch.tensor([[1, 0]]), torch.tensor([[2, 2]])], v),
+          rnd(3, 4, 2), rnd(1, 2, 2))
