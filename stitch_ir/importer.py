@@ -7,6 +7,7 @@ want to fuse (layer norm, softmax, GELU, batch norm, their backwards, ...; see
 
 - element-wise ops get explicit ``st.broadcast`` and ``st.cast`` operands (torch's implicit
   broadcasting and type promotion made visible); Python scalars become splat constants;
+- an op whose result has no elements (a 0 in its static shape) becomes an empty constant;
 - views, squeeze / unsqueeze / expand / select become ``st.reshape`` / ``st.broadcast`` /
   ``st.slice``; clones and aliases disappear (values are immutable in ``st``);
 - any aten op without an ``st`` counterpart becomes ``st.torch_call`` (counted in summaries),
@@ -74,6 +75,13 @@ def _dim(d: Any) -> int | Sym:
         if expr.is_Symbol:
             return Sym(str(expr))
     raise ImportError_(f"unsupported symbolic size {d}")
+
+
+def _empty(val: Any) -> bool:
+    """A static-shaped, zero-element tensor of a dtype stitch holds."""
+    return (isinstance(val, torch.Tensor) and val.layout == torch.strided
+            and val.dtype in _TORCH_TO_DTYPE and all(isinstance(d, int) for d in val.shape)
+            and 0 in val.shape)
 
 
 def type_from_meta(val: Any) -> TensorType:
@@ -351,6 +359,8 @@ class GraphImporter:
                             "functionalised them")
         if n.meta.get("val") is None and not n.users and "assert" in str(n.target):
             return None  # run-time shape / dtype assertions: the types already say it
+        if _empty(n.meta.get("val")):  # no element to compute: an (empty) constant
+            return self.constant(0, type_from_meta(n.meta["val"]))
         handler = HANDLERS.get(n.target)
         if handler is not None:
             return handler(self, n)

@@ -312,3 +312,24 @@ def test_index_put_on_adjacent_dims_linearises_the_indices():
     check(lambda x, v: index_put(x, [i0, torch.tensor([1, -2])], v, True), rnd(4, 3), rnd(2))
     check(lambda x, v: index_put(x, [torch.tensor([[1, 0]]), torch.tensor([[2, 2]])], v),
           rnd(3, 4, 2), rnd(1, 2, 2))
+
+
+def test_empty_results_import_as_empty_constants():
+    """Nothing to compute: no kernel (the cpp target has none for zero-size tensors) and no
+    interpreter fallback. (A reduction that reads an empty graph input directly still runs in
+    the interpreter; the sum here reads an empty constant.)"""
+    from runtime import backend
+
+    def fn(x):
+        return torch.sigmoid(x) * 2, (x * 3).sum(1)
+
+    prog = check(fn, rnd(2, 0, 3))
+    names = {op.name for op in prog.module.func().body.ops}
+    assert "st.sigmoid" not in names and "st.mul" not in names, names
+    torch._dynamo.reset()
+    before = backend.FALLBACKS.copy()
+    got = torch.compile(fn, backend="stitch", fullgraph=True)(rnd(2, 0, 3))
+    torch._dynamo.reset()
+    assert [tuple(t.shape) for t in got] == [(2, 0, 3), (2, 3)]
+    assert not got[1].any()
+    assert not (backend.FALLBACKS - before), backend.FALLBACKS - before
