@@ -80,3 +80,54 @@ def test_opinfo_sample_matches_eager(key, index):
     assert r.graphs >= 1, "dynamo handed no graph to the backend"
     whole = [k for k in r.fallbacks if k.startswith("graph:")]
     assert not whole, f"stitch did not compile the graph: {r.fallbacks[whole[0]]['why']}"
+
+
+# -- the harness's own checks --------------------------------------------------------------------
+
+
+def test_compare_rejects_shape_dtype_and_value_differences():
+    from bench.opinfo import compare
+
+    x = torch.tensor(1.5)
+    assert compare(x, x.clone())[0]
+    ok, _, why = compare(x, x.reshape(1))
+    assert not ok and "shape [1], expected []" in why
+    ok, _, why = compare(x, x.double())
+    assert not ok and "dtype" in why
+    ok, err, _ = compare(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.001]))
+    assert not ok and abs(err - 0.001) < 1e-6
+    assert compare(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.0 + 1e-6]))[0]
+    assert not compare(torch.tensor([1, 2]), torch.tensor([1, 3]))[0]  # integers are exact
+    nan = float("nan")
+    assert compare(torch.tensor([nan, 1.0]), torch.tensor([nan, 1.0]))[0]
+    assert not compare(torch.tensor([nan, 1.0]), torch.tensor([1.0, 1.0]))[0]
+    assert not compare((x, x), (x,))[0]
+    t = torch.randn(3, 4)
+    assert compare(t, t.t().contiguous().t())[0]  # strides do not matter
+
+
+def test_clone_preserving_strides_keeps_the_layout():
+    from bench.opinfo import clone_preserving_strides
+
+    base = torch.randn(4, 6)
+    for x in (base[:, 1::2], base.t(), base[1:, :3], torch.randn(3, 1).expand(3, 5)):
+        c = clone_preserving_strides(x)
+        assert c.stride() == x.stride() and torch.equal(c, x)
+        assert c.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+
+
+def test_float64_arbitration_accepts_no_worse_than_eager_only():
+    """For an op listed in REFERENCE_F64, a mismatch passes when the compiled result is no
+    further from a float64 evaluation than eager (twice eager's error plus atol)."""
+    from bench.opinfo import _arbitrate
+
+    def fn(x):  # cancellation: float32 loses x's low bits, float64 keeps them
+        return (x + 1e4) - 1e4
+
+    x = torch.tensor([1.2345678, -0.3333333])
+    eager = fn(x)
+    ref = fn(x.double()).float()
+    assert not torch.equal(eager, ref)
+    assert _arbitrate(fn, (x,), {}, eager, ref, "differs")[0]  # closer to float64: fine
+    ok, why = _arbitrate(fn, (x,), {}, eager, eager + 0.01, "differs")
+    assert not ok and "vs float64" in why
