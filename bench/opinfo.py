@@ -114,10 +114,17 @@ def op_key(op) -> str:
     return f"{op.name}.{op.variant_test_name}" if op.variant_test_name else op.name
 
 
-def op_table() -> dict[str, Any]:
-    from torch.testing._internal.common_methods_invocations import op_db
+def _call_through(op, *args, **kwargs):
+    """Stands in for OpInfo's ``wrapper_set_seed``, whose rng-state context dynamo will not
+    trace; the ops it wraps that draw random numbers are skipped (SKIP_OPS) anyway."""
+    return op(*args, **kwargs)
 
-    return {op_key(op): op for op in op_db}
+
+def op_table() -> dict[str, Any]:
+    from torch.testing._internal import common_methods_invocations as cmi
+
+    cmi.wrapper_set_seed = _call_through  # as Inductor's OpInfo test does
+    return {op_key(op): op for op in cmi.op_db}
 
 
 def select_ops(dtype: torch.dtype, names: list[str] | None = None) -> list[str]:
