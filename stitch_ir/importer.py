@@ -414,6 +414,6 @@ class GraphImporter:
         return [None if leaf is None else next(results) for leaf in leaves]
 
 
-# Handlers for the individual ops live in importer_ops and importer_lowerings (registered on
-# import; no op is handled by both).
-from stitch_ir import importer_lowerings, importer_ops  # noqa: E402,F401
+# Handlers for the individual ops live in importer_ops, importer_lowerings and importer_pooling
+# (registered on import; no op is handled by two of them).
+from stitch_ir import importer_lowerings, importer_ops, importer_pooling  # noqa: E402,F401

@@ -716,7 +716,7 @@ def avg_pool2d(imp, n):
     got = _pool_window(imp, n, a["kernel_size"], a.get("stride"), a.get("padding"),
                        ceil_mode=bool(a.get("ceil_mode")))
     if got is None or a.get("divisor_override"):  # the general form: windows and a divisor table
-        from stitch_ir.importer_lowerings import avg_pool2d_general
+        from stitch_ir.importer_pooling import avg_pool2d_general
 
         return avg_pool2d_general(imp, n)
     x, k = got
@@ -732,7 +732,7 @@ def max_pool2d(imp, n):
                        a.get("dilation"), bool(a.get("ceil_mode")))
     indices_used = any(u.target is operator.getitem and u.args[1] == 1 for u in n.users)
     if got is None or indices_used:  # the general form: windows, argmax and an index table
-        from stitch_ir.importer_lowerings import max_pool2d_with_indices
+        from stitch_ir.importer_pooling import max_pool2d_with_indices
 
         return max_pool2d_with_indices(imp, n)
     x, k = got

@@ -333,3 +333,19 @@ def test_empty_results_import_as_empty_constants():
     assert [tuple(t.shape) for t in got] == [(2, 0, 3), (2, 3)]
     assert not got[1].any()
     assert not (backend.FALLBACKS - before), backend.FALLBACKS - before
+
+
+def test_3d_pools_with_indices_and_backward():
+    F = torch.nn.functional
+    check(lambda x: F.max_pool3d(x, 3, 2, 1, return_indices=True), rnd(1, 2, 5, 6, 4))
+    check(lambda x: F.max_pool3d(x, (2, 3, 2), 1, (1, 0, 1), (1, 1, 2), True, True),
+          rnd(2, 4, 5, 6))
+    check(lambda x: F.avg_pool3d(x, 3, 2, 1, ceil_mode=True, count_include_pad=False),
+          rnd(1, 2, 5, 6, 4))
+
+    def bw(x, g):
+        _, idx = F.max_pool3d(x, 2, 1, 1, return_indices=True)
+        return torch.ops.aten.max_pool3d_with_indices_backward(g, x, [2, 2, 2], [1, 1, 1],
+                                                               [1, 1, 1], [1, 1, 1], False, idx)
+
+    check(bw, rnd(1, 2, 3, 4, 3), rnd(1, 2, 4, 5, 4))
