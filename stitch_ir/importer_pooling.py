@@ -13,6 +13,9 @@ are one strided view (``importer_lowerings.strided_gather``): ``[*lead, *out, *k
 - average pooling: ``st.sum`` over the window dims divided by torch's per-window divisor
   (a table: the window clipped to the padded input with count_include_pad, else to the input;
   divisor_override wins; a window with no input element is 0).
+- adaptive pooling (windows of different sizes): one gather of the flattened input, extended by
+  one neutral element (-inf / 0) that the slots past a shorter window's end read; then the same
+  max / argmax or sum / count.
 """
 
 from __future__ import annotations
@@ -194,3 +197,99 @@ def avg_pool2d_general(imp, n):
 @handles(aten.avg_pool3d)
 def avg_pool3d(imp, n):
     return avg_pool(imp, n, 3)
+
+
+# ----------------------------------------------------------------------------------------------
+# Adaptive pooling: window o along a dim of size I covers [floor(o*I/O), ceil((o+1)*I/O))
+
+
+def _adaptive_table(sp, out_sp) -> tuple[np.ndarray, np.ndarray]:
+    """(flat input position of each window slot, -1 past the window's end; its element count),
+    slots ``[*out_sp, K]`` with K the largest window, in window order."""
+    nd = len(sp)
+    starts = [(np.arange(o) * i) // o for i, o in zip(sp, out_sp)]
+    ends = [((np.arange(o) + 1) * i + o - 1) // o for i, o in zip(sp, out_sp)]
+    kmax = [int((e - s).max()) for s, e in zip(starts, ends)]
+    cs = _contiguous_strides(tuple(sp))
+    pos = np.zeros((*out_sp, *kmax), dtype=np.int64)
+    valid = np.ones((*out_sp, *kmax), dtype=bool)
+    for i in range(nd):
+        o_view = [-1 if j == i else 1 for j in range(2 * nd)]
+        k_view = [-1 if j == nd + i else 1 for j in range(2 * nd)]
+        coord = starts[i].reshape(o_view) + np.arange(kmax[i]).reshape(k_view)
+        valid = valid & (coord < ends[i].reshape(o_view))
+        pos = pos + coord * cs[i]
+    count = valid.reshape(*out_sp, -1).sum(-1)
+    return np.where(valid, pos, -1).reshape(*out_sp, -1), count
+
+
+def _adaptive_windows(imp, x, nd, table: np.ndarray, neutral: float):
+    """Windows ``[*lead, *out_sp, K]``; a slot past its window's end reads ``neutral``."""
+    lead = x.type.shape[:-nd]
+    m = math.prod(x.type.shape[-nd:])
+    flat = imp.reshape(x, (*lead, m))
+    pad = imp.constant(neutral, TensorType((*lead, 1), x.type.dtype))
+    plane = imp.create(st.CatOp, flat, pad, dim=len(lead))
+    idx = _dense(imp, np.where(table < 0, m, table).reshape(-1), DType.i64)
+    picked = imp.create(st.IndexSelectOp, plane, idx, dim=len(lead))
+    return imp.reshape(picked, (*lead, *table.shape))
+
+
+@handles(aten.adaptive_max_pool2d, aten.adaptive_max_pool3d)
+def adaptive_max_pool(imp, n):
+    nd = 2 if n.target.overloadpacket is aten.adaptive_max_pool2d else 3
+    x = imp.value(n.args[0])
+    vals_t, idx_t = imp.out_type(0), imp.out_type(1)
+    sp, out_sp = x.type.shape[-nd:], vals_t.shape[-nd:]
+    if x.type.rank not in (nd + 1, nd + 2) or not x.type.dtype.is_float or \
+            not _static(x.type.shape) or min(*sp, *out_sp) <= 0:
+        return imp.torch_call(n)
+    table, _ = _adaptive_table(sp, out_sp)
+    if table.size > MAX_TABLE:
+        return imp.torch_call(n)
+    win = _adaptive_windows(imp, x, nd, table, -math.inf)
+    r = win.type.rank - 1
+    vals = imp.create(st.MaxOp, win, dims=(r,), keepdim=False)
+    first = imp.create(st.ArgMaxOp, win, dims=(r,), keepdim=True)
+    # the last NaN: the first one of the window read backwards (trailing -inf slots first)
+    back = _adaptive_windows(imp, x, nd, table[..., ::-1].copy(), -math.inf)
+    last = imp.create(st.ArgMaxOp, back, dims=(r,), keepdim=True)
+    last = imp.create(st.SubOp, imp.constant(table.shape[-1] - 1, last.type), last)
+    has_nan = imp.create(st.IsNanOp, imp.reshape(vals, first.type.shape))
+    slot = imp.create(st.WhereOp, has_nan, last, first)
+    pos_table = imp.broadcast(_dense(imp, np.maximum(table, 0), DType.i64), win.type.shape)
+    pos = imp.reshape(imp.create(st.GatherOp, pos_table, slot, dim=r), idx_t.shape)
+    return [imp.cast(vals, vals_t.dtype), imp.cast(pos, idx_t.dtype)]
+
+
+@handles(aten.adaptive_max_pool2d_backward, aten.adaptive_max_pool3d_backward)
+def adaptive_max_pool_backward(imp, n):
+    a = bind(n)
+    g, x, idx = (imp.value(a[k]) for k in ("grad_output", "self", "indices"))
+    nd = 2 if n.target.overloadpacket is aten.adaptive_max_pool2d_backward else 3
+    if x.type.rank not in (nd + 1, nd + 2) or not _static(x.type.shape, g.type.shape):
+        return imp.torch_call(n)
+    lead = x.type.shape[:-nd]
+    plane = imp.constant(0, TensorType((*lead, math.prod(x.type.shape[-nd:])), x.type.dtype))
+    cells = math.prod(g.type.shape[-nd:])
+    r = imp.create(st.ScatterAddOp, plane, imp.reshape(imp.cast(idx, DType.i64), (*lead, cells)),
+                   imp.reshape(imp.cast(g, x.type.dtype), (*lead, cells)), dim=len(lead))
+    return imp.reshape(r, x.type.shape)
+
+
+@handles(aten._adaptive_avg_pool3d)
+def adaptive_avg_pool3d(imp, n):
+    """(torch decomposes the 2-d one itself.) Window sums over the window sizes."""
+    x = imp.value(n.args[0])
+    out = imp.out_type()
+    sp, out_sp = x.type.shape[-3:], out.shape[-3:]
+    if x.type.rank not in (4, 5) or not x.type.dtype.is_float or not _static(x.type.shape) or \
+            min(*sp, *out_sp) <= 0:
+        return imp.torch_call(n)
+    table, count = _adaptive_table(sp, out_sp)
+    if table.size > MAX_TABLE:
+        return imp.torch_call(n)
+    win = _adaptive_windows(imp, x, 3, table, 0.0)
+    total = imp.create(st.SumOp, win, dims=(win.type.rank - 1,), keepdim=False)
+    div = imp.broadcast(_dense(imp, count.astype(np.float64), x.type.dtype), total.type.shape)
+    return imp.create(st.DivOp, total, div)

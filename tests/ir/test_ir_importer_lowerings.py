@@ -349,3 +349,18 @@ def test_3d_pools_with_indices_and_backward():
                                                                [1, 1, 1], [1, 1, 1], False, idx)
 
     check(bw, rnd(1, 2, 3, 4, 3), rnd(1, 2, 4, 5, 4))
+
+
+def test_adaptive_pools_with_uneven_windows():
+    F = torch.nn.functional
+    check(lambda x: F.adaptive_max_pool2d(x, (3, 4), return_indices=True), rnd(2, 3, 7, 5))
+    check(lambda x: F.adaptive_max_pool3d(x, (2, 3, 2), return_indices=True), rnd(2, 5, 4, 3))
+    check(lambda x: F.adaptive_avg_pool3d(x, (2, 3, 4)), rnd(1, 2, 5, 4, 6))
+    edge = _pool_edge_cases()  # ties, NaN windows, -inf windows
+    check(lambda x: F.adaptive_max_pool2d(x, 3, return_indices=True), edge)
+
+    def bw(x, g):
+        _, idx = F.adaptive_max_pool2d(x, (3, 2), return_indices=True)
+        return torch.ops.aten.adaptive_max_pool2d_backward(g, x, idx)
+
+    check(bw, rnd(2, 5, 4), rnd(2, 3, 2))
