@@ -5,7 +5,8 @@ the harness of ``bench/opinfo.py`` (``python -m bench.opinfo`` sweeps every op);
 result must match eager in structure, shape, dtype and value (tolerances in
 ``bench.opinfo.TOLERANCES``), and stitch itself must have compiled the graph (a whole-graph
 fallback to torch would make the match eager's own). Families: element-wise unary and binary,
-comparisons, where / clamp, reductions, softmax, normalisation, layout, gather / scatter, scan.
+comparisons, where / clamp, reductions, softmax, normalisation, layout, gather / scatter,
+pooling, scan.
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ SUBSET: list[tuple[str, tuple[int, ...]]] = [
     ("index_select", (0,)), ("gather", (0,)), ("scatter_add", (0,)), ("index_add", (0,)),
     ("nn.functional.embedding", (1,)), ("masked_fill", (0,)), ("scatter", (0,)),
     ("index_put", (0,)), ("slice_scatter", (0,)),
-    # strided views lowered to gathers
-    ("as_strided", (0,)), ("unfold", (1,)), ("diagonal", (0,)),
+    # strided views lowered to gathers; pooling with overlapping windows and indices
+    ("as_strided", (0,)), ("unfold", (1,)), ("diagonal", (0,)), ("nn.functional.max_pool2d", (0,)),
     # scan (runs as a torch call inside the compiled graph)
     ("cumsum", (0,)),
 ]
