@@ -629,9 +629,9 @@ def render_markdown(data: dict) -> str:
         f"(of {s['samples'] - st.get('skip', 0)}); with a group in the numpy interpreter: "
         f"{s['samples_with_interpreter']}; whose whole graph stitch could not compile (so a "
         f"pass there is eager's): {s['samples_with_graph_fallback']}",
-        "- top fallbacks (samples): " + ", ".join(f"`{_cell(k, 70)}` {n}"
-                                                  for k, n in s["top_fallbacks"]),
-        "- errors by type: " + ", ".join(f"{k} {n}" for k, n in s["error_types"]),
+        "- top fallbacks (samples): " + (", ".join(f"`{_cell(k, 70)}` {n}"
+                                                   for k, n in s["top_fallbacks"]) or "none"),
+        "- errors by type: " + (", ".join(f"{k} {n}" for k, n in s["error_types"]) or "none"),
         "",
         "| op | samples | pass | wrong | error | skip | fallbacks | reason |",
         "|---|---|---|---|---|---|---|---|",
