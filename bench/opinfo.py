@@ -606,6 +606,15 @@ def _op_status(rec: dict) -> str:
     return "skip"
 
 
+def _commits(data: dict) -> str:
+    """The commit(s) the ops ran at (``--update`` re-runs some ops at a later one)."""
+    c = Counter(rec.get("commit", data.get("commit", "?")) for rec in data["ops"].values())
+    if len(c) <= 1:
+        return f"commit {next(iter(c), data.get('commit', '?'))}"
+    (main, _), *rest = c.most_common()
+    return f"commit {main} (" + ", ".join(f"{n} op(s) re-run at {k}" for k, n in rest) + ")"
+
+
 def _cell(text: str, width: int = 110) -> str:
     text = " ".join(str(text).split()).replace("|", "\\|")
     return text if len(text) <= width else text[: width - 1] + "…"
@@ -618,7 +627,7 @@ def render_markdown(data: dict) -> str:
         f"# OpInfo sweep: stitch vs eager, {data['dtype']}",
         "",
         f"`python -m bench.opinfo --dtype {data['dtype']} --samples {data['samples_per_op']} "
-        f"--timeout {data['timeout']:g}` — torch {data['torch']}, commit {data.get('commit', '?')}, "
+        f"--timeout {data['timeout']:g}` — torch {data['torch']}, {_commits(data)}, "
         f"{data.get('date', '')}, {data.get('seconds', 0) / 60:.0f} min. Each sample runs "
         "eagerly and through `torch.compile(backend=\"stitch\", fullgraph=True)` in a fresh "
         "dynamo state; see `bench/opinfo.py` for tolerances and skips.",
