@@ -15,6 +15,8 @@ declines (returns ``imp.torch_call(n)``):
   indices repeat, torch leaves which write wins undefined; this picks the largest of them;
 - ``index_reduce`` is ``st.scatter_reduce`` with the index broadcast along the other dims;
 - pooling in general lives in ``importer_pooling`` (built on ``strided_gather``);
+- ``embedding_bag`` (output only): each index position's bag from comparisons with the bag
+  starts, then an ``st.index_add`` (sum, mean) or ``st.scatter_reduce`` (max) into the bags;
 - ``copy``, the ``*_copy`` variants of views, ``view_of``, ``empty_permuted`` / ``*_strided``
   (undefined values: zeros), ``fmax`` / ``fmin`` (NaN-ignoring max / min as selects), integer
   ``fmod`` (``a - trunc(a / b) * b``).
@@ -456,3 +458,79 @@ def angle(imp, n):
     below = imp.create(st.LtOp, x, imp.constant(0, x.type))
     r = imp.create(st.WhereOp, below, imp.constant(math.pi, out), imp.constant(0, out))
     return imp.create(st.WhereOp, imp.create(st.IsNanOp, x), x, r)
+
+
+@handles(aten._embedding_bag_forward_only, aten._embedding_bag)
+def embedding_bag(imp, n):
+    """Bags of embedding rows (sum or mean; max without a padding index), when only the output
+    is used: each index position's bag is the number of bag starts at or before it, minus one,
+    and the rows go to their bag with an index_add (mean: divided by the bag's row count, an
+    empty bag giving 0). Positions holding padding_idx, and with include_last_offset those past
+    the last offset, add nothing."""
+    import operator
+
+    a = bind(n)
+    w, idx, offsets = (imp.value(a[k]) for k in ("weight", "indices", "offsets"))
+    mode, pad = int(a.get("mode") or 0), int(a.get("padding_idx", -1))
+    psw = a.get("per_sample_weights")
+    if any(u.target is not operator.getitem or u.args[1] != 0 for u in n.users) or \
+            w.type.rank != 2 or idx.type.rank != 1 or offsets.type.rank != 1 or \
+            not _static(w.type.shape, idx.type.shape, offsets.type.shape) or \
+            not w.type.dtype.is_float or (mode == 2 and pad >= 0) or \
+            (psw is not None and mode != 0):
+        return imp.torch_call(n)
+    out_t = imp.out_type(0)
+    bags, width = out_t.shape
+    count = idx.type.shape[0]
+    starts = offsets
+    if a.get("include_last_offset"):
+        starts = imp.create(st.SliceOp, offsets, dim=0, start=0, end=bags, step=1)
+    if count == 0 or bags == 0 or starts.type.shape[0] != bags:
+        return imp.torch_call(n)
+    i64 = TensorType((bags, count), DType.i64)
+    pos = imp.broadcast(imp.reshape(imp.create(st.IotaOp, start=0, step=1, size=count,
+                                               dtype=DType.i64), (1, count)), i64.shape)
+    begun = imp.create(st.LeOp, imp.broadcast(imp.reshape(imp.cast(starts, DType.i64),
+                                                          (bags, 1)), i64.shape), pos)
+    bag = imp.create(st.SumOp, imp.cast(begun, DType.i64), dims=(0,), keepdim=False)
+    bag = imp.create(st.SubOp, bag, imp.constant(1, bag.type))
+    valid = None
+    if pad >= 0:
+        valid = imp.create(st.NeOp, idx, imp.constant(pad, idx.type))
+    if a.get("include_last_offset"):
+        end = imp.create(st.SliceOp, offsets, dim=0, start=bags, end=bags + 1, step=1)
+        at = imp.create(st.IotaOp, start=0, step=1, size=count, dtype=DType.i64)
+        inside = imp.create(st.LtOp, at, imp.broadcast(imp.cast(end, DType.i64), (count,)))
+        valid = inside if valid is None else imp.create(st.LogicalAndOp, valid, inside)
+    rows = imp.create(st.EmbeddingOp, w, idx)
+    if psw is not None:
+        rows = imp.create(st.MulOp, rows, imp.broadcast(
+            imp.reshape(imp.cast(imp.value(psw), w.type.dtype), (count, 1)), rows.type.shape))
+    zeros = imp.constant(0, out_t)
+    if mode == 2:
+        full = imp.broadcast(imp.reshape(bag, (count, 1)), rows.type.shape)
+        if valid is not None:  # past the last offset: send to a scratch bag, dropped after
+            full = imp.create(st.WhereOp, imp.broadcast(imp.reshape(valid, (count, 1)),
+                                                        rows.type.shape),
+                              full, imp.constant(bags, full.type))
+            wide = imp.constant(0, TensorType((bags + 1, width), w.type.dtype))
+            r = imp.create(st.ScatterReduceOp, wide, full, rows, dim=0, reduce="amax",
+                           include_self=False)
+            return [imp.create(st.SliceOp, r, dim=0, start=0, end=bags, step=1), None, None, None]
+        return [imp.create(st.ScatterReduceOp, zeros, full, rows, dim=0, reduce="amax",
+                           include_self=False), None, None, None]
+    if valid is not None:
+        rows = imp.create(st.WhereOp, imp.broadcast(imp.reshape(valid, (count, 1)),
+                                                    rows.type.shape),
+                          rows, imp.constant(0, rows.type))
+    total = imp.create(st.IndexAddOp, zeros, bag, rows, dim=0)
+    if mode == 0:
+        return [total, None, None, None]
+    ones = imp.constant(1, TensorType((count,), w.type.dtype))
+    if valid is not None:
+        ones = imp.create(st.WhereOp, valid, ones, imp.constant(0, ones.type))
+    size = imp.create(st.IndexAddOp, imp.constant(0, TensorType((bags,), w.type.dtype)), bag,
+                      ones, dim=0)
+    size = imp.create(st.MaximumOp, size, imp.constant(1, size.type))
+    return [imp.create(st.DivOp, total, imp.broadcast(imp.reshape(size, (bags, 1)),
+                                                      total.type.shape)), None, None, None]

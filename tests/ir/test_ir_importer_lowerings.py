@@ -364,3 +364,20 @@ def test_adaptive_pools_with_uneven_windows():
         return torch.ops.aten.adaptive_max_pool2d_backward(g, x, idx)
 
     check(bw, rnd(2, 5, 4), rnd(2, 3, 2))
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_embedding_bag_is_an_index_add_into_bags(mode):
+    F = torch.nn.functional
+    w = rnd(7, 3)
+    idx = torch.tensor([1, 6, 0, 0, 4, 2, 6, 3])
+    offsets = torch.tensor([0, 3, 3, 6])  # bag 1 is empty
+    check(lambda w, i, o: F.embedding_bag(i, w, o, mode=mode), w, idx, offsets)
+    check(lambda w, i, o: F.embedding_bag(i, w, o, mode=mode, include_last_offset=True), w, idx,
+          torch.tensor([0, 2, 2, 5, 8]))  # the last offset is the number of indices
+    check(lambda w, i: F.embedding_bag(i, w, mode=mode), w, idx.reshape(2, 4))  # 2-d: rows
+    if mode != "max":
+        check(lambda w, i, o: F.embedding_bag(i, w, o, mode=mode, padding_idx=0), w, idx, offsets)
+    if mode == "sum":
+        check(lambda w, i, o, p: F.embedding_bag(i, w, o, mode="sum", per_sample_weights=p), w,
+              idx, offsets, rnd(8))
