@@ -10,9 +10,10 @@ declines (returns ``imp.torch_call(n)``):
 - strided scatters (``slice_scatter``, ``diagonal_scatter``, ``as_strided_scatter`` without
   overlap) are a ``st.cat`` of slices (a unit-step slice) or ``st.where`` over a mask and a
   gather of the source, both index tables computed at import time (shapes are static);
-- ``scatter`` / ``index_put`` without accumulation write each target position once: that is
-  ``st.scatter_reduce`` with ``amax`` and ``include_self=false`` (the one written value). When
-  indices repeat, torch leaves which write wins undefined; this picks the largest of them;
+- ``scatter`` / ``index_put`` / ``put`` without accumulation: each target position takes the
+  element with the largest row-major position in the index among those written to it (an
+  ``st.scatter_reduce`` 'amax' of an iota, then a gather): the last write wins, as in torch's
+  serial cpu loop (torch calls repeated indices undefined; its parallel loop may differ);
 - ``index_reduce`` is ``st.scatter_reduce`` with the index broadcast along the other dims;
 - pooling in general lives in ``importer_pooling`` (built on ``strided_gather``);
 - ``embedding_bag`` (output only): each index position's bag from comparisons with the bag
@@ -244,12 +245,24 @@ def slice_scatter(imp, n):
 
 
 def _overwrite(imp, x: Value, idx: Value, src: Value, dim: int) -> Value:
-    """scatter (no reduction) along dim: scatter_reduce 'amax' without self, bools via i32."""
-    if x.type.dtype.is_bool:
-        wide = _overwrite(imp, imp.cast(x, DType.i32), idx, imp.cast(src, DType.i32), dim)
-        return imp.create(st.NeOp, wide, imp.constant(0, wide.type))
-    return imp.create(st.ScatterReduceOp, x, idx, src, dim=dim, reduce="amax",
-                      include_self=False)
+    """scatter without reduction along dim (``src`` has ``idx``'s shape): where indices repeat,
+    the last write in the index's row-major order wins, as in torch's serial cpu loop. Each
+    target position takes the largest id (row-major position in idx) of the elements written
+    to it (``st.scatter_reduce`` 'amax' over an iota, -1 where none is), then that element."""
+    shape = x.type.shape
+    count = idx.type.numel()
+    if count == 0:
+        return x
+    ids = imp.reshape(imp.create(st.IotaOp, start=0, step=1, size=count, dtype=DType.i64),
+                      idx.type.shape)
+    none = imp.constant(-1, TensorType(shape, DType.i64))
+    last = imp.create(st.ScatterReduceOp, none, idx, ids, dim=dim, reduce="amax",
+                      include_self=True)
+    hit = imp.create(st.GeOp, last, imp.constant(0, last.type))
+    which = imp.create(st.MaximumOp, last, imp.constant(0, last.type))
+    picked = imp.create(st.IndexSelectOp, imp.reshape(src, (count,)),
+                        imp.reshape(which, (math.prod(shape),)), dim=0)
+    return imp.create(st.WhereOp, hit, imp.reshape(picked, shape), x)
 
 
 @handles(aten.scatter)

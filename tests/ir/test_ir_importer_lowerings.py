@@ -122,6 +122,17 @@ def test_scatters_lower_exactly(name):
     check(fn, *inputs)
 
 
+def test_repeated_scatter_indices_keep_the_last_write():
+    """torch's serial cpu loop lets the last write win (torch calls it undefined)."""
+    idx = torch.tensor([[1, 0], [1, 1], [0, 1]])
+    check(lambda x, s: x.scatter(0, idx, s), rnd(3, 2), rnd(3, 2))
+    check(lambda x, v: torch.index_put(x, (torch.tensor([2, 2, 0, -2]),), v), rnd(4), rnd(4))
+    check(lambda x, v: index_put(x, [None, torch.tensor([1, 1, 0])], v), rnd(2, 3), rnd(2, 3))
+    check(lambda x, s: x.put(torch.tensor([3, 0, 3]), s), rnd(2, 2), rnd(3))
+    check(lambda x: torch.index_put(x, (torch.tensor([1, 1]),), torch.tensor([True, False])),
+          torch.tensor([False, True, True]))
+
+
 def test_overlapping_as_strided_scatter_stays_a_torch_call():
     check(lambda x, s: torch.as_strided_scatter(x, s, (2, 2), (1, 1)), rnd(2, 2), rnd(2, 2),
           torch_calls=["aten.as_strided_scatter.default"])
@@ -202,8 +213,11 @@ def _pool_edge_cases():
      (_pool_edge_cases(),)),
     (lambda x: torch.nn.functional.max_pool2d(x, 3, 2, 1, 2, True, True)[1] * 1.0,
      (rnd(2, 3, 7, 6),)),
+    (lambda x, v: torch.index_put(x, (torch.tensor([2, 2, 0, 2, 1]),), v) * 1.0,
+     (rnd(4, 3), rnd(5, 3))),
 ], ids=["slice_scatter_diagonal", "scatter_unfold", "index_put_as_strided",
-        "max_pool_indices_edge_cases", "max_pool_indices_dilated_ceil"])
+        "max_pool_indices_edge_cases", "max_pool_indices_dilated_ceil",
+        "index_put_repeated_last_write"])
 def test_lowerings_end_to_end(fn, inputs):
     from runtime import backend
 
