@@ -20,9 +20,9 @@ from bench.opinfo import op_table, run_sample, samples_of
 
 ROUND_DECIMALS = ("torch.round(x, decimals=3) imports as round(x): the decimals argument is "
                   "dropped (the lead is fixing the round handling in the importer)")
-RANK0_INTERPRETED = ("a rank-0 result of a group run by the numpy interpreter (f16 / bf16 "
-                     "groups today) comes back as shape [1], not [] (the lead is fixing it in "
-                     "runtime / codegen)")
+RANK0_INTERPRETED = ("x.half() of a rank-0 tensor comes back as shape [1], not []: the f16 group "
+                     "runs in the numpy interpreter, whose runtime step wraps results in "
+                     "np.ascontiguousarray (ndim >= 1) (the lead is fixing runtime / codegen)")
 
 # (op key, sample indices); op keys are OpInfo name[.variant_test_name].
 SUBSET: list[tuple[str, tuple[int, ...]]] = [
