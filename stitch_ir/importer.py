@@ -111,7 +111,10 @@ FUSABLE_DECOMPOSITIONS = [
 ]
 # Ops the core-aten table would decompose that ``st`` represents directly (and better: an
 # index_add decomposed into index_put loses its scatter structure).
-KEEP = [aten.index_add, aten.scatter_add, aten.scatter_reduce, aten.var, aten.index_select]
+# (torch's take decomposes to x.reshape(-1)[index], which turns a 0-d index into a
+# data-dependent Python int.)
+KEEP = [aten.index_add, aten.scatter_add, aten.scatter_reduce, aten.var, aten.index_select,
+        aten.take]
 
 
 def decomposition_table() -> dict:

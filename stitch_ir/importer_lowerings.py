@@ -461,6 +461,18 @@ def put(imp, n):
     return imp.reshape(r, x.type.shape)
 
 
+@handles(aten.take)
+def take(imp, n):
+    """``x.take(index)``: an index_select of the flattened input (negative indices wrap)."""
+    x, idx = imp.value(n.args[0]), imp.value(n.args[1])
+    out = imp.out_type()
+    if not _static(x.type.shape, idx.type.shape) or idx.type.numel() == 0:
+        return imp.torch_call(n)
+    flat = imp.reshape(x, (x.type.numel(),))
+    picked = imp.create(st.IndexSelectOp, flat, imp.reshape(idx, (idx.type.numel(),)), dim=0)
+    return imp.reshape(picked, out.shape)
+
+
 @handles(aten.angle)
 def angle(imp, n):
     """The angle of a real number: pi below zero, else 0; NaN stays NaN."""

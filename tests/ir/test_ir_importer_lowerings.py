@@ -290,6 +290,12 @@ def test_avg_pool_is_window_sum_over_divisor(kw):
     check(lambda x: pool(x, **kw), rnd(3, 5, 5))
 
 
+def test_take_with_any_index_rank():
+    check(lambda x, i: torch.take(x, i), rnd(3, 4), torch.tensor([[0, -1], [5, 11]]))
+    check(lambda x, i: torch.take(x, i), rnd(3, 4), torch.tensor(7))  # torch's decomposition fails
+    check(lambda x, i: torch.take(x, i), rnd(), torch.tensor([0, 0]))
+
+
 def test_put_angle_ldexp():
     check(lambda x, s: x.put(torch.tensor([4, -1, 0]), s), rnd(2, 3), rnd(3))
     check(lambda x, s: x.put(torch.tensor([[1, 1], [4, 1]]), s, accumulate=True), rnd(2, 3),
