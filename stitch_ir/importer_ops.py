@@ -523,6 +523,11 @@ def index(imp, n):
 @handles(aten.gather)
 def gather(imp, n):
     x, idx = imp.value(n.args[0]), imp.value(n.args[2])
+    if x.type.rank != idx.type.rank and max(x.type.rank, idx.type.rank) <= 1:
+        # torch lets a scalar stand for one element along dim 0, on either side
+        r = imp.create(st.GatherOp, imp.reshape(x, (x.type.numel(),)),
+                       imp.reshape(idx, (idx.type.numel(),)), dim=0)
+        return imp.reshape(r, imp.out_type().shape)
     return imp.create(st.GatherOp, x, idx, dim=normalize_dim(n.args[1], max(x.type.rank, 1)))
 
 

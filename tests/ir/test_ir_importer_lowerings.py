@@ -171,6 +171,8 @@ def test_rank0_index_and_arg_reductions():
     check(lambda x, i, j: (x.index_select(0, i), x.index_select(0, j)), x, torch.tensor([0]),
           torch.tensor(0))
     check(lambda x, s: x.index_add(0, torch.tensor([0]), s, alpha=2.0), x, rnd())
+    check(lambda x, i: torch.gather(x, 0, i), x, torch.tensor([0, 0]))
+    check(lambda x, i: torch.gather(x, 0, i), rnd(3), torch.tensor(2))
 
 
 def test_bool_mul_add_max_are_logical():
