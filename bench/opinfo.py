@@ -38,6 +38,7 @@ import logging
 import math
 import multiprocessing as mp
 import os
+import re
 import signal
 import sys
 import time
@@ -587,7 +588,7 @@ def summarize(data: dict) -> dict:
                 with_fallback += 1
                 graph_fallback += any(k.startswith("graph:") for k in fb)
                 interp += any(k.startswith("interpreter:") for k in fb)
-            for k in fb:
+            for k in {_fallback_kind(k, v.get("why", "")) for k, v in fb.items()}:
                 fb_samples[k] += 1
     errors = Counter(s["detail"].split(":", 1)[0] for rec in ops.values()
                      for s in rec["samples"] if s["status"] == "error")
@@ -596,6 +597,17 @@ def summarize(data: dict) -> dict:
             "op_status": dict(op_status), "samples_with_fallback": with_fallback,
             "samples_with_graph_fallback": graph_fallback, "samples_with_interpreter": interp,
             "top_fallbacks": fb_samples.most_common(20), "error_types": errors.most_common(12)}
+
+
+def _fallback_kind(key: str, why: str) -> str:
+    """A FALLBACKS key by cause: an interpreter group without its kind and size, a whole-graph
+    fallback by what stopped the import (node names left out)."""
+    m = re.fullmatch(r"interpreter: \w+ group of \d+ ops \((.*)\)", key)
+    if m:
+        return f"interpreter: {m.group(1)}"
+    if key.startswith("graph: ") and "torch ran it: " in why:
+        return "graph: " + re.sub(r"node '[^']*' ", "", why.split("torch ran it: ", 1)[1])
+    return key
 
 
 def _op_status(rec: dict) -> str:
