@@ -7,6 +7,7 @@ want to fuse (layer norm, softmax, GELU, batch norm, their backwards, ...; see
 
 - element-wise ops get explicit ``st.broadcast`` and ``st.cast`` operands (torch's implicit
   broadcasting and type promotion made visible); Python scalars become splat constants;
+- an op whose result has no elements (a 0 in its static shape) becomes an empty constant;
 - views, squeeze / unsqueeze / expand / select become ``st.reshape`` / ``st.broadcast`` /
   ``st.slice``; clones and aliases disappear (values are immutable in ``st``);
 - any aten op without an ``st`` counterpart becomes ``st.torch_call`` (counted in summaries),
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 from torch.fx import Node
 
-from stitch_ir.core import Builder, FuncOp, IRError, Module, ReturnOp, Value
+from stitch_ir.core import Builder, DenseAttr, FuncOp, IRError, Module, ReturnOp, Value
 from stitch_ir.dialects import st
 from stitch_ir.types import DType, Sym, TensorType
 
@@ -76,6 +77,13 @@ def _dim(d: Any) -> int | Sym:
     raise ImportError_(f"unsupported symbolic size {d}")
 
 
+def _empty(val: Any) -> bool:
+    """A static-shaped, zero-element tensor of a dtype stitch holds."""
+    return (isinstance(val, torch.Tensor) and val.layout == torch.strided
+            and val.dtype in _TORCH_TO_DTYPE and all(isinstance(d, int) for d in val.shape)
+            and 0 in val.shape)
+
+
 def type_from_meta(val: Any) -> TensorType:
     return TensorType(tuple(_dim(d) for d in val.shape), dtype_from_torch(val.dtype))
 
@@ -99,15 +107,17 @@ FUSABLE_DECOMPOSITIONS = [
     aten.tril, aten.triu, aten.mv, aten.dot, aten.baddbmm, aten.addmv, aten.norm,
     aten.linalg_vector_norm, aten.native_dropout_backward, aten.squeeze, aten.pixel_shuffle,
     aten._adaptive_avg_pool2d, aten.upsample_nearest2d, aten.upsample_bilinear2d, aten.flip,
+    aten._batch_norm_with_update_functional, aten._batch_norm_with_update, aten.ldexp,
 ]
 # Ops the core-aten table would decompose that ``st`` represents directly (and better: an
-# index_add decomposed into index_put loses its scatter structure). And cpu flash attention:
-# torch's decomposition of it (meant for export) returns the attention weights where the op
-# returns its logsumexp, so under AOTAutograd the decomposed forward fed the un-decomposed
-# flash backward a wrong logsumexp -- silently wrong gradients in float32 (a
+# index_add decomposed into index_put loses its scatter structure). torch's take decomposes to
+# x.reshape(-1)[index], which turns a 0-d index into a data-dependent Python int. And cpu flash
+# attention: torch's decomposition of it (meant for export) returns the attention weights where
+# the op returns its logsumexp, so under AOTAutograd the decomposed forward fed the
+# un-decomposed flash backward a wrong logsumexp -- silently wrong gradients in float32 (a
 # TransformerEncoderLayer's were off by 8x). It stays one torch call, forward and backward.
 KEEP = [aten.index_add, aten.scatter_add, aten.scatter_reduce, aten.var, aten.index_select,
-        aten._scaled_dot_product_flash_attention_for_cpu]
+        aten.take, aten._scaled_dot_product_flash_attention_for_cpu]
 
 
 def decomposition_table() -> dict:
@@ -339,10 +349,24 @@ class GraphImporter:
                         continue
                     outs.append(self.value(a))
                 self.b.insert(ReturnOp(outs, loc=self.loc))
+            elif n.op == "get_attr":
+                self.env[n] = self.attribute(n)
             elif n.op != "placeholder":
                 raise self.fail(f"unsupported FX node kind '{n.op}'")
         self.node = None
         return Module([f])
+
+    def attribute(self, n: Node) -> Value:
+        """A tensor the graph module holds (a lifted constant): a dense ``st.constant``."""
+        obj: Any = self.graph.owning_module
+        for part in str(n.target).split("."):
+            obj = getattr(obj, part, None)
+        if not isinstance(obj, torch.Tensor) or obj.layout != torch.strided:
+            raise self.fail(f"attribute '{n.target}' is not a dense tensor")
+        t = obj.detach()
+        dt = dtype_from_torch(t.dtype)
+        arr = to_numpy(t.float() if t.dtype == torch.bfloat16 else t)
+        return self.b.insert(st.ConstantOp.dense(DenseAttr.from_array(arr, dt))).result
 
     def call(self, n: Node) -> Any:
         if n.target is operator.getitem:
@@ -353,6 +377,8 @@ class GraphImporter:
                             "functionalised them")
         if n.meta.get("val") is None and not n.users and "assert" in str(n.target):
             return None  # run-time shape / dtype assertions: the types already say it
+        if _empty(n.meta.get("val")):  # no element to compute: an (empty) constant
+            return self.constant(0, type_from_meta(n.meta["val"]))
         handler = HANDLERS.get(n.target)
         if handler is not None:
             return handler(self, n)
@@ -406,5 +432,6 @@ class GraphImporter:
         return [None if leaf is None else next(results) for leaf in leaves]
 
 
-# Handlers for the individual ops live in importer_ops (registered on import).
-from stitch_ir import importer_ops  # noqa: E402,F401
+# Handlers for the individual ops live in importer_ops, importer_lowerings and importer_pooling
+# (registered on import; no op is handled by two of them).
+from stitch_ir import importer_lowerings, importer_ops, importer_pooling  # noqa: E402,F401

@@ -52,7 +52,7 @@ UNARY = {
 }
 BINARY = {
     aten.mul: st.MulOp, aten.pow: st.PowOp, aten.maximum: st.MaximumOp,
-    aten.minimum: st.MinimumOp, aten.remainder: st.RemainderOp, aten.fmod: None,
+    aten.minimum: st.MinimumOp, aten.remainder: st.RemainderOp,
     aten.floor_divide: st.FloorDivOp, aten.atan2: st.Atan2Op, aten.bitwise_and: st.BitwiseAndOp,
     aten.bitwise_or: st.BitwiseOrOp, aten.bitwise_xor: st.BitwiseXorOp,
 }
@@ -200,14 +200,18 @@ def logical(imp, n):
     return imp.cast(r, out.dtype)
 
 
+# On bools, torch's mul / maximum / minimum / bitwise and-or are logical ops.
+BOOL_BINARY = {aten.mul: st.LogicalAndOp, aten.bitwise_and: st.LogicalAndOp,
+               aten.minimum: st.LogicalAndOp, aten.maximum: st.LogicalOrOp,
+               aten.bitwise_or: st.LogicalOrOp}
+
+
 @handles(*BINARY)
 def binary(imp, n):
     out = imp.out_type()
     cls = BINARY[_packet(n)]
-    if cls is None:
-        return imp.torch_call(n)
-    if _packet(n) in (aten.bitwise_and, aten.bitwise_or) and out.dtype.is_bool:
-        cls = st.LogicalAndOp if _packet(n) is aten.bitwise_and else st.LogicalOrOp
+    if out.dtype.is_bool and _packet(n) in BOOL_BINARY:
+        cls = BOOL_BINARY[_packet(n)]
     a, b = (imp.operand(x, out.dtype, out.shape) for x in n.args[:2])
     return imp.create(cls, a, b)
 
@@ -221,6 +225,8 @@ def add_sub(imp, n):
     va, vb = imp.operand(a, out.dtype, out.shape), imp.operand(b, out.dtype, out.shape)
     if _packet(n) is aten.rsub:
         va, vb = vb, va
+    if out.dtype.is_bool and _packet(n) is aten.add:  # bool + bool is logical or
+        return imp.create(st.LogicalOrOp, va, vb)
     if alpha not in (1, None):
         vb = imp.create(st.MulOp, vb, imp.constant(alpha, out))
     return imp.create(st.SubOp if _packet(n) in (aten.sub, aten.rsub) else st.AddOp, va, vb)
@@ -355,6 +361,8 @@ def max_min(imp, n):
     dims = _dims(args["dim"], x.type.rank)
     keep = bool(args.get("keepdim"))
     vals = _reduce(imp, st.MaxOp if is_max else st.MinOp, x, dims, keep)
+    if x.type.rank == 0:  # max(dim) of a scalar: itself, at index 0
+        return [vals, imp.constant(0, imp.out_type(1))]
     idx = imp.create(st.ArgMaxOp if is_max else st.ArgMinOp, x, dims=dims, keepdim=keep)
     return [vals, idx]
 
@@ -364,6 +372,8 @@ def arg_reduce(imp, n):
     args = bind(n)
     x = imp.value(args["self"])
     cls = st.ArgMaxOp if _packet(n) is aten.argmax else st.ArgMinOp
+    if x.type.rank == 0:  # a scalar's only index
+        return imp.constant(0, imp.out_type())
     if args.get("dim") is None:
         flat = imp.reshape(x, (x.type.numel(),))
         r = imp.create(cls, flat, dims=(0,), keepdim=False)
@@ -556,6 +566,10 @@ def arange(imp, n):
 def index_select(imp, n):
     x, idx = imp.value(n.args[0]), imp.value(n.args[2])
     dim = normalize_dim(n.args[1], x.type.rank)
+    if x.type.rank == 0:  # a scalar is one element along dim 0
+        flat = imp.create(st.IndexSelectOp, imp.reshape(x, (1,)),
+                          imp.reshape(idx, (idx.type.numel(),)), dim=0)
+        return imp.reshape(flat, imp.out_type().shape)
     if idx.type.rank == 0:
         idx = imp.reshape(idx, (1,))
         return imp.reshape(imp.create(st.IndexSelectOp, x, idx, dim=dim), imp.out_type().shape)
@@ -596,6 +610,11 @@ def index(imp, n):
 @handles(aten.gather)
 def gather(imp, n):
     x, idx = imp.value(n.args[0]), imp.value(n.args[2])
+    if x.type.rank != idx.type.rank and max(x.type.rank, idx.type.rank) <= 1:
+        # torch lets a scalar stand for one element along dim 0, on either side
+        r = imp.create(st.GatherOp, imp.reshape(x, (x.type.numel(),)),
+                       imp.reshape(idx, (idx.type.numel(),)), dim=0)
+        return imp.reshape(r, imp.out_type().shape)
     return imp.create(st.GatherOp, x, idx, dim=normalize_dim(n.args[1], max(x.type.rank, 1)))
 
 
@@ -605,10 +624,15 @@ def index_add(imp, n):
     x = imp.value(args["self"])
     out = imp.out_type()
     src = imp.cast(imp.value(args["source"]), out.dtype)
+    idx = imp.value(args["index"])
     alpha = args.get("alpha", 1)
     attrs = {"alpha": alpha} if alpha not in (1, None) else {}
-    return imp.create(st.IndexAddOp, x, imp.value(args["index"]), src,
-                      dim=normalize_dim(args["dim"], x.type.rank), **attrs)
+    if x.type.rank == 0:  # a scalar is one element along dim 0; so is a scalar source
+        r = imp.create(st.IndexAddOp, imp.reshape(x, (1,)), imp.reshape(idx, (idx.type.numel(),)),
+                       imp.reshape(src, (idx.type.numel(),)), dim=0, **attrs)
+        return imp.reshape(r, out.shape)
+    return imp.create(st.IndexAddOp, x, idx, src, dim=normalize_dim(args["dim"], x.type.rank),
+                      **attrs)
 
 
 @handles(aten.scatter_add)
@@ -745,21 +769,6 @@ def prims_reduce(imp, n):
     return imp.cast(r, out.dtype)
 
 
-@handles(aten.index_put)
-def index_put(imp, n):
-    """``x.index_put_((idx,), v, accumulate=True)`` with one 1-D index is an index_add."""
-    args = bind(n)
-    x = imp.value(args["self"])
-    indices = list(args["indices"])
-    if (not args.get("accumulate") or len(indices) != 1 or indices[0] is None
-            or imp.value(indices[0]).type.rank != 1 or imp.value(indices[0]).type.dtype.is_bool):
-        return imp.torch_call(n)
-    idx = imp.value(indices[0])
-    v = imp.cast(imp.value(args["values"]), x.type.dtype)
-    src_shape = (idx.type.shape[0],) + x.type.shape[1:]
-    return imp.create(st.IndexAddOp, x, idx, imp.broadcast(v, src_shape), dim=0)
-
-
 @handles(prims.rev, aten.flip)
 def reverse(imp, n):
     """flip as index_select with a descending iota per reversed dim."""
@@ -798,8 +807,10 @@ def avg_pool2d(imp, n):
     a = bind(n)
     got = _pool_window(imp, n, a["kernel_size"], a.get("stride"), a.get("padding"),
                        ceil_mode=bool(a.get("ceil_mode")))
-    if got is None or a.get("divisor_override"):
-        return imp.torch_call(n)
+    if got is None or a.get("divisor_override"):  # the general form: windows and a divisor table
+        from stitch_ir.importer_pooling import avg_pool2d_general
+
+        return avg_pool2d_general(imp, n)
     x, k = got
     win = _windows(imp, x, k)
     r = win.type.rank
@@ -812,8 +823,10 @@ def max_pool2d(imp, n):
     got = _pool_window(imp, n, a["kernel_size"], a.get("stride"), a.get("padding"),
                        a.get("dilation"), bool(a.get("ceil_mode")))
     indices_used = any(u.target is operator.getitem and u.args[1] == 1 for u in n.users)
-    if got is None or indices_used:
-        return imp.torch_call(n)
+    if got is None or indices_used:  # the general form: windows, argmax and an index table
+        from stitch_ir.importer_pooling import max_pool2d_with_indices
+
+        return max_pool2d_with_indices(imp, n)
     x, k = got
     win = _windows(imp, x, k)
     r = win.type.rank

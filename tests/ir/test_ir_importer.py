@@ -185,9 +185,10 @@ def test_non_overlapping_pooling_imports_as_reductions():
     def fn(x):
         return F.avg_pool2d(x, 2) + F.max_pool2d(x, 2), F.avg_pool2d(x, 3, 1)  # overlapping
 
-    prog = check(Fn(fn), rnd(2, 3, 6, 6), atol=1e-5, allow_torch_call=True)
-    targets = summarize(prog.module).torch_call_targets
-    assert list(targets) == ["aten.avg_pool2d.default"] and targets["aten.avg_pool2d.default"] == 1
+    prog = check(Fn(fn), rnd(2, 3, 6, 6), atol=1e-5)
+    s = summarize(prog.module)
+    # non-overlapping windows are reshapes + reductions; overlapping ones a gather of windows
+    assert s.counts["gather/scatter"] == 1, s.counts
 
 
 def test_multi_index_on_adjacent_dims_imports_without_torch_call():
