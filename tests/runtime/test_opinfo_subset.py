@@ -18,12 +18,6 @@ import torch
 
 from bench.opinfo import op_table, run_sample, samples_of
 
-ROUND_DECIMALS = ("torch.round(x, decimals=3) imports as round(x): the decimals argument is "
-                  "dropped (the lead is fixing the round handling in the importer)")
-RANK0_INTERPRETED = ("x.half() of a rank-0 tensor comes back as shape [1], not []: the f16 group "
-                     "runs in the numpy interpreter, whose runtime step wraps results in "
-                     "np.ascontiguousarray (ndim >= 1) (the lead is fixing runtime / codegen)")
-
 # (op key, sample indices); op keys are OpInfo name[.variant_test_name].
 SUBSET: list[tuple[str, tuple[int, ...]]] = [
     # element-wise unary / binary
@@ -49,12 +43,12 @@ SUBSET: list[tuple[str, tuple[int, ...]]] = [
     ("as_strided", (0,)), ("unfold", (1,)), ("diagonal", (0,)), ("nn.functional.max_pool2d", (0,)),
     # scan (runs as a torch call inside the compiled graph)
     ("cumsum", (0,)),
+    # once wrong: round with decimals imported as round(x); a rank-0 half result came back [1]
+    ("round.decimals_3", (0,)), ("round.decimals_neg_3", (0,)), ("half", (0,)),
+    ("bfloat16", (0,)),
 ]
 # Known wrong today, being fixed by someone else: strict, so a fix turns them red until removed.
-XFAIL: dict[tuple[str, int], str] = {
-    ("round.decimals_3", 0): ROUND_DECIMALS,
-    ("half", 0): RANK0_INTERPRETED,
-}
+XFAIL: dict[tuple[str, int], str] = {}
 
 
 def _cases():
