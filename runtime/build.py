@@ -437,14 +437,13 @@ class Kernel:
         if rc:
             raise RuntimeError(f"kernel {self.symbol} ({self.path}) returned {rc}")
 
-    def call_list(self, pointers: list[int]) -> None:
-        """Call the kernel on a list of raw addresses (ints, no None): the runtime's hot path."""
+    def call_list(self, pointers: list[int]) -> int:
+        """Call the kernel on a list of raw addresses (ints, no None): the runtime's hot path.
+        Returns the kernel's return code (0, or its error bits) for the caller to report."""
         packer = self._packers.get(len(pointers))
         if packer is None:
             packer = self._packers[len(pointers)] = struct.Struct(f"{len(pointers)}P").pack
-        rc = self._fn(packer(*pointers))
-        if rc:
-            raise RuntimeError(f"kernel {self.symbol} ({self.path}) returned {rc}")
+        return self._fn(packer(*pointers))
 
     def __repr__(self) -> str:
         return f"Kernel({self.symbol!r}, {str(self.path)!r})"

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from codegen.cpp.emit import Unsupported
+from codegen.cpp.emit import ERRORS, Unsupported
 from codegen.cpp.kernel import KernelSource, render_group
 from runtime.build import load_built
 from stitch_ir.core import BlockArgument, FuncOp, OpResult, Value
@@ -321,11 +321,10 @@ class CompiledGraph:
                 args[pos] = t.data_ptr()
             for pos, slot, v in dyn_writes:
                 args[pos] = self._alloc(cs, env, slot, v).data_ptr()
-            try:
-                call(args)
-            except RuntimeError:
-                raise RuntimeError(f"stitch kernel {kern.symbol} ({kern.source_path}): an "
-                                   "index read from a tensor is out of range") from None
+            rc = call(args)
+            if rc:
+                what = "; ".join(m for bit, m in ERRORS.items() if rc & bit) or f"error {rc}"
+                raise RuntimeError(f"stitch kernel {kern.symbol} ({kern.source_path}): {what}")
 
         return run
 

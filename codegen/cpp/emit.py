@@ -41,6 +41,20 @@ _NARROW = {DType.f16: "st_f2h", DType.bf16: "st_f2bf"}
 _ROUND = {DType.f16: "st_round_h", DType.bf16: "st_round_bf"}
 
 
+# A kernel returns a bit set of these (0: fine); the runtime turns them into the error eager raises.
+ERR_INDEX = 1  # an index read from a tensor is out of range
+ERR_DIV_ZERO = 2  # an integer division by zero
+ERRORS = {ERR_INDEX: "an index read from a tensor is out of range",
+          ERR_DIV_ZERO: "integer division by zero (ZeroDivisionError in eager)"}
+
+
+def sets_err(ops) -> bool:
+    """Whether a kernel of ``ops`` may set its error flag (gathers, integer divisions)."""
+    return any(isinstance(op, st.EmbeddingOp | st.IndexSelectOp | st.GatherOp) or (
+        isinstance(op, st.DivOp | st.FloorDivOp | st.RemainderOp)
+        and not op.result.type.dtype.is_float) for op in ops)
+
+
 class Unsupported(Exception):
     """The group uses something this code generator does not handle (the runtime falls back)."""
 
@@ -397,10 +411,14 @@ class Emitter:
             const = _splat_value(op.operand(1))
             if t.dtype.is_float and const is not None and _exact_reciprocal(const):
                 return self.temp(ct, f"({a} * {literal(1.0 / const, t.dtype)})")
+            if not t.dtype.is_float:
+                b = self.nonzero_divisor(b, ct)
             return self.temp(ct, f"({a} / {b})")
         if isinstance(op, st.FloorDivOp | st.RemainderOp):
             a, b = (self.value(o, idx) for o in op.operands)
             kind = "floordiv" if isinstance(op, st.FloorDivOp) else "remainder"
+            if not t.dtype.is_float:
+                b = self.nonzero_divisor(b, ct)
             fn = f"st_{kind}_f" if t.dtype.is_float else f"({ct})st_{kind}_i"
             return self.temp(ct, f"{fn}({a}, {b})")
         if isinstance(op, st.WhereOp):
@@ -457,12 +475,18 @@ class Emitter:
             return self.value(x, src)
         raise Unsupported(f"'{op.name}' cannot be inlined into a kernel expression")
 
+    def nonzero_divisor(self, b: str, ct: str) -> str:
+        """An integer divisor that is never 0: a zero sets the error flag (ERR_DIV_ZERO; eager
+        raises ZeroDivisionError) and divides by 1 instead of killing the process (SIGFPE)."""
+        self.stmt_with(b, f"if ({b} == 0) err |= {ERR_DIV_ZERO};")
+        return self.temp(ct, f"({b} == 0 ? ({ct})1 : {b})", "dv")
+
     def checked_index(self, expr: str, size: int) -> str:
         """An index read from a tensor: negative wraps (as torch); out of range sets the error
         flag and reads row 0 instead."""
         raw = self.temp("int64_t", f"(int64_t)({expr})", "ix")
         wrapped = self.temp("int64_t", f"({raw} < 0 ? {raw} + {size} : {raw})", "ix")
-        self.stmt_with(wrapped, f"if ({wrapped} < 0 || {wrapped} >= {size}) err = 1;")
+        self.stmt_with(wrapped, f"if ({wrapped} < 0 || {wrapped} >= {size}) err |= {ERR_INDEX};")
         return self.temp("int64_t", f"(({wrapped} < 0 || {wrapped} >= {size}) ? 0 : {wrapped})",
                          "ix")
 

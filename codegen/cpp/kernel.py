@@ -38,6 +38,7 @@ from codegen.cpp.emit import (
     linearize,
     literal,
     round_to,
+    sets_err,
     storage_ctype,
 )
 from stitch_ir.core import Value
@@ -300,8 +301,7 @@ class RowKernel:
 
     @property
     def em_has_gather(self) -> bool:
-        return any(isinstance(op, st.EmbeddingOp | st.IndexSelectOp | st.GatherOp)
-                   for op in self.body)
+        return sets_err(self.body)
 
 
 # A row value read in several phases is either kept in a row buffer (one store, then one L1
@@ -431,8 +431,7 @@ class PhaseKernel:
         self.out_names = out_names  # id(value) -> every output pointer it is written to
         self.scratch: list[int] = []
         self.n_loops = 0
-        self.gathers = any(isinstance(op, st.EmbeddingOp | st.IndexSelectOp | st.GatherOp)
-                           for op in self.body)
+        self.gathers = sets_err(self.body)  # the loops reduce the error flag
 
     def materialised(self) -> list[Value]:
         """Values with a loop nest of their own, in an order producers-first. An output that is

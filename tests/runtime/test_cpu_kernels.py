@@ -430,3 +430,18 @@ def test_fake_quantize_is_compiled_bit_for_bit(scale, zp, lo, hi):
     compiled(b).sum().backward()
     assert torch.equal(a.grad, b.grad)
     assert sum(v for k, v in backend.FALLBACKS.items() if "fake_quant" in k) == before
+
+
+def test_integer_division_by_zero_raises_not_crashes():
+    """An integer division by zero in a kernel raises, as eager does (it used to kill the
+    process with SIGFPE); without a zero the results are eager's."""
+    def f(a, b):
+        return a // b, a % b, a.div(b, rounding_mode="trunc")
+
+    a, b = torch.tensor([5, 7, -3, 9]), torch.tensor([2, 0, 1, -4])
+    g = compile_program(import_model(Fn(f).eval(), (a, b)), device_spec=cpu_spec(measure=False))
+    with pytest.raises(RuntimeError, match="division by zero"):
+        g(a, b)
+    ok = torch.tensor([2, 3, 1, -4])
+    for x, y in zip(g(a, ok), f(a, ok)):
+        assert torch.equal(x, y)
