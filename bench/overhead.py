@@ -13,10 +13,9 @@ For each, per call, contenders alternating:
 - stitch's kernels alone: each kernel's ctypes call on prepacked arguments, and an empty
   ``extern "C"`` function of the same arity through the same ctypes path (the launch floor).
 
-Then the graph's call is replayed step by step with a timer around each step, and inside kernel
-steps around each part (input contiguity, ``_alloc`` of outputs, ``data_ptr()`` gathering,
-argument packing, the ctypes call): the time by step kind and by part. A cProfile of calls through
-``torch.compile`` lists the functions the wrapper spends its time in.
+Then the graph's call is replayed step by step (the steps a call runs: the static ones ran when
+its call state was made) with a timer around each step: the time by step kind. A cProfile of calls
+through ``torch.compile`` lists the functions the wrapper spends its time in.
 
 ``profile_steps`` (used by ``bench.clients --profile``) times a real compiled call by step kind.
 """
@@ -58,13 +57,13 @@ def profile_steps(graphs, call, calls: int | None = None, budget_s: float = 0.3)
             key = f"g{gi}.{k} {s.kind} {s.name}"
             kinds[key] = s.kind
 
-            def timed(env, s=s, run=s.run, key=key):
+            def timed(env, cs, s=s, run=s.run, key=key):
                 if key not in shapes:
                     shapes[key] = " ".join(
                         "x".join(map(str, env[i].shape)) + ("" if env[i].is_contiguous() else "!")
                         for i in s.reads if isinstance(env[i], torch.Tensor))
                 t = time.perf_counter()
-                run(env)
+                run(env, cs)
                 per_step[key].append(time.perf_counter() - t)
             s.run = timed
     original = CompiledGraph.__call__
@@ -213,54 +212,30 @@ def capture_args():
         backend.compile_fx = original
 
 
-def _env(g, args) -> list:
-    """The value list a ``CompiledGraph`` call starts from (as ``CompiledGraph.__call__`` builds it)."""
-    env: list = [None] * len(g.slots)
-    for i, t in g.consts.items():
-        env[i] = t
+def _env(g, args):
+    """(env, call state): the value list a ``CompiledGraph`` call runs its steps on, as
+    ``CompiledGraph.__call__`` builds it (the state's static environment plus the inputs)."""
+    cs = g.new_call_state()
+    env = cs.env.copy()
     for i, t in zip(g.prog.user_inputs, args):
         env[i] = t
-    return env
+    return env, cs
 
 
 def replay(g, args, calls: int) -> dict:
-    """Steps run one by one with timers: us per call by step kind, and inside kernel steps by part
-    (median over calls of each call's sum, and mean; the timer's own cost subtracted)."""
-    from runtime.graph import _contiguous
-
-    if g.arena is None:
-        g._materialise_arena()
+    """The call's steps run one by one with a timer around each: us per call by step kind
+    (median over calls of each call's sum, and mean; the timer's own cost subtracted). Kernel
+    steps are split into their Python (argument array, outputs) and the kernel call itself."""
     tick = time.perf_counter
-    n_kind = Counter(s.kind for s in g.steps)
+    n_kind = Counter(s.kind for s in g.call_steps)
     rows: list[Counter] = []
     for rep in range(calls + 5):
         row: Counter = Counter()
-        env = _env(g, args)
-        for k, s in enumerate(g.steps):
-            if s.kind != "kernel":
-                t = tick()
-                s.run(env)
-                row[s.kind] += tick() - t
-                continue
-            kern, reads, writes, types, _ = s.run.__defaults__
-            t0 = tick()
-            ins = [_contiguous(env[i]) for i in reads]
-            t1 = tick()
-            outs = [g._alloc(env, w, v) for w, v in zip(writes, types)]
-            t2 = tick()
-            ptrs = [t.data_ptr() for t in ins + outs]
-            t3 = tick()
-            packed = kern.pack(*ptrs, *g.scratch_views[k])
-            t4 = tick()
-            kern.call_packed(packed)
-            t5 = tick()
-            row["kernel: contiguous"] += t1 - t0
-            row["kernel: _alloc"] += t2 - t1
-            row["kernel: data_ptr"] += t3 - t2
-            row["kernel: pack"] += t4 - t3
-            row["kernel: ctypes call + kernel"] += t5 - t4
-            row["kernel"] += t5 - t0
-        del env
+        env, cs = _env(g, args)
+        for s in g.call_steps:
+            t = tick()
+            s.run(env, cs)
+            row[s.kind] += tick() - t
         if rep >= 5:
             rows.append(row)
     t = tick()
@@ -269,10 +244,11 @@ def replay(g, args, calls: int) -> dict:
     timer = (tick() - t) / 1000
     out = {}
     for key in rows[0]:
-        n = n_kind[key.split(":")[0]]
+        n = n_kind[key]
         st = _stats([(r[key] - n * timer) * 1e6 for r in rows])
         out[key] = {"p50": st["p50"], "mean": st["mean"]}
-    return {"us": out, "steps": dict(n_kind), "timer_us": timer * 1e6}
+    return {"us": out, "steps": dict(n_kind), "static_steps": len(g.static_steps),
+            "timer_us": timer * 1e6}
 
 
 def kernels_alone(g, args, calls: int, threads: int) -> dict[str, dict[str, float]]:
@@ -280,14 +256,16 @@ def kernels_alone(g, args, calls: int, threads: int) -> dict[str, dict[str, floa
     at 1; and an empty ``extern "C"`` function through the same ctypes path as often (the floor)."""
     from runtime.build import load_kernel
 
-    env = _env(g, args)
+    env, cs = _env(g, args)
     launches = []
     for k, s in enumerate(g.steps):
-        s.run(env)
+        if s in g.call_steps:
+            s.run(env, cs)
         if s.kind == "kernel":
-            kern, reads, writes, _, _ = s.run.__defaults__
-            ptrs = [env[i].contiguous().data_ptr() for i in reads] + [env[w].data_ptr() for w in writes]
-            launches.append((kern, kern.pack(*ptrs, *g.scratch_views[k])))
+            kern = s.kernel
+            ptrs = [env[i].contiguous().data_ptr() for i in s.reads] + \
+                [env[w].data_ptr() for w in s.writes]
+            launches.append((kern, kern.pack(*ptrs, *cs.scratch[k])))
     noop = load_kernel('extern "C" int stitch_noop(void* const* args) { return args == 0; }',
                        "stitch_noop")
     empty = [(noop, packed) for _, packed in launches]

@@ -568,12 +568,15 @@ def index_select(imp, n):
     dim = normalize_dim(n.args[1], x.type.rank)
     if x.type.rank == 0:  # a scalar is one element along dim 0
         flat = imp.create(st.IndexSelectOp, imp.reshape(x, (1,)),
-                          imp.reshape(idx, (idx.type.numel(),)), dim=0)
+                          imp.reshape(idx, (idx.type.numel(),)), dim=0, wrap=False)
         return imp.reshape(flat, imp.out_type().shape)
     if idx.type.rank == 0:
         idx = imp.reshape(idx, (1,))
-        return imp.reshape(imp.create(st.IndexSelectOp, x, idx, dim=dim), imp.out_type().shape)
-    return imp.create(st.IndexSelectOp, x, idx, dim=dim)
+        return imp.reshape(imp.create(st.IndexSelectOp, x, idx, dim=dim, wrap=False),
+                           imp.out_type().shape)
+    # index_select, gather, embedding, index_add and scatter raise on a negative index (only
+    # Python indexing, x[idx], counts from the end): wrap=False
+    return imp.create(st.IndexSelectOp, x, idx, dim=dim, wrap=False)
 
 
 @handles(aten.embedding)
@@ -581,7 +584,7 @@ def embedding(imp, n):
     w, idx = imp.value(n.args[0]), imp.value(n.args[1])
     if w.type.rank != 2:
         return imp.torch_call(n)
-    return imp.create(st.EmbeddingOp, w, idx)
+    return imp.create(st.EmbeddingOp, w, idx, wrap=False)
 
 
 @handles(aten.index)
@@ -613,9 +616,10 @@ def gather(imp, n):
     if x.type.rank != idx.type.rank and max(x.type.rank, idx.type.rank) <= 1:
         # torch lets a scalar stand for one element along dim 0, on either side
         r = imp.create(st.GatherOp, imp.reshape(x, (x.type.numel(),)),
-                       imp.reshape(idx, (idx.type.numel(),)), dim=0)
+                       imp.reshape(idx, (idx.type.numel(),)), dim=0, wrap=False)
         return imp.reshape(r, imp.out_type().shape)
-    return imp.create(st.GatherOp, x, idx, dim=normalize_dim(n.args[1], max(x.type.rank, 1)))
+    return imp.create(st.GatherOp, x, idx, dim=normalize_dim(n.args[1], max(x.type.rank, 1)),
+                      wrap=False)
 
 
 @handles(aten.index_add)
@@ -627,6 +631,7 @@ def index_add(imp, n):
     idx = imp.value(args["index"])
     alpha = args.get("alpha", 1)
     attrs = {"alpha": alpha} if alpha not in (1, None) else {}
+    attrs["wrap"] = False
     if x.type.rank == 0:  # a scalar is one element along dim 0; so is a scalar source
         r = imp.create(st.IndexAddOp, imp.reshape(x, (1,)), imp.reshape(idx, (idx.type.numel(),)),
                        imp.reshape(src, (idx.type.numel(),)), dim=0, **attrs)
@@ -638,7 +643,8 @@ def index_add(imp, n):
 @handles(aten.scatter_add)
 def scatter_add(imp, n):
     x, idx, src = imp.value(n.args[0]), imp.value(n.args[2]), imp.value(n.args[3])
-    return imp.create(st.ScatterAddOp, x, idx, src, dim=normalize_dim(n.args[1], x.type.rank))
+    return imp.create(st.ScatterAddOp, x, idx, src, dim=normalize_dim(n.args[1], x.type.rank),
+                      wrap=False)
 
 
 @handles(aten.scatter_reduce)
@@ -646,7 +652,8 @@ def scatter_reduce(imp, n):
     args = bind(n)
     x, idx, src = (imp.value(args[k]) for k in ("self", "index", "src"))
     return imp.create(st.ScatterReduceOp, x, idx, src, dim=normalize_dim(args["dim"], x.type.rank),
-                      reduce=args["reduce"], include_self=bool(args.get("include_self", True)))
+                      reduce=args["reduce"], include_self=bool(args.get("include_self", True)),
+                      wrap=False)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -319,7 +319,11 @@ def _rand(op, args):
 
 
 def _check_bounds(op, idx: np.ndarray, size: int) -> np.ndarray:
-    if idx.size and (idx.min() < -size or idx.max() >= size):
+    """In-range indices; negative ones count from the end where the op says ``wrap`` (Python
+    indexing, ``x[idx]``) and are out of range where it does not (index_select, gather,
+    embedding, index_add, scatter: eager raises on them)."""
+    lo = -size if op.attr("wrap", True) else 0
+    if idx.size and (idx.min() < lo or idx.max() >= size):
         raise InterpreterError(f"index out of range for size {size} in '{op.name}'{op.where()}")
     return np.where(idx < 0, idx + size, idx)
 

@@ -459,19 +459,20 @@ class Emitter:
         if isinstance(op, st.EmbeddingOp):
             table, ids = op.operands
             n_idx = len(dims(ids))
-            row = self.checked_index(self.value(ids, idx[:n_idx]), dims(table)[0])
+            row = self.checked_index(self.value(ids, idx[:n_idx]), dims(table)[0],
+                                     op.attr("wrap", True))
             return self.value(table, [row] + idx[n_idx:])
         if isinstance(op, st.IndexSelectOp):
             x, ids = op.operands
             d = op.attributes["dim"]
             src = list(idx)
-            src[d] = self.checked_index(self.value(ids, [idx[d]]), dims(x)[d])
+            src[d] = self.checked_index(self.value(ids, [idx[d]]), dims(x)[d], op.attr("wrap", True))
             return self.value(x, src)
         if isinstance(op, st.GatherOp):
             x, ids = op.operands
             d = op.attributes["dim"]
             src = list(idx)
-            src[d] = self.checked_index(self.value(ids, idx), dims(x)[d])
+            src[d] = self.checked_index(self.value(ids, idx), dims(x)[d], op.attr("wrap", True))
             return self.value(x, src)
         raise Unsupported(f"'{op.name}' cannot be inlined into a kernel expression")
 
@@ -481,11 +482,13 @@ class Emitter:
         self.stmt_with(b, f"if ({b} == 0) err |= {ERR_DIV_ZERO};")
         return self.temp(ct, f"({b} == 0 ? ({ct})1 : {b})", "dv")
 
-    def checked_index(self, expr: str, size: int) -> str:
-        """An index read from a tensor: negative wraps (as torch); out of range sets the error
-        flag and reads row 0 instead."""
+    def checked_index(self, expr: str, size: int, wrap: bool = True) -> str:
+        """An index read from a tensor: negative counts from the end where ``wrap`` (Python
+        indexing) and is out of range where not; out of range sets the error flag and reads row 0
+        instead."""
         raw = self.temp("int64_t", f"(int64_t)({expr})", "ix")
-        wrapped = self.temp("int64_t", f"({raw} < 0 ? {raw} + {size} : {raw})", "ix")
+        wrapped = self.temp("int64_t", f"({raw} < 0 ? {raw} + {size} : {raw})", "ix") if wrap \
+            else raw
         self.stmt_with(wrapped, f"if ({wrapped} < 0 || {wrapped} >= {size}) err |= {ERR_INDEX};")
         return self.temp("int64_t", f"(({wrapped} < 0 || {wrapped} >= {size}) ? 0 : {wrapped})",
                          "ix")

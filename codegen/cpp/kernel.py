@@ -826,9 +826,9 @@ class PhaseKernel:
         body = []
         em.push(body, em.scopes[-1].indent + "  ", loop_vars=set(names))
         if isinstance(op, st.IndexAddOp):
-            pos = em.checked_index(em.value(idx, [names[dim]]), xs[dim])
+            pos = em.checked_index(em.value(idx, [names[dim]]), xs[dim], op.attr("wrap", True))
         else:
-            pos = em.checked_index(em.value(idx, names), xs[dim])
+            pos = em.checked_index(em.value(idx, names), xs[dim], op.attr("wrap", True))
         dst = list(names)
         dst[dim] = pos
         val = em.value(src, names)
@@ -888,7 +888,7 @@ class PhaseKernel:
         em.line(f"for (; e < {n_edges} && n < {chunk}; ++e) {{")
         listing: list[str] = []
         em.push(listing, em.scopes[-1].indent + "  ", loop_vars={"e"})
-        d = em.checked_index(em.value(idx, ["e"]), rows)
+        d = em.checked_index(em.value(idx, ["e"]), rows, op.attr("wrap", True))
         em.line(f"own_e[n] = ({et})e;")
         em.line(f"own_d[n] = ({dt}){d};")
         em.line(f"n += ({d} >= lo) & ({d} < hi);")
@@ -962,7 +962,8 @@ class PhaseKernel:
             em.line(f"for (int64_t {names[k]} = 0; {names[k]} < {n}; ++{names[k]}) {{")
         body: list[str] = []
         em.push(body, em.scopes[-1].indent + "  ", loop_vars=set(names))
-        pos = em.checked_index(em.value(op.operand(1), names), xs[op.attributes["dim"]])
+        pos = em.checked_index(em.value(op.operand(1), names), xs[op.attributes["dim"]],
+                               op.attr("wrap", True))
         dst = list(names)
         dst[op.attributes["dim"]] = pos
         em.line(em.store(target, linearize(dst, xs), t, ident))

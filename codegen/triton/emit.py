@@ -431,14 +431,15 @@ class Emitter:
         if isinstance(op, st.EmbeddingOp):
             table, ids = op.operands
             n_idx = len(dims(ids))
-            row = self.checked_index(self.value(ids, idx[:n_idx]), dims(table)[0])
+            row = self.checked_index(self.value(ids, idx[:n_idx]), dims(table)[0],
+                                     op.attr("wrap", True))
             return self.value(table, [row] + idx[n_idx:])
         if isinstance(op, st.IndexSelectOp | st.GatherOp):
             x, ids = op.operands
             d = op.attributes["dim"]
             src = list(idx)
             at = [idx[d]] if isinstance(op, st.IndexSelectOp) else idx
-            src[d] = self.checked_index(self.value(ids, at), dims(x)[d])
+            src[d] = self.checked_index(self.value(ids, at), dims(x)[d], op.attr("wrap", True))
             return self.value(x, src)
         raise Unsupported(f"'{op.name}' cannot be inlined into a Triton kernel expression")
 
@@ -471,14 +472,15 @@ class Emitter:
         r = self.temp(f"{a} % {b}")
         return self.temp(f"tl.where(({r} != 0) & (({r} < 0) != ({b} < 0)), {r} + {b}, {r})")
 
-    def checked_index(self, expr: str, size: int) -> str:
-        """An index read from a tensor: negative wraps (as torch); out of range raises the error
-        flag and reads row 0 instead."""
+    def checked_index(self, expr: str, size: int, wrap: bool = True) -> str:
+        """An index read from a tensor: negative counts from the end where ``wrap`` (Python
+        indexing) and is out of range where not; out of range raises the error flag and reads
+        row 0 instead."""
         if self.err is None:
             raise Unsupported("a gather in a kernel without an error flag")
         raw = self.temp(f"{expr}.to(tl.int64)" if not is_int_literal(expr) else
                         f"tl.full([], {expr}, tl.int64)", "ix")
-        wrapped = self.temp(f"tl.where({raw} < 0, {raw} + {size}, {raw})", "ix")
+        wrapped = self.temp(f"tl.where({raw} < 0, {raw} + {size}, {raw})", "ix") if wrap else raw
         bad = self.temp(f"({wrapped} < 0) | ({wrapped} >= {size})", "bad")
         self.uses_err = True
         mask = self.mask_for(self.deps.get(bad, frozenset()))

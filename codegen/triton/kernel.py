@@ -317,7 +317,7 @@ class GroupRenderer:
         d = op.attributes["dim"]
         at = [pos[d]] if isinstance(op, st.IndexAddOp) else pos
         dst = list(pos)
-        dst[d] = em.checked_index(em.value(idx, at), dims(x)[d])
+        dst[d] = em.checked_index(em.value(idx, at), dims(x)[d], op.attr("wrap", True))
         offset = linearize(dst, dims(out))
         if "e0" not in em.deps_of(offset):  # one destination for every lane (size-1 dims)
             offset = f"{offset} + 0 * e0"

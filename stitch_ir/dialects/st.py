@@ -540,6 +540,11 @@ class RandOp(StOp):
 # Gather / scatter
 
 
+# Index ops take an optional ``wrap`` (default true): whether a negative index counts from the
+# end (Python indexing, ``x[idx]``) or is out of range (index_select, gather, embedding,
+# index_add and scatter raise on it in eager).
+
+
 def _check_index(t: TensorType, what: str = "index") -> None:
     if not t.dtype.is_int:
         raise TypeError(f"{what} must be an integer tensor, got {t.dtype}")
@@ -553,6 +558,7 @@ class IndexSelectOp(StOp):
     kind = GATHER
     num_operands = 2
     required_attrs = ("dim",)
+    optional_attrs = ("wrap",)
 
     @classmethod
     def infer_types(cls, ts, attrs):
@@ -574,6 +580,7 @@ class EmbeddingOp(StOp):
 
     name = "st.embedding"
     kind = GATHER
+    optional_attrs = ("wrap",)
     num_operands = 2
 
     @classmethod
@@ -593,6 +600,7 @@ class GatherOp(StOp):
     kind = GATHER
     num_operands = 2
     required_attrs = ("dim",)
+    optional_attrs = ("wrap",)
 
     @classmethod
     def infer_types(cls, ts, attrs):
@@ -613,7 +621,7 @@ class IndexAddOp(StOp):
     kind = SCATTER
     num_operands = 3
     required_attrs = ("dim",)
-    optional_attrs = ("alpha",)
+    optional_attrs = ("alpha", "wrap")
 
     @classmethod
     def infer_types(cls, ts, attrs):
@@ -636,6 +644,7 @@ class ScatterBase(StOp):
     kind = SCATTER
     num_operands = 3
     required_attrs = ("dim",)
+    optional_attrs = ("wrap",)
 
     @classmethod
     def infer_types(cls, ts, attrs):

@@ -445,3 +445,25 @@ def test_integer_division_by_zero_raises_not_crashes():
     ok = torch.tensor([2, 3, 1, -4])
     for x, y in zip(g(a, ok), f(a, ok)):
         assert torch.equal(x, y)
+
+
+def test_negative_indices_wrap_only_where_eager_wraps():
+    """x[idx] counts a negative index from the end; index_select, gather, embedding, index_add
+    and scatter_add raise on it, as eager does (they used to wrap: a silent value)."""
+    x = torch.randn(5, 3)
+    neg = torch.tensor([-1, 2])
+    (got,) = compile_program(import_model(Fn(lambda x, i: x[i]).eval(), (x, neg)),
+                             device_spec=cpu_spec(measure=False))(x, neg)
+    assert torch.equal(got, x[neg])
+    for fn in (lambda x, i: torch.index_select(x, 0, i) * 2,
+               lambda x, i: torch.gather(x, 0, i[:, None].expand(2, 3)) + 1,
+               lambda x, i: torch.nn.functional.embedding(i, x) * 2,
+               lambda x, i: torch.zeros(5, 3).index_add(0, i, x[:2]),
+               lambda x, i: torch.zeros(5, 3).scatter_add(0, i[:, None].expand(2, 3), x[:2])):
+        with pytest.raises((IndexError, RuntimeError)):
+            fn(x, neg)  # eager raises
+        g = compile_program(import_model(Fn(fn).eval(), (x, neg)), device_spec=cpu_spec(measure=False))
+        with pytest.raises(RuntimeError, match="out of range"):
+            g(x, neg)
+        ok = torch.tensor([4, 2])
+        torch.testing.assert_close(g(x, ok)[0], fn(x, ok))
