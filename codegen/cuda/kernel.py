@@ -34,7 +34,7 @@ from pathlib import Path
 import jinja2
 
 from codegen.cuda.emit import HALF, CudaEmitter, Unsupported, ctype, dims, linearize, storage_ctype
-from codegen.cuda.phase import CTYPE_SIZE, Phase
+from codegen.cuda.phase import CTYPE_SIZE, Phase, buffer_uses
 from codegen.cuda.reduce import ReducePart
 from stitch_ir.core import BlockArgument, Value
 from stitch_ir.dialects import fusion, st
@@ -137,7 +137,7 @@ class CudaGroupRenderer:
             ops = [v.owner for v in values if not isinstance(v, BlockArgument)]
             if any(isinstance(op, st.ReduceOp) for op in ops):
                 part = ReducePart(g, values, sched, dict(self.buffers), self.targets, self.half,
-                                  self.new_scratch, f"p{i}", self.reg_elems)
+                                  self.new_scratch, _Names(self), self.reg_elems)
                 out += part.phases()
             elif any(isinstance(op, SCATTERS) for op in ops):
                 out += self._scatter([op for op in ops if isinstance(op, SCATTERS)][0], sched)
@@ -182,11 +182,7 @@ class CudaGroupRenderer:
         body += unit_lines + ["    }"]
         em.pop()
         text = "\n".join(body)
-        reads = {b for b in self._names()
-                 if re.search(rf"\b{b}\[[^\]]*\](?!\s*=(?!=))", text)} | state["reads"]
-        writes = {b for b in self._names() if re.search(rf"\b{b}\[[^\]]*\] =(?!=)|"
-                                                           rf"st_storev<\d+>\({b}\b|"
-                                                           rf"st_atomic_add\(&{b}\b", text)}
+        reads, writes = buffer_uses(text, self._names())
         return Phase(body, threads, units, 0, what, mapping, reads=reads, writes=writes,
                      vector=state["vector"], uses_err="err = 1" in text)
 
@@ -337,6 +333,16 @@ class CudaGroupRenderer:
                                   "with atomicAdd", "scatter", add)
         second.reads.add(target)  # orders it after the copy
         return [first, second]
+
+
+class _Names:
+    """The group's buffer names, as they are when iterated (scratch grows while rendering)."""
+
+    def __init__(self, r: CudaGroupRenderer):
+        self.r = r
+
+    def __iter__(self):
+        return iter(self.r._names())
 
 
 def _later_reads(parts: list[list[Value]]) -> set[int]:

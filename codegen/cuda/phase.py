@@ -14,6 +14,7 @@ in barriers; shared memory is carved at fixed offsets from ``smem`` (16-byte ali
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 
@@ -47,3 +48,17 @@ class Smem:
 
 CTYPE_SIZE = {"float": 4, "double": 8, "int64_t": 8, "int": 4, "int32_t": 4, "int16_t": 2,
               "int8_t": 1, "uint8_t": 1, "bool": 1, "uint16_t": 2}
+
+
+def buffer_uses(text: str, names: list[str]) -> tuple[set[str], set[str]]:
+    """(read, written) buffer names of a phase's text: an element read (``b[i]`` not assigned),
+    a vector load from ``b + ...``; an element assigned, a vector store or an atomic."""
+    reads, writes = set(), set()
+    for b in names:
+        if re.search(rf"\b{b}\[[^\]]*\](?!\s*=(?!=))", text) or \
+                re.search(rf"st_loadv<\d+>\([^;]*?, {b} \+", text):
+            reads.add(b)
+        if re.search(rf"\b{b}\[[^\]]*\]\s*=(?!=)", text) or \
+                re.search(rf"st_storev<\d+>\({b} \+|st_atomic_add\(&{b}\[", text):
+            writes.add(b)
+    return reads, writes

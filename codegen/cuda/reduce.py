@@ -41,7 +41,7 @@ from codegen.cuda.emit import (
     linearize,
     storage_ctype,
 )
-from codegen.cuda.phase import CTYPE_SIZE, Phase, Smem
+from codegen.cuda.phase import CTYPE_SIZE, Phase, Smem, buffer_uses
 from stitch_ir.core import BlockArgument, Value
 from stitch_ir.dialects import st
 from stitch_ir.types import DType
@@ -98,13 +98,13 @@ class ReducePart:
     """One reduction kernel of a group (see the module docstring). ``phases()`` renders it."""
 
     def __init__(self, group, values: list[Value], sched: dict, buffers: dict[int, str],
-                 targets: dict[int, list[str]], half: dict, new_scratch, prefix: str,
+                 targets: dict[int, list[str]], half: dict, new_scratch, names,
                  reg_elems: int = 32):
         self.sched = sched
         self.buffers = buffers
         self.targets = targets
         self.half = half
-        self.prefix = prefix
+        self.names = names  # every buffer name of the group (inputs, outputs, scratch)
         self.reg_elems = reg_elems
         self.reduces = [v.owner for v in values if not isinstance(v, BlockArgument)
                         and isinstance(v.owner, st.ReduceOp)]
@@ -304,16 +304,9 @@ class ReducePart:
         em.pop()
         text = "\n".join(body)
         lines = [f"    {d}" for d in self.smem.decls] + body
-        writes = {p for v in self.outputs for p in self.targets[id(v)]}
-        if not final:
-            writes = set()
-        writes |= {self.partials[id(s)] for s in self.steps
-                   if self.split > 1 and not final and s.level == level}
-        what = self._what(level, final)
-        return Phase(lines, self.tpb, self.units, self.smem.size, what, self.mapping,
-                     reads=self.reads | {self.partials[id(s)] for s in self.steps
-                                         if self.split > 1 and s.level < upto},
-                     writes=writes, vector=set(self.vector),
+        reads, writes = buffer_uses(text, self.names)
+        return Phase(lines, self.tpb, self.units, self.smem.size, self._what(level, final),
+                     self.mapping, reads=reads, writes=writes, vector=set(self.vector),
                      uses_err="err = 1" in text, syncthreads=self.n_sync)
 
     def _what(self, level, final) -> str:
