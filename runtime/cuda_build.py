@@ -251,3 +251,38 @@ def build_group(group, arch: int, name: str = "", spec=None, max_retries: int = 
     if notes:
         group.set_attrs(kernel_notes=list(group.attr("kernel_notes", ())) + notes)
     return src, builds, "; ".join(notes)
+
+
+def emit_cuda_kernels(module, target: str, out: Path) -> list[dict]:
+    """Write every CUDA C group of ``module`` (scheduled for ``target``) under ``out``: its
+    ``.cu`` (with the two headers beside it), PTX, cubin, and one resource-report row per
+    kernel (returned; the caller writes ``kernels.json``). A group the generator cannot render
+    is handed to Triton (``codegen`` set back, the reason noted on the group and in its row)."""
+    from codegen.cuda.emit import Unsupported
+    from stitch_ir.dialects import fusion
+
+    arch = int(target[3:])
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    for op in module.walk():
+        if not isinstance(op, fusion.GroupOp) or op.kind == "view" or \
+                op.attr("codegen", "triton") != "cuda":
+            continue
+        try:
+            src, builds, note = build_group(op, arch, op.kind)
+        except Unsupported as e:
+            op.set_attrs(codegen="triton", codegen_why=f"{op.attr('codegen_why')}; the CUDA C "
+                         f"generator cannot render it ({e}): Triton",
+                         kernel_notes=list(op.attr("kernel_notes", ())) + [f"CUDA C: {e}"])
+            rows.append({"group": op.kind, "codegen": "cuda", "fallback": str(e)})
+            continue
+        for h in HEADERS:
+            shutil.copyfile(HEADER_DIR / h, out / h)
+        _write_atomic(out / f"{src.symbol}.cu", src.source)
+        for path in (builds[0].ptx_path, builds[0].cubin_path):
+            shutil.copyfile(path, out / f"{src.symbol}{path.suffix}")
+        for b in builds:
+            rows.append({"group": op.kind, "codegen": "cuda", "symbol": src.symbol,
+                         "mapping": op.attr("mapping"), "stitch": src.stitch,
+                         "stitch_why": src.stitch_why, **b.report, "note": note})
+    return rows

@@ -72,7 +72,7 @@ class CudaSource:
     scratch: list[tuple[int, DType]] = field(default_factory=list)
     uses_err: bool = False
     kind: str = ""
-    stitch: str = "single"  # single | global (one cooperative kernel) | split
+    stitch: str = "single"  # single | global (one cooperative kernel) | packed | split
     stitch_why: str = ""
     vector: set[str] = field(default_factory=set)  # buffers read / written 16 bytes at a time
 
@@ -386,10 +386,8 @@ def render_group(group: fusion.GroupOp, name: str = "", stitch: str | None = Non
     sets = [phases] if stitch == "global" else [[p] for p in phases]
     all_vector: set[str] = set()
     for i, ph in enumerate(sets):
-        coop = stitch == "global"
         block = max(p.threads for p in ph)
         smem = max(p.smem for p in ph)
-        g = (grid or max(p.units for p in ph)) if coop else ph[0].units
         # a barrier before a phase reading what another phase wrote since the last one
         written: set[str] = set()
         rows = []
@@ -405,6 +403,11 @@ def render_group(group: fusion.GroupOp, name: str = "", stitch: str | None = Non
                 written = set()
             written |= p.writes
             rows.append(entry)
+        # phases that read nothing of each other share a kernel without a barrier (packing)
+        coop = grid_syncs > 0
+        if stitch == "global" and not coop:
+            stitch, why = "packed", "independent phases in one kernel, no grid barrier needed"
+        g = (grid or max(p.units for p in ph)) if len(ph) > 1 else ph[0].units
         text = "\n".join(ln for p in ph for ln in p.lines)
         used = [b for b in names if re.search(rf"\b{b}\b", text)]
         uses_err = any(p.uses_err for p in ph)

@@ -267,7 +267,7 @@ class ReducePart:
         em.line(f"for (int unit = blockIdx.x; unit < {self.units}; unit += gridDim.x) {{")
         em.push(self.unit_lines, "      ", loop_vars={"unit", "o", "c", "lo", "hi", "o_ok"})
         split = self.split
-        ob = "unit / %d" % split if split > 1 else "unit"
+        ob = f"unit / {split}" if split > 1 else "unit"
         if self.col:
             em.line(f"const int o = ({ob}) * 32 + tx;  // the column")
             em.line(f"const bool o_ok = o < {self.O} && tid < {self.tpb};")
@@ -376,7 +376,7 @@ class ReducePart:
         name = self.buffers[id(v)]
         st_t = storage_ctype(v.type.dtype)
         vec_ok = not self.col and self.VEC > 1 and dims(v) == self.S
-        row_off = "o * %d + kb" % self.K if not self.col else None
+        row_off = f"o * {self.K} + kb" if not self.col else None
 
         def hook(idx):
             if list(idx) != sidx:
@@ -539,7 +539,7 @@ class ReducePart:
         if not steps:
             return
         if self.col:
-            self._shared_reduce(steps, self.TY, "ty * 32 + tx", "w * 32 + tx", "tid < %d" % self.tpb)
+            self._shared_reduce(steps, self.TY, "ty * 32 + tx", "w * 32 + tx", f"tid < {self.tpb}")
         elif self.T <= 32:
             if self.T > 1:
                 em.line(f"// the row's {self.T} lanes combine by shuffles: every lane gets the "
