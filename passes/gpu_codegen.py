@@ -33,8 +33,13 @@ def stitching(group: fusion.GroupOp, device) -> dict:
     """``cuda_stitch``, ``cuda_grid``, ``cuda_why`` of a scheduled group."""
     maps = list(group.attr("kernel_mappings", ()))
     splits = list(group.attr("kernel_split", ()))
+    body = group.body.ops[:-1]
+    # between parts; inside a split reduction (partials, then their combination); inside a
+    # scatter (the destination's copy, then the atomics)
     barriers = len(maps) - 1 + sum(1 for m, s in zip(maps, splits)
                                    if s > 1 and m in ("split_row", "column_tiles"))
+    barriers += sum(1 for vals in group.attr("kernel_values", ())
+                    if any(r >= 0 and isinstance(body[r], SCATTERS) for r in vals))
     if barriers == 0:
         return {"cuda_stitch": "single", "cuda_grid": max(group.attr("kernel_blocks", (1,))),
                 "cuda_why": "one kernel, no grid barrier"}

@@ -139,11 +139,12 @@ _PTXAS_REGS = re.compile(r"Used (\d+) registers")
 _PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 _PTXAS_STACK = re.compile(r"(\d+) bytes stack frame")
 _PTXAS_SMEM = re.compile(r"(\d+) bytes smem")
+_PTXAS_BARRIERS = re.compile(r"used (\d+) barriers")
 
 
 def parse_ptxas(text: str) -> dict[str, dict[str, int]]:
-    """``-Xptxas -v`` output: per entry function, registers, spill stores / loads, stack frame
-    and static shared memory (bytes)."""
+    """``-Xptxas -v`` output: per entry function, registers, spill stores / loads, stack frame,
+    static shared memory (bytes) and named hardware barriers used."""
     found: dict[str, dict[str, int]] = {}
     name = None
     for line in text.splitlines():
@@ -151,7 +152,7 @@ def parse_ptxas(text: str) -> dict[str, dict[str, int]]:
         if m:
             name = m.group(1)
             found[name] = {"registers": 0, "spill_stores": 0, "spill_loads": 0, "stack": 0,
-                           "smem": 0}
+                           "smem": 0, "barriers": 0}
             continue
         if name is None:
             continue
@@ -163,6 +164,8 @@ def parse_ptxas(text: str) -> dict[str, dict[str, int]]:
             found[name]["registers"] = int(m.group(1))
         if (m := _PTXAS_SMEM.search(line)):
             found[name]["smem"] = int(m.group(1))
+        if (m := _PTXAS_BARRIERS.search(line)):
+            found[name]["barriers"] = int(m.group(1))
     return found
 
 
@@ -182,18 +185,21 @@ def compile_cuda(src, arch: int) -> list[CudaBuild]:
         _write_atomic(cu, src.source)
         for h in HEADERS:
             shutil.copyfile(HEADER_DIR / h, folder / h)
-        base = [nvcc(), *NVCC_FLAGS, f"-arch=sm_{arch}", "-I", str(folder)]
-        tmp = folder / f".{uuid.uuid4().hex[:8]}"
-        outs = {}
-        for kind, path in (("-cubin", cubin), ("-ptx", ptx)):
-            out = tmp.with_suffix(path.suffix)
-            res = subprocess.run(base + [kind, str(cu), "-o", str(out)], capture_output=True,
-                                 text=True, errors="replace", check=False)
-            if res.returncode != 0:
-                raise BuildError(f"nvcc {kind} of {src.symbol} for sm_{arch} failed:\n"
-                                 f"{res.stderr[-6000:]}\nsource kept at: {cu}")
-            outs[kind] = res.stderr
-            os.replace(out, path)
+        # one nvcc run: the cubin, and (-keep) the PTX it was assembled from
+        keep = folder / f".keep-{uuid.uuid4().hex[:8]}"
+        keep.mkdir()
+        out = keep / "out.cubin"
+        cmd = [nvcc(), *NVCC_FLAGS, f"-arch=sm_{arch}", "-I", str(folder), "-cubin", "-keep",
+               "-keep-dir", str(keep), str(cu), "-o", str(out)]
+        res = subprocess.run(cmd, capture_output=True, text=True, errors="replace", check=False)
+        if res.returncode != 0:
+            shutil.rmtree(keep, ignore_errors=True)
+            raise BuildError(f"nvcc of {src.symbol} for sm_{arch} failed:\n{res.stderr[-6000:]}"
+                             f"\nsource kept at: {cu}")
+        os.replace(out, cubin)
+        os.replace(keep / f"{src.symbol}.ptx", ptx)
+        shutil.rmtree(keep, ignore_errors=True)
+        outs = {"-cubin": res.stdout + res.stderr}
         usage = parse_ptxas(outs["-cubin"])
         reports = []
         for launch in src.launches:
@@ -206,7 +212,8 @@ def compile_cuda(src, arch: int) -> list[CudaBuild]:
                 "dynamic_smem": launch.smem, "threads": launch.block,
                 "num_warps": launch.block // 32, "grid": launch.grid,
                 "cooperative": launch.cooperative, "grid_syncs": launch.grid_syncs,
-                "syncthreads": launch.syncthreads, "what": launch.what})
+                "syncthreads": launch.syncthreads, "hw_barriers": u.get("barriers", 0),
+                "what": launch.what})
         _write_atomic(report_path, json.dumps(reports, indent=1))
         with _lock:
             _stats["compiled"] += 1
