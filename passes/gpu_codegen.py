@@ -14,7 +14,8 @@ Output: attributes recorded on the group (the plan shows them):
   group with a grid barrier (several kernels, or a reduction split over blocks) is one
   cooperative kernel only when the cost model finds every block of every part resident at
   once -- the largest part's blocks within one wave at the occupancy of the stitched kernel
-  (the largest block, registers and shared memory of its parts). Otherwise it is split at its
+  (the largest block, registers and shared memory of its parts; a warp's rows are kept in
+  registers by the CUDA C generator, so warp mappings count no shared memory). Otherwise it is split at its
   barriers, and ``cuda_why`` says by how much it missed. ptxas' real registers may still
   change that after the build (``runtime.cuda_build``); the note then lands on the group.
 """
@@ -45,7 +46,10 @@ def stitching(group: fusion.GroupOp, device) -> dict:
                 "cuda_why": "one kernel, no grid barrier"}
     threads = max(group.attr("kernel_threads"))
     regs = max(group.attr("kernel_regs", (32,)))
-    smem = max(group.attr("kernel_smem", (0,)))
+    # CUDA C keeps a warp's rows in registers (at most 32 elements a lane: the mapping's own
+    # rule), so those parts need no shared memory; the others as the cost model estimates
+    smem = max(0 if m in WARP_MAPPINGS else b for m, b in
+               zip(maps, group.attr("kernel_smem", [0] * len(maps))))
     grid = max(group.attr("kernel_blocks"))
     bps, limiter = occupancy(device, threads, regs, smem)
     wave = device.num_sms * bps

@@ -224,7 +224,8 @@ def build_group(group, arch: int, name: str = "", spec=None, max_retries: int = 
     """Render and nvcc-compile ``group``. What ptxas reports feeds the schedule: a kernel that
     spills is rendered again keeping fewer row elements in registers; a cooperative kernel
     whose grid no longer fits one wave at the registers and shared memory ptxas found is
-    rendered split at its barriers. Returns (source, builds, note); the note (why it was
+    rendered again with fewer row elements in registers (when registers are what limit it),
+    and else split at its barriers (``cuda_stitch`` / ``cuda_why`` updated). Returns (source, builds, note); the note (why it was
     re-rendered, "" when it was not) is recorded on the group (``kernel_notes``)."""
     from codegen.cuda.kernel import render_group
     from cost_model import get_device
@@ -232,6 +233,8 @@ def build_group(group, arch: int, name: str = "", spec=None, max_retries: int = 
 
     spec = spec or get_device(f"sm_{arch}")
     reg_elems, stitch, notes = 32, None, []
+    if group.attr("cuda_stitch", "") == "split":
+        stitch = "split"
     while True:
         src = render_group(group, name, stitch=stitch, reg_elems=reg_elems)
         builds = compile_cuda(src, arch)
@@ -241,14 +244,23 @@ def build_group(group, arch: int, name: str = "", spec=None, max_retries: int = 
             bps, limiter = occupancy(spec, b.report["threads"], max(1, b.report["registers"]),
                                      b.report["dynamic_smem"] + b.report["static_smem"])
             if b.report["grid"] > spec.num_sms * bps:
-                notes.append(f"ptxas: {b.kernel} uses {b.report['registers']} registers and "
-                             f"{b.report['shared_bytes']} bytes of shared memory: {bps} blocks "
-                             f"per SM ({limiter}), so its {b.report['grid']} blocks exceed one "
-                             f"wave of {spec.num_sms * bps}: split at its grid barriers")
-                stitch = "split"
+                why = (f"ptxas: {b.kernel} uses {b.report['registers']} registers and "
+                       f"{b.report['shared_bytes']} bytes of shared memory: {bps} blocks per SM "
+                       f"({limiter}), so its {b.report['grid']} blocks exceed one wave of "
+                       f"{spec.num_sms * bps}")
+                if limiter == "registers" and reg_elems > 8:
+                    # fewer row elements kept in registers (re-read instead) before giving up
+                    # the grid barrier
+                    reg_elems //= 2
+                    notes.append(f"{why}: rendered again keeping {reg_elems} row elements per "
+                                 "thread in registers")
+                else:
+                    notes.append(f"{why}: split at its grid barriers")
+                    stitch = "split"
+                    group.set_attrs(cuda_stitch="split", cuda_why=notes[-1])
                 continue
         spilled = [b for b in builds if b.spills]
-        if not spilled or len(notes) >= max_retries or reg_elems <= 4:
+        if not spilled or len(notes) >= max_retries + 2 or reg_elems <= 4:
             break
         notes.append(", ".join(f"{b.kernel} spilled {b.report['spill_bytes']} bytes "
                                f"({b.report['registers']} registers)" for b in spilled)
