@@ -69,11 +69,18 @@ def barrier_text(n: int) -> str:
     return f"{n} grid barrier{'s' if n > 1 else ''}"
 
 
-def gpu_codegen(group: fusion.GroupOp, device, mode: str = "auto") -> dict:
-    """The ``codegen*`` and ``cuda_*`` attributes of ``group`` (see the module docstring)."""
+def gpu_codegen(group: fusion.GroupOp, device, mode: str = "auto", stitch: str = "auto") -> dict:
+    """The ``codegen*`` and ``cuda_*`` attributes of ``group`` (see the module docstring);
+    ``stitch="split"`` splits every group at its barriers (to measure global stitching
+    against the same kernels split)."""
     if mode not in MODES:
         raise ValueError(f"gpu codegen {mode!r}: choose from {', '.join(MODES)}")
+    if stitch not in ("auto", "split"):
+        raise ValueError(f"cuda stitch {stitch!r}: choose from auto, split")
     attrs = stitching(group, device)
+    if stitch == "split" and attrs["cuda_stitch"] == "global":
+        attrs.update(cuda_stitch="split", cuda_why="split at its grid barriers: asked for "
+                     f"(cuda_stitch=split; it would fit: {attrs['cuda_why']})")
     maps = list(group.attr("kernel_mappings", ()))
     threads = list(group.attr("kernel_threads", ()))
     needs = []

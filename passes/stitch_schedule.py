@@ -93,6 +93,7 @@ def schedule_group(group: fusion.GroupOp, device) -> dict:
 class StitchSchedulePass(Pass):
     name = "stitch-schedule"
     gpu_codegen: str = "auto"  # which generator GPU groups get: auto | triton | cuda
+    cuda_stitch: str = "auto"  # auto (global where one wave holds every block) | split
 
     def run(self, module: Module, ctx: PassContext) -> None:
         device = ctx.device()
@@ -101,4 +102,4 @@ class StitchSchedulePass(Pass):
                 op.set_attrs(**schedule_group(op, device))
                 if device.kind == "gpu":  # where the group is cut into kernels, and how each runs
                     op.set_attrs(**gpu_kernels(op, device))
-                    op.set_attrs(**gpu_codegen(op, device, self.gpu_codegen))
+                    op.set_attrs(**gpu_codegen(op, device, self.gpu_codegen, self.cuda_stitch))

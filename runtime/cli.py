@@ -250,8 +250,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     w = models.get(args.model)
     inputs = w.example_inputs
-    where = "cpu" if not gpu else (f"{args.target} Triton kernels under TRITON_INTERPRET=1 (cpu "
-                                   "tensors: timings are not GPU timings)" if args.interpret
+    where = "cpu" if not gpu else (f"{args.target} kernels on the cpu: Triton under "
+                                   "TRITON_INTERPRET=1, CUDA C in the emulation (cpu tensors: "
+                                   "timings are not GPU timings)" if args.interpret
                                    else f"{args.target} on {torch.cuda.get_device_name()}")
     if gpu and not args.interpret:
         w.model.cuda()

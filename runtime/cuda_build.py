@@ -225,8 +225,9 @@ def build_group(group, arch: int, name: str = "", spec=None, max_retries: int = 
     spills is rendered again keeping fewer row elements in registers; a cooperative kernel
     whose grid no longer fits one wave at the registers and shared memory ptxas found is
     rendered again with fewer row elements in registers (when registers are what limit it),
-    and else split at its barriers (``cuda_stitch`` / ``cuda_why`` updated). Returns (source, builds, note); the note (why it was
-    re-rendered, "" when it was not) is recorded on the group (``kernel_notes``)."""
+    and else split at its barriers (``cuda_stitch`` / ``cuda_why`` updated). Returns (source,
+    builds, note); the note (why it was re-rendered, "" when it was not) is recorded on the
+    group (``kernel_notes``)."""
     from codegen.cuda.kernel import render_group
     from cost_model import get_device
     from cost_model.gpu import occupancy

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from codegen.cuda.emit import Unsupported
-from codegen.cuda.kernel import CudaSource, render_group
+from codegen.cuda.kernel import SCATTERS, CudaSource, render_group
 from runtime import cuda_build
 from runtime.graph import Step, _contiguous
 
@@ -34,6 +34,9 @@ def build(graph, op) -> CudaSource | None:
     """The group's CUDA C, built for where the graph runs; None (with the reason noted) when the
     generator cannot render it."""
     try:
+        if graph.deterministic and any(isinstance(o, SCATTERS) for o in op.body.ops):
+            raise Unsupported("a deterministic scatter (the owned-destination form is Triton's; "
+                              "CUDA C scatters with atomics)")
         if graph.interpret:
             src = render_group(op, op.kind)
             graph.cuda_modules[src.symbol] = cuda_build.emulation_library(src)

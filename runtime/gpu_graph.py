@@ -203,13 +203,15 @@ def _check_err(env, cs) -> None:
 
 def compile_gpu_program(prog, target: str = "sm_80", fusion: str = "stitch", device_spec=None,
                         interpret: bool | None = None, deterministic: bool | None = None,
-                        device=None, gpu_codegen: str = "auto") -> TritonGraph:
+                        device=None, gpu_codegen: str = "auto",
+                        cuda_stitch: str = "auto") -> TritonGraph:
     """Plan, fuse, schedule for ``target`` and build ``prog``'s kernels: Triton, or CUDA C where
-    the plan chose it (``gpu_codegen``: auto | triton | cuda)."""
+    the plan chose it (``gpu_codegen``: auto | triton | cuda; ``cuda_stitch=split``: no
+    cooperative kernel, every group split at its grid barriers)."""
     from passes import PassContext, PassManager
 
     pipeline = (f"canonicalize,cse,dce,sink-broadcasts,fusion-plan{{planner={fusion}}},"
-                f"fusion-apply,stitch-schedule{{gpu_codegen={gpu_codegen}}}")
+                f"fusion-apply,stitch-schedule{{gpu_codegen={gpu_codegen} cuda_stitch={cuda_stitch}}}")
     ctx = PassContext(target=target, device_spec=device_spec)
     PassManager.parse(pipeline).run(prog.module, ctx)
     g = TritonGraph(prog, target, interpret, deterministic, device)
