@@ -197,7 +197,8 @@ class ReducePart:
         else:
             self.RPB, self.T = 1, self.tpb
         # VEC consecutive terms per thread: 16 bytes of the widest buffer read at row positions
-        widest = max([v.type.dtype.itemsize for v in self._row_buffers()] or [4])
+        widest = max([v.type.dtype.itemsize for v in self._row_buffers()] +
+                     [v.type.dtype.itemsize for v in self.full if dims(v) == self.S] or [4])
         self.VEC = max(1, 16 // widest) if self.K % max(1, 16 // widest) == 0 else 1
         step = self.T * self.VEC
         self.chunk = self.K if self.split == 1 else _cdiv(_cdiv(self.K, self.split), step) * step

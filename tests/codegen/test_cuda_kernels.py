@@ -197,6 +197,16 @@ def test_column_middle_dim_split():
              atol=1e-4)
 
 
+def test_mixed_types_int_sums_bool_outputs():
+    """float16 in, float32 and bool out (stores wider than the loads), integer sums, products,
+    any, var / std over a middle dim."""
+    run_cuda(lambda x: (torch.softmax(x.float(), -1), x.float() > x.float().mean(-1, keepdim=True),
+                        (x > 0).sum(-1)), [torch.randn(6, 48, dtype=torch.float16)],
+             atol=1e-3, rtol=1e-3)
+    run_cuda(lambda x: (x.sum(0), x.prod(0), x.amax(0).int(), (x > 0.5).any(0), x.var(0)),
+             [torch.randn(40, 7)], atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("shape", [(7, 33), (2, 1)])
 def test_max_argmax_with_nan(shape):
     x = torch.randn(*shape)
