@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 
+from codegen.cpp.emit import delinearize, reshape_index
 from codegen.cuda.emit import (
     CudaEmitter,
     Unsupported,
@@ -325,26 +326,23 @@ class ReducePart:
 
     # -- index maps ----------------------------------------------------------------------------
     def _parts(self, flat: str, sizes: tuple[int, ...], cache: dict) -> list[str]:
+        """A flat position split over ``sizes`` (row-major), spelled as ``delinearize`` spells
+        it: the emitter's reshapes produce the same strings, so a reduction's result read
+        through a reshape is recognised as read at its own position."""
         if sizes not in cache:
-            if len(sizes) <= 1:
-                cache[sizes] = [flat] * len(sizes)
-            else:
-                names, stride = [], math.prod(sizes)
-                for k, n in enumerate(sizes):
-                    stride //= n
-                    expr = f"{flat} / {stride}" if k == 0 else \
-                        (f"{flat} / {stride} % {n}" if stride > 1 else f"{flat} % {n}")
-                    names.append(self.em.temp("int", expr, "ip"))
-                cache[sizes] = names
+            cache[sizes] = [flat] * len(sizes) if len(sizes) <= 1 else \
+                delinearize(flat, list(sizes))
         return cache[sizes]
 
     def o_index(self, v: Value) -> list[str]:
         parts = iter(self._parts("o", _nz(self.kept), self.o_cache))
         idx = ["0" if n == 1 else next(parts) for n in self.kept]
         shape = dims(v)
+        if _nz(shape) != _nz(self.kept):  # the same positions re-split (row-major)
+            nz = _nz(shape)
+            parts = iter(["o"] if len(nz) <= 1 else delinearize("o", list(nz)))
+            return ["0" if n == 1 else next(parts) for n in shape]
         it = iter(i for i, n in zip(idx, self.kept) if n != 1)
-        if _nz(shape) != _nz(self.kept):
-            raise Unsupported(f"a value of shape {shape} stored per position of {self.kept}")
         return ["0" if n == 1 else next(it) for n in shape]
 
     def full_index(self, shape_of: list[int], rdims: tuple) -> list[str]:
@@ -516,8 +514,6 @@ class ReducePart:
     def _index_as(self, v: Value) -> list[str]:
         """A full output of another shape than S (same number of elements): S's index
         re-split row-major."""
-        from codegen.cpp.emit import reshape_index
-
         return reshape_index(self.full_index(self.S, self.D), self.S, dims(v))
 
     def _term(self, s: Step, means: dict) -> str:

@@ -192,6 +192,12 @@ def test_column_reductions(a, b):
         assert "sh_red0[ty * 32 + tx] = acc0;" in cuda_text(g)
 
 
+def test_reduction_result_read_through_a_reshape():
+    """A per-row result stored in another shape of the same positions (rffs_net's [2, 1024]
+    sums stored as [2048])."""
+    run_cuda(lambda x: (x.sum(-1).reshape(-1) * 2, x.amax(-1).reshape(6)), [torch.randn(2, 3, 33)])
+
+
 def test_column_middle_dim_split():
     run_cuda(lambda x: (x.sum(1, keepdim=True) * x).amax(1), [torch.randn(4, 300, 5)],
              atol=1e-4)
