@@ -5,10 +5,14 @@
 
 1. The pattern set at GPU sizes (layernorm, softmax, bias + GELU, bias + residual + layernorm,
    RMSNorm, layernorm backward, GNN message passing with atomic and owned-destination
-   index_add, a column sum) and the nine workloads: each compiled to Triton kernels for the
-   device's target (sm_80 / sm_90), run, and checked against eager torch on the same device.
-2. Each timed side by side, alternating eager / inductor / stitch, CUDA events, median of
-   ``--repeat`` after warm-up; outputs allocated per call as a user calls it.
+   index_add, a column sum) and the nine workloads: each compiled for the device's target
+   (sm_80 / sm_90) once per generator in ``--codegens`` (``triton``: every group Triton;
+   ``cuda``: every group it can CUDA C; ``auto``: the plan's choice), run, and checked against
+   eager torch on the same device. ``layernorm_backward_1k`` (1024 x 1024: its blocks fit one
+   wave) is also built with ``cuda_stitch=split``: global stitching against the same group
+   split at its grid barriers.
+2. Each timed side by side, alternating eager / inductor / stitch (per generator), CUDA events,
+   median of ``--repeat`` after warm-up; outputs allocated per call as a user calls it.
 3. Bandwidth: each pattern's minimum bytes (inputs read once, outputs written once) over its
    time, in GB/s, and as a fraction of a device-to-device copy of the same size measured in
    the same run (the floor).
@@ -16,8 +20,9 @@ Writes ``gpu_check-<target>.json`` and ``.md`` under ``--out``; stops starting n
 ``--budget`` seconds have passed (the whole run is meant to take under 5 minutes).
 
 Without a CUDA GPU it exits at once with status 2 and says so. ``--interpret`` is a self-test of
-this script on a machine without one: tiny shapes, kernels under TRITON_INTERPRET=1 on cpu
-tensors, checks only; its times are not GPU times and are not reported as such.
+this script on a machine without one: tiny shapes, Triton kernels under TRITON_INTERPRET=1 and
+CUDA C kernels in the cpu emulation, on cpu tensors, checks only; its times are not GPU times
+and are not reported as such.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ def _gnn(x, e, s, d):
 def patterns(tiny: bool) -> dict:
     """name -> (fn, cpu inputs, deterministic scatter)."""
     R, H, F2 = (37, 33, 65) if tiny else (8192, 1024, 2048)
+    R1 = 29 if tiny else 1024
     nodes, edges, feat = (50, 300, 8) if tiny else (200_000, 1_000_000, 64)
     g = torch.Generator().manual_seed(0)
 
@@ -71,6 +77,7 @@ def patterns(tiny: bool) -> dict:
         "rmsnorm": (lambda x, w: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w,
                     [rnd(R, H), rnd(H)], False),
         "layernorm_backward": (_ln_backward, [rnd(R, H), rnd(H), rnd(R, H)], False),
+        "layernorm_backward_1k": (_ln_backward, [rnd(R1, H), rnd(H), rnd(R1, H)], False),
         "gnn_atomic": (_gnn, gnn_in, False),
         "gnn_owned": (_gnn, gnn_in, True),
         "column_sum": (lambda x: x.sum(0), [rnd(R, H)], False),
@@ -126,28 +133,46 @@ def max_error(got, want) -> float:
                for a, b in zip(got, want))
 
 
-def check_case(name, fn, inputs, deterministic, args, device, target, results) -> None:
-    from runtime.gpu_graph import compile_gpu_program
-    from stitch_ir.importer import import_model
-
-    model = Wrap(fn) if not isinstance(fn, torch.nn.Module) else fn
-    t0 = time.perf_counter()
-    prog = import_model(model, tuple(inputs))  # traced on cpu tensors; run on the device
-    g = compile_gpu_program(prog, target, interpret=args.interpret, deterministic=deterministic)
-    build = time.perf_counter() - t0
-    model = model.to(device)
-    dev_inputs = [t.to(device) for t in inputs]
+def _check(g, model, dev_inputs) -> tuple[float, bool]:
     with torch.no_grad():
         want = torch.utils._pytree.tree_leaves(model(*dev_inputs))
         got = g(*dev_inputs)
     err = max_error(got, want)
     scale = max(1.0, max(w.abs().max().item() for w in want if w.numel()))
-    row = {"case": name, "kernels": g.kernels,
-           "launches": sum(len(s.launches) for s in g.triton_sources.values()),
-           "fallbacks": len(g.fallbacks), "build_s": round(build, 2), "max_abs_error": err,
-           "ok": err <= 1e-4 * scale and not g.fallbacks}
+    return err, err <= 1e-4 * scale and not g.fallbacks
+
+
+def check_case(name, fn, inputs, deterministic, args, device, target, results) -> None:
+    from runtime.gpu_graph import compile_gpu_program
+    from stitch_ir.importer import import_model
+
+    model = Wrap(fn) if not isinstance(fn, torch.nn.Module) else fn
+    builds = [(c, c, "auto") for c in args.codegens.split(",") if c]
+    if name == "layernorm_backward_1k" and "cuda" in args.codegens:
+        builds.append(("cuda_split", "cuda", "split"))  # global stitching vs split
+    graphs, row = {}, {"case": name, "ok": True}
+    for label, codegen, stitch in builds:
+        t0 = time.perf_counter()
+        prog = import_model(model, tuple(inputs))  # traced on cpu tensors; run on the device
+        g = compile_gpu_program(prog, target, interpret=args.interpret,
+                                deterministic=deterministic, gpu_codegen=codegen,
+                                cuda_stitch=stitch)
+        graphs[label] = g
+        row[f"{label}_build_s"] = round(time.perf_counter() - t0, 2)
+        row[f"{label}_launches"] = sum(len(s.launches) for s in
+                                       [*g.triton_sources.values(), *g.cuda_sources.values()])
+        row[f"{label}_groups"] = f"{len(g.triton_sources)} triton / {len(g.cuda_sources)} cuda"
+        row[f"{label}_cooperative"] = sum(1 for s in g.cuda_sources.values()
+                                          for ln in s.launches if ln.cooperative)
+    model = model.to(device)
+    dev_inputs = [t.to(device) for t in inputs]
+    for label, g in graphs.items():
+        err, ok = _check(g, model, dev_inputs)
+        row[f"{label}_max_abs_error"] = err
+        row["ok"] = row["ok"] and ok
     if not args.interpret:
-        fns = {"eager": lambda: model(*dev_inputs), "stitch": lambda: g(*dev_inputs)}
+        fns = {"eager": lambda: model(*dev_inputs)}
+        fns.update({f"stitch_{k}": (lambda g=g: g(*dev_inputs)) for k, g in graphs.items()})
         if not args.no_inductor:
             compiled = torch.compile(model)
             with torch.no_grad():
@@ -155,6 +180,7 @@ def check_case(name, fn, inputs, deterministic, args, device, target, results) -
             fns["inductor"] = lambda: compiled(*dev_inputs)
         with torch.no_grad():
             secs = time_cuda(fns, args.repeat)
+            want = torch.utils._pytree.tree_leaves(model(*dev_inputs))
         row.update({f"{k}_ms": round(v * 1e3, 4) for k, v in secs.items()})
         if name in results["floor_cases"]:
             nbytes = min_bytes(name, dev_inputs, want)
@@ -172,8 +198,10 @@ def markdown(results: dict) -> str:
     lines = [f"# GPU check: {results['device']} ({results['target']})", "",
              f"{results['when']}; {results['seconds']:.0f} s; all checks "
              f"{'passed' if all(r['ok'] for r in results['rows']) else 'did NOT pass'}.", ""]
-    cols = ["case", "ok", "kernels", "launches", "max_abs_error", "eager_ms", "inductor_ms",
-            "stitch_ms", "stitch_GBps", "stitch_of_floor", "inductor_of_floor"]
+    cols = ["case", "ok", "triton_launches", "cuda_launches", "cuda_cooperative",
+            "eager_ms", "inductor_ms", "stitch_triton_ms", "stitch_cuda_ms",
+            "stitch_cuda_split_ms", "stitch_auto_ms", "stitch_triton_of_floor",
+            "stitch_cuda_of_floor", "inductor_of_floor"]
     cols = [c for c in cols if any(c in r for r in results["rows"])]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in results["rows"]:
@@ -191,6 +219,8 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default="")
     ap.add_argument("--no-workloads", action="store_true")
     ap.add_argument("--no-inductor", action="store_true")
+    ap.add_argument("--codegens", default="triton,cuda",
+                    help="generators to build and time, comma-separated: triton, cuda, auto")
     ap.add_argument("--interpret", action="store_true",
                     help="self-test without a GPU: tiny shapes under TRITON_INTERPRET=1, no timing")
     args = ap.parse_args(argv)

@@ -9,8 +9,8 @@ records it on the group and the Triton code generator follows it (it never re-de
 Input: a group body. Output (``gpu_kernels``): per kernel, the values it materialises (as
 ``kernel_values``: body-op index, or ``-1 - i`` for block argument ``i`` yielded unchanged),
 and its schedule (``kernel_mappings``, ``kernel_threads``, ``kernel_blocks``,
-``kernel_rows_per_block``, ``kernel_split``, ``kernel_why``), from the cost model on that
-kernel's own ops.
+``kernel_rows_per_block``, ``kernel_split``, ``kernel_why``, ``kernel_smem``, ``kernel_regs``),
+from the cost model on that kernel's own ops.
 
 Invariants:
 - every yielded value, every scatter and every reduction is materialised by exactly one
@@ -179,7 +179,8 @@ def gpu_kernels(group: fusion.GroupOp, device) -> dict:
 
     attrs: dict[str, list] = {k: [] for k in ("kernel_values", "kernel_mappings", "kernel_threads",
                                               "kernel_blocks", "kernel_rows_per_block",
-                                              "kernel_split", "kernel_why")}
+                                              "kernel_split", "kernel_why", "kernel_smem",
+                                              "kernel_regs")}
     g = build_graph(group.body)
     for kern in kernels:
         mine = {id(v) for v in kern.values}
@@ -191,9 +192,10 @@ def gpu_kernels(group: fusion.GroupOp, device) -> dict:
             sched = schedule(describe(g, bits(nodes), device).desc, device)
             mapping, threads, blocks = sched.mapping, sched.threads_per_block, sched.blocks
             rpb, split, why = sched.rows_per_block, sched.split, sched.why
+            smem, regs = sched.smem_per_block, sched.regs_per_thread
         else:  # a yielded argument or constant: a copy
             mapping, threads, blocks, rpb, split = "elementwise", 128, 1, 1, 1
-            why = "a copy of a group argument"
+            why, smem, regs = "a copy of a group argument", 0, 16
         attrs["kernel_values"].append([ref(v) for v in kern.values])
         attrs["kernel_mappings"].append(mapping)
         attrs["kernel_threads"].append(threads)
@@ -201,4 +203,6 @@ def gpu_kernels(group: fusion.GroupOp, device) -> dict:
         attrs["kernel_rows_per_block"].append(rpb)
         attrs["kernel_split"].append(split)
         attrs["kernel_why"].append(why)
+        attrs["kernel_smem"].append(smem)  # the cost model's estimates (CUDA C stitching)
+        attrs["kernel_regs"].append(regs)
     return attrs

@@ -21,7 +21,9 @@ each group annotated with attributes the code generators read:
   one, scatters read back, and regional values demoted because shared memory ran out) or
   ``recompute`` (constants and iotas, recomputed where used);
 - on a GPU target, ``kernel_*``: the kernels the group runs as, cut at its grid barriers, each
-  with its own schedule (``passes.gpu_kernels``).
+  with its own schedule (``passes.gpu_kernels``); and ``codegen`` (``triton`` | ``cuda``),
+  ``cuda_stitch`` (``global``: one cooperative kernel across the barriers, or ``split``) with
+  their reasons (``passes.gpu_codegen``; the pass option ``gpu_codegen=auto|triton|cuda``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from dataclasses import dataclass
 from cost_model import schedule
 from passes.fusion.features import GATHERS, SCATTERS, describe, reduce_desc
 from passes.fusion.graph import bits, build_graph
+from passes.gpu_codegen import gpu_codegen
 from passes.gpu_kernels import gpu_kernels
 from passes.pass_manager import Pass, PassContext, register_pass
 from stitch_ir.core import Module
@@ -89,6 +92,8 @@ def schedule_group(group: fusion.GroupOp, device) -> dict:
 @dataclass(frozen=True)
 class StitchSchedulePass(Pass):
     name = "stitch-schedule"
+    gpu_codegen: str = "auto"  # which generator GPU groups get: auto | triton | cuda
+    cuda_stitch: str = "auto"  # auto (global where one wave holds every block) | split
 
     def run(self, module: Module, ctx: PassContext) -> None:
         device = ctx.device()
@@ -97,3 +102,4 @@ class StitchSchedulePass(Pass):
                 op.set_attrs(**schedule_group(op, device))
                 if device.kind == "gpu":  # where the group is cut into kernels, and how each runs
                     op.set_attrs(**gpu_kernels(op, device))
+                    op.set_attrs(**gpu_codegen(op, device, self.gpu_codegen, self.cuda_stitch))

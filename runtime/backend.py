@@ -9,9 +9,11 @@ pipeline, so training works and backward's memory-intensive ops fuse like any ot
 Options (``torch.compile(..., options={...})``): ``target`` (``cpu``; ``sm_80`` / ``sm_90``:
 Triton kernels, chosen by default when the inputs are CUDA tensors; with CPU tensors they run
 under Triton's interpreter, ``interpret``),
-``fusion`` (none | greedy | stitch), ``time_limit`` (seconds the stitch planner may search per
-graph, default 10), ``dump_dir`` (also ``STITCH_DUMP_DIR``): each compiled graph's IR before and
-after fusion, its plan and its kernel sources.
+``gpu_codegen`` (``auto`` | ``triton`` | ``cuda``: which generator each GPU group gets; CUDA C
+groups run in the cpu emulation when interpreted), ``fusion`` (none | greedy | stitch),
+``time_limit`` (seconds the stitch planner may search per graph, default 10), ``dump_dir``
+(also ``STITCH_DUMP_DIR``): each compiled graph's IR before and after fusion, its plan and its
+kernel sources.
 
 Shapes: stitch compiles static shapes. A graph whose inputs carry symbolic sizes (dynamo's
 automatic dynamic shapes, after a second input shape) is specialised at call time: the first call
@@ -65,8 +67,10 @@ def compile_fx(gm: torch.fx.GraphModule, options: dict) -> Any:
     _dump(dump_dir, gid, "before_fusion.sir", print_module(module))
     fusion = options.get("fusion", "stitch")
     budget = float(options.get("time_limit", 10.0))
+    gpu_codegen = options.get("gpu_codegen", "auto")
     pipeline = (f"canonicalize,cse,dce,sink-broadcasts,"
-                f"fusion-plan{{planner={fusion} time_limit={budget}}},fusion-apply,stitch-schedule")
+                f"fusion-plan{{planner={fusion} time_limit={budget}}},fusion-apply,"
+                f"stitch-schedule{{gpu_codegen={gpu_codegen}}}")
     target = options.get("target", "cpu")
     ctx = PassContext(target=target)
     PassManager.parse(pipeline).run(module, ctx)
@@ -82,7 +86,9 @@ def compile_fx(gm: torch.fx.GraphModule, options: dict) -> Any:
     suffix = ".cpp" if target == "cpu" else ".py"
     for step in graph.steps:
         if step.source is not None:
-            _dump(dump_dir, gid, f"kernels/{step.source.symbol}{suffix}", step.source.source)
+            cuda = step.source.symbol.startswith("stitch_cuda_")
+            _dump(dump_dir, gid, f"kernels/{step.source.symbol}{'.cu' if cuda else suffix}",
+                  step.source.source)
     fell = summarize(module).torch_call_targets
     for target, n in fell.items():
         FALLBACKS[target] += n

@@ -14,6 +14,7 @@ and writes what ``--emit`` asks for: ``module.sir``, ``plan.json``, ``plan.svg``
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -24,8 +25,9 @@ EMITS = ("ir", "plan", "svg", "kernels")
 CANONICAL = "canonicalize,cse,dce"
 
 
-def pipeline_for(fusion: str) -> str:
-    return f"{CANONICAL},sink-broadcasts,fusion-plan{{planner={fusion}}},fusion-apply,stitch-schedule"
+def pipeline_for(fusion: str, gpu_codegen: str = "auto") -> str:
+    return (f"{CANONICAL},sink-broadcasts,fusion-plan{{planner={fusion}}},fusion-apply,"
+            f"stitch-schedule{{gpu_codegen={gpu_codegen}}}")
 
 
 def _write_new(path: Path, text: str) -> None:
@@ -92,7 +94,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     for e in emits:
         if e not in EMITS:
             raise ValueError(f"--emit {e!r}: choose from {', '.join(EMITS)}")
-    pipeline = args.pipeline or pipeline_for(args.fusion)
+    pipeline = args.pipeline or pipeline_for(args.fusion, args.gpu_codegen)
     w, prog, ctx, times = compile_model(args.model, pipeline, args.target,
                                         args.print_ir_after_all, args.time_passes)
     out = Path(args.output)
@@ -143,7 +145,9 @@ def _plan_json(plan, module, target: str) -> str:
     data = plan.to_json()
     if target != "cpu":
         data["gpu_kernels"] = [
-            {"group": k, "kind": op.kind, "kernels": [
+            {"group": k, "kind": op.kind, "codegen": op.attr("codegen", "triton"),
+             "codegen_why": op.attr("codegen_why", ""), "cuda_stitch": op.attr("cuda_stitch", ""),
+             "cuda_why": op.attr("cuda_why", ""), "kernels": [
                 {"values": list(v), "mapping": m, "why": w} for v, m, w in
                 zip(op.attr("kernel_values", ()), op.attr("kernel_mappings", ()),
                     op.attr("kernel_why", ()))],
@@ -170,10 +174,16 @@ def _emit_kernels(module, target: str, out: Path) -> None:
                     continue
                 _write_new(out / f"{src.symbol}.cpp", src.source)
         return
+    from runtime.cuda_build import emit_cuda_kernels
     from runtime.triton_build import emit_kernels
 
     t0 = time.perf_counter()
-    rows = emit_kernels(module, target, out)
+    crows = emit_cuda_kernels(module, target, out)  # first: a fallback hands its group to Triton
+    _print_cuda_kernels(crows, target, time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    rows = emit_kernels(module, target, out, cuda_groups=False)
+    _write_new(out / "kernels.json", json.dumps([{"codegen": "triton", **r} for r in rows] + crows,
+                                                indent=1))
     built = [r for r in rows if "kernel" in r]
     spills = [r for r in built if r["spill_bytes"]]
     print(f"  kernels  {len(built)} Triton kernels for {target} in "
@@ -190,6 +200,29 @@ def _emit_kernels(module, target: str, out: Path) -> None:
     for r in rows:
         if "unsupported" in r:
             print(f"  not compiled: {r['group']} group: {r['unsupported']}")
+
+
+def _print_cuda_kernels(rows: list[dict], target: str, seconds: float) -> None:
+    built = [r for r in rows if "kernel" in r]
+    if not rows:
+        return
+    glob = [r for r in built if r["cooperative"]]
+    print(f"  kernels  {len(built)} CUDA C kernels for {target} (nvcc, ptxas) in {seconds:.1f}s: "
+          f"{len(glob)} globally stitched (cooperative, grid.sync()), max "
+          f"{max([r['registers'] for r in built] or [0])} registers, "
+          f"{len([r for r in built if r['spill_bytes']])} spilling, max shared memory "
+          f"{max([r['shared_bytes'] for r in built] or [0])} bytes")
+    print(f"  {'kernel':<40} {'regs':>5} {'spill':>6} {'smem':>7} {'thr':>5} {'grid':>7} "
+          f"{'sync':>4}  what")
+    for r in built:
+        print(f"  {r['symbol'][:24] + '.' + r['kernel']:<40} {r['registers']:>5} "
+              f"{r['spill_bytes']:>6} {r['shared_bytes']:>7} {r['threads']:>5} {r['grid']:>7} "
+              f"{r['grid_syncs']:>4}  {r['what'][:60]}")
+        if r.get("note"):
+            print(f"      re-rendered: {r['note']}")
+    for r in rows:
+        if "fallback" in r:
+            print(f"  CUDA C not rendered: {r['group']} group (Triton instead): {r['fallback']}")
 
 
 def _median_spread(ts: list[float]) -> tuple[float, float]:
@@ -217,8 +250,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     w = models.get(args.model)
     inputs = w.example_inputs
-    where = "cpu" if not gpu else (f"{args.target} Triton kernels under TRITON_INTERPRET=1 (cpu "
-                                   "tensors: timings are not GPU timings)" if args.interpret
+    where = "cpu" if not gpu else (f"{args.target} kernels on the cpu: Triton under "
+                                   "TRITON_INTERPRET=1, CUDA C in the emulation (cpu tensors: "
+                                   "timings are not GPU timings)" if args.interpret
                                    else f"{args.target} on {torch.cuda.get_device_name()}")
     if gpu and not args.interpret:
         w.model.cuda()
@@ -231,8 +265,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if gpu:
         from runtime.gpu_graph import compile_gpu_program
 
-        g = compile_gpu_program(prog, args.target, args.fusion, interpret=args.interpret)
-        launches = sum(len(s.launches) for s in g.triton_sources.values())
+        g = compile_gpu_program(prog, args.target, args.fusion, interpret=args.interpret,
+                                gpu_codegen=args.gpu_codegen)
+        launches = sum(len(s.launches) for s in [*g.triton_sources.values(),
+                                                 *g.cuda_sources.values()])
     else:
         g = compile_program(prog, fusion=args.fusion)
     print(f"  [2/4] plan + codegen + build     {time.perf_counter() - t0:6.2f} s   "
@@ -273,7 +309,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"        {name:<9} {med * 1e3:9.2f} ms +- {spread * 1e3:6.2f}   "
               f"{base / med:5.2f}x eager")
     print(f"  stitch kernels launched per call: {g.kernels} fused"
-          + (f" ({launches} Triton launches)" if gpu else "") + " + "
+          + (f" ({launches} launches: {len(g.triton_sources)} Triton groups, "
+             f"{len(g.cuda_sources)} CUDA C groups)" if gpu else "") + " + "
           f"{sum(1 for s in g.steps if s.kind == 'library')} library calls")
     return 0 if ok else 1
 
@@ -310,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the fusion planner")
     c.add_argument("--pipeline", default="",
                    help="a pass pipeline replacing the default one built from --fusion")
+    c.add_argument("--gpu-codegen", choices=("auto", "triton", "cuda"), default="auto",
+                   help="sm_*: which generator each group gets (auto: Triton, CUDA C where the "
+                        "schedule needs shared memory, warp shuffles or a grid barrier)")
     c.add_argument("--print-ir-after-all", action="store_true")
     c.add_argument("--time-passes", action="store_true")
     c.set_defaults(fn=cmd_compile)
@@ -323,7 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--tol", type=float, default=1e-4, help="max abs error accepted vs eager")
     r.add_argument("--no-inductor", action="store_true", help="skip torch.compile (inductor)")
     r.add_argument("--interpret", action="store_true",
-                   help="sm_*: run the Triton kernels under TRITON_INTERPRET=1 on cpu tensors")
+                   help="sm_*: run the Triton kernels under TRITON_INTERPRET=1 and the CUDA C "
+                        "kernels in the cpu emulation, on cpu tensors")
+    r.add_argument("--gpu-codegen", choices=("auto", "triton", "cuda"), default="auto",
+                   help="sm_*: which generator each group gets")
     r.set_defaults(fn=cmd_run)
 
     o = sub.add_parser("opt", help="parse textual IR, run passes, print the result")

@@ -76,10 +76,15 @@ class TritonGraph(CompiledGraph):
         self.deterministic = torch.are_deterministic_algorithms_enabled() \
             if deterministic is None else deterministic
         self.triton_sources: dict[int, TritonSource] = {}
+        # groups the plan gave to the CUDA C generator (runtime.cuda_graph)
+        self.cuda_sources: dict = {}
+        self.cuda_modules: dict = {}
+        self.cuda_fallbacks: list[str] = []
+        self.emulation_reverse = False  # the cpu emulation runs each block's threads reversed
         super().__init__(prog)
 
     def _final_steps(self) -> list[Step]:
-        if any(s.uses_err for s in self.triton_sources.values()):
+        if any(s.uses_err for s in [*self.triton_sources.values(), *self.cuda_sources.values()]):
             return [Step("check-indices", _check_err, "check")]
         return []
 
@@ -92,6 +97,12 @@ class TritonGraph(CompiledGraph):
         for op in self.func.body.ops[:-1]:
             if isinstance(op, fusion.GroupOp) and op.kind != "view" and not _all_empty(op):
                 try:
+                    if op.attr("codegen", "triton") == "cuda":
+                        from runtime import cuda_graph
+
+                        if (src := cuda_graph.build(self, op)) is not None:
+                            sources[id(op)] = src
+                            continue
                     if self.interpret:
                         src = render_group(op, op.kind, self.deterministic)
                     else:  # compiled for the device first: spills are re-rendered
@@ -107,6 +118,10 @@ class TritonGraph(CompiledGraph):
             src = self.sources[id(op)]
             if isinstance(src, TritonSource):
                 return self._kernel_step(op)
+            if id(op) in self.cuda_sources:
+                from runtime import cuda_graph
+
+                return cuda_graph.kernel_step(self, op, src, len(self.steps))
             self.fallbacks.append(f"{op.kind} group of {len(op.body.ops) - 1} ops ({src})")
             return self._interpreted(op, [self._slot(v) for v in op.operands],
                                      [self._slot(r) for r in op.results])
@@ -172,7 +187,8 @@ class TritonGraph(CompiledGraph):
 
     @property
     def sources_by_step(self) -> dict[int, TritonSource]:
-        by_symbol = {s.symbol: s for s in self.triton_sources.values()}
+        by_symbol = {s.symbol: s for s in [*self.triton_sources.values(),
+                                            *self.cuda_sources.values()]}
         return {k: by_symbol[s.name] for k, s in enumerate(self.steps) if s.kind == "kernel"}
 
     def _alloc(self, cs: CallState, env, slot: int, v) -> torch.Tensor:
@@ -194,12 +210,15 @@ def _check_err(env, cs) -> None:
 
 def compile_gpu_program(prog, target: str = "sm_80", fusion: str = "stitch", device_spec=None,
                         interpret: bool | None = None, deterministic: bool | None = None,
-                        device=None) -> TritonGraph:
-    """Plan, fuse, schedule for ``target`` and build ``prog``'s Triton kernels."""
+                        device=None, gpu_codegen: str = "auto",
+                        cuda_stitch: str = "auto") -> TritonGraph:
+    """Plan, fuse, schedule for ``target`` and build ``prog``'s kernels: Triton, or CUDA C where
+    the plan chose it (``gpu_codegen``: auto | triton | cuda; ``cuda_stitch=split``: no
+    cooperative kernel, every group split at its grid barriers)."""
     from passes import PassContext, PassManager
 
     pipeline = (f"canonicalize,cse,dce,sink-broadcasts,fusion-plan{{planner={fusion}}},"
-                "fusion-apply,stitch-schedule")
+                f"fusion-apply,stitch-schedule{{gpu_codegen={gpu_codegen} cuda_stitch={cuda_stitch}}}")
     ctx = PassContext(target=target, device_spec=device_spec)
     PassManager.parse(pipeline).run(prog.module, ctx)
     g = TritonGraph(prog, target, interpret, deterministic, device)

@@ -235,7 +235,8 @@ def content_key(text: str) -> str:
 # -- stitchc compile --emit kernels ------------------------------------------------------------
 
 
-def emit_kernels(module, target: str, out: Path, deterministic: bool = False) -> list[dict]:
+def emit_kernels(module, target: str, out: Path, deterministic: bool = False,
+                 cuda_groups: bool = True) -> list[dict]:
     """Write every GPU kernel of ``module`` (scheduled for ``target``) under ``out``: the group's
     Triton source (``<symbol>.py``), each kernel's PTX and cubin, and ``kernels.json`` with one
     resource report per kernel; groups the generator cannot compile are listed with the reason."""
@@ -250,6 +251,8 @@ def emit_kernels(module, target: str, out: Path, deterministic: bool = False) ->
     for op in module.walk():
         if not isinstance(op, fusion.GroupOp) or op.kind == "view":
             continue
+        if not cuda_groups and op.attr("codegen", "triton") == "cuda":
+            continue  # runtime.cuda_build.emit_cuda_kernels writes those
         try:
             src, builds, note = build_group(op, arch, op.kind, deterministic)
         except Unsupported as e:

@@ -47,7 +47,8 @@ def run_triton(fn, inputs, params=(), atol=1e-5, rtol=1e-5, deterministic=False,
     interpreter; returns the graph."""
     model = Fn(fn, *params).eval()
     prog = import_model(model, tuple(inputs))
-    g = compile_gpu_program(prog, target, interpret=True, deterministic=deterministic)
+    g = compile_gpu_program(prog, target, interpret=True, deterministic=deterministic,
+                            gpu_codegen="triton")
     assert not g.fallbacks, g.fallbacks
     with torch.no_grad():
         want = torch.utils._pytree.tree_leaves(model(*inputs))
@@ -170,7 +171,7 @@ def test_gnn_gather_add_relu_index_add(nodes, edges, feat, deterministic, seed):
 
 def test_gather_out_of_range_raises():
     prog = import_model(Fn(lambda x, i: x[i] * 2), (torch.randn(4, 3), torch.tensor([0, 3])))
-    g = compile_gpu_program(prog, "sm_80", interpret=True)
+    g = compile_gpu_program(prog, "sm_80", interpret=True, gpu_codegen="triton")
     g(torch.randn(4, 3), torch.tensor([1, -4]))
     with pytest.raises(RuntimeError, match="out of range"):
         g(torch.randn(4, 3), torch.tensor([1, 4]))
@@ -252,7 +253,8 @@ def test_backend_training_step_on_triton_kernels():
     x = torch.randn(5, 12)
     ref = [p.detach().clone() for p in model.parameters()]
     compiled = torch.compile(model, backend="stitch",
-                             options={"target": "sm_80", "interpret": True, "time_limit": 2})
+                             options={"target": "sm_80", "interpret": True, "time_limit": 2,
+                                      "gpu_codegen": "triton"})
     out = compiled(x)
     out.square().sum().backward()
     assert sum(FALLBACKS.values()) == before  # both graphs compiled, nothing ran as torch
