@@ -107,8 +107,8 @@ class CudaEmitter(Emitter):
 
     def load_expr(self, name: str, raw: str, dt: DType) -> str:
         """A raw element of buffer ``name`` as its computed value (half bits widened)."""
-        if name in self.half:
-            return f"{'st_h2f' if self.half[name] is DType.f16 else 'st_bf2f'}({raw})"
+        if name in self.stored:
+            return f"{'st_h2f' if self.stored[name] is DType.f16 else 'st_bf2f'}({raw})"
         return raw
 
     def linear(self, v: Value, idx: list[str]) -> str:

@@ -184,7 +184,7 @@ class CudaGroupRenderer:
         text = "\n".join(body)
         reads, writes = buffer_uses(text, self._names())
         return Phase(body, threads, units, 0, what, mapping, reads=reads, writes=writes,
-                     vector=state["vector"], uses_err="err = 1" in text)
+                     vector=state["vector"], uses_err="err |= " in text)
 
     def _names(self) -> list[str]:
         return ([f"in{k}" for k in range(len(self.args))] +
@@ -253,8 +253,8 @@ class CudaGroupRenderer:
                 for p in self.targets[id(v)]:
                     if vec > 1 and size == n:
                         st_t = storage_ctype(v.type.dtype)
-                        if p in em.half:
-                            em.half[f"s_{p}"] = em.half[p]
+                        if p in em.stored:
+                            em.stored[f"s_{p}"] = em.stored[p]
                         if p not in state["vector"]:
                             state["vector"].add(p)
                             em._put(1, f"__align__(16) {st_t} s_{p}[{vec}];")

@@ -309,7 +309,7 @@ class ReducePart:
         reads, writes = buffer_uses(text, self.names)
         return Phase(lines, self.tpb, self.units, self.smem.size, self._what(level, final),
                      self.mapping, reads=reads, writes=writes, vector=set(self.vector),
-                     uses_err="err = 1" in text, syncthreads=self.n_sync)
+                     uses_err="err |= " in text, syncthreads=self.n_sync)
 
     def _what(self, level, final) -> str:
         cached = {v: k for k, v in self.cache.items()}
@@ -485,8 +485,8 @@ class ReducePart:
             expr = em.value(v, idx)
             for p in self.targets[id(v)]:
                 if v in stores_vec:
-                    if p in em.half:
-                        em.half[f"s_{p}"] = em.half[p]
+                    if p in em.stored:
+                        em.stored[f"s_{p}"] = em.stored[p]
                     em.line(em.store(f"s_{p}", "j", v.type.dtype, expr))
                 else:
                     em.line(em.store(p, linearize(idx, dims(v)), v.type.dtype, expr))
