@@ -5,9 +5,25 @@ from passes import (  # noqa: F401
     classify,
     fusion_apply,
     fusion_plan,
+    layout,
     sink_broadcasts,
     stitch_schedule,
 )
 from passes.pass_manager import Pass, PassContext, PassManager, parse_pipeline, register_pass
 
-__all__ = ["Pass", "PassContext", "PassManager", "parse_pipeline", "register_pass"]
+
+def pipeline(planner: str = "stitch", time_limit: float | None = None, channels_last: bool = False,
+             **schedule: str) -> str:
+    """The compile pipeline every entry point runs (``stitchc``, ``compile_program``, the
+    ``torch.compile`` backend, the GPU graph): canonicalise, optionally run 2-d convolutions
+    channels-last (``layout-channels-last``), plan, apply, schedule (``schedule``: options of
+    ``stitch-schedule``, e.g. ``gpu_codegen``)."""
+    plan = f"planner={planner}" + (f" time_limit={time_limit}" if time_limit is not None else "")
+    opts = " ".join(f"{k}={v}" for k, v in schedule.items())
+    return ",".join(["canonicalize,cse,dce",
+                     *(["layout-channels-last,canonicalize,cse,dce"] if channels_last else []),
+                     "sink-broadcasts", f"fusion-plan{{{plan}}}", "fusion-apply",
+                     f"stitch-schedule{{{opts}}}" if opts else "stitch-schedule"])
+
+
+__all__ = ["Pass", "PassContext", "PassManager", "parse_pipeline", "pipeline", "register_pass"]

@@ -11,7 +11,9 @@ Triton kernels, chosen by default when the inputs are CUDA tensors; with CPU ten
 under Triton's interpreter, ``interpret``),
 ``gpu_codegen`` (``auto`` | ``triton`` | ``cuda``: which generator each GPU group gets; CUDA C
 groups run in the cpu emulation when interpreted), ``fusion`` (none | greedy | stitch),
-``time_limit`` (seconds the stitch planner may search per graph, default 10), ``dump_dir``
+``time_limit`` (seconds the stitch planner may search per graph, default 10),
+``channels_last`` (run 2-d convolutions on channels-last activations: ``layout-channels-last``;
+off by default: it wins on some conv nets and loses on others, see passes/layout.py), ``dump_dir``
 (also ``STITCH_DUMP_DIR``): each compiled graph's IR before and after fusion, its plan and its
 kernel sources.
 
@@ -52,6 +54,7 @@ def _dump(dump_dir: str | None, gid: int, name: str, text: str) -> None:
 def compile_fx(gm: torch.fx.GraphModule, options: dict) -> Any:
     """Compile one static aten graph; returns a callable ``f(*tensors) -> list`` shaped like the
     graph's outputs (``None`` where the graph returns None)."""
+    import passes
     from passes import PassContext, PassManager
     from passes.classify import summarize
     from runtime.graph import CompiledGraph
@@ -60,6 +63,15 @@ def compile_fx(gm: torch.fx.GraphModule, options: dict) -> Any:
 
     gid = next(_graph_ids)
     dump_dir = options.get("dump_dir") or os.environ.get("STITCH_DUMP_DIR")
+    # Number outputs (a size the backward needs, concrete once a symbolic graph is specialised
+    # per shape) are not tensors to compute: the call returns them as they are.
+    out_node = [n for n in gm.graph.nodes if n.op == "output"][0]
+    outs = out_node.args[0]
+    flat = list(outs) if isinstance(outs, list | tuple) else [outs]
+    numbers = {k: a for k, a in enumerate(flat) if isinstance(a, int | float | bool)}
+    if numbers:
+        out_node.args = ([None if k in numbers else a for k, a in enumerate(flat)],)
+        gm.recompile()
     module = import_graph(gm)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     prog = ImportedProgram(module, [n.name for n in placeholders], {},
@@ -68,9 +80,8 @@ def compile_fx(gm: torch.fx.GraphModule, options: dict) -> Any:
     fusion = options.get("fusion", "stitch")
     budget = float(options.get("time_limit", 10.0))
     gpu_codegen = options.get("gpu_codegen", "auto")
-    pipeline = (f"canonicalize,cse,dce,sink-broadcasts,"
-                f"fusion-plan{{planner={fusion} time_limit={budget}}},fusion-apply,"
-                f"stitch-schedule{{gpu_codegen={gpu_codegen}}}")
+    pipeline = passes.pipeline(fusion, budget, bool(options.get("channels_last", False)),
+                               gpu_codegen=gpu_codegen)
     target = options.get("target", "cpu")
     ctx = PassContext(target=target)
     PassManager.parse(pipeline).run(module, ctx)
@@ -99,13 +110,11 @@ def compile_fx(gm: torch.fx.GraphModule, options: dict) -> Any:
                     sum(fell.values()), ", ".join(f"{t} x{n}" for t, n in fell.items()),
                     f" and {len(graph.fallbacks)} group(s) through the interpreter"
                     if graph.fallbacks else "")
-    outs = [n for n in gm.graph.nodes if n.op == "output"][0].args[0]
-    flat = list(outs) if isinstance(outs, list | tuple) else [outs]
-    present = [a is not None for a in flat]
+    present = [a is not None and k not in numbers for k, a in enumerate(flat)]
 
     def run(*args):
         got = iter(graph(*args))
-        return [next(got) if p else None for p in present]
+        return [next(got) if p else numbers.get(k) for k, p in enumerate(present)]
 
     run.stitch_graph = graph
     return run

@@ -25,9 +25,10 @@ EMITS = ("ir", "plan", "svg", "kernels")
 CANONICAL = "canonicalize,cse,dce"
 
 
-def pipeline_for(fusion: str, gpu_codegen: str = "auto") -> str:
-    return (f"{CANONICAL},sink-broadcasts,fusion-plan{{planner={fusion}}},fusion-apply,"
-            f"stitch-schedule{{gpu_codegen={gpu_codegen}}}")
+def pipeline_for(fusion: str, gpu_codegen: str = "auto", channels_last: bool = False) -> str:
+    from passes import pipeline
+
+    return pipeline(fusion, channels_last=channels_last, gpu_codegen=gpu_codegen)
 
 
 def _write_new(path: Path, text: str) -> None:

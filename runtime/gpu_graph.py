@@ -215,12 +215,11 @@ def compile_gpu_program(prog, target: str = "sm_80", fusion: str = "stitch", dev
     """Plan, fuse, schedule for ``target`` and build ``prog``'s kernels: Triton, or CUDA C where
     the plan chose it (``gpu_codegen``: auto | triton | cuda; ``cuda_stitch=split``: no
     cooperative kernel, every group split at its grid barriers)."""
-    from passes import PassContext, PassManager
+    from passes import PassContext, PassManager, pipeline
 
-    pipeline = (f"canonicalize,cse,dce,sink-broadcasts,fusion-plan{{planner={fusion}}},"
-                f"fusion-apply,stitch-schedule{{gpu_codegen={gpu_codegen} cuda_stitch={cuda_stitch}}}")
     ctx = PassContext(target=target, device_spec=device_spec)
-    PassManager.parse(pipeline).run(prog.module, ctx)
+    PassManager.parse(pipeline(fusion, gpu_codegen=gpu_codegen, cuda_stitch=cuda_stitch)).run(
+        prog.module, ctx)
     g = TritonGraph(prog, target, interpret, deterministic, device)
     g.plan = ctx.results["plan"][prog.module.func().sym_name]
     if g.fallbacks:

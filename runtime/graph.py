@@ -359,12 +359,24 @@ class CompiledGraph:
                 env[writes[0]] = torch.nn.functional.linear(env[reads[0]], env[reads[1]], b)
         else:  # convolution
             a = op.attributes
-            def run(env, cs):
-                b = env[reads[2]] if len(reads) == 3 else None
-                env[writes[0]] = torch.ops.aten.convolution.default(
-                    env[reads[0]], env[reads[1]], b, list(a["stride"]), list(a["padding"]),
-                    list(a["dilation"]), bool(a["transposed"]), list(a["output_padding"]),
-                    int(a["groups"]))
+            conv = torch.ops.aten.convolution.default
+            args = (list(a["stride"]), list(a["padding"]), list(a["dilation"]),
+                    bool(a["transposed"]), list(a["output_padding"]), int(a["groups"]))
+            if a.get("channels_last"):
+                # [N, *spatial, C] buffers: torch sees the channels-last view of the logical
+                # [N, C, *spatial] tensor (its fast NHWC path) and returns one (contiguous NHWC)
+                to_first, to_last = _moves(op.result.type.rank)
+
+                def run(env, cs):
+                    b = env[reads[2]] if len(reads) == 3 else None
+                    # an NCHW tensor viewed as NHWC (a graph input) is made NHWC first: the
+                    # convolution then runs and answers channels-last
+                    y = conv(_contiguous(env[reads[0]]).permute(to_first), env[reads[1]], b, *args)
+                    env[writes[0]] = y.permute(to_last)
+            else:
+                def run(env, cs):
+                    b = env[reads[2]] if len(reads) == 3 else None
+                    env[writes[0]] = conv(env[reads[0]], env[reads[1]], b, *args)
         return run
 
     # -- buffers -------------------------------------------------------------------------------
@@ -507,6 +519,11 @@ def _storage_unshared(t: torch.Tensor) -> bool:
     return _use_count(storage._cdata) <= 2  # ``t`` itself and ``storage`` above
 
 
+def _moves(rank: int) -> tuple[list[int], list[int]]:
+    """Permutations [N, *spatial, C] -> [N, C, *spatial] and back."""
+    return [0, rank - 1, *range(1, rank - 1)], [0, *range(2, rank), 1]
+
+
 def _all_empty(group) -> bool:
     """Whether every result of ``group`` has zero elements (static shapes)."""
     return all(any(d == 0 for d in r.type.shape) for r in group.results)
@@ -549,19 +566,17 @@ def _view(op, args: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def compile_program(prog: ImportedProgram, target: str = "cpu", fusion: str = "stitch",
-                    device_spec=None) -> CompiledGraph:
+                    device_spec=None, channels_last: bool = False) -> CompiledGraph:
     """Plan, fuse, schedule and build ``prog`` (already imported) for ``target`` (sm_80 / sm_90:
     ``runtime.gpu_graph``)."""
-    from passes import PassContext, PassManager
+    from passes import PassContext, PassManager, pipeline
 
     if target != "cpu":  # Triton kernels: on a CUDA device, or under Triton's interpreter
         from runtime.gpu_graph import compile_gpu_program
 
         return compile_gpu_program(prog, target, fusion, device_spec)
-    pipeline = (f"canonicalize,cse,dce,sink-broadcasts,fusion-plan{{planner={fusion}}},"
-                "fusion-apply,stitch-schedule")
     ctx = PassContext(target=target, device_spec=device_spec)
-    PassManager.parse(pipeline).run(prog.module, ctx)
+    PassManager.parse(pipeline(fusion, channels_last=channels_last)).run(prog.module, ctx)
     g = CompiledGraph(prog)
     g.plan = ctx.results["plan"][prog.module.func().sym_name]
     return g

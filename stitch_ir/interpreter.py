@@ -475,6 +475,9 @@ def _conv(x, w, stride, padding, dilation, groups):
 def _convolution(op, args):
     a = op.attributes
     x, w = _mm_in(args[0]).astype(np.float64), _mm_in(args[1]).astype(np.float64)
+    last = bool(a.get("channels_last"))
+    if last:  # [N, *spatial, C] in and out
+        x = np.moveaxis(x, -1, 1)
     stride, pad, dil = list(a["stride"]), list(a["padding"]), list(a["dilation"])
     groups, nd = a["groups"], x.ndim - 2
     if a["transposed"]:
@@ -497,7 +500,9 @@ def _convolution(op, args):
         r = _conv(x, w, stride, pad, dil, groups)
     if len(args) == 3:
         r = r + args[2].astype(np.float64).reshape((1, -1) + (1,) * nd)
-    return [to_type(r, op.result.type)]
+    if last:
+        r = np.moveaxis(r, 1, -1)
+    return [to_type(np.ascontiguousarray(r), op.result.type)]
 
 
 def _conv_asym(x, w, lo, opad, dil, groups):

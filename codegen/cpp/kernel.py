@@ -41,6 +41,7 @@ from codegen.cpp.emit import (
     sets_err,
     storage_ctype,
 )
+from codegen.cpp.layout import interchange, loop_order, transposed_view
 from stitch_ir.core import Value
 from stitch_ir.dialects import fusion, st
 
@@ -502,10 +503,14 @@ class PhaseKernel:
         self.nest(dims(v), body)
 
     # one loop nest over ``shape``; ``emit(idx)`` writes the body
-    def nest(self, shape: list[int], emit, reductions: str = "") -> None:
+    def nest(self, shape: list[int], emit, reductions: str = "",
+             order: list[int] | None = None) -> None:
+        """One loop nest over ``shape``; ``emit(idx)`` writes the body. ``order``: the dims from
+        outermost to innermost (row-major by default; the innermost is always the last dim)."""
         em = self.em
         self.n_loops += 1
         names = [f"i{self.n_loops}_{k}" for k in range(len(shape))]
+        order = order or list(range(len(shape)))
         err = " reduction(|:err)" if self.gathers else ""
         if not shape:
             em.line("#pragma omp single")
@@ -517,21 +522,34 @@ class PhaseKernel:
         if len(shape) == 1:
             em.line("#pragma omp for simd schedule(static)")
             em.line(f"for (int64_t {names[0]} = 0; {names[0]} < {shape[0]}; ++{names[0]}) {{")
-        else:
-            em.line(f"#pragma omp for collapse({len(shape) - 1}) schedule(static)")
-            for k, n in enumerate(shape[:-1]):
-                em.line(f"for (int64_t {names[k]} = 0; {names[k]} < {n}; ++{names[k]})")
-            em.line("{")
-            em.line(f"#pragma omp simd{err}")
-            em.line(f"for (int64_t {names[-1]} = 0; {names[-1]} < {shape[-1]}; ++{names[-1]}) {{")
-        body: list[str] = []
-        em.push(body, em.scopes[-1].indent + "  ", loop_vars=set(names))
+            body: list[str] = []
+            em.push(body, em.scopes[-1].indent + "  ", loop_vars=set(names))
+            emit(names)
+            em.pop()
+            em.scopes[-1].lines.extend(body)
+            em.line("}")
+            return
+        em.line(f"#pragma omp for collapse({len(shape) - 1}) schedule(static)")
+        for k in order[:-1]:
+            em.line(f"for (int64_t {names[k]} = 0; {names[k]} < {shape[k]}; ++{names[k]})")
+        em.line("{")
+        # Two scopes: what depends only on the collapsed (outer) loops -- a channel's scale, a
+        # row's statistics -- is computed once per pass of the innermost loop, above it.
+        outer: list[str] = []
+        em.push(outer, em.scopes[-1].indent + "  ", loop_vars=set(names[:-1]))
+        em.line(f"#pragma omp simd{err}")
+        em.mark()
+        em.scopes[-1].hoist_at -= 1  # above the pragma, which must precede its loop directly
+        em.line(f"for (int64_t {names[-1]} = 0; {names[-1]} < {shape[-1]}; ++{names[-1]}) {{")
+        body = []
+        em.push(body, em.scopes[-1].indent + "  ", loop_vars={names[-1]})
         emit(names)
         em.pop()
         em.scopes[-1].lines.extend(body)
         em.line("}")
-        if len(shape) > 1:
-            em.line("}")
+        em.pop()
+        em.scopes[-1].lines.extend(outer)
+        em.line("}")
 
     def store(self, targets: list[str], v: Value, idx: list[str], expr: str) -> None:
         lin = linearize(idx, dims(v))
@@ -539,7 +557,88 @@ class PhaseKernel:
             self.em.line(self.em.store(t, lin, v.type.dtype, expr))
 
     def elementwise(self, v: Value, targets: list[str]) -> None:
-        self.nest(dims(v), lambda idx: self.store(targets, v, idx, self.em.value(v, idx)))
+        sizes = {self.em.buffers[id(x)]: math.prod(dims(x)) * x.type.dtype.itemsize
+                 for x in self.values_in_buffers()}
+        emit = lambda idx: self.store(targets, v, idx, self.em.value(v, idx))  # noqa: E731
+        staged = transposed_view(v, self.em.buffers, sizes)
+        if staged is not None:
+            self.nest_staged(dims(v), staged[1], staged[0], emit)
+            return
+        inner = interchange(v, self.em.buffers, sizes)
+        self.nest(dims(v), emit, order=loop_order(dims(v), inner))
+
+    STAGE = 32  # a staged tile is STAGE x STAGE elements (4 KiB of float): L1-resident
+
+    def nest_staged(self, shape: list[int], p: int, u: Value, emit) -> None:
+        """A loop nest over ``shape`` in tiles of dims ``p`` and the last one, for a value that
+        reads ``u`` -- a buffer contiguous along ``p`` but strided along the last dim (a
+        transpose). Each tile first copies ``u`` into a small buffer in the output's order,
+        reading the input contiguously (a scalar transpose, in L1); the computation then runs
+        vectorised over contiguous tile rows. GCC vectorises no strided load: this kernel ran
+        scalar and branchy at 0.65 GB/s before."""
+        em = self.em
+        self.n_loops += 1
+        L, B = self.n_loops, self.STAGE
+        last = len(shape) - 1
+        names = [f"i{L}_{k}" for k in range(len(shape))]
+        outer = [k for k in range(len(shape)) if k not in (p, last)]
+        pt, lt, pl, ll, buf = f"pt{L}", f"lt{L}", f"pl{L}", f"ll{L}", f"stage{L}"
+        ct = ctype(u.type.dtype)
+        err = " reduction(|:err)" if self.gathers else ""
+        em.mark()
+        em.line(f"#pragma omp for collapse({len(outer) + 2}) schedule(static)")
+        for k in outer:
+            em.line(f"for (int64_t {names[k]} = 0; {names[k]} < {shape[k]}; ++{names[k]})")
+        em.line(f"for (int64_t {pt} = 0; {pt} < {-(-shape[p] // B)}; ++{pt})")
+        em.line(f"for (int64_t {lt} = 0; {lt} < {-(-shape[last] // B)}; ++{lt})")
+        em.line("{")
+        tile: list[str] = []
+        em.push(tile, em.scopes[-1].indent + "  ", loop_vars={names[k] for k in outer} | {pt, lt})
+        em.line(f"const int64_t {pl}_n = {shape[p]} - {pt} * {B} < {B} ? {shape[p]} - {pt} * {B} "
+                f": {B};")
+        em.line(f"const int64_t {ll}_n = {shape[last]} - {lt} * {B} < {B} ? "
+                f"{shape[last]} - {lt} * {B} : {B};")
+        em.line(f"{ct} {buf}[{B}][{B}];")
+        idx = list(names)
+        idx[p], idx[last] = f"({pt} * {B} + {pl})", f"({lt} * {B} + {ll})"
+        # 1. the tile of u, read along p (contiguous), written to the buffer in output order
+        em.mark()
+        em.line(f"for (int64_t {ll} = 0; {ll} < {ll}_n; ++{ll})")
+        em.line(f"for (int64_t {pl} = 0; {pl} < {pl}_n; ++{pl}) {{")
+        copy: list[str] = []
+        em.push(copy, em.scopes[-1].indent + "  ", loop_vars={ll, pl})
+        em.line(f"{buf}[{pl}][{ll}] = {em.value(u, idx)};")
+        em.pop()
+        em.scopes[-1].lines.extend(copy)
+        em.line("}")
+        # 2. the value, over contiguous rows of the tile
+        em.known[id(u)] = lambda at, want=list(idx): f"{buf}[{pl}][{ll}]" if at == want else None
+        em.mark()
+        em.line(f"for (int64_t {pl} = 0; {pl} < {pl}_n; ++{pl}) {{")
+        row: list[str] = []
+        em.push(row, em.scopes[-1].indent + "  ", loop_vars={pl})
+        em.line(f"#pragma omp simd{err}")
+        em.mark()
+        em.scopes[-1].hoist_at -= 1  # above the pragma, which must precede its loop directly
+        em.line(f"for (int64_t {ll} = 0; {ll} < {ll}_n; ++{ll}) {{")
+        body: list[str] = []
+        em.push(body, em.scopes[-1].indent + "  ", loop_vars={ll})
+        emit(idx)
+        em.pop()
+        em.scopes[-1].lines.extend(body)
+        em.line("}")
+        em.pop()
+        em.scopes[-1].lines.extend(row)
+        em.line("}")
+        del em.known[id(u)]
+        em.pop()
+        em.scopes[-1].lines.extend(tile)
+        em.line("}")
+
+    def values_in_buffers(self) -> list[Value]:
+        """The group's arguments and the values materialised so far (all have a buffer)."""
+        known = list(self.group.body.args) + [r for op in self.body for r in op.results]
+        return [x for x in known if id(x) in self.em.buffers]
 
     def _input_index(self, op: st.ReduceOp, out_idx: list[str], red_idx: list[str]) -> list[str]:
         shape = dims(op.operand(0))

@@ -767,11 +767,19 @@ class ConvolutionOp(LibraryOp):
 
     name = "st.convolution"
     required_attrs = ("stride", "padding", "dilation", "transposed", "output_padding", "groups")
+    # channels_last: the input and the result are channels-last, [N, *spatial, C] (the
+    # layout-channels-last pass chooses it; the weight stays [Cout, Cin/groups, *k])
+    optional_attrs = ("channels_last",)
 
     @classmethod
     def infer_types(cls, ts, attrs):
         if len(ts) not in (2, 3):
             raise ValueError(f"expects input, weight and optional bias, got {len(ts)} operands")
+        if attrs.get("channels_last"):
+            x = ts[0]
+            first = x.with_shape((x.shape[0], x.shape[-1], *x.shape[1:-1]))
+            (y,) = cls.infer_types([first, *ts[1:]], {**attrs, "channels_last": False})
+            return [y.with_shape((y.shape[0], *y.shape[2:], y.shape[1]))]
         x, w = ts[0], ts[1]
         nd = x.rank - 2
         if w.rank != x.rank or nd < 1:

@@ -116,3 +116,41 @@ def test_backend_is_registered_by_entry_point():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        env=dict(os.environ), timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_channels_last_option_training_step():
+    """options={"channels_last": True}: a conv net's training step (forward NHWC, convolution
+    backward through torch) matches eager."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8),
+                            torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3, padding=1))
+    x = torch.randn(2, 3, 10, 10)
+    m.zero_grad()
+    m(x).square().mean().backward()
+    want = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    torch.compile(m, backend="stitch", options={"channels_last": True})(x).square().mean().backward()
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, want[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_training_at_new_batch_sizes_compiles_every_graph():
+    """After a second batch size dynamo traces symbolically; a specialised graph may then
+    return a size (a number) beside its tensors: it is passed through, the graph still compiles
+    (it used to fall back to torch whole: "expected a tensor argument, got 5")."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.LayerNorm(16), torch.nn.GELU(),
+                                torch.nn.Linear(16, 3))
+    compiled = torch.compile(model, backend="stitch")
+    before = {k: v for k, v in backend.FALLBACKS.items() if k.startswith("graph")}
+    for n in (4, 5, 7):
+        x = torch.randn(n, 12)
+        model.zero_grad()
+        model(x).square().sum().backward()
+        want = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        compiled(x).square().sum().backward()
+        for p, w in zip(model.parameters(), want):
+            torch.testing.assert_close(p.grad, w, atol=1e-5, rtol=1e-4)
+    after = {k: v for k, v in backend.FALLBACKS.items() if k.startswith("graph")}
+    assert after == before, after

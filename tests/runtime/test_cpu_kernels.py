@@ -467,3 +467,46 @@ def test_negative_indices_wrap_only_where_eager_wraps():
             g(x, neg)
         ok = torch.tensor([4, 2])
         torch.testing.assert_close(g(x, ok)[0], fn(x, ok))
+
+
+@settings(max_examples=4, deadline=None)
+@given(hs.sampled_from([1, 2, 3]), hs.sampled_from([5, 33, 64]), hs.sampled_from([1, 7, 40]),
+       hs.sampled_from([1, 9, 32]), hs.sampled_from([torch.float32, torch.bfloat16]))
+def test_transposing_kernels_stage_tiles(n, c, h, w, dt):
+    """A kernel whose output's innermost dim strides through a large input (an NHWC buffer read
+    in NCHW order: batch norm + residual after a channels-last convolution) copies the input in
+    L1 tiles and computes over contiguous tile rows; partial tiles and size-1 dims included."""
+    import codegen.cpp.layout as layout
+
+    old, layout.MIN_BYTES = layout.MIN_BYTES, 0  # stage at these small sizes too
+    try:
+        xp = torch.randn(n, h, w, c).to(dt)
+        res = torch.randn(n, c, h, w).to(dt)
+        s, b = torch.randn(c, 1, 1).to(dt), torch.randn(c, 1, 1).to(dt)
+        g = run_both(lambda xp, res, s, b: torch.relu(xp.permute(0, 3, 1, 2) * s + b + res),
+                     [xp, res, s, b], atol=1e-2 if dt == torch.bfloat16 else 1e-5,
+                     rtol=1e-2 if dt == torch.bfloat16 else 1e-5)
+    finally:
+        layout.MIN_BYTES = old
+    src = "".join(k.source.source for k in g.steps if k.kind == "kernel")
+    if w > 1 and c > 1:
+        assert "stage" in src
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_channels_last_convolutions(bias):
+    """The layout-channels-last pass: the reference interpreter and the compiled graph agree with
+    eager, the convolutions run on NHWC buffers, and consecutive layout changes fold."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1, bias=bias), torch.nn.BatchNorm2d(8),
+                            torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 1, bias=bias),
+                            torch.nn.ReLU(), torch.nn.Conv2d(8, 5, 3, stride=2)).eval()
+    x = torch.randn(2, 3, 9, 11)
+    prog = import_model(m, (x,))
+    g = compile_program(prog, device_spec=cpu_spec(measure=False), channels_last=True)
+    convs = [op for op in g.func.body.ops if op.name == "st.convolution"]
+    assert len(convs) == 3 and all(op.attr("channels_last") for op in convs)
+    with torch.no_grad():
+        want = m(x)
+    torch.testing.assert_close(g(x)[0], want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.from_numpy(prog.run(x)[0]), want, atol=1e-5, rtol=1e-5)

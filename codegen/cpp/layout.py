@@ -1,0 +1,182 @@
+"""Where a kernel's loads land: the memory stride of every buffer a value reads, per dimension of
+the value, found by evaluating the group's index maps on concrete indices.
+
+A layout op inside a group is an index map (``codegen.cpp.emit``). A loop nest that follows the
+output's row-major order reads a permuted input with a large stride in its innermost loop: an
+NHWC buffer read in NCHW order touches H * W cache lines per channel and reads each of them
+again for the next channel (a batch-norm + residual kernel after a channels-last convolution
+ran at 0.65 GB/s). ``interchange`` finds the dim along which the input *is* contiguous; the loop
+over it goes just outside the innermost (vectorised) loop, so the lines one pass of the
+innermost loop touches are all used before they leave L1.
+
+Invariants: exact for affine index maps (broadcast, permute, slice, reshapes that split or merge
+whole dims); for other reshapes, pads and cats the stride is the local step at the origin.
+Gathered reads are data-dependent and are not reported.
+"""
+
+from __future__ import annotations
+
+from codegen.cpp.emit import dims
+from stitch_ir.core import BlockArgument, Value
+from stitch_ir.dialects import st
+
+# Buffers smaller than this stay in cache whatever the loop order.
+MIN_BYTES = 256 << 10
+
+
+def _flat(idx: tuple[int, ...], shape: list[int]) -> int:
+    flat = 0
+    for i, n in zip(idx, shape):
+        flat = flat * n + i
+    return flat
+
+
+def _unflat(flat: int, shape: list[int]) -> tuple[int, ...]:
+    out = []
+    for n in reversed(shape):
+        out.append(flat % n if n else 0)
+        flat //= max(n, 1)
+    return tuple(reversed(out))
+
+
+def reads(v: Value, idx: tuple[int, ...], buffers: dict[int, str],
+          out: dict[str, int] | None = None) -> dict[str, int]:
+    """Buffer name -> the flat element index that ``v`` at ``idx`` reads from it."""
+    out = {} if out is None else out
+    if id(v) in buffers:
+        out.setdefault(buffers[id(v)], _flat(idx, dims(v)))
+        return out
+    op = getattr(v, "owner", None)
+    if op is None or isinstance(v, BlockArgument) or isinstance(
+            op, st.ConstantOp | st.IotaOp | st.EmbeddingOp | st.IndexSelectOp | st.GatherOp |
+            st.ReduceOp | st.IndexAddOp | st.ScatterAddOp | st.ScatterReduceOp):
+        return out  # nothing read, data-dependent, or materialised (then it is in ``buffers``)
+    if isinstance(op, st.BroadcastOp):
+        src = dims(op.operand(0))
+        off = len(idx) - len(src)
+        return reads(op.operand(0), tuple(0 if n == 1 else idx[off + k] for k, n in enumerate(src)),
+                     buffers, out)
+    if isinstance(op, st.ReshapeOp):
+        return reads(op.operand(0), _unflat(_flat(idx, dims(v)), dims(op.operand(0))), buffers, out)
+    if isinstance(op, st.PermuteOp):
+        src = [0] * len(idx)
+        for k, p in enumerate(op.attributes["perm"]):
+            src[p] = idx[k]
+        return reads(op.operand(0), tuple(src), buffers, out)
+    if isinstance(op, st.SliceOp):
+        a = op.attributes
+        src = list(idx)
+        src[a["dim"]] = a["start"] + a["step"] * idx[a["dim"]]
+        return reads(op.operand(0), tuple(src), buffers, out)
+    if isinstance(op, st.PadOp):
+        shape = dims(op.operand(0))
+        src = tuple(min(max(i - lo, 0), n - 1) for i, lo, n in zip(idx, op.attributes["low"], shape))
+        return reads(op.operand(0), src, buffers, out)
+    if isinstance(op, st.CatOp):
+        d, start = op.attributes["dim"], 0
+        for o in op.operands:
+            n = dims(o)[d]
+            if idx[d] < start + n or o is op.operands[-1]:
+                src = list(idx)
+                src[d] = min(max(idx[d] - start, 0), n - 1)
+                return reads(o, tuple(src), buffers, out)
+            start += n
+        return out
+    for o in op.operands:  # element-wise: every operand at the same index
+        if o.type.rank == len(idx):
+            reads(o, idx, buffers, out)
+    return out
+
+
+def strides(v: Value, buffers: dict[int, str]) -> dict[str, list[int]]:
+    """Buffer name -> its flat-index step per unit step of each dim of ``v`` (0 where the buffer
+    does not depend on that dim or the dim has size 1)."""
+    shape = dims(v)
+    base = reads(v, (0,) * len(shape), buffers)
+    out = {name: [0] * len(shape) for name in base}
+    for k, n in enumerate(shape):
+        if n > 1:
+            step = tuple(1 if j == k else 0 for j in range(len(shape)))
+            for name, flat in reads(v, step, buffers).items():
+                if name in out:
+                    out[name][k] = flat - base[name]
+    return out
+
+
+def interchange(v: Value, buffers: dict[int, str], sizes: dict[str, int]) -> int | None:
+    """The dim of ``v`` (not the innermost) to loop over just outside the innermost loop: where
+    the largest buffer ``v`` reads is contiguous along it but strided along ``v``'s innermost
+    dim. None when the row-major order is already right. ``sizes``: buffer name -> bytes."""
+    shape = dims(v)
+    if len(shape) < 3 or shape[-1] < 2:
+        return None
+    best = None
+    for name, s in strides(v, buffers).items():
+        if sizes.get(name, 0) < MIN_BYTES or abs(s[-1]) in (0, 1):
+            continue
+        unit = [k for k in range(len(shape) - 2) if s[k] == 1 and shape[k] >= 2]
+        if unit and (best is None or sizes[name] > best[1]):
+            best = (unit[-1], sizes[name])
+    return best[0] if best else None
+
+
+def loop_order(shape: list[int], inner: int | None) -> list[int]:
+    """The order of the loops over ``shape``: row-major, with ``inner`` moved just outside the
+    last one."""
+    order = list(range(len(shape)))
+    if inner is not None:
+        order.remove(inner)
+        order.insert(len(order) - 1, inner)
+    return order
+
+
+
+LAYOUT = (st.PermuteOp, st.ReshapeOp, st.SliceOp, st.BroadcastOp)
+
+
+def _reads_only(v: Value, buffers: dict[int, str], name: str) -> bool:
+    """Whether ``v`` is buffer ``name`` seen through layout ops only."""
+    while id(v) not in buffers:
+        op = getattr(v, "owner", None)
+        if op is None or not isinstance(op, LAYOUT):
+            return False
+        v = op.operand(0)
+    return buffers[id(v)] == name
+
+
+def transposed_view(v: Value, buffers: dict[int, str], sizes: dict[str, int]):
+    """(u, p): a value ``u`` of ``v``'s shape that ``v``'s element reads at its own index (through
+    element-wise ops only), which is a large buffer seen through layout ops so that it is
+    contiguous along dim ``p`` and strided along ``v``'s innermost dim -- a transpose, which a
+    vectorising compiler will not vectorise (GCC 12 has no strided vector loads). The kernel
+    stages ``u`` in tiles (``PhaseKernel.nest_staged``). None when there is none."""
+    shape = dims(v)
+    if len(shape) < 2 or shape[-1] < 2:
+        return None
+    best = None
+    for name, s in strides(v, buffers).items():
+        if sizes.get(name, 0) < MIN_BYTES or abs(s[-1]) in (0, 1):
+            continue
+        unit = [k for k in range(len(shape) - 1) if s[k] == 1 and shape[k] >= 2]
+        if unit and (best is None or sizes[name] > best[2]):
+            best = (name, unit[-1], sizes[name])
+    if best is None:
+        return None
+    name, p, _ = best
+    seen: set[int] = set()
+    todo = [v]
+    while todo:
+        w = todo.pop()
+        if id(w) in seen or dims(w) != shape:
+            continue
+        seen.add(id(w))
+        op = getattr(w, "owner", None)
+        if op is None or id(w) in buffers:
+            continue
+        if isinstance(op, LAYOUT):
+            if _reads_only(w, buffers, name):
+                return w, p
+            continue
+        if op.kind == st.ELEMENTWISE:
+            todo.extend(op.operands)
+    return None
