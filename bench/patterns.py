@@ -28,8 +28,8 @@ def _ln(x, w, b):
     return F.layer_norm(x, (x.shape[-1],), w, b, 1e-5)
 
 
-def patterns(small: bool):
-    s = 8 if small else 1  # --small: shapes / 8 (quick check)
+def patterns(small: bool = False, scale: int | None = None):
+    s = scale or (8 if small else 1)  # --small: shapes / 8 (quick check); scale: rows / scale
     R, H, F2 = 8192 // s, 1024, 2048
     g = torch.Generator().manual_seed(0)
 

@@ -12,6 +12,8 @@ under Triton's interpreter, ``interpret``),
 ``gpu_codegen`` (``auto`` | ``triton`` | ``cuda``: which generator each GPU group gets; CUDA C
 groups run in the cpu emulation when interpreted), ``fusion`` (none | greedy | stitch),
 ``time_limit`` (seconds the stitch planner may search per graph, default 10),
+``cost_model`` (``analytic`` | ``learned`` | ``auto``, the default: the learned model where one
+trained on this machine won its held-out evaluation; see ``cost_model.learned``),
 ``channels_last`` (run 2-d convolutions on channels-last activations: ``layout-channels-last``;
 off by default: it wins on some conv nets and loses on others, see passes/layout.py), ``dump_dir``
 (also ``STITCH_DUMP_DIR``): each compiled graph's IR before and after fusion, its plan and its
@@ -81,7 +83,7 @@ def compile_fx(gm: torch.fx.GraphModule, options: dict) -> Any:
     budget = float(options.get("time_limit", 10.0))
     gpu_codegen = options.get("gpu_codegen", "auto")
     pipeline = passes.pipeline(fusion, budget, bool(options.get("channels_last", False)),
-                               gpu_codegen=gpu_codegen)
+                               cost_model=options.get("cost_model"), gpu_codegen=gpu_codegen)
     target = options.get("target", "cpu")
     ctx = PassContext(target=target)
     PassManager.parse(pipeline).run(module, ctx)

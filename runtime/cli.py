@@ -4,6 +4,8 @@
     stitchc compile --model bert --target cpu --emit ir,plan,svg -o OUT [--fusion greedy]
     stitchc run --model bert --target cpu            compile, run, check vs eager, time vs inductor
     stitchc opt FILE.sir -p canonicalize,cse         run passes over textual IR (FileCheck tests)
+    stitchc tune --model bert|--all --target cpu     time candidate kernels into the record store
+    stitchc tune --train                             train the learned cost model from the records
 
 ``compile`` traces the model with torch.export, imports it into ``st``, canonicalises, plans
 the fusion (``--fusion none|greedy|stitch``), applies and schedules it, prints a one-screen
@@ -22,13 +24,16 @@ from pathlib import Path
 
 TARGETS = ("cpu", "sm_80", "sm_90")
 EMITS = ("ir", "plan", "svg", "kernels")
+COST_MODELS = ("analytic", "learned", "auto")
 CANONICAL = "canonicalize,cse,dce"
 
 
-def pipeline_for(fusion: str, gpu_codegen: str = "auto", channels_last: bool = False) -> str:
+def pipeline_for(fusion: str, gpu_codegen: str = "auto", channels_last: bool = False,
+                 cost_model: str | None = None) -> str:
     from passes import pipeline
 
-    return pipeline(fusion, channels_last=channels_last, gpu_codegen=gpu_codegen)
+    return pipeline(fusion, channels_last=channels_last, cost_model=cost_model,
+                    gpu_codegen=gpu_codegen)
 
 
 def _write_new(path: Path, text: str) -> None:
@@ -95,7 +100,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     for e in emits:
         if e not in EMITS:
             raise ValueError(f"--emit {e!r}: choose from {', '.join(EMITS)}")
-    pipeline = args.pipeline or pipeline_for(args.fusion, args.gpu_codegen)
+    pipeline = args.pipeline or pipeline_for(args.fusion, args.gpu_codegen,
+                                             cost_model=args.cost_model)
     w, prog, ctx, times = compile_model(args.model, pipeline, args.target,
                                         args.print_ir_after_all, args.time_passes)
     out = Path(args.output)
@@ -271,7 +277,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         launches = sum(len(s.launches) for s in [*g.triton_sources.values(),
                                                  *g.cuda_sources.values()])
     else:
-        g = compile_program(prog, fusion=args.fusion)
+        g = compile_program(prog, fusion=args.fusion, cost_model=args.cost_model)
     print(f"  [2/4] plan + codegen + build     {time.perf_counter() - t0:6.2f} s   "
           f"({g.kernels} kernels, {len(g.fallbacks)} interpreter fallbacks)", flush=True)
     with torch.no_grad():
@@ -329,6 +335,26 @@ def cmd_opt(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    """Time candidate kernels into the record store, or train the learned model from it."""
+    from runtime import tune
+
+    store = args.store or tune.default_store()
+    if args.target != "cpu":
+        raise ValueError("stitchc tune: only the cpu target can be timed here")
+    if args.train:
+        from runtime.tune_eval import train_command
+
+        return train_command(store, args.threads, args.out, log=print)
+    if not (args.all or args.model):
+        raise ValueError("stitchc tune: name --model NAME[,NAME...] or --all (or --train)")
+    names = tune.workload_names(args.all, args.model or "")
+    tune.tune(names, store, threads=args.threads, variant=args.variant,
+              per_model=args.per_model, samples=args.samples, batch=args.batch,
+              seed=args.seed, cluster=args.cluster, progress=not args.no_progress)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stitchc", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -353,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "schedule needs shared memory, warp shuffles or a grid barrier)")
     c.add_argument("--print-ir-after-all", action="store_true")
     c.add_argument("--time-passes", action="store_true")
+    c.add_argument("--cost-model", choices=COST_MODELS, default=None,
+                   help="what costs the planner's groups (default auto: the learned model where "
+                        "one for this machine won its held-out evaluation, else analytic)")
     c.set_defaults(fn=cmd_compile)
 
     r = sub.add_parser("run", help="compile, check against eager, time vs inductor")
@@ -368,7 +397,32 @@ def build_parser() -> argparse.ArgumentParser:
                         "kernels in the cpu emulation, on cpu tensors")
     r.add_argument("--gpu-codegen", choices=("auto", "triton", "cuda"), default="auto",
                    help="sm_*: which generator each group gets")
+    r.add_argument("--cost-model", choices=COST_MODELS, default=None,
+                   help="what costs the planner's groups (default auto)")
     r.set_defaults(fn=cmd_run)
+
+    t = sub.add_parser("tune", help="time candidate kernels into records; train the learned model")
+    t.add_argument("--model", default="", help="workloads, comma-separated (pattern:NAME[/SCALE] "
+                   "for a cpu pattern)")
+    t.add_argument("--all", action="store_true", help="the nine workloads and the cpu patterns")
+    t.add_argument("--target", choices=TARGETS, default="cpu")
+    t.add_argument("--store", default="", help="the SQLite record store (default "
+                   "$STITCH_CACHE_DIR/tune/records.sqlite)")
+    t.add_argument("--threads", type=int, default=1, help="OpenMP threads kernels are timed at")
+    t.add_argument("--per-model", type=int, default=160, help="sampled candidates per workload")
+    t.add_argument("--samples", type=int, default=21, help="timed samples per kernel")
+    t.add_argument("--batch", type=int, default=12, help="candidates per job")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--variant", default="", choices=("", "team1"),
+                   help="a schedule variant: team1 = every kernel on the calling thread")
+    t.add_argument("--cluster", default=None, metavar="ADDRESS",
+                   help="run the jobs on a Ray cluster (ray.init address; 'local' starts one)")
+    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--train", action="store_true",
+                   help="train the learned model from the store (held-out evaluation first)")
+    t.add_argument("--out", default="", help="--train: the model file (default: this machine's "
+                   "model under $STITCH_CACHE_DIR/learned)")
+    t.set_defaults(fn=cmd_tune)
 
     o = sub.add_parser("opt", help="parse textual IR, run passes, print the result")
     o.add_argument("file", help="a .sir file, or - for standard input")

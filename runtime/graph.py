@@ -566,9 +566,10 @@ def _view(op, args: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def compile_program(prog: ImportedProgram, target: str = "cpu", fusion: str = "stitch",
-                    device_spec=None, channels_last: bool = False) -> CompiledGraph:
+                    device_spec=None, channels_last: bool = False,
+                    cost_model: str | None = None) -> CompiledGraph:
     """Plan, fuse, schedule and build ``prog`` (already imported) for ``target`` (sm_80 / sm_90:
-    ``runtime.gpu_graph``)."""
+    ``runtime.gpu_graph``). ``cost_model``: analytic | learned | auto (the planner's default)."""
     from passes import PassContext, PassManager, pipeline
 
     if target != "cpu":  # Triton kernels: on a CUDA device, or under Triton's interpreter
@@ -576,7 +577,8 @@ def compile_program(prog: ImportedProgram, target: str = "cpu", fusion: str = "s
 
         return compile_gpu_program(prog, target, fusion, device_spec)
     ctx = PassContext(target=target, device_spec=device_spec)
-    PassManager.parse(pipeline(fusion, channels_last=channels_last)).run(prog.module, ctx)
+    PassManager.parse(pipeline(fusion, channels_last=channels_last,
+                               cost_model=cost_model)).run(prog.module, ctx)
     g = CompiledGraph(prog)
     g.plan = ctx.results["plan"][prog.module.func().sym_name]
     return g

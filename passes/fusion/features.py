@@ -12,7 +12,7 @@ target's shared memory, they are demoted to global memory: re-read instead of ca
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from cost_model import DeviceSpec, KernelDesc, ReduceDesc, latency, legal
 from passes.fusion.graph import PlanGraph, is_free_constant, members_of
@@ -59,6 +59,7 @@ class GroupInfo:
     reason: str
     regional: tuple[Value, ...] = ()  # values kept in shared memory / row buffers
     demoted: bool = False  # regional values demoted to global memory (did not fit)
+    analytic_seconds: float = -1.0  # the analytic estimate, when a learned model set `seconds`
 
     @property
     def is_view(self) -> bool:
@@ -218,3 +219,80 @@ def describe(g: PlanGraph, member_bits: int, device: DeviceSpec) -> GroupInfo:
     secs = latency(desc, device) if ok else math.inf
     return GroupInfo(tuple(members), tuple(input_values.values()), outputs, desc, kind, secs,
                      ok, reason, regional, demoted)
+
+
+# ----------------------------------------------------------------------------------------------
+# What the learned cost model reads of a group beyond its KernelDesc (cost_model.learned): ops by
+# class, reduction axes, what a phases kernel keeps in scratch. Per-node facts are computed once
+# per graph; a group's are sums over its members (a few hundred ns per member).
+
+LEARN_COUNTS = ("elementwise", "broadcast", "reduce", "layout", "gather", "scatter", "cast",
+                "compare_select", "permute", "slice_cat_pad", "arg_reduce", "rand", "half_ops",
+                "row_reduce", "column_reduce", "all_reduce", "bool_ops")
+_CLASS_POS = {st.ELEMENTWISE: 0, st.BROADCAST: 1, st.REDUCE: 2, st.LAYOUT: 3, st.GATHER: 4,
+              st.SCATTER: 5}
+
+
+def _learn_facts(g: PlanGraph) -> list[tuple[tuple[int, ...], int, int]]:
+    """Per node: (class counts as LEARN_COUNTS, result elements, result bytes)."""
+    cached = getattr(g, "_learn_facts", None)
+    if cached is not None:
+        return cached
+    out = []
+    for op in g.ops:
+        c = [0] * len(LEARN_COUNTS)
+        if op.kind in _CLASS_POS:
+            c[_CLASS_POS[op.kind]] = 1
+        c[6] = isinstance(op, st.CastOp)
+        c[7] = isinstance(op, st.CompareOp | st.PredicateOp | st.WhereOp)
+        c[8] = isinstance(op, st.PermuteOp)
+        c[9] = isinstance(op, st.SliceOp | st.CatOp | st.PadOp)
+        c[10] = isinstance(op, st.ArgReduceOp)
+        c[11] = isinstance(op, st.RandOp)
+        res = op.results[0] if op.results else None
+        if res is not None:
+            c[12] = res.type.dtype.itemsize == 2 and res.type.dtype.is_float
+            c[16] = res.type.dtype.is_bool
+        if isinstance(op, st.ReduceOp):
+            c[{"row": 13, "column": 14, "all": 15}[reduce_desc(op).kind]] = 1
+        elems = max([numel(r) for r in op.results] or [1])
+        out.append((tuple(int(x) for x in c), elems, sum(nbytes(r) for r in op.results)))
+    g._learn_facts = out
+    return out
+
+
+def ir_features(g: PlanGraph, info: GroupInfo) -> dict[str, float]:
+    """The group's IR-level features for the learned cost model (see LEARN_COUNTS)."""
+    facts = _learn_facts(g)
+    base = _facts(g)
+    member_bits = 0
+    for i in info.members:
+        member_bits |= 1 << i
+    counts = [0] * len(LEARN_COUNTS)
+    big, small, scratch = 1, 1 << 62, 0
+    for i in info.members:
+        c, elems, nb = facts[i]
+        counts = [a + b for a, b in zip(counts, c)]
+        big, small = max(big, elems), min(small, elems)
+        f = base[i]
+        if (f.reduce is not None or f.scatter) and any(u & member_bits for _, _, u, _ in f.outputs):
+            scratch += nb  # a phases kernel materialises it between its loops
+    rd = info.desc.reduce
+    dom = info.desc.dominant_reduce
+    rows_fit = bool(rd) and not counts[5] and all(
+        r.kind == "row" and r.rows == dom.rows and r.length == dom.length for r in rd)
+    feats = dict(zip(LEARN_COUNTS, map(float, counts)))
+    feats.update(max_elems=float(big), min_elems=float(min(small, big)),
+                 inputs=float(len(info.inputs)), outputs=float(len(info.outputs)),
+                 scratch_bytes=float(scratch), rows_fit=float(rows_fit),
+                 regional_values=float(len(info.regional)), demoted=float(info.demoted))
+    return feats
+
+
+def learned_estimate(g: PlanGraph, info: GroupInfo, device: DeviceSpec, model) -> GroupInfo:
+    """``info`` costed by a learned model (``cost_model.learned.LearnedModel``); the analytic
+    estimate is kept in ``analytic_seconds``. Views and illegal groups keep their cost."""
+    if not info.legal or info.is_view:
+        return info
+    return replace(info, seconds=model.seconds(ir_features(g, info), info.desc, device),
+                   analytic_seconds=info.seconds)

@@ -49,6 +49,8 @@ class FusionPlan:
     reasons: list[EdgeReason] = field(default_factory=list)
     solver: dict = field(default_factory=dict)
     planning_seconds: float = 0.0
+    cost_model: str = "analytic"  # which model costed the groups: analytic | learned
+    cost_model_note: str = ""  # where the learned model came from, or why it was not used
 
     # -- totals ------------------------------------------------------------------------------
     @staticmethod
@@ -98,6 +100,8 @@ class FusionPlan:
             f"  estimated kernel time     {self.seconds_before * 1e6:.1f} us -> "
             f"{self.seconds * 1e6:.1f} us",
             f"  planner time              {self.planning_seconds:.2f} s",
+            f"  cost model                {self.cost_model}"
+            + (f" ({self.cost_model_note})" if self.cost_model_note else ""),
         ]
         if s:
             lines.append(f"  solver                    {s['status']}, gap {100 * s['gap']:.2f}%, "
@@ -128,6 +132,8 @@ class FusionPlan:
             "seconds_before": self.seconds_before,
             "seconds_after": self.seconds,
             "planning_seconds": self.planning_seconds,
+            "cost_model": self.cost_model,
+            "cost_model_note": self.cost_model_note,
             "solver": self.solver,
             "nodes": [node(i) for i in range(g.n)],
             "groups": [{
@@ -135,6 +141,7 @@ class FusionPlan:
                 "bytes_read": gi.desc.bytes_read, "bytes_written": gi.desc.bytes_written,
                 "estimated_us": gi.seconds * 1e6, "regional_values": len(gi.regional),
                 "global_values": gi.desc.num_global, "demoted": gi.demoted,
+                **({"analytic_us": gi.analytic_seconds * 1e6} if gi.analytic_seconds >= 0 else {}),
             } for k, gi in enumerate(self.groups)],
             "unfused_edges": [{"src": r.src, "dst": r.dst, "reason": r.reason,
                                "detail": r.detail} for r in self.reasons],
@@ -153,14 +160,17 @@ CANDIDATES_PER_SECOND = 3000  # groups described per second of planning, measure
 
 def make_plan(func: FuncOp, planner: str, device: DeviceSpec, *, time_limit: float = 10.0,
               beam: int = 4, max_size: int = 40, max_solver_nodes: int = 6000,
-              workers: int = 1) -> FusionPlan:
+              workers: int = 1, cost_model=None, cost_model_note: str = "") -> FusionPlan:
     """Plan ``func``. With the default single solver worker the plan is deterministic (CP-SAT
-    with several workers may return a different one of several optimal plans per run)."""
+    with several workers may return a different one of several optimal plans per run).
+    ``cost_model``: a learned model (``cost_model.learned.LearnedModel``) costing every group
+    in place of the analytic estimate; None: the analytic model."""
     if planner not in PLANNERS:
         raise ValueError(f"unknown planner {planner!r} (one of {', '.join(PLANNERS)})")
     t0 = time.perf_counter()
     g = build_graph(func)
-    costs = Costs(g, device)
+    costs = Costs(g, device, model=cost_model)
+    costed_by = "analytic" if cost_model is None else f"learned:{cost_model.digest}"
     none = plan_none(g, costs)
     solver: dict = {}
     if planner == "none":
@@ -168,7 +178,7 @@ def make_plan(func: FuncOp, planner: str, device: DeviceSpec, *, time_limit: flo
     elif planner == "greedy":
         groups = plan_greedy(g, costs)
     elif (hit := _cached(func, g, planner, device, time_limit, beam, max_size,
-                         max_solver_nodes))[0] is not None:
+                         max_solver_nodes, costed_by))[0] is not None:
         groups, solver = hit[0], {**hit[1], "cache": "hit"}
     else:
         greedy = plan_greedy(g, costs)
@@ -201,19 +211,23 @@ def make_plan(func: FuncOp, planner: str, device: DeviceSpec, *, time_limit: flo
         plan_cache.store(hit[1], [members_of(b) for b in groups], solver)
     assert is_acyclic(g, groups), "planner produced a cyclic plan"
     plan = FusionPlan(planner, device.name, g, [costs(b) for b in groups],
-                      [costs(b) for b in none], solver=solver)
+                      [costs(b) for b in none], solver=solver,
+                      cost_model="analytic" if cost_model is None else "learned",
+                      cost_model_note=cost_model_note)
     plan.reasons = explain(plan, costs, planner)
     plan.planning_seconds = time.perf_counter() - t0
     return plan
 
 
-def _cached(func, g, planner, device, time_limit, beam, max_size, max_solver_nodes):
+def _cached(func, g, planner, device, time_limit, beam, max_size, max_solver_nodes,
+            cost_model: str = "analytic"):
     """(groups as bitsets, solver report) from the plan cache, or (None, the cache key)."""
     from stitch_ir.printer import print_op
 
     k = plan_cache.key(print_op(func), {"planner": planner, "time_limit": time_limit,
                                         "beam": beam, "max_size": max_size,
-                                        "max_solver_nodes": max_solver_nodes}, device)
+                                        "max_solver_nodes": max_solver_nodes,
+                                        "cost_model": cost_model}, device)
     got = plan_cache.load(k, g.n)
     if got is None:
         return None, k

@@ -4,7 +4,8 @@ Candidate growth and the CP-SAT search are most of a compile (seconds per graph)
 are already cached by content. A recompile -- a new process, ``torch._dynamo.reset()``, the
 same model compiled again -- sees the same function text, so the chosen groups are stored under a
 key of everything the search depends on: the function's printed IR (ops, types, attributes, in
-order: plan node ids are op positions), the planner's options and budgets, and the device spec.
+order: plan node ids are op positions), the planner's options and budgets, which cost model
+costed the groups (``analytic``, or ``learned:<digest of the model's trees>``), and the device spec.
 Only the groups (member node ids) and the solver's report are stored; the costs and the reasons
 for unfused edges are recomputed (deterministic and cheap), so a hit yields the same plan.
 

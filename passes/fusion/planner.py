@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 
 from cost_model import DeviceSpec
-from passes.fusion.features import GroupInfo, describe
+from passes.fusion.features import GroupInfo, describe, learned_estimate
 from passes.fusion.graph import FUSIBLE, PlanGraph, members_of
 from stitch_ir.dialects import st
 
@@ -36,12 +36,15 @@ class Costs:
     device: DeviceSpec
     cache: dict[int, GroupInfo] = field(default_factory=dict)
     calls: int = 0
+    model: object = None  # a learned cost model (cost_model.learned) replacing the estimate
 
     def __call__(self, members: int) -> GroupInfo:
         info = self.cache.get(members)
         if info is None:
             self.calls += 1
             info = describe(self.g, members, self.device)
+            if self.model is not None:
+                info = learned_estimate(self.g, info, self.device, self.model)
             self.cache[members] = info
         return info
 
