@@ -10,9 +10,10 @@ Invariants:
 - The file carries its schema version (``meta.schema_version``); a store of another version is
   refused with a clear error, never read wrongly.
 - ``key`` identifies a measurement (workload, group members, threads, fingerprint, schedule
-  variant): adding a
-  record whose key is present is a no-op (first wins), so merging the results of retried or
-  duplicated jobs is safe.
+  variant): adding a record whose key is present is a no-op (first wins), so merging the
+  results of retried or duplicated jobs is safe; a deliberate re-measurement
+  (``add(..., remeasure=True)``) folds in: the faster minimum and median are kept, the samples
+  and runs add up.
 - Every ``add`` is one transaction: a run interrupted at any point keeps every record added
   before it, and a re-run skips them (``keys()``).
 - Only the standard library (sqlite3, json): no numpy, no torch.
@@ -53,6 +54,7 @@ CREATE TABLE IF NOT EXISTS records (
     spread REAL NOT NULL,
     samples INTEGER NOT NULL,
     calls INTEGER NOT NULL,
+    runs INTEGER NOT NULL,
     host TEXT NOT NULL,
     created REAL NOT NULL
 );
@@ -90,6 +92,7 @@ class Record:
     spread: float  # (75th - 25th percentile) / median of the samples
     samples: int
     calls: int  # kernel calls per sample
+    runs: int = 1  # timing runs folded into this record (``add(..., remeasure=True)``)
     host: str = ""
     created: float = field(default_factory=time.time)
 
@@ -125,10 +128,10 @@ class RecordStore:
             if row is None:
                 self._db.execute("INSERT INTO meta VALUES ('schema_version', ?)",
                                  (str(SCHEMA_VERSION),))
-            elif int(row[0]) != SCHEMA_VERSION:
-                self._db.close()
-                raise SchemaError(f"{self.path}: record schema version {row[0]}, this stitch reads "
-                                  f"version {SCHEMA_VERSION}; re-run `stitchc tune` into a new store")
+        if row is not None and int(row[0]) != SCHEMA_VERSION:
+            self._db.close()
+            raise SchemaError(f"{self.path}: record schema version {row[0]}, this stitch reads "
+                              f"version {SCHEMA_VERSION}; re-run `stitchc tune` into a new store")
 
     @property
     def schema_version(self) -> int:
@@ -144,8 +147,9 @@ class RecordStore:
         self.close()
 
     # -- writing -------------------------------------------------------------------------------
-    def add(self, records: Iterable[Record]) -> int:
-        """Insert records (one transaction); returns how many were new."""
+    def add(self, records: Iterable[Record], remeasure: bool = False) -> int:
+        """Insert records (one transaction); returns how many were new. ``remeasure``: a
+        record already present is folded together with the new one (see the invariants)."""
         rows = []
         for r in records:
             d = asdict(r)
@@ -155,11 +159,19 @@ class RecordStore:
         if not rows:
             return 0
         marks = ",".join("?" * (len(_COLUMNS) + 1))
+        insert = f"INSERT INTO records (key, {', '.join(_COLUMNS)}) VALUES ({marks})"
         with self._db:
-            before = self._db.total_changes
-            self._db.executemany(
-                f"INSERT OR IGNORE INTO records (key, {', '.join(_COLUMNS)}) VALUES ({marks})", rows)
-            return self._db.total_changes - before
+            before = len(self)
+            if remeasure:
+                self._db.executemany(insert + " ON CONFLICT(key) DO UPDATE SET "
+                                     "min_seconds = MIN(min_seconds, excluded.min_seconds), "
+                                     "median_seconds = MIN(median_seconds, excluded.median_seconds), "
+                                     "spread = MIN(spread, excluded.spread), "
+                                     "samples = samples + excluded.samples, "
+                                     "runs = runs + excluded.runs", rows)
+            else:
+                self._db.executemany(insert.replace("INSERT", "INSERT OR IGNORE", 1), rows)
+            return len(self) - before
 
     def add_failure(self, key: str, workload: str, members: list[int], error: str) -> None:
         with self._db:

@@ -33,6 +33,14 @@ def group_of(workload: str) -> str:
     return WORKLOAD_GROUP_PATTERNS if workload.startswith("pattern:") else workload
 
 
+def measured(r) -> float:
+    """A record's measured time: its fastest sample (each sample averages at least
+    ``runtime.tune.MIN_SAMPLE_SECONDS`` of back-to-back calls). On this shared machine
+    interference only ever adds time, and the fastest sample is what a re-run reproduces: the
+    median of a 10 ms kernel moved by 40% between two runs, its fastest sample by 8%."""
+    return r.min_seconds
+
+
 def kendall_tau(x: list[float], y: list[float]) -> float:
     """Kendall's tau-b (ties in either list count as neither concordant nor discordant)."""
     import numpy as np
@@ -181,7 +189,7 @@ def rows_for(records: list, feats: list[dict], predicted: list[float]) -> list[R
         by_group[group_of(r.workload)].append(k)
     rows = []
     for grp, ks in sorted(by_group.items()):
-        meas = [records[k].median_seconds for k in ks]
+        meas = [measured(records[k]) for k in ks]
         ana = [feats[k]["analytic_s"] for k in ks]
         lrn = [predicted[k] for k in ks]
         # candidate sets never mix workloads (members are node ids of one graph)
@@ -193,7 +201,7 @@ def rows_for(records: list, feats: list[dict], predicted: list[float]) -> list[R
             base = len(m_all)
             for s in candidate_sets([records[k] for k in wk]):
                 sets.append([[base + j for j in alt] for alt in s])
-            m_all += [records[k].median_seconds for k in wk]
+            m_all += [measured(records[k]) for k in wk]
             a_all += [feats[k]["analytic_s"] for k in wk]
             l_all += [predicted[k] for k in wk]
         pa, ra = pick_best(sets, m_all, a_all)
@@ -216,7 +224,7 @@ def held_out_workloads(records: list, feats: list[dict], fingerprint: str, threa
                    and (grp == WORKLOAD_GROUP_PATTERNS or group_of(r.workload) !=
                         WORKLOAD_GROUP_PATTERNS)]
         test_k = [k for k, r in enumerate(records) if group_of(r.workload) == grp]
-        model = train([feats[k] for k in train_k], [records[k].median_seconds for k in train_k],
+        model = train([feats[k] for k in train_k], [measured(records[k]) for k in train_k],
                       fingerprint, threads)
         for k in test_k:
             pred[k] = model.predict(feats[k])
@@ -236,7 +244,7 @@ def held_out_kernels(records: list, feats: list[dict], fingerprint: str, threads
     pred = [0.0] * len(records)
     for f in range(folds):
         tr = [k for k in range(len(records)) if fold[k] != f]
-        model = train([feats[k] for k in tr], [records[k].median_seconds for k in tr],
+        model = train([feats[k] for k in tr], [measured(records[k]) for k in tr],
                       fingerprint, threads)
         for k in range(len(records)):
             if fold[k] == f:
@@ -265,7 +273,7 @@ def load(store_path: str, fingerprint: str, threads: int, variant: str = "") -> 
 
     with RecordStore(store_path) as store:
         return [r for r in store.records(fingerprint=fingerprint, threads=threads)
-                if r.variant == variant and r.median_seconds > 0]
+                if r.variant == variant and measured(r) > 0]
 
 
 def train_command(store_path: str, threads: int = 1, out: str = "", log=print,
@@ -294,7 +302,7 @@ def train_command(store_path: str, threads: int = 1, out: str = "", log=print,
         log(format_table(rows))
         default = wins(rows)
         evaluation = {"held_out_workloads": [r.__dict__ for r in rows], "wins": default}
-    model = train(feats, [r.median_seconds for r in records], device.fingerprint, threads)
+    model = train(feats, [measured(r) for r in records], device.fingerprint, threads)
     model.evaluation, model.default = evaluation, default
     path = model.save(out or user_model_path(device.fingerprint, "cpu"))
     log(f"wrote {path}: {len(model.trees)} trees; "

@@ -223,18 +223,60 @@ def describe(g: PlanGraph, member_bits: int, device: DeviceSpec) -> GroupInfo:
 
 # ----------------------------------------------------------------------------------------------
 # What the learned cost model reads of a group beyond its KernelDesc (cost_model.learned): ops by
-# class, reduction axes, what a phases kernel keeps in scratch. Per-node facts are computed once
-# per graph; a group's are sums over its members (a few hundred ns per member).
+# class, elements each kind of op computes (a rounding op is a libm call per element, an exp a
+# vectorised polynomial), reduction axes, the innermost (vectorised) loop length, what a phases
+# kernel keeps in scratch. Per-node facts are computed once per graph; a group's are sums over
+# its members (a few hundred ns per member).
 
 LEARN_COUNTS = ("elementwise", "broadcast", "reduce", "layout", "gather", "scatter", "cast",
                 "compare_select", "permute", "slice_cat_pad", "arg_reduce", "rand", "half_ops",
                 "row_reduce", "column_reduce", "all_reduce", "bool_ops")
+ELEMENT_KINDS = ("el_cheap", "el_div", "el_int", "el_round", "el_exp", "el_log", "el_erf",
+                 "el_sqrt", "el_pow", "el_trig", "el_cast", "el_rand", "el_bool", "el_broadcast",
+                 "el_permute", "el_slice", "el_reshape", "el_reduce", "el_gather", "el_scatter")
+_BY_NAME = {
+    **dict.fromkeys(("st.div", "st.reciprocal", "st.remainder", "st.floor_div"), "el_div"),
+    **dict.fromkeys(("st.round", "st.floor", "st.ceil", "st.trunc"), "el_round"),
+    **dict.fromkeys(("st.exp", "st.exp2", "st.expm1", "st.sigmoid", "st.tanh"), "el_exp"),
+    **dict.fromkeys(("st.log", "st.log2", "st.log1p"), "el_log"),
+    "st.erf": "el_erf", "st.sqrt": "el_sqrt", "st.rsqrt": "el_sqrt", "st.pow": "el_pow",
+    **dict.fromkeys(("st.sin", "st.cos", "st.tan", "st.atan2"), "el_trig"),
+    "st.cast": "el_cast", "st.rand": "el_rand", "st.broadcast": "el_broadcast",
+    "st.permute": "el_permute", "st.reshape": "el_reshape",
+    **dict.fromkeys(("st.slice", "st.cat", "st.pad"), "el_slice"),
+}
 _CLASS_POS = {st.ELEMENTWISE: 0, st.BROADCAST: 1, st.REDUCE: 2, st.LAYOUT: 3, st.GATHER: 4,
               st.SCATTER: 5}
 
 
-def _learn_facts(g: PlanGraph) -> list[tuple[tuple[int, ...], int, int]]:
-    """Per node: (class counts as LEARN_COUNTS, result elements, result bytes)."""
+@dataclass(frozen=True)
+class LearnFacts:
+    counts: tuple[int, ...]  # LEARN_COUNTS
+    kind: int  # index into ELEMENT_KINDS
+    elems: int  # elements of the result (a reduction: of its operand)
+    out_elems: int
+    nbytes: int  # result bytes
+    inner: int  # the result's innermost dim: the vectorised loop's length
+
+
+def _element_kind(op) -> str:
+    if isinstance(op, st.ReduceOp):
+        return "el_reduce"
+    if isinstance(op, GATHERS):
+        return "el_gather"
+    if isinstance(op, SCATTERS):
+        return "el_scatter"
+    if op.name in _BY_NAME:
+        return _BY_NAME[op.name]
+    res = op.results[0] if op.results else None
+    if res is not None and res.type.dtype.is_bool:
+        return "el_bool"
+    if res is not None and res.type.dtype.is_int:
+        return "el_int"
+    return "el_cheap"
+
+
+def _learn_facts(g: PlanGraph) -> list[LearnFacts]:
     cached = getattr(g, "_learn_facts", None)
     if cached is not None:
         return cached
@@ -250,42 +292,61 @@ def _learn_facts(g: PlanGraph) -> list[tuple[tuple[int, ...], int, int]]:
         c[10] = isinstance(op, st.ArgReduceOp)
         c[11] = isinstance(op, st.RandOp)
         res = op.results[0] if op.results else None
+        inner = 1
         if res is not None:
             c[12] = res.type.dtype.itemsize == 2 and res.type.dtype.is_float
             c[16] = res.type.dtype.is_bool
+            shape = res.type.shape
+            inner = int(shape[-1]) if shape and isinstance(shape[-1], int) else 1
         if isinstance(op, st.ReduceOp):
             c[{"row": 13, "column": 14, "all": 15}[reduce_desc(op).kind]] = 1
-        elems = max([numel(r) for r in op.results] or [1])
-        out.append((tuple(int(x) for x in c), elems, sum(nbytes(r) for r in op.results)))
+        out_elems = max([numel(r) for r in op.results] or [1])
+        elems = numel(op.operand(0)) if isinstance(op, st.ReduceOp) else out_elems
+        out.append(LearnFacts(tuple(int(x) for x in c), ELEMENT_KINDS.index(_element_kind(op)),
+                              elems, out_elems, sum(nbytes(r) for r in op.results), inner))
     g._learn_facts = out
     return out
 
 
 def ir_features(g: PlanGraph, info: GroupInfo) -> dict[str, float]:
-    """The group's IR-level features for the learned cost model (see LEARN_COUNTS)."""
+    """The group's IR-level features for the learned cost model (cost_model.learned)."""
     facts = _learn_facts(g)
     base = _facts(g)
     member_bits = 0
     for i in info.members:
         member_bits |= 1 << i
     counts = [0] * len(LEARN_COUNTS)
+    kinds = [0] * len(ELEMENT_KINDS)
     big, small, scratch = 1, 1 << 62, 0
+    out_ids = {id(v) for v in info.outputs}
+    inner_big, inner_big_elems, inner_min, shapes = 1, 0, 1 << 62, set()
     for i in info.members:
-        c, elems, nb = facts[i]
-        counts = [a + b for a, b in zip(counts, c)]
-        big, small = max(big, elems), min(small, elems)
+        lf = facts[i]
+        counts = [a + b for a, b in zip(counts, lf.counts)]
+        kinds[lf.kind] += lf.elems
+        big, small = max(big, lf.out_elems), min(small, lf.out_elems)
         f = base[i]
+        stored = any(id(r) in out_ids for r in g.ops[i].results)
         if (f.reduce is not None or f.scatter) and any(u & member_bits for _, _, u, _ in f.outputs):
-            scratch += nb  # a phases kernel materialises it between its loops
+            scratch += lf.nbytes  # a phases kernel materialises it between its loops
+            stored = True
+        if stored:  # a loop nest of its own in a phases kernel
+            shapes.add(tuple(g.ops[i].results[0].type.shape))
+            inner_min = min(inner_min, lf.inner)
+            if lf.out_elems > inner_big_elems:
+                inner_big, inner_big_elems = lf.inner, lf.out_elems
     rd = info.desc.reduce
     dom = info.desc.dominant_reduce
     rows_fit = bool(rd) and not counts[5] and all(
         r.kind == "row" and r.rows == dom.rows and r.length == dom.length for r in rd)
     feats = dict(zip(LEARN_COUNTS, map(float, counts)))
+    feats.update(zip(ELEMENT_KINDS, map(float, kinds)))
     feats.update(max_elems=float(big), min_elems=float(min(small, big)),
                  inputs=float(len(info.inputs)), outputs=float(len(info.outputs)),
                  scratch_bytes=float(scratch), rows_fit=float(rows_fit),
-                 regional_values=float(len(info.regional)), demoted=float(info.demoted))
+                 regional_values=float(len(info.regional)), demoted=float(info.demoted),
+                 inner_len=float(inner_big), inner_len_min=float(min(inner_min, inner_big)),
+                 loop_shapes=float(len(shapes)))
     return feats
 
 

@@ -1,0 +1,109 @@
+"""The learned cost model: its file, its evaluator, which model the planner picks, and the plan it
+makes (a hand-built model here: no LightGBM needed; training is tested where lightgbm exists)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from cost_model import KernelDesc, cpu_spec
+from cost_model.learned import (
+    BASE_TERMS,
+    FEATURES,
+    IR_FEATURES,
+    LearnedModel,
+    features,
+    resolve,
+    vector,
+)
+from passes import PassContext, PassManager
+from stitch_ir.importer import import_model
+
+FP = "test cpu|2 cores"
+SPEC = replace(cpu_spec(measure=False), fingerprint=FP)  # a "measured" machine, fixed numbers
+
+
+def per_kernel_model(seconds: float = 1e-3, fingerprint: str = FP, default: bool = True,
+                     trees=()) -> LearnedModel:
+    """Every kernel costs ``seconds`` plus the analytic model's memory time."""
+    coef = [0.0] * len(BASE_TERMS)
+    coef[BASE_TERMS.index("one")] = seconds
+    coef[BASE_TERMS.index("memory_s")] = 1.0
+    return LearnedModel(list(trees), coef, fingerprint, default=default)
+
+
+class Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(24, 24)
+
+    def forward(self, x):
+        y = torch.softmax(self.fc(torch.relu(x) * 2.0) * 0.5, -1)
+        return torch.exp(y) + x.amax(-1, keepdim=True)
+
+
+def plan(cost_model: str, spec=SPEC, monkeypatch=None):
+    torch.manual_seed(0)
+    prog = import_model(Block().eval(), (torch.randn(5, 24),))
+    ctx = PassContext(target="cpu", device_spec=spec)
+    pipe = f"canonicalize,cse,dce,sink-broadcasts,fusion-plan{{time_limit=1 cost_model={cost_model}}}"
+    PassManager.parse(pipe).run(prog.module, ctx)
+    return ctx.results["plan"]["forward"], ctx.results["cost_model"]
+
+
+def test_trees_evaluate_as_written_and_survive_a_file(tmp_path):
+    tree = {"f": FEATURES.index("inputs"), "t": 1.5, "left": {"leaf": 0.0},
+            "right": {"f": FEATURES.index("outputs"), "t": 1.5, "left": {"leaf": math.log(2)},
+                      "right": {"leaf": math.log(4)}}}
+    m = per_kernel_model(trees=[tree, tree])
+    ir = {**dict.fromkeys(IR_FEATURES, 0.0), "inputs": 2.0, "outputs": 1.0, "max_elems": 64.0,
+          "inner_len": 64.0, "loop_shapes": 1.0}
+    f = features(ir, KernelDesc(256, 256, 64), SPEC, 1)
+    assert m.log_ratio(vector(f, m.base(f))) == pytest.approx(2 * math.log(2))
+    assert m.predict(f) == pytest.approx(4 * m.base(f))
+    back = LearnedModel.load(m.save(tmp_path / "m.json"))
+    assert back.predict(f) == m.predict(f) and back.digest == m.digest
+
+
+def test_resolve_falls_back_and_says_why(tmp_path, monkeypatch):
+    assert resolve("auto", cpu_spec(measure=False)).name == "analytic"  # no fingerprint
+    path = per_kernel_model(fingerprint="another machine|64 cores").save(tmp_path / "m.json")
+    monkeypatch.setenv("STITCH_COST_MODEL", str(path))
+    choice = resolve("learned", SPEC)
+    assert choice.name == "analytic" and "another machine" in choice.note
+    assert "falling back to the analytic model" in choice.note
+    per_kernel_model(default=False).save(path)
+    assert resolve("learned", SPEC).name == "learned"
+    assert resolve("auto", SPEC).name == "analytic"  # not the default: it did not win
+    per_kernel_model(default=True).save(path)
+    assert resolve("auto", SPEC).name == "learned"
+    with pytest.raises(ValueError):
+        resolve("psychic", SPEC)
+
+
+def test_planner_uses_the_learned_model_and_the_plan_says_so(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("STITCH_COST_MODEL", str(per_kernel_model().save(tmp_path / "m.json")))
+    analytic, _ = plan("analytic")
+    learned, choice = plan("learned")
+    assert analytic.cost_model == "analytic" and learned.cost_model == "learned"
+    assert choice.model is not None and "m.json" in learned.cost_model_note
+    # a millisecond per kernel: the learned plan has no more kernels than the analytic one
+    assert learned.kernels <= analytic.kernels
+    for gi in learned.groups:
+        if not gi.is_view:
+            assert gi.analytic_seconds > 0 and gi.seconds >= 1e-3
+    data = learned.to_json()
+    assert data["cost_model"] == "learned" and "analytic_us" in data["groups"][0]
+    # the plan cache keeps the two apart: a learned plan is never served for an analytic one
+    assert "cache" not in learned.solver
+    assert plan("learned")[0].solver.get("cache") == "hit"
+    # a model for another machine: analytic, with a warning
+    per_kernel_model(fingerprint="elsewhere|8 cores").save(tmp_path / "m.json")
+    with caplog.at_level(logging.WARNING, logger="stitch"):
+        other, _ = plan("learned")
+    assert other.cost_model == "analytic" and "elsewhere" in other.cost_model_note
+    assert any("falling back to the analytic model" in r.message for r in caplog.records)
