@@ -359,6 +359,46 @@ def measure(tw: TuneWorkload, items: list[Item], device, threads: int = 1, varia
     return records, failures
 
 
+def step_seconds(threads: int = 1, repeat: int = 15) -> float:
+    """What a compiled graph pays per kernel step beyond the kernel itself: two chains of tiny
+    element-wise kernels (planner ``none``), 2 and 40 ops long, called back to back; the
+    difference per kernel less the kernels' own time alone."""
+    import torch
+
+    from runtime.graph import compile_program
+    from stitch_ir.importer import import_model
+
+    class Chain(torch.nn.Module):
+        def __init__(self, n: int):
+            super().__init__()
+            self.n = n
+
+        def forward(self, x):
+            for i in range(self.n):
+                x = x * 1.5 if i % 2 else x + 1.0
+            return x
+
+    x = torch.randn(8)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        per_call, kernel_only = [], []
+        for n in (2, 40):
+            g = compile_program(import_model(Chain(n).eval(), (x,)), fusion="none")
+            steps = [s for s in g.steps if s.kind == "kernel"]
+            calls = [lambda g=g: g(x)]
+            for s in steps:  # each kernel alone on prepacked arguments, as tune times them
+                packed = s.kernel.pack(*[x.data_ptr()] * (len(s.reads) + len(s.writes)))
+                calls.append(lambda fn=s.kernel._fn, p=packed: fn(p))
+            ts, _ = time_calls(calls, repeat)
+            per_call.append((len(steps), min(ts[0])))
+            kernel_only.append(sum(min(t) for t in ts[1:]))
+    finally:
+        torch.set_num_threads(before)
+    (k1, t1), (k2, t2) = per_call
+    return max(0.0, ((t2 - kernel_only[1]) - (t1 - kernel_only[0])) / (k2 - k1))
+
+
 # ----------------------------------------------------------------------------------------------
 # Jobs, progress, the driver
 

@@ -26,11 +26,23 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 WORKLOAD_GROUP_PATTERNS = "patterns"
+PATTERN_SCALES = "pattern-scales"  # the patterns at smaller sizes: training data, never a row
 
 
 def group_of(workload: str) -> str:
-    """Held-out unit: a workload, or the pattern set as one."""
-    return WORKLOAD_GROUP_PATTERNS if workload.startswith("pattern:") else workload
+    """Held-out unit: a workload, the pattern set (full size) as one, or its smaller sizes."""
+    if workload.startswith("pattern:"):
+        return PATTERN_SCALES if "/" in workload else WORKLOAD_GROUP_PATTERNS
+    return workload
+
+
+def trained_without(record_group: str, held_out: str) -> bool:
+    """Whether a record of ``record_group`` may train the model that predicts ``held_out``: a
+    held-out workload's model sees the other workloads and the pattern kernels; the patterns'
+    model sees no pattern at any size."""
+    if held_out == WORKLOAD_GROUP_PATTERNS:
+        return record_group not in (WORKLOAD_GROUP_PATTERNS, PATTERN_SCALES)
+    return record_group != held_out
 
 
 def measured(r) -> float:
@@ -189,6 +201,8 @@ def rows_for(records: list, feats: list[dict], predicted: list[float]) -> list[R
         by_group[group_of(r.workload)].append(k)
     rows = []
     for grp, ks in sorted(by_group.items()):
+        if grp == PATTERN_SCALES:
+            continue
         meas = [measured(records[k]) for k in ks]
         ana = [feats[k]["analytic_s"] for k in ks]
         lrn = [predicted[k] for k in ks]
@@ -217,12 +231,10 @@ def held_out_workloads(records: list, feats: list[dict], fingerprint: str, threa
     """Predictions for every record from a model trained on the other groups only."""
     from cost_model.learned import train
 
-    groups = sorted({group_of(r.workload) for r in records})
+    groups = sorted({group_of(r.workload) for r in records} - {PATTERN_SCALES})
     pred = [0.0] * len(records)
     for grp in groups:
-        train_k = [k for k, r in enumerate(records) if group_of(r.workload) != grp
-                   and (grp == WORKLOAD_GROUP_PATTERNS or group_of(r.workload) !=
-                        WORKLOAD_GROUP_PATTERNS)]
+        train_k = [k for k, r in enumerate(records) if trained_without(group_of(r.workload), grp)]
         test_k = [k for k, r in enumerate(records) if group_of(r.workload) == grp]
         model = train([feats[k] for k in train_k], [measured(records[k]) for k in train_k],
                       fingerprint, threads)
@@ -302,8 +314,12 @@ def train_command(store_path: str, threads: int = 1, out: str = "", log=print,
         log(format_table(rows))
         default = wins(rows)
         evaluation = {"held_out_workloads": [r.__dict__ for r in rows], "wins": default}
+    from runtime.tune import step_seconds
+
     model = train(feats, [measured(r) for r in records], device.fingerprint, threads)
     model.evaluation, model.default = evaluation, default
+    model.step_seconds = step_seconds(threads)
+    log(f"a compiled graph's step costs {model.step_seconds * 1e6:.2f} us beyond its kernel")
     path = model.save(out or user_model_path(device.fingerprint, "cpu"))
     log(f"wrote {path}: {len(model.trees)} trees; "
         f"{'the default (auto) on this machine' if default else 'used with --cost-model learned'}")

@@ -257,6 +257,11 @@ class LearnFacts:
     out_elems: int
     nbytes: int  # result bytes
     inner: int  # the result's innermost dim: the vectorised loop's length
+    reduce_stride: int = 0  # a reduction: elements between two reduced neighbours (1: a row)
+    result_ids: frozenset = frozenset()
+    shape: tuple = ()  # of the first result
+    materialised: bool = False  # a reduction or scatter: stored before its users read it
+    user_bits: int = 0  # nodes using any result
 
 
 def _element_kind(op) -> str:
@@ -298,12 +303,24 @@ def _learn_facts(g: PlanGraph) -> list[LearnFacts]:
             c[16] = res.type.dtype.is_bool
             shape = res.type.shape
             inner = int(shape[-1]) if shape and isinstance(shape[-1], int) else 1
+        stride = 0
         if isinstance(op, st.ReduceOp):
             c[{"row": 13, "column": 14, "all": 15}[reduce_desc(op).kind]] = 1
+            shape = [int(d) if isinstance(d, int) else 1 << 10 for d in op.operand(0).type.shape]
+            last = max(op.dims) if op.dims else len(shape) - 1
+            stride = math.prod(shape[last + 1:])
         out_elems = max([numel(r) for r in op.results] or [1])
         elems = numel(op.operand(0)) if isinstance(op, st.ReduceOp) else out_elems
+        f = _facts(g)[len(out)]
         out.append(LearnFacts(tuple(int(x) for x in c), ELEMENT_KINDS.index(_element_kind(op)),
-                              elems, out_elems, sum(nbytes(r) for r in op.results), inner))
+                              elems, out_elems, sum(nbytes(r) for r in op.results), inner,
+                              stride, frozenset(id(r) for r in op.results),
+                              tuple(res.type.shape) if res is not None else (),
+                              f.reduce is not None or f.scatter,
+                              sum(u for _, _, u, _ in f.outputs)))
+    # per count, the bitset of nodes it counts: a group's count is one AND and a popcount
+    g._learn_count_bits = [sum(1 << i for i, lf in enumerate(out) if lf.counts[c])
+                           for c in range(len(LEARN_COUNTS))]
     g._learn_facts = out
     return out
 
@@ -311,27 +328,28 @@ def _learn_facts(g: PlanGraph) -> list[LearnFacts]:
 def ir_features(g: PlanGraph, info: GroupInfo) -> dict[str, float]:
     """The group's IR-level features for the learned cost model (cost_model.learned)."""
     facts = _learn_facts(g)
-    base = _facts(g)
     member_bits = 0
     for i in info.members:
         member_bits |= 1 << i
-    counts = [0] * len(LEARN_COUNTS)
+    counts = [(member_bits & b).bit_count() for b in g._learn_count_bits]
     kinds = [0] * len(ELEMENT_KINDS)
     big, small, scratch = 1, 1 << 62, 0
     out_ids = {id(v) for v in info.outputs}
     inner_big, inner_big_elems, inner_min, shapes = 1, 0, 1 << 62, set()
+    strided, max_stride = 0, 0
     for i in info.members:
         lf = facts[i]
-        counts = [a + b for a, b in zip(counts, lf.counts)]
         kinds[lf.kind] += lf.elems
+        if lf.reduce_stride > 1:
+            strided += lf.elems
+        max_stride = max(max_stride, lf.reduce_stride)
         big, small = max(big, lf.out_elems), min(small, lf.out_elems)
-        f = base[i]
-        stored = any(id(r) in out_ids for r in g.ops[i].results)
-        if (f.reduce is not None or f.scatter) and any(u & member_bits for _, _, u, _ in f.outputs):
+        stored = not lf.result_ids.isdisjoint(out_ids)
+        if lf.materialised and lf.user_bits & member_bits:
             scratch += lf.nbytes  # a phases kernel materialises it between its loops
             stored = True
         if stored:  # a loop nest of its own in a phases kernel
-            shapes.add(tuple(g.ops[i].results[0].type.shape))
+            shapes.add(lf.shape)
             inner_min = min(inner_min, lf.inner)
             if lf.out_elems > inner_big_elems:
                 inner_big, inner_big_elems = lf.inner, lf.out_elems
@@ -346,7 +364,8 @@ def ir_features(g: PlanGraph, info: GroupInfo) -> dict[str, float]:
                  scratch_bytes=float(scratch), rows_fit=float(rows_fit),
                  regional_values=float(len(info.regional)), demoted=float(info.demoted),
                  inner_len=float(inner_big), inner_len_min=float(min(inner_min, inner_big)),
-                 loop_shapes=float(len(shapes)))
+                 loop_shapes=float(len(shapes)), strided_reduce=float(strided),
+                 reduce_stride=float(max_stride))
     return feats
 
 

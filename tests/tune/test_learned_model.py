@@ -12,7 +12,6 @@ import torch
 
 from cost_model import KernelDesc, cpu_spec
 from cost_model.learned import (
-    BASE_TERMS,
     FEATURES,
     IR_FEATURES,
     LearnedModel,
@@ -27,13 +26,14 @@ FP = "test cpu|2 cores"
 SPEC = replace(cpu_spec(measure=False), fingerprint=FP)  # a "measured" machine, fixed numbers
 
 
-def per_kernel_model(seconds: float = 1e-3, fingerprint: str = FP, default: bool = True,
-                     trees=()) -> LearnedModel:
-    """Every kernel costs ``seconds`` plus the analytic model's memory time."""
-    coef = [0.0] * len(BASE_TERMS)
-    coef[BASE_TERMS.index("one")] = seconds
-    coef[BASE_TERMS.index("memory_s")] = 1.0
-    return LearnedModel(list(trees), coef, fingerprint, default=default)
+# a kernel of one op costs 1000x what the analytic model says: the learned planner fuses more
+SINGLE_OPS_DEAR = {"f": FEATURES.index("num_ops"), "t": 1.5, "left": {"leaf": math.log(1000.0)},
+                   "right": {"leaf": 0.0}}
+
+
+def per_kernel_model(fingerprint: str = FP, default: bool = True,
+                     trees=(SINGLE_OPS_DEAR,)) -> LearnedModel:
+    return LearnedModel(list(trees), fingerprint, default=default)
 
 
 class Block(torch.nn.Module):
@@ -60,11 +60,12 @@ def test_trees_evaluate_as_written_and_survive_a_file(tmp_path):
             "right": {"f": FEATURES.index("outputs"), "t": 1.5, "left": {"leaf": math.log(2)},
                       "right": {"leaf": math.log(4)}}}
     m = per_kernel_model(trees=[tree, tree])
+    assert m.log_ratio([0.0] * len(FEATURES)) == 0.0
     ir = {**dict.fromkeys(IR_FEATURES, 0.0), "inputs": 2.0, "outputs": 1.0, "max_elems": 64.0,
           "inner_len": 64.0, "loop_shapes": 1.0}
     f = features(ir, KernelDesc(256, 256, 64), SPEC, 1)
-    assert m.log_ratio(vector(f, m.base(f))) == pytest.approx(2 * math.log(2))
-    assert m.predict(f) == pytest.approx(4 * m.base(f))
+    assert m.log_ratio(vector(f)) == pytest.approx(2 * math.log(2))
+    assert m.predict(f) == pytest.approx(4 * f["analytic_s"])
     back = LearnedModel.load(m.save(tmp_path / "m.json"))
     assert back.predict(f) == m.predict(f) and back.digest == m.digest
 
@@ -91,11 +92,12 @@ def test_planner_uses_the_learned_model_and_the_plan_says_so(tmp_path, monkeypat
     learned, choice = plan("learned")
     assert analytic.cost_model == "analytic" and learned.cost_model == "learned"
     assert choice.model is not None and "m.json" in learned.cost_model_note
-    # a millisecond per kernel: the learned plan has no more kernels than the analytic one
+    # single ops cost 1000x: the learned plan has no more kernels than the analytic one
     assert learned.kernels <= analytic.kernels
     for gi in learned.groups:
         if not gi.is_view:
-            assert gi.analytic_seconds > 0 and gi.seconds >= 1e-3
+            dear = 1000.0 if len(gi.members) == 1 else 1.0
+            assert gi.analytic_seconds > 0 and gi.seconds == pytest.approx(dear * gi.analytic_seconds)
     data = learned.to_json()
     assert data["cost_model"] == "learned" and "analytic_us" in data["groups"][0]
     # the plan cache keeps the two apart: a learned plan is never served for an analytic one
