@@ -8,7 +8,7 @@ export STITCH_CACHE_DIR        ?= $(CURDIR)/.stitch_cache
 export TRITON_CACHE_DIR        ?= $(CURDIR)/.stitch_cache/triton
 export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.stitch_cache/inductor
 
-.PHONY: setup run test lint clean bench bench-quick
+.PHONY: setup run test lint clean bench bench-quick records learned
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -32,8 +32,24 @@ run: $(STAMP)
 	$(BIN)/stitchc compile --model bert --target cpu --emit ir,plan,svg -o out/bert
 	$(BIN)/stitchc run --model bert --target cpu
 
-test: $(STAMP)
+# The tests also train the learned cost model (lightgbm) and fan tuning out over a local Ray.
+TUNE_STAMP := $(VENV)/.installed-tune
+$(TUNE_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/python -m pip install --quiet -e ".[dev,models,tune]" --config-settings editable_mode=compat
+	@touch $(TUNE_STAMP)
+
+test: $(TUNE_STAMP)
 	$(BIN)/python -m pytest -n 2 -p no:cacheprovider tests
+
+# The learned cost model of this machine (cpu): `records` times the planner's candidates of every
+# workload and cpu pattern into the shipped record set (resumable; ~20 min on 2 cores), `learned`
+# trains the shipped model from it (held-out evaluation first, ~1 min).
+RECORDS := cost_model/data/cpu_records.sqlite
+records: $(TUNE_STAMP)
+	$(BIN)/stitchc tune --all --target cpu --store $(RECORDS)
+
+learned: $(TUNE_STAMP)
+	$(BIN)/stitchc tune --train --store $(RECORDS) --out cost_model/data/cpu_learned.json
 
 # Client models (HF, CNN, GNN, small graphs, the nine workloads) under eager / inductor / stitch:
 # bench/results/clients/clients.{json,md} and the charts. bench-quick: the tiny configs (< 3 min).

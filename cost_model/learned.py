@@ -49,19 +49,25 @@ IR_FEATURES = ("elementwise", "broadcast", "reduce", "layout", "gather", "scatte
                "row_reduce", "column_reduce", "all_reduce", "bool_ops", "max_elems", "min_elems",
                "inputs", "outputs", "scratch_bytes", "rows_fit", "regional_values", "demoted",
                "inner_len", "inner_len_min", "loop_shapes", "strided_reduce",
-               "reduce_stride") + ELEMENT_KINDS
+               "reduce_stride", "outer_iters") + ELEMENT_KINDS
 KERNEL_FEATURES = ("bytes_read", "bytes_written", "traffic", "flops", "transcendentals",
                    "parallel_size", "row_buffer_bytes", "num_regional", "num_global", "num_ops",
                    "elem_bytes", "reductions", "dom_kind", "dom_rows", "dom_length",
                    "intensity", "trans_per_elem", "bytes_per_elem")
 SCHEDULE_FEATURES = ("mapping", "tasks", "split", "team", "waves", "extra_bytes",
                      "memory_log_s", "compute_log_s", "analytic_log_s", "threads")
-FEATURES = IR_FEATURES + KERNEL_FEATURES + SCHEDULE_FEATURES
+# What the analytic model leaves out, per nanosecond it predicts: the target is a ratio to the
+# analytic estimate, so the work it does not see enters as a ratio to it too (log2(1 + x / ns)).
+DENSITY = ("el_cheap", "el_div", "el_int", "el_round", "el_exp", "el_broadcast", "el_permute",
+           "el_slice", "el_reduce", "el_gather", "el_scatter", "strided_reduce", "outer_iters",
+           "dom_rows", "max_elems")
+DENSITY_FEATURES = tuple(f"{k}_per_ns" for k in DENSITY)
+FEATURES = IR_FEATURES + KERNEL_FEATURES + SCHEDULE_FEATURES + DENSITY_FEATURES
 # sizes and counts of elements enter as log2(1 + x): one scale from bytes to gigabytes
 _LOGGED = {"max_elems", "min_elems", "scratch_bytes", "bytes_read", "bytes_written", "traffic",
            "flops", "transcendentals", "parallel_size", "row_buffer_bytes", "dom_rows",
            "dom_length", "tasks", "extra_bytes", "inner_len", "inner_len_min", "strided_reduce",
-           "reduce_stride", *ELEMENT_KINDS}
+           "reduce_stride", "outer_iters", *ELEMENT_KINDS, *DENSITY_FEATURES}
 
 
 def _log2(x: float) -> float:
@@ -109,6 +115,9 @@ def features(ir: dict[str, float], desc: KernelDesc, spec: DeviceSpec,
              compute_log_s=_log_s(s.compute_seconds), analytic_log_s=_log_s(s.seconds),
              threads=threads, analytic_s=s.seconds, memory_s=s.memory_seconds,
              compute_s=s.compute_seconds)
+    ns = max(s.seconds * 1e9, 1e-3)
+    for k, name in zip(DENSITY, DENSITY_FEATURES):
+        f[name] = f[k] / ns
     return f
 
 

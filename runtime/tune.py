@@ -41,14 +41,17 @@ SAMPLES = 21
 BATCH = 12  # candidates per job: built together, timed alternating, stored in one transaction
 PER_MODEL = 160  # sampled candidates per workload (plans, splits and single ops come on top)
 PATTERNS = ("layernorm", "softmax", "bias_gelu", "bias_residual_layernorm", "gnn")
+PATTERN_SCALES = (4, 16, 64, 256)  # the patterns' rows / scale: sizes the workloads lack
 
 
 def workload_names(all_: bool = False, names: str = "") -> list[str]:
-    """``--all``: the nine workloads and the cpu pattern set; else the comma-separated names."""
+    """``--all``: the nine workloads, the cpu pattern set, and the patterns at smaller sizes;
+    else the comma-separated names."""
     import models
 
     if all_:
-        return models.names() + [f"pattern:{p}" for p in PATTERNS]
+        return models.names() + [f"pattern:{p}" for p in PATTERNS] + [
+            f"pattern:{p}/{s}" for s in PATTERN_SCALES for p in PATTERNS]
     out = [n.strip() for n in names.split(",") if n.strip()]
     for n in out:
         if not n.startswith("pattern:") and n not in models.names():

@@ -336,7 +336,7 @@ def ir_features(g: PlanGraph, info: GroupInfo) -> dict[str, float]:
     big, small, scratch = 1, 1 << 62, 0
     out_ids = {id(v) for v in info.outputs}
     inner_big, inner_big_elems, inner_min, shapes = 1, 0, 1 << 62, set()
-    strided, max_stride = 0, 0
+    strided, max_stride, outer = 0, 0, 0
     for i in info.members:
         lf = facts[i]
         kinds[lf.kind] += lf.elems
@@ -349,6 +349,8 @@ def ir_features(g: PlanGraph, info: GroupInfo) -> dict[str, float]:
             scratch += lf.nbytes  # a phases kernel materialises it between its loops
             stored = True
         if stored:  # a loop nest of its own in a phases kernel
+            if lf.shape not in shapes:
+                outer += lf.out_elems // max(lf.inner, 1)  # starts of its innermost loop
             shapes.add(lf.shape)
             inner_min = min(inner_min, lf.inner)
             if lf.out_elems > inner_big_elems:
@@ -365,7 +367,7 @@ def ir_features(g: PlanGraph, info: GroupInfo) -> dict[str, float]:
                  regional_values=float(len(info.regional)), demoted=float(info.demoted),
                  inner_len=float(inner_big), inner_len_min=float(min(inner_min, inner_big)),
                  loop_shapes=float(len(shapes)), strided_reduce=float(strided),
-                 reduce_stride=float(max_stride))
+                 reduce_stride=float(max_stride), outer_iters=float(outer))
     return feats
 
 
