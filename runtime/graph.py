@@ -55,6 +55,9 @@ VIEW_OPS = (st.ReshapeOp, st.PermuteOp, st.BroadcastOp, st.SliceOp)
 # Library ops run with torch's ``out=`` into a planned buffer; the others (linear, convolution)
 # return a tensor torch allocated, so their results get no arena storage.
 OUT_LIBRARY_OPS = ("st.mm", "st.bmm", "st.addmm")
+# A layout-only group read by library calls runs as torch views from this size on: a view step
+# costs 1-3 us of torch calls, a copy kernel of 16 KiB about 1 us.
+VIEW_MIN_BYTES = 16 << 10
 
 
 ALIGN = 64
@@ -271,13 +274,23 @@ class CompiledGraph:
         buffers)."""
         if not all(isinstance(o, VIEW_OPS) for o in group.body.ops[:-1]):
             return False
+        if sum(_nbytes(r) for r in group.results) < VIEW_MIN_BYTES:
+            return False  # a small copy kernel costs less than making torch views per call
         returned = {id(v) for v in self.func.return_op.operands}
-        for r in group.results:
-            if id(r) in returned or not r.users:
+
+        def library_only(v, depth=0) -> bool:  # through views: w[i] is a slice, then a reshape
+            if id(v) in returned or not v.users or depth > 8:
                 return False
-            if not all(isinstance(u, st.LibraryOp | st.TorchCallOp) for u in r.users):
-                return False
-        return True
+            for u in v.users:
+                if isinstance(u, st.LibraryOp | st.TorchCallOp):
+                    continue
+                view_group = isinstance(u, fusion.GroupOp) and u.kind == "view"
+                if not (isinstance(u, VIEW_OPS) or view_group) or \
+                        not all(library_only(r, depth + 1) for r in u.results):
+                    return False
+            return True
+
+        return all(library_only(r) for r in group.results)
 
     def _kernel_run(self, kern, k: int, reads: list[int], writes: list[int], types: list):
         """The run function of kernel step ``k``: its argument array (inputs, outputs, scratch)
