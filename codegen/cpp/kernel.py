@@ -61,6 +61,7 @@ PRELUDE = """#include <cstdint>
 #endif
 """ + MATH_HEADER.replace("#pragma once\n", "")
 SCATTERS = (st.IndexAddOp, st.ScatterAddOp, st.ScatterReduceOp)
+LAYOUT_OPS = (st.ReshapeOp, st.PermuteOp, st.BroadcastOp, st.SliceOp, st.PadOp, st.CatOp)
 
 
 @dataclass
@@ -441,13 +442,43 @@ class PhaseKernel:
         the output buffer instead of recomputing it (see ``reshape_root``)."""
         out: list[tuple[int, Value]] = []
         position = {id(op): k for k, op in enumerate(self.body)}
+        reread = self.reread_values()
         for k, op in enumerate(self.body):
             for r in op.results:
-                if id(r) in self.out_names or isinstance(op, (st.ReduceOp, *SCATTERS)):
+                if id(r) in self.out_names or isinstance(op, (st.ReduceOp, *SCATTERS)) or \
+                        id(r) in reread:
                     root = reshape_root(r)
                     at = position.get(id(getattr(root, "owner", None)), k) if root is not r else k
                     out.append((at, r))
         return [r for _, r in sorted(out, key=lambda t: t[0])]
+
+    # A computed value read at this many different positions per element of a materialised
+    # value (through slices, pads: a 3x3 max pool reads its input 9 times) is materialised in
+    # scratch first, not recomputed for every read (ResNet's stem: batch norm + ReLU computed 9
+    # times per pooled element, scalar: 6.9 ms).
+    REREAD = 4
+
+    def reread_values(self) -> set[int]:
+        """Values (ids) to materialise because materialised values read them at REREAD or more
+        positions per element: read counts propagated from consumers to producers in reverse
+        program order; a value that is materialised (an output, a reduction, a scatter, or
+        one chosen here) counts as read once by its own producers."""
+        cheap = (st.ConstantOp, st.IotaOp, *LAYOUT_OPS)
+        count: dict[int, int] = {}
+        chosen: set[int] = set()
+        for op in reversed(self.body):
+            materialised = isinstance(op, (st.ReduceOp, *SCATTERS)) or any(
+                id(r) in self.out_names for r in op.results)
+            c = sum(count.get(id(r), 0) for r in op.results)
+            if len(op.results) == 1 and not materialised and c >= self.REREAD and \
+                    not isinstance(op, cheap) and op.result.type.numel() > 1:
+                chosen.add(id(op.result))
+                materialised = True
+            if materialised:
+                c = 1
+            for o in op.operands:
+                count[id(o)] = count.get(id(o), 0) + c
+        return chosen
 
     def render(self, first_scratch_arg: int) -> dict:
         em = self.em

@@ -510,3 +510,21 @@ def test_channels_last_convolutions(bias):
         want = m(x)
     torch.testing.assert_close(g(x)[0], want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(torch.from_numpy(prog.run(x)[0]), want, atol=1e-5, rtol=1e-5)
+
+
+def test_values_read_through_many_windows_are_materialised_once():
+    """A 3x3 max pool reads its input at 9 positions per output: the batch norm + ReLU feeding it
+    is computed once into scratch inside the kernel, not 9 times per output."""
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(6).eval()
+    bn.running_mean.uniform_(-1, 1)
+    bn.running_var.uniform_(0.5, 2)
+
+    def f(x):
+        return torch.nn.functional.max_pool2d(torch.relu(bn(x)), 3, 2, 1)
+
+    g = run_both(f, [torch.randn(2, 6, 17, 15)])
+    (k,) = [s for s in g.steps if s.kind == "kernel"]
+    assert k.source.strategy == "phases" and k.source.scratch  # the BN + ReLU in scratch
+    body = k.source.source[k.source.source.index('extern "C"'):]
+    assert body.count("std::sqrt") == 1
