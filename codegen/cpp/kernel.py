@@ -950,11 +950,7 @@ class PhaseKernel:
         dim = op.attributes["dim"]
         if isinstance(op, st.ScatterReduceOp) and not op.attributes["include_self"]:
             self._reset_scattered(op, target, ishape, xs)
-        em.mark()
-        for k, n in enumerate(ishape):
-            em.line(f"for (int64_t {names[k]} = 0; {names[k]} < {n}; ++{names[k]}) {{")
-        body = []
-        em.push(body, em.scopes[-1].indent + "  ", loop_vars=set(names))
+        self._open_serial(names, ishape)
         if isinstance(op, st.IndexAddOp):
             pos = em.checked_index(em.value(idx, [names[dim]]), xs[dim], op.attr("wrap", True))
         else:
@@ -975,10 +971,7 @@ class PhaseKernel:
             scale = "" if alpha == 1 else f"({ct}){literal(alpha, dt)} * "
             fn = lambda c: f"{c} + {scale}{val}"  # noqa: E731
         em.line(em.update(target, lin, dt, fn))
-        em.pop()
-        em.scopes[-1].lines.extend(body)
-        for _ in ishape:
-            em.line("}")
+        self._close_serial(len(ishape))
         em.line("}")
 
     def _index_add_rows(self, op, target: str, xs: list[int], ct: str) -> None:
@@ -1087,20 +1080,35 @@ class PhaseKernel:
                  "amin": literal(math.inf, t) if t.is_float else
                  f"std::numeric_limits<{ctype(t)}>::max()"}[red]
         names = [f"z{k}" for k in range(len(ishape))]
-        em.mark()
-        for k, n in enumerate(ishape):
-            em.line(f"for (int64_t {names[k]} = 0; {names[k]} < {n}; ++{names[k]}) {{")
-        body: list[str] = []
-        em.push(body, em.scopes[-1].indent + "  ", loop_vars=set(names))
+        self._open_serial(names, ishape)
         pos = em.checked_index(em.value(op.operand(1), names), xs[op.attributes["dim"]],
                                op.attr("wrap", True))
         dst = list(names)
         dst[op.attributes["dim"]] = pos
         em.line(em.store(target, linearize(dst, xs), t, ident))
-        em.pop()
-        em.scopes[-1].lines.extend(body)
-        for _ in ishape:
+        self._close_serial(len(ishape))
+
+    def _open_serial(self, names: list[str], shape: list[int]) -> None:
+        """Open a serial loop nest over ``shape`` with one emitter scope per level, so what
+        depends only on the outer loops (an edge's gathered index) is computed once per outer
+        iteration, not once per element of the inner ones."""
+        em = self.em
+        self._serial = []
+        em.mark()
+        for name, n in zip(names, shape):
+            em.line(f"for (int64_t {name} = 0; {name} < {n}; ++{name}) {{")
+            level: list[str] = []
+            em.push(level, em.scopes[-1].indent + "  ", loop_vars={name})
+            em.mark()
+            self._serial.append(level)
+
+    def _close_serial(self, depth: int) -> None:
+        em = self.em
+        for level in reversed(self._serial[-depth:] if depth else []):
+            em.pop()
+            em.scopes[-1].lines.extend(level)
             em.line("}")
+        self._serial = self._serial[:-depth] if depth else self._serial
 
 
 # ----------------------------------------------------------------------------------------------
