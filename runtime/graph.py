@@ -108,6 +108,7 @@ class CallState:
     handed_out: dict[int, torch.Tensor] = field(default_factory=dict)
     env: list = field(default_factory=list)  # the static slots' tensors; a call copies it
     args: dict[int, list[int]] = field(default_factory=dict)  # step -> kernel argument array
+    view_memo: dict[int, tuple] = field(default_factory=dict)  # step -> (parameters, views)
 
 
 @dataclass
@@ -216,7 +217,7 @@ class CompiledGraph:
         if isinstance(op, VIEW_OPS):
             def run(env, cs, op=op, reads=reads, writes=writes):
                 env[writes[0]] = _view(op, [env[i] for i in reads])
-            return Step(op.name, run, "view", reads, writes)
+            return Step(op.name, self._memo_views(run, reads, writes), "view", reads, writes)
         if isinstance(op, st.ConstantOp | st.IotaOp):
             value = torch.from_numpy(IMPLS[op.name](op, [])[0].copy())
             def run(env, cs, value=value, writes=writes):
@@ -263,7 +264,32 @@ class CompiledGraph:
         for o in inner.ops[:-1]:  # each value views the operand its chain starts from
             base[id(o.result)] = base[id(o.operand(0))]
         view_of = [base[id(y)] for y in inner.terminator.operands]
-        return Step("view", run, "view", reads, writes, view_of=view_of)
+        return Step("view", self._memo_views(run, reads, writes), "view", reads, writes,
+                    view_of=view_of)
+
+    def _memo_views(self, run, reads: list[int], writes: list[int]):
+        """Views of parameters are made once per call state, not per call. Under
+        torch.compile a module's parameters are graph inputs (its weight transposes are view
+        steps: 109 of them in a tiny T5); the same Parameter objects come every call, and a view
+        of the same tensor object is the same view (it aliases the values, which may change in
+        place). Anything else -- a new input tensor, an activation -- runs the views as usual."""
+        inputs = set(self.prog.user_inputs)
+        if not reads or not all(r in inputs for r in reads):
+            return run
+        k = len(self.steps)
+
+        def memo(env, cs):
+            args = [env[r] for r in reads]
+            hit = cs.view_memo.get(k)
+            if hit is not None and all(a is b for a, b in zip(args, hit[0])):
+                for w, t in zip(writes, hit[1]):
+                    env[w] = t
+                return
+            run(env, cs)
+            if all(isinstance(a, torch.nn.Parameter) for a in args):
+                cs.view_memo[k] = (args, [env[w] for w in writes])
+
+        return memo
 
     def _as_views(self, group) -> bool:
         """Whether a group that only moves data (slices, permutes, reshapes, broadcasts) is
