@@ -133,7 +133,7 @@ class TritonGraph(CompiledGraph):
                                                device=self.device)
             return Step(op.name, run, "seed", [], writes)
         if isinstance(op, st.ConstantOp | st.IotaOp) and self.device.type != "cpu":
-            value = torch.from_numpy(IMPLS[op.name](op, [])[0].copy()).to(self.device)
+            value = _from_numpy(IMPLS[op.name](op, [])[0], op.result).to(self.device)
             writes = [self._slot(r) for r in op.results]
 
             def run(env, cs, value=value, writes=writes):

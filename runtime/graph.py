@@ -219,7 +219,7 @@ class CompiledGraph:
                 env[writes[0]] = _view(op, [env[i] for i in reads])
             return Step(op.name, self._memo_views(run, reads, writes), "view", reads, writes)
         if isinstance(op, st.ConstantOp | st.IotaOp):
-            value = torch.from_numpy(IMPLS[op.name](op, [])[0].copy())
+            value = _from_numpy(IMPLS[op.name](op, [])[0], op.result)  # bf16 too
             def run(env, cs, value=value, writes=writes):
                 env[writes[0]] = value
             return Step(op.name, run, "constant", reads, writes)
