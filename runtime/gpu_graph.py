@@ -168,7 +168,7 @@ class TritonGraph(CompiledGraph):
         return Step(op.name, run, "interpreter", reads, writes)
 
     # -- buffers -------------------------------------------------------------------------------
-    def new_call_state(self) -> CallState:
+    def new_call_state(self, binding: dict | None = None) -> CallState:
         """A fresh arena on the device, its typed views, typed scratch tensors per kernel step
         and an error flag (one per concurrent call, as the cpu graph does)."""
         arena = torch.empty(max(self.arena_bytes, ALIGN), dtype=torch.uint8, device=self.device)

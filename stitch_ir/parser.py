@@ -45,7 +45,7 @@ _TOKEN = re.compile(
   | (?P<type>tensor<[^>\n]*>)
   | (?P<value>%[A-Za-z0-9_.$#-]+)
   | (?P<symbol>@[A-Za-z_][A-Za-z0-9_.$-]*)
-  | (?P<sym>\?[A-Za-wyz_][A-Za-wyz0-9_]*)
+  | (?P<sym>\?(?:[0-9]+\*)?[A-Za-wyz_][A-Za-wyz0-9_]*)
   | (?P<block>\^[A-Za-z0-9_]+)
   | (?P<string>"(?:[^"\\\n]|\\.)*")
   | (?P<arrow>->)
@@ -77,6 +77,12 @@ def tokenize(text: str, filename: str) -> list[Token]:
     return toks
 
 
+def parse_sym(text: str) -> Sym:
+    """``s0`` or ``128*s0``."""
+    coef, _, name = text.rpartition("*")
+    return Sym(name, int(coef) if coef else 1)
+
+
 def parse_type_text(text: str) -> TensorType:
     """Parse the inside of ``tensor<...>``; raises ValueError with the problem."""
     parts = text.split("x")
@@ -87,7 +93,7 @@ def parse_type_text(text: str) -> TensorType:
     dims: list[int | Sym] = []
     for p in parts[:-1]:
         if p.startswith("?"):
-            dims.append(Sym(p[1:]))
+            dims.append(parse_sym(p[1:]))
         elif p.isdigit():
             dims.append(int(p))
         else:
@@ -199,7 +205,7 @@ class Parser:
             return self.parse_type()
         if t.kind == "sym":
             self.next()
-            return Sym(t.text[1:])
+            return parse_sym(t.text[1:])
         if self.accept("["):
             items = []
             if not self.at("]"):

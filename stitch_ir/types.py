@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -80,16 +80,56 @@ SYM_NAME = re.compile(r"[A-Za-wyz_][A-Za-wyz0-9_]*")
 
 @dataclass(frozen=True)
 class Sym:
-    """A symbolic dimension, e.g. a batch size that changes between calls."""
+    """A symbolic dimension, e.g. a batch size that changes between calls: ``coef * name``
+    (a reshape merging a symbolic batch with a static dim gives ``?128*s0``).
+
+    ``hint`` is the size the graph was traced with (not part of the type's identity): the cost
+    model plans with it; the code generators never bake it into a kernel."""
 
     name: str
+    coef: int = 1
+    hint: int = field(default=0, compare=False)
 
     def __post_init__(self) -> None:
         if not SYM_NAME.fullmatch(self.name):
             raise ValueError(f"invalid symbol name {self.name!r} (letters, digits, _; no 'x')")
+        if self.coef < 1:
+            raise ValueError(f"symbolic size coefficient must be >= 1, got {self.coef}")
 
     def __str__(self) -> str:
-        return f"?{self.name}"
+        return f"?{self.name}" if self.coef == 1 else f"?{self.coef}*{self.name}"
+
+    @property
+    def size_hint(self) -> int:
+        """The size at the hint (the traced example)."""
+        return self.coef * self.hint
+
+    def __mul__(self, k):
+        if isinstance(k, int) and not isinstance(k, bool):
+            if k == 0:
+                return 0
+            return Sym(self.name, self.coef * k, self.hint)
+        raise TypeError(f"symbolic size {self} times {k!r}: only integer multiples are supported")
+
+    __rmul__ = __mul__
+
+    def __floordiv__(self, k):
+        if isinstance(k, int) and k > 0 and self.coef % k == 0:
+            return Sym(self.name, self.coef // k, self.hint)
+        if isinstance(k, Sym) and k.name == self.name and self.coef % k.coef == 0:
+            return self.coef // k.coef
+        raise TypeError(f"symbolic size {self} divided by {k!r}")
+
+    def value(self, binding: dict[str, int]) -> int:
+        """The size when the symbols have the values of ``binding``."""
+        return self.coef * binding[self.name]
+
+    def __format__(self, spec: str) -> str:
+        # In an f-string a size is code: the C expression the cpu kernels read it as (their
+        # loop bounds and index maps are f-strings of sizes). str() is the IR's spelling.
+        if spec:
+            raise ValueError(f"format spec {spec!r} for a symbolic size")
+        return f"S_{self.name}" if self.coef == 1 else f"({self.coef} * S_{self.name})"
 
 
 Dim = int | Sym
@@ -119,13 +159,24 @@ class TensorType:
         return all(isinstance(d, int) for d in self.shape)
 
     def numel(self) -> int:
-        """Number of elements; raises for a symbolic shape."""
+        """Number of elements; for a symbolic shape, at its symbols' hints (the cost model plans
+        with these); raises when a symbol has no hint."""
         n = 1
         for d in self.shape:
-            if not isinstance(d, int):
-                raise ValueError(f"numel of symbolic type {self}")
+            if isinstance(d, Sym):
+                if not d.hint:
+                    raise ValueError(f"numel of symbolic type {self} (no size hint)")
+                d = d.size_hint
             n *= d
         return n
+
+    def concrete(self, binding: dict[str, int]) -> tuple[int, ...]:
+        """The shape when the symbols have the values of ``binding``."""
+        return tuple(d.value(binding) if isinstance(d, Sym) else d for d in self.shape)
+
+    @property
+    def symbols(self) -> set[str]:
+        return {d.name for d in self.shape if isinstance(d, Sym)}
 
     def nbytes(self) -> int:
         return self.numel() * self.dtype.itemsize
@@ -137,7 +188,7 @@ class TensorType:
         return TensorType(self.shape, dtype)
 
     def __str__(self) -> str:
-        dims = "".join(f"{d}x" for d in self.shape)
+        dims = "".join(str(d) + "x" for d in self.shape)
         return f"tensor<{dims}{self.dtype}>"
 
 
