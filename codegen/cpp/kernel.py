@@ -218,7 +218,7 @@ class RowKernel:
         n_loops = 1 + max(ends + [avail[id(v)] for v in outs_full + regional])
         # Large outputs are written row by row from an L1 row buffer with streaming stores: no
         # read-for-ownership of the destination, and 32 MiB of results do not evict the inputs.
-        out_bytes = sum(full * v.type.dtype.itemsize for v in outs_full)
+        out_bytes = sum(size_hint(full) * v.type.dtype.itemsize for v in outs_full)
         streams = {id(v): f"streambuf{k}" for k, v in enumerate(outs_full)} \
             if out_bytes >= STREAM_MIN_BYTES else {}
         for v in outs_full:  # a stream buffer holds its output's stored bits
