@@ -72,11 +72,14 @@ def compile_fx(gm: torch.fx.GraphModule, options: dict) -> Any:
     # a symbolic size returned (for the backward): its value follows the call's inputs
     sym_outs = {k: a.meta["val"] for k, a in enumerate(flat) if isinstance(a, torch.fx.Node)
                 and isinstance(a.meta.get("val"), torch.SymInt)}
+    original = out_node.args
     if numbers or sym_outs:
         out_node.args = ([None if k in numbers or k in sym_outs else a
                           for k, a in enumerate(flat)],)
-        gm.recompile()
-    module = import_graph(gm)
+    try:
+        module = import_graph(gm)
+    finally:  # the caller's graph stays as it was (it may run it, or specialise it, next)
+        out_node.args = original
     sizes = module.size_inputs  # positions of symbolic-size inputs: the call drops them
     placeholders = [n for k, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")
                     if k not in sizes]
