@@ -64,6 +64,11 @@ class TritonGraph(CompiledGraph):
                  deterministic: bool | None = None, device: torch.device | str | None = None):
         if target not in GPU_TARGETS:
             raise ValueError(f"TritonGraph: target {target!r} is not one of {GPU_TARGETS}")
+        func = prog.module.func()
+        if not all(v.type.is_static for v in list(func.args) +
+                   [r for op in func.body.ops for r in op.results]):
+            raise Unsupported("symbolic sizes on a GPU target (the Triton and CUDA C generators "
+                              "compile static shapes: the graph is specialised per shape)")
         if interpret is None:
             interpret = not torch.cuda.is_available()
         if not interpret and not torch.cuda.is_available():
