@@ -17,9 +17,13 @@ off by default: it wins on some conv nets and loses on others, see passes/layout
 (also ``STITCH_DUMP_DIR``): each compiled graph's IR before and after fusion, its plan and its
 kernel sources.
 
-Shapes: stitch compiles static shapes. A graph whose inputs carry symbolic sizes (dynamo's
-automatic dynamic shapes, after a second input shape) is specialised at call time: the first call
-with each concrete shape re-traces it with those shapes and compiles that (cached per shape).
+Shapes: a graph whose inputs carry symbolic sizes (``dynamic=True``, or dynamo's automatic
+dynamic shapes after a second input shape) is compiled once for every size: sizes of the form
+``k * s`` are symbolic in the IR, planned at the traced size, read by the kernels from an
+argument; the arena is laid out per size without a rebuild. Where stitch cannot (a product of
+two symbols, a convolution over symbolic spatial dims, a GPU target), the graph is specialised
+at call time instead: each new shape is re-traced and compiled (cached per shape), and the
+reason is counted (``symbolic: ...``). Option ``dynamic=False`` always specialises.
 
 Fallbacks: aten ops without an ``st`` counterpart run as torch ops inside the compiled graph
 (``st.torch_call``); a graph stitch cannot compile at all runs as torch would run it. Both are
