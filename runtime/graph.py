@@ -153,9 +153,10 @@ class CompiledGraph:
             self._slot(a)
         # symbolic sizes (a dynamic batch): the names, and the sizes the graph was traced with
         values = list(self.func.args) + [r for op in self.func.body.ops for r in op.results]
-        syms = {d.name: d for v in values for d in v.type.shape if isinstance(d, Sym)}
-        self.symbols = sorted(syms)
-        self.hint_binding = {n: max(d.hint, 1) for n, d in syms.items()}
+        hints = {f: h for v in values for d in v.type.shape if isinstance(d, Sym)
+                 for f, h in zip(d.factors, d.hints)}
+        self.symbols = sorted(hints)
+        self.hint_binding = {n: max(h, 1) for n, h in hints.items()}
         self.sources = self._build_all()
         for op in self.func.body.ops[:-1]:
             self.steps.append(self._step(op))
@@ -511,17 +512,25 @@ class CompiledGraph:
         """The symbolic sizes of a call, read off its inputs (checked: every input's static
         dims, and one value per symbol); raises ValueError naming the input that does not fit."""
         binding: dict[str, int] = {}
-        for (i, t_type), t in zip(self._arg_types, user_inputs):
-            ok = len(t.shape) == t_type.rank and t.dtype == dtype_to_torch(t_type.dtype)
-            for d, n in zip(t_type.shape, t.shape) if ok else ():
-                if isinstance(d, Sym):
-                    if n % d.coef or binding.setdefault(d.name, n // d.coef) != n // d.coef:
-                        ok = False
-                elif d != n:
-                    ok = False
-            if not ok:
-                raise ValueError(f"input {self.prog.arg_names[i]} has shape {list(t.shape)} "
-                                 f"{t.dtype}, the graph was compiled for {t_type}")
+        for late in (False, True):  # sizes of one symbol first; then products of symbols
+            for (i, t_type), t in zip(self._arg_types, user_inputs):
+                ok = len(t.shape) == t_type.rank and t.dtype == dtype_to_torch(t_type.dtype)
+                for d, n in zip(t_type.shape, t.shape) if ok else ():
+                    if not isinstance(d, Sym):
+                        ok = ok and (late or d == n)
+                    elif len(d.factors) == 1 and not late:
+                        f = d.factors[0]
+                        ok = ok and not n % d.coef and binding.setdefault(f, n // d.coef) == \
+                            n // d.coef
+                    elif len(d.factors) > 1 and late:
+                        ok = ok and all(f in binding for f in d.factors) and d.value(binding) == n
+                if not ok:
+                    raise ValueError(f"input {self.prog.arg_names[i]} has shape "
+                                     f"{list(t.shape)} {t.dtype}, the graph was compiled for "
+                                     f"{t_type}")
+        missing = [n for n in self.symbols if n not in binding]
+        if missing:
+            raise ValueError(f"the inputs do not fix the sizes {missing}")
         return binding
 
     def _find_static(self) -> None:

@@ -74,14 +74,24 @@ def _dim(d: Any) -> int | Sym:
         expr = d.node.expr
         if expr.is_number:
             return int(expr)
-        hint = d.node.hint
-        if expr.is_Symbol:
-            return Sym(str(expr), 1, int(hint) if hint is not None else 0)
-        if expr.is_Mul and len(expr.args) == 2:
-            k, s = sorted(expr.args, key=lambda a: not a.is_Integer)
-            if k.is_Integer and s.is_Symbol and int(k) > 0:
-                h = int(hint) // int(k) if hint is not None else 0
-                return Sym(str(s), int(k), h)
+        shape_env = d.node.shape_env
+        values = getattr(shape_env, "backed_var_to_val", None)
+        if values is None and shape_env is not None:
+            values = shape_env.var_to_val
+        coef, names, hints = 1, [], []
+        for a in (expr.args if expr.is_Mul else (expr,)):
+            base, power = (a.args if a.is_Pow else (a, 1))
+            if a.is_Integer and int(a) > 0:
+                coef *= int(a)
+            elif base.is_Symbol and getattr(power, "is_Integer", power == 1) and int(power) > 0:
+                hint = values.get(base) if values is not None else None
+                names += [str(base)] * int(power)
+                hints += [int(hint) if hint is not None else 0] * int(power)
+            else:
+                break
+        else:
+            if names:
+                return Sym(tuple(names), coef, tuple(hints))
     raise ImportError_(f"unsupported symbolic size {d}")
 
 

@@ -45,7 +45,7 @@ _TOKEN = re.compile(
   | (?P<type>tensor<[^>\n]*>)
   | (?P<value>%[A-Za-z0-9_.$#-]+)
   | (?P<symbol>@[A-Za-z_][A-Za-z0-9_.$-]*)
-  | (?P<sym>\?(?:[0-9]+\*)?[A-Za-wyz_][A-Za-wyz0-9_]*)
+  | (?P<sym>\?(?:[0-9]+\*)?[A-Za-wyz_][A-Za-wyz0-9_]*(?:\*[A-Za-wyz_][A-Za-wyz0-9_]*)*)
   | (?P<block>\^[A-Za-z0-9_]+)
   | (?P<string>"(?:[^"\\\n]|\\.)*")
   | (?P<arrow>->)
@@ -78,9 +78,10 @@ def tokenize(text: str, filename: str) -> list[Token]:
 
 
 def parse_sym(text: str) -> Sym:
-    """``s0`` or ``128*s0``."""
-    coef, _, name = text.rpartition("*")
-    return Sym(name, int(coef) if coef else 1)
+    """``s0``, ``128*s0``, ``s0*s1``, ``4*s1*s1``."""
+    parts = text.split("*")
+    coef = int(parts[0]) if parts[0].isdigit() else 1
+    return Sym(tuple(p for p in parts if not p.isdigit()), coef)
 
 
 def parse_type_text(text: str) -> TensorType:

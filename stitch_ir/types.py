@@ -10,6 +10,7 @@ Invariants:
 from __future__ import annotations
 
 import enum
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -78,58 +79,90 @@ _TO_NUMPY = {
 SYM_NAME = re.compile(r"[A-Za-wyz_][A-Za-wyz0-9_]*")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Sym:
-    """A symbolic dimension, e.g. a batch size that changes between calls: ``coef * name``
-    (a reshape merging a symbolic batch with a static dim gives ``?128*s0``).
+    """A symbolic dimension, e.g. a batch size or a sequence length that changes between calls:
+    a monomial ``coef * s0 * s1 ...`` (a reshape merging a symbolic batch with a static dim gives
+    ``?128*s0``; attention scores over a symbolic length have ``?s1*s1`` elements).
 
-    ``hint`` is the size the graph was traced with (not part of the type's identity): the cost
-    model plans with it; the code generators never bake it into a kernel."""
+    ``hints`` are the symbols' sizes in the traced example (not part of the type's identity):
+    the cost model plans with them; the code generators never bake them into a kernel. In an
+    f-string a size is code: the C expression the cpu kernels read it as (their loop bounds and
+    index maps are f-strings of sizes); str() is the IR's spelling."""
 
-    name: str
-    coef: int = 1
-    hint: int = field(default=0, compare=False)
+    factors: tuple[str, ...]  # symbol names, sorted; a repeated name is a power
+    coef: int
+    hints: tuple[int, ...] = field(compare=False, hash=False)
 
-    def __post_init__(self) -> None:
-        if not SYM_NAME.fullmatch(self.name):
-            raise ValueError(f"invalid symbol name {self.name!r} (letters, digits, _; no 'x')")
-        if self.coef < 1:
-            raise ValueError(f"symbolic size coefficient must be >= 1, got {self.coef}")
+    def __init__(self, name: str | tuple[str, ...], coef: int = 1, hint: int | tuple = 0):
+        factors = (name,) if isinstance(name, str) else tuple(name)
+        hints = hint if isinstance(hint, tuple) else (hint,) * len(factors)
+        order = sorted(range(len(factors)), key=lambda k: factors[k])
+        object.__setattr__(self, "factors", tuple(factors[k] for k in order))
+        object.__setattr__(self, "coef", coef)
+        object.__setattr__(self, "hints", tuple(hints[k] for k in order))
+        for f in self.factors:
+            if not SYM_NAME.fullmatch(f):
+                raise ValueError(f"invalid symbol name {f!r} (letters, digits, _; no 'x')")
+        if coef < 1 or not self.factors:
+            raise ValueError(f"a symbolic size needs a symbol and a coefficient >= 1: {coef}")
+
+    @property
+    def name(self) -> str:
+        """The symbol of a size that is one symbol times a number (raises otherwise)."""
+        if len(self.factors) != 1:
+            raise TypeError(f"{self} is a product of symbols")
+        return self.factors[0]
+
+    @property
+    def hint(self) -> int:
+        return self.hints[0] if len(self.hints) == 1 else 0
 
     def __str__(self) -> str:
-        return f"?{self.name}" if self.coef == 1 else f"?{self.coef}*{self.name}"
+        return "?" + "*".join(([str(self.coef)] if self.coef != 1 else []) + list(self.factors))
+
+    def __repr__(self) -> str:
+        return f"Sym({str(self)[1:]})"
 
     @property
     def size_hint(self) -> int:
-        """The size at the hint (the traced example)."""
-        return self.coef * self.hint
+        """The size at the hints (the traced example)."""
+        return self.coef * math.prod(self.hints)
 
     def __mul__(self, k):
+        if isinstance(k, Sym):
+            return Sym(self.factors + k.factors, self.coef * k.coef, self.hints + k.hints)
         if isinstance(k, int) and not isinstance(k, bool):
-            if k == 0:
-                return 0
-            return Sym(self.name, self.coef * k, self.hint)
-        raise TypeError(f"symbolic size {self} times {k!r}: only integer multiples are supported")
+            return 0 if k == 0 else Sym(self.factors, self.coef * k, self.hints)
+        raise TypeError(f"symbolic size {self} times {k!r}")
 
     __rmul__ = __mul__
 
     def __floordiv__(self, k):
         if isinstance(k, int) and k > 0 and self.coef % k == 0:
-            return Sym(self.name, self.coef // k, self.hint)
-        if isinstance(k, Sym) and k.name == self.name and self.coef % k.coef == 0:
-            return self.coef // k.coef
+            return Sym(self.factors, self.coef // k, self.hints)
+        if isinstance(k, Sym) and self.coef % k.coef == 0:
+            rest = list(self.factors)
+            hints = list(self.hints)
+            for f in k.factors:
+                if f not in rest:
+                    break
+                j = rest.index(f)
+                del rest[j], hints[j]
+            else:
+                c = self.coef // k.coef
+                return Sym(tuple(rest), c, tuple(hints)) if rest else c
         raise TypeError(f"symbolic size {self} divided by {k!r}")
 
     def value(self, binding: dict[str, int]) -> int:
         """The size when the symbols have the values of ``binding``."""
-        return self.coef * binding[self.name]
+        return self.coef * math.prod(binding[f] for f in self.factors)
 
     def __format__(self, spec: str) -> str:
-        # In an f-string a size is code: the C expression the cpu kernels read it as (their
-        # loop bounds and index maps are f-strings of sizes). str() is the IR's spelling.
         if spec:
             raise ValueError(f"format spec {spec!r} for a symbolic size")
-        return f"S_{self.name}" if self.coef == 1 else f"({self.coef} * S_{self.name})"
+        terms = ([str(self.coef)] if self.coef != 1 else []) + [f"S_{f}" for f in self.factors]
+        return terms[0] if len(terms) == 1 else "(" + " * ".join(terms) + ")"
 
 
 Dim = int | Sym
@@ -176,7 +209,7 @@ class TensorType:
 
     @property
     def symbols(self) -> set[str]:
-        return {d.name for d in self.shape if isinstance(d, Sym)}
+        return {f for d in self.shape if isinstance(d, Sym) for f in d.factors}
 
     def nbytes(self) -> int:
         return self.numel() * self.dtype.itemsize

@@ -139,3 +139,30 @@ def test_bert_at_five_batch_sizes_builds_kernels_once():
             want = torch.utils._pytree.tree_leaves(m(*xs))[0]
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert built[2:] == [0, 0, 0], built  # sizes 8, 17, 64: the symbolic graph of size 3
+
+
+def test_symbolic_sequence_length_with_square_attention_scores():
+    """A sequence length that changes: attention scores are [B, S, S] (a product of symbols),
+    softmax rows of symbolic length; one compile for every length."""
+    torch.manual_seed(0)
+
+    class Attention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k = torch.nn.Linear(32, 32), torch.nn.Linear(32, 32)
+            self.ln = torch.nn.LayerNorm(32)
+
+        def forward(self, x):
+            a = torch.softmax(self.q(x) @ self.k(x).transpose(-1, -2) / 5.6, -1)
+            return self.ln(a @ x + x)
+
+    m = Attention().eval()
+    compiled = torch.compile(m, backend="stitch", dynamic=True)
+    built = []
+    with torch.no_grad():
+        for s in (7, 16, 33, 5):
+            x = torch.randn(2, s, 32)
+            start = build.stats()["compiled"]
+            torch.testing.assert_close(compiled(x), m(x), atol=1e-5, rtol=1e-5)
+            built.append(build.stats()["compiled"] - start)
+    assert built[1:] == [0, 0, 0], built
