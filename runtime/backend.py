@@ -19,9 +19,13 @@ off by default: it wins on some conv nets and loses on others, see passes/layout
 (also ``STITCH_DUMP_DIR``): each compiled graph's IR before and after fusion, its plan and its
 kernel sources.
 
-Shapes: stitch compiles static shapes. A graph whose inputs carry symbolic sizes (dynamo's
-automatic dynamic shapes, after a second input shape) is specialised at call time: the first call
-with each concrete shape re-traces it with those shapes and compiles that (cached per shape).
+Shapes: a graph whose inputs carry symbolic sizes (``dynamic=True``, or dynamo's automatic
+dynamic shapes after a second input shape) is compiled once for every size: sizes of the form
+``k * s`` are symbolic in the IR, planned at the traced size, read by the kernels from an
+argument; the arena is laid out per size without a rebuild. Where stitch cannot (a product of
+two symbols, a convolution over symbolic spatial dims, a GPU target), the graph is specialised
+at call time instead: each new shape is re-traced and compiled (cached per shape), and the
+reason is counted (``symbolic: ...``). Option ``dynamic=False`` always specialises.
 
 Fallbacks: aten ops without an ``st`` counterpart run as torch ops inside the compiled graph
 (``st.torch_call``); a graph stitch cannot compile at all runs as torch would run it. Both are
@@ -71,11 +75,20 @@ def compile_fx(gm: torch.fx.GraphModule, options: dict) -> Any:
     outs = out_node.args[0]
     flat = list(outs) if isinstance(outs, list | tuple) else [outs]
     numbers = {k: a for k, a in enumerate(flat) if isinstance(a, int | float | bool)}
-    if numbers:
-        out_node.args = ([None if k in numbers else a for k, a in enumerate(flat)],)
-        gm.recompile()
-    module = import_graph(gm)
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    # a symbolic size returned (for the backward): its value follows the call's inputs
+    sym_outs = {k: a.meta["val"] for k, a in enumerate(flat) if isinstance(a, torch.fx.Node)
+                and isinstance(a.meta.get("val"), torch.SymInt)}
+    original = out_node.args
+    if numbers or sym_outs:
+        out_node.args = ([None if k in numbers or k in sym_outs else a
+                          for k, a in enumerate(flat)],)
+    try:
+        module = import_graph(gm)
+    finally:  # the caller's graph stays as it was (it may run it, or specialise it, next)
+        out_node.args = original
+    sizes = module.size_inputs  # positions of symbolic-size inputs: the call drops them
+    placeholders = [n for k, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")
+                    if k not in sizes]
     prog = ImportedProgram(module, [n.name for n in placeholders], {},
                            list(range(len(placeholders))))
     _dump(dump_dir, gid, "before_fusion.sir", print_module(module))
@@ -112,11 +125,23 @@ def compile_fx(gm: torch.fx.GraphModule, options: dict) -> Any:
                     sum(fell.values()), ", ".join(f"{t} x{n}" for t, n in fell.items()),
                     f" and {len(graph.fallbacks)} group(s) through the interpreter"
                     if graph.fallbacks else "")
-    present = [a is not None and k not in numbers for k, a in enumerate(flat)]
+    present = [a is not None and k not in numbers and k not in sym_outs
+               for k, a in enumerate(flat)]
+    from stitch_ir.importer import _dim
+    from stitch_ir.types import Sym
+
+    sym_dims = {k: _dim(v) for k, v in sym_outs.items()}
 
     def run(*args):
+        if sizes:
+            args = [a for k, a in enumerate(args) if k not in sizes]
         got = iter(graph(*args))
-        return [next(got) if p else numbers.get(k) for k, p in enumerate(present)]
+        out = [next(got) if p else numbers.get(k) for k, p in enumerate(present)]
+        if sym_dims:
+            binding = graph.bind(args)
+            for k, d in sym_dims.items():
+                out[k] = d.value(binding) if isinstance(d, Sym) else d
+        return out
 
     run.stitch_graph = graph
     return run
@@ -141,6 +166,10 @@ def _compiler(options: dict):
             opts["target"] = target_of(dev)
         if _static(example_inputs):
             return make_boxed_func(_or_torch(gm, opts))
+        if opts.get("dynamic", True):
+            symbolic = _symbolic(gm, opts)
+            if symbolic is not None:
+                return make_boxed_func(symbolic)
         return make_boxed_func(_specialising(gm, opts))
 
     return compile_graph
@@ -157,6 +186,25 @@ def _or_torch(gm, options):
         FALLBACKS[f"graph: {type(e).__name__}"] += 1
         log.warning("stitch: a graph runs through torch unfused: %s", e)
         return gm.forward
+
+
+def _symbolic(gm, options):
+    """Compile a graph with symbolic sizes once, for every size (kernels take the sizes as
+    arguments; the arena is laid out per size); None where stitch cannot (then it is
+    specialised per shape, and the reason is counted)."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    try:
+        with unset_fake_temporarily():
+            fn = compile_fx(gm, options)
+        if fn.stitch_graph.fallbacks:
+            raise RuntimeError("groups in the interpreter")
+        return fn
+    except Exception as e:  # noqa: BLE001 - any failure: specialise per shape instead
+        FALLBACKS[f"symbolic: {type(e).__name__}"] += 1
+        log.warning("stitch: a symbolic graph is specialised per shape instead: %s", e,
+                    exc_info=bool(os.environ.get("STITCH_DEBUG")))
+        return None
 
 
 def _specialising(gm, options):

@@ -73,7 +73,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def compile_model(name: str, pipeline: str, target: str, print_ir_after_all: bool = False,
-                  time_passes: bool = False):
+                  time_passes: bool = False, dynamic: str = ""):
     """Trace, import and run ``pipeline``; returns (ImportedProgram, PassContext, timings)."""
     import models
     from passes import PassContext, PassManager
@@ -82,7 +82,8 @@ def compile_model(name: str, pipeline: str, target: str, print_ir_after_all: boo
     t0 = time.perf_counter()
     w = models.get(name)
     t1 = time.perf_counter()
-    prog = import_model(w.model, w.example_inputs)
+    # --dynamic NAME: dim 0 of every input is the symbolic size NAME (a dynamic batch)
+    prog = import_model(w.model, w.example_inputs, dynamic={dynamic: 0} if dynamic else None)
     t2 = time.perf_counter()
     pm = PassManager.parse(pipeline, print_ir_after_all=print_ir_after_all,
                            time_passes=time_passes)
@@ -103,7 +104,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     pipeline = args.pipeline or pipeline_for(args.fusion, args.gpu_codegen,
                                              cost_model=args.cost_model)
     w, prog, ctx, times = compile_model(args.model, pipeline, args.target,
-                                        args.print_ir_after_all, args.time_passes)
+                                        args.print_ir_after_all, args.time_passes, args.dynamic)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     s = summarize(prog.module)
@@ -112,6 +113,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
     print(f"  target   {args.target}    pipeline  {pipeline}")
     print(f"  inputs   {len(prog.user_inputs)} user, {len(prog.constants)} parameters / buffers / "
           "constants")
+    if args.dynamic:
+        args_t = ", ".join(str(prog.module.func().args[i].type) for i in prog.user_inputs)
+        print(f"  dynamic  {args.dynamic}: one plan and one set of kernels for every size "
+              f"(planned at the traced size); inputs {args_t}")
     print(f"  time     build {times['build']:.2f}s  export+import {times['import']:.2f}s  "
           f"passes {times['passes']:.2f}s")
     print("  ops by class (fused ops counted inside their groups):")
@@ -377,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--gpu-codegen", choices=("auto", "triton", "cuda"), default="auto",
                    help="sm_*: which generator each group gets (auto: Triton, CUDA C where the "
                         "schedule needs shared memory, warp shuffles or a grid barrier)")
+    c.add_argument("--dynamic", default="", metavar="NAME",
+                   help="compile for a symbolic size NAME in dim 0 of every input (a batch)")
     c.add_argument("--print-ir-after-all", action="store_true")
     c.add_argument("--time-passes", action="store_true")
     c.add_argument("--cost-model", choices=COST_MODELS, default=None,

@@ -64,6 +64,11 @@ class TritonGraph(CompiledGraph):
                  deterministic: bool | None = None, device: torch.device | str | None = None):
         if target not in GPU_TARGETS:
             raise ValueError(f"TritonGraph: target {target!r} is not one of {GPU_TARGETS}")
+        func = prog.module.func()
+        if not all(v.type.is_static for v in list(func.args) +
+                   [r for op in func.body.ops for r in op.results]):
+            raise Unsupported("symbolic sizes on a GPU target (the Triton and CUDA C generators "
+                              "compile static shapes: the graph is specialised per shape)")
         if interpret is None:
             interpret = not torch.cuda.is_available()
         if not interpret and not torch.cuda.is_available():
@@ -133,7 +138,7 @@ class TritonGraph(CompiledGraph):
                                                device=self.device)
             return Step(op.name, run, "seed", [], writes)
         if isinstance(op, st.ConstantOp | st.IotaOp) and self.device.type != "cpu":
-            value = torch.from_numpy(IMPLS[op.name](op, [])[0].copy()).to(self.device)
+            value = _from_numpy(IMPLS[op.name](op, [])[0], op.result).to(self.device)
             writes = [self._slot(r) for r in op.results]
 
             def run(env, cs, value=value, writes=writes):
@@ -168,7 +173,7 @@ class TritonGraph(CompiledGraph):
         return Step(op.name, run, "interpreter", reads, writes)
 
     # -- buffers -------------------------------------------------------------------------------
-    def new_call_state(self) -> CallState:
+    def new_call_state(self, binding: dict | None = None) -> CallState:
         """A fresh arena on the device, its typed views, typed scratch tensors per kernel step
         and an error flag (one per concurrent call, as the cpu graph does)."""
         arena = torch.empty(max(self.arena_bytes, ALIGN), dtype=torch.uint8, device=self.device)

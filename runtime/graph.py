@@ -48,6 +48,7 @@ from stitch_ir.core import BlockArgument, FuncOp, OpResult, Value
 from stitch_ir.dialects import fusion, st
 from stitch_ir.importer import ImportedProgram, dtype_to_torch
 from stitch_ir.interpreter import IMPLS, decode_torch_args, resolve_torch_op, torch_call_results
+from stitch_ir.types import Sym
 
 log = logging.getLogger("stitch.runtime")
 
@@ -55,13 +56,17 @@ VIEW_OPS = (st.ReshapeOp, st.PermuteOp, st.BroadcastOp, st.SliceOp)
 # Library ops run with torch's ``out=`` into a planned buffer; the others (linear, convolution)
 # return a tensor torch allocated, so their results get no arena storage.
 OUT_LIBRARY_OPS = ("st.mm", "st.bmm", "st.addmm")
+# A layout-only group read by library calls runs as torch views from this size on: a view step
+# costs 1-3 us of torch calls, a copy kernel of 16 KiB about 1 us.
+VIEW_MIN_BYTES = 16 << 10
 
 
 ALIGN = 64
 
 
 def _nbytes(v: Value) -> int:
-    return max(1, int(np.prod([int(d) for d in v.type.shape] or [1]))) * v.type.dtype.itemsize
+    """Bytes of ``v`` (a symbolic size at its hint: for decisions, not allocations)."""
+    return max(1, v.type.numel()) * v.type.dtype.itemsize
 
 
 def first_fit(intervals: list[tuple[int, int, int]]) -> tuple[list[int], int]:
@@ -86,11 +91,18 @@ def first_fit(intervals: list[tuple[int, int, int]]) -> tuple[list[int], int]:
     return offsets, total
 
 
-def _typed(storage: torch.Tensor, v: Value) -> torch.Tensor:
-    shape = [int(d) for d in v.type.shape]
+def _typed(storage: torch.Tensor, v: Value, binding: dict | None = None) -> torch.Tensor:
+    shape = list(v.type.concrete(binding or {}))
     dt = dtype_to_torch(v.type.dtype)
     n = int(np.prod(shape)) if shape else 1
     return storage[: n * v.type.dtype.itemsize].view(dt).view(shape)
+
+
+def _size(n, binding: dict) -> int:
+    """Bytes of a lifetime: a value (its type's bytes) or a scratch size (int or Sym)."""
+    if isinstance(n, Value):
+        return max(1, int(np.prod(n.type.concrete(binding)) or 1)) * n.type.dtype.itemsize
+    return n.value(binding) if isinstance(n, Sym) else n
 
 
 @dataclass
@@ -105,6 +117,9 @@ class CallState:
     handed_out: dict[int, torch.Tensor] = field(default_factory=dict)
     env: list = field(default_factory=list)  # the static slots' tensors; a call copies it
     args: dict[int, list[int]] = field(default_factory=dict)  # step -> kernel argument array
+    view_memo: dict[int, tuple] = field(default_factory=dict)  # step -> (parameters, views)
+    binding: dict[str, int] = field(default_factory=dict)  # the symbolic sizes of its calls
+    syms: dict[int, torch.Tensor] = field(default_factory=dict)  # kernel step -> its sizes
 
 
 @dataclass
@@ -125,7 +140,8 @@ class CompiledGraph:
     def __init__(self, prog: ImportedProgram, func: FuncOp | None = None):
         self.prog = prog
         self.func = func or prog.module.func()
-        self._free_states: list[CallState] = []  # call states not in use (see CallState)
+        # call states not in use (see CallState), by the symbolic sizes they were made for
+        self._free_states: dict[tuple, list[CallState]] = {}
         self._states_lock = threading.Lock()
         self._n_states = 0
         self.slots: dict[int, int] = {}
@@ -135,6 +151,12 @@ class CompiledGraph:
         t0 = time.perf_counter()
         for a in self.func.args:
             self._slot(a)
+        # symbolic sizes (a dynamic batch): the names, and the sizes the graph was traced with
+        values = list(self.func.args) + [r for op in self.func.body.ops for r in op.results]
+        hints = {f: h for v in values for d in v.type.shape if isinstance(d, Sym)
+                 for f, h in zip(d.factors, d.hints)}
+        self.symbols = sorted(hints)
+        self.hint_binding = {n: max(h, 1) for n, h in hints.items()}
         self.sources = self._build_all()
         for op in self.func.body.ops[:-1]:
             self.steps.append(self._step(op))
@@ -142,9 +164,10 @@ class CompiledGraph:
         self.outputs = [self._slot(v) for v in self.func.return_op.operands]
         self._plan_lifetimes()
         self.consts = {i: self._place(t.detach().contiguous()) for i, t in prog.constants.items()}
+        self._arg_types = [(i, self.func.args[i].type) for i in prog.user_inputs]
         self._input_types = [
-            (i, torch.Size([int(d) for d in self.func.args[i].type.shape]),
-             dtype_to_torch(self.func.args[i].type.dtype)) for i in prog.user_inputs]
+            (i, torch.Size([d if isinstance(d, int) else -1 for d in t.shape]),
+             dtype_to_torch(t.dtype)) for i, t in self._arg_types]
         self._find_static()
         self.build_seconds = time.perf_counter() - t0
         if self.fallbacks:
@@ -212,10 +235,25 @@ class CompiledGraph:
             return self._view_group(op, reads, writes)
         if isinstance(op, VIEW_OPS):
             def run(env, cs, op=op, reads=reads, writes=writes):
-                env[writes[0]] = _view(op, [env[i] for i in reads])
-            return Step(op.name, run, "view", reads, writes)
+                env[writes[0]] = _view(op, [env[i] for i in reads], cs.binding)
+            return Step(op.name, self._memo_views(run, reads, writes), "view", reads, writes)
+        if isinstance(op, st.IotaOp) and not op.result.type.is_static:
+            a, dt = op.attributes, dtype_to_torch(op.result.type.dtype)
+
+            def run(env, cs, writes=writes, a=a, dt=dt):  # an arange of symbolic length
+                n = a["size"].value(cs.binding)
+                env[writes[0]] = (a["start"] + a["step"] * torch.arange(n, dtype=torch.float64
+                                  if isinstance(a["start"] + a["step"], float) else torch.int64)
+                                  ).to(dt)
+            return Step(op.name, run, "constant", reads, writes)
+        if isinstance(op, st.ConstantOp) and op.is_splat and not op.result.type.is_static:
+            dt, fill = dtype_to_torch(op.result.type.dtype), op.attributes["value"]
+
+            def run(env, cs, writes=writes, dt=dt, fill=fill):  # a splat of symbolic shape
+                env[writes[0]] = torch.full(op.result.type.concrete(cs.binding), fill, dtype=dt)
+            return Step(op.name, run, "constant", reads, writes)
         if isinstance(op, st.ConstantOp | st.IotaOp):
-            value = torch.from_numpy(IMPLS[op.name](op, [])[0].copy())
+            value = _from_numpy(IMPLS[op.name](op, [])[0], op.result)  # bf16 too
             def run(env, cs, value=value, writes=writes):
                 env[writes[0]] = value
             return Step(op.name, run, "constant", reads, writes)
@@ -252,7 +290,7 @@ class CompiledGraph:
         def run(env, cs, op=op, reads=reads, writes=writes):
             vals = {id(a): env[i] for a, i in zip(inner.args, reads)}
             for o in inner.ops[:-1]:
-                vals[id(o.result)] = _view(o, [vals[id(x)] for x in o.operands])
+                vals[id(o.result)] = _view(o, [vals[id(x)] for x in o.operands], cs.binding)
             for w, y in zip(writes, inner.terminator.operands):
                 env[w] = vals[id(y)]
 
@@ -260,7 +298,32 @@ class CompiledGraph:
         for o in inner.ops[:-1]:  # each value views the operand its chain starts from
             base[id(o.result)] = base[id(o.operand(0))]
         view_of = [base[id(y)] for y in inner.terminator.operands]
-        return Step("view", run, "view", reads, writes, view_of=view_of)
+        return Step("view", self._memo_views(run, reads, writes), "view", reads, writes,
+                    view_of=view_of)
+
+    def _memo_views(self, run, reads: list[int], writes: list[int]):
+        """Views of parameters are made once per call state, not per call. Under
+        torch.compile a module's parameters are graph inputs (its weight transposes are view
+        steps: 109 of them in a tiny T5); the same Parameter objects come every call, and a view
+        of the same tensor object is the same view (it aliases the values, which may change in
+        place). Anything else -- a new input tensor, an activation -- runs the views as usual."""
+        inputs = set(self.prog.user_inputs)
+        if not reads or not all(r in inputs for r in reads):
+            return run
+        k = len(self.steps)
+
+        def memo(env, cs):
+            args = [env[r] for r in reads]
+            hit = cs.view_memo.get(k)
+            if hit is not None and all(a is b for a, b in zip(args, hit[0])):
+                for w, t in zip(writes, hit[1]):
+                    env[w] = t
+                return
+            run(env, cs)
+            if all(isinstance(a, torch.nn.Parameter) for a in args):
+                cs.view_memo[k] = (args, [env[w] for w in writes])
+
+        return memo
 
     def _as_views(self, group) -> bool:
         """Whether a group that only moves data (slices, permutes, reshapes, broadcasts) is
@@ -271,13 +334,23 @@ class CompiledGraph:
         buffers)."""
         if not all(isinstance(o, VIEW_OPS) for o in group.body.ops[:-1]):
             return False
+        if sum(_nbytes(r) for r in group.results) < VIEW_MIN_BYTES:
+            return False  # a small copy kernel costs less than making torch views per call
         returned = {id(v) for v in self.func.return_op.operands}
-        for r in group.results:
-            if id(r) in returned or not r.users:
+
+        def library_only(v, depth=0) -> bool:  # through views: w[i] is a slice, then a reshape
+            if id(v) in returned or not v.users or depth > 8:
                 return False
-            if not all(isinstance(u, st.LibraryOp | st.TorchCallOp) for u in r.users):
-                return False
-        return True
+            for u in v.users:
+                if isinstance(u, st.LibraryOp | st.TorchCallOp):
+                    continue
+                view_group = isinstance(u, fusion.GroupOp) and u.kind == "view"
+                if not (isinstance(u, VIEW_OPS) or view_group) or \
+                        not all(library_only(r, depth + 1) for r in u.results):
+                    return False
+            return True
+
+        return all(library_only(r) for r in group.results)
 
     def _kernel_run(self, kern, k: int, reads: list[int], writes: list[int], types: list):
         """The run function of kernel step ``k``: its argument array (inputs, outputs, scratch)
@@ -329,6 +402,10 @@ class CompiledGraph:
         return run
 
     def _interpreted(self, op, reads, writes) -> Step:
+        if self.symbols:  # the interpreter's ops read their sizes from the types
+            raise Unsupported(f"'{op.name}' would run in the interpreter, which needs static "
+                              "shapes (the graph has symbolic sizes)")
+
         def run(env, cs, op=op, reads=reads, writes=writes):
             args = [_to_numpy(env[i]) for i in reads]
             outs = IMPLS[op.name](op, args)
@@ -406,18 +483,55 @@ class CompiledGraph:
         for slot, (k, v) in owners.items():
             if slot in fresh:
                 continue
-            intervals.append((k, last.get(slot, k), _nbytes(v)))
+            intervals.append((k, last.get(slot, k), v))  # bytes: per binding (symbolic sizes)
             keys.append(("slot", slot, v))
         for k, s in enumerate(self.steps):
             for j, n in enumerate(s.source.scratch if s.source else []):
                 intervals.append((k, k, n))
                 keys.append(("scratch", k, j))
-        offsets, total = first_fit(intervals)
-        self.layout = list(zip(keys, offsets, intervals))
-        self.arena_bytes = total
+        self._lifetimes = list(zip(keys, intervals))
+        self._layouts: dict[tuple, tuple[list, int]] = {}
+        self.layout, self.arena_bytes = self._layout(self.hint_binding)
         self.static_slots: frozenset[int] = frozenset()
         self.static_steps: list[Step] = []
         self.call_steps: list[Step] = list(self.steps)
+
+    def _layout(self, binding: dict[str, int]) -> tuple[list, int]:
+        """Arena offsets (first fit over the lifetimes) for the sizes of ``binding``: one layout
+        per distinct set of symbolic sizes, made when a call first brings it (no rebuild)."""
+        key = tuple(binding[n] for n in self.symbols)
+        got = self._layouts.get(key)
+        if got is None:
+            sized = [(a, b, _size(n, binding)) for _, (a, b, n) in self._lifetimes]
+            offsets, total = first_fit(sized)
+            got = self._layouts[key] = ([(k, off, iv) for (k, _), off, iv in
+                                         zip(self._lifetimes, offsets, sized)], total)
+        return got
+
+    def bind(self, user_inputs) -> dict[str, int]:
+        """The symbolic sizes of a call, read off its inputs (checked: every input's static
+        dims, and one value per symbol); raises ValueError naming the input that does not fit."""
+        binding: dict[str, int] = {}
+        for late in (False, True):  # sizes of one symbol first; then products of symbols
+            for (i, t_type), t in zip(self._arg_types, user_inputs):
+                ok = len(t.shape) == t_type.rank and t.dtype == dtype_to_torch(t_type.dtype)
+                for d, n in zip(t_type.shape, t.shape) if ok else ():
+                    if not isinstance(d, Sym):
+                        ok = ok and (late or d == n)
+                    elif len(d.factors) == 1 and not late:
+                        f = d.factors[0]
+                        ok = ok and not n % d.coef and binding.setdefault(f, n // d.coef) == \
+                            n // d.coef
+                    elif len(d.factors) > 1 and late:
+                        ok = ok and all(f in binding for f in d.factors) and d.value(binding) == n
+                if not ok:
+                    raise ValueError(f"input {self.prog.arg_names[i]} has shape "
+                                     f"{list(t.shape)} {t.dtype}, the graph was compiled for "
+                                     f"{t_type}")
+        missing = [n for n in self.symbols if n not in binding]
+        if missing:
+            raise ValueError(f"the inputs do not fix the sizes {missing}")
+        return binding
 
     def _find_static(self) -> None:
         """Static slots (see the module docstring): constants, arena buffers, and what constant
@@ -437,18 +551,26 @@ class CompiledGraph:
                     self.static_steps.append(s)
         self.static_slots = frozenset(static)
         self.call_steps = [s for s in self.steps if s not in self.static_steps]
-        self._free_states.append(cs)
+        self._free_states.setdefault(tuple(cs.binding[n] for n in self.symbols), []).append(cs)
         self._n_states = 1
 
-    def new_call_state(self) -> CallState:
-        """A fresh arena with its typed views and scratch pointers (one per concurrent call)."""
-        arena = torch.empty(max(self.arena_bytes, ALIGN), dtype=torch.uint8)
-        cs = CallState(arena, {}, {k: [] for k in range(len(self.steps))})
-        for key, off, (_, _, n) in self.layout:
+    def new_call_state(self, binding: dict[str, int] | None = None) -> CallState:
+        """A fresh arena with its typed views and scratch pointers (one per concurrent call),
+        for the symbolic sizes of ``binding`` (the hints by default)."""
+        binding = dict(self.hint_binding if binding is None else binding)
+        layout, total = self._layout(binding)
+        arena = torch.empty(max(total, ALIGN), dtype=torch.uint8)
+        cs = CallState(arena, {}, {k: [] for k in range(len(self.steps))}, binding=binding)
+        for key, off, (_, _, n) in layout:
             if key[0] == "slot":
-                cs.views[key[1]] = _typed(arena[off:off + n], key[2])
+                cs.views[key[1]] = _typed(arena[off:off + n], key[2], binding)
             else:
                 cs.scratch[key[1]].append(arena.data_ptr() + off)
+        for k, s in enumerate(self.steps):  # each kernel's symbolic sizes, in its own order
+            if s.source is not None and s.source.symbols:
+                t = torch.tensor([binding[n] for n in s.source.symbols], dtype=torch.int64)
+                cs.syms[k] = t
+                cs.scratch[k].append(t.data_ptr())
         return self._fill_env(cs)
 
     def _fill_env(self, cs: CallState) -> CallState:
@@ -475,8 +597,7 @@ class CompiledGraph:
             if prev is not None and sys.getrefcount(prev) <= 3 and _storage_unshared(prev):
                 t = prev.detach()  # a new tensor object on the same storage
             else:
-                t = torch.empty([int(d) for d in v.type.shape],
-                                dtype=dtype_to_torch(v.type.dtype))
+                t = torch.empty(v.type.concrete(cs.binding), dtype=dtype_to_torch(v.type.dtype))
             cs.handed_out[slot] = t
         env[slot] = t
         return t
@@ -486,14 +607,21 @@ class CompiledGraph:
         if len(user_inputs) != len(self.prog.user_inputs):
             raise TypeError(f"expected {len(self.prog.user_inputs)} inputs, got "
                             f"{len(user_inputs)}")
-        for (i, shape, dtype), t in zip(self._input_types, user_inputs):
-            if t.shape != shape or t.dtype != dtype:
-                raise ValueError(f"input {self.prog.arg_names[i]} has shape {list(t.shape)} "
-                                 f"{t.dtype}, the graph was compiled for {self.func.args[i].type}")
+        if self.symbols:
+            binding = self.bind(user_inputs)
+            key = tuple(binding[n] for n in self.symbols)
+        else:
+            for (i, shape, dtype), t in zip(self._input_types, user_inputs):
+                if t.shape != shape or t.dtype != dtype:
+                    raise ValueError(f"input {self.prog.arg_names[i]} has shape "
+                                     f"{list(t.shape)} {t.dtype}, the graph was compiled for "
+                                     f"{self.func.args[i].type}")
+            binding, key = {}, ()
         with self._states_lock:
-            cs = self._free_states.pop() if self._free_states else None
+            free = self._free_states.get(key)
+            cs = free.pop() if free else None
         if cs is None:
-            cs = self.new_call_state()
+            cs = self.new_call_state(binding)
             self._n_states += 1
         try:
             env = cs.env.copy()
@@ -504,7 +632,7 @@ class CompiledGraph:
             return [env[o] for o in self.outputs]
         finally:
             with self._states_lock:
-                self._free_states.append(cs)
+                self._free_states.setdefault(key, []).append(cs)
 
 
 _use_count = getattr(torch._C, "_storage_Use_Count", None)
@@ -552,14 +680,14 @@ def _contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
-def _view(op, args: Sequence[torch.Tensor]) -> torch.Tensor:
+def _view(op, args: Sequence[torch.Tensor], binding: dict | None = None) -> torch.Tensor:
     x = args[0]
     if isinstance(op, st.ReshapeOp):
-        return x.reshape([int(d) for d in op.attributes["shape"]])
+        return x.reshape(op.result.type.concrete(binding or {}))
     if isinstance(op, st.PermuteOp):
         return x.permute(list(op.attributes["perm"]))
     if isinstance(op, st.BroadcastOp):
-        return x.expand([int(d) for d in op.attributes["shape"]])
+        return x.expand(op.result.type.concrete(binding or {}))
     a = op.attributes
     return x.narrow(a["dim"], a["start"], a["end"] - a["start"])[
         (slice(None),) * a["dim"] + (slice(None, None, a["step"]),)]

@@ -66,14 +66,32 @@ def dtype_to_torch(dt: DType) -> torch.dtype:
 
 
 def _dim(d: Any) -> int | Sym:
+    """A size: an int, or a symbol times an int (``s0``, ``128*s0``) with the traced value as
+    its hint. Other expressions (two symbols multiplied, s0 + 1) are not supported."""
     if isinstance(d, int):
         return d
     if isinstance(d, torch.SymInt):
         expr = d.node.expr
         if expr.is_number:
             return int(expr)
-        if expr.is_Symbol:
-            return Sym(str(expr))
+        shape_env = d.node.shape_env
+        values = getattr(shape_env, "backed_var_to_val", None)
+        if values is None and shape_env is not None:
+            values = shape_env.var_to_val
+        coef, names, hints = 1, [], []
+        for a in (expr.args if expr.is_Mul else (expr,)):
+            base, power = (a.args if a.is_Pow else (a, 1))
+            if a.is_Integer and int(a) > 0:
+                coef *= int(a)
+            elif base.is_Symbol and getattr(power, "is_Integer", power == 1) and int(power) > 0:
+                hint = values.get(base) if values is not None else None
+                names += [str(base)] * int(power)
+                hints += [int(hint) if hint is not None else 0] * int(power)
+            else:
+                break
+        else:
+            if names:
+                return Sym(tuple(names), coef, tuple(hints))
     raise ImportError_(f"unsupported symbolic size {d}")
 
 
@@ -171,18 +189,33 @@ def to_numpy(t: torch.Tensor | np.ndarray) -> np.ndarray:
     return t.numpy()
 
 
-def export_model(model: torch.nn.Module, example_inputs: tuple) -> torch.export.ExportedProgram:
+def export_model(model: torch.nn.Module, example_inputs: tuple,
+                 dynamic: dict[str, int] | None = None) -> torch.export.ExportedProgram:
+    """torch.export, decomposed to core aten. ``dynamic``: symbol name -> the dim it is in every
+    tensor input (``{"batch": 0}``: a symbolic batch size)."""
+    shapes = None
+    if dynamic:
+        (name, dim), = dynamic.items()
+        d = torch.export.Dim(name, min=1)
+        shapes = tuple({dim: d} if isinstance(a, torch.Tensor) and a.dim() > dim else None
+                       for a in example_inputs)
+        import inspect
+
+        params = list(inspect.signature(model.forward).parameters.values())
+        if params and params[0].kind is inspect.Parameter.VAR_POSITIONAL:
+            shapes = (shapes,)  # forward(*xs): one argument, the tuple
     with warnings.catch_warnings():
         # torch.export's own pytree deprecation noise, raised on every export in torch 2.13
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-        ep = torch.export.export(model, tuple(example_inputs), strict=False)
+        ep = torch.export.export(model, tuple(example_inputs), strict=False, dynamic_shapes=shapes)
         return ep.run_decompositions(decomposition_table())
 
 
-def import_model(model: torch.nn.Module, example_inputs: tuple, name: str = "forward"
-                 ) -> ImportedProgram:
-    """Export ``model`` on ``example_inputs`` and import it into ``st``."""
-    ep = export_model(model, example_inputs)
+def import_model(model: torch.nn.Module, example_inputs: tuple, name: str = "forward",
+                 dynamic: dict[str, int] | None = None) -> ImportedProgram:
+    """Export ``model`` on ``example_inputs`` and import it into ``st`` (``dynamic``: see
+    ``export_model``)."""
+    ep = export_model(model, example_inputs, dynamic)
     sig = ep.graph_signature
     kinds = {s.arg.name: s for s in sig.input_specs}
     consts: dict[int, torch.Tensor] = {}
@@ -201,8 +234,13 @@ def import_model(model: torch.nn.Module, example_inputs: tuple, name: str = "for
 
 
 def import_graph(gm: torch.fx.GraphModule, name: str = "forward") -> Module:
-    """Import an FX graph already in core aten (e.g. from AOTAutograd) into ``st``."""
-    return GraphImporter(gm.graph, name).run()
+    """Import an FX graph already in core aten (e.g. from AOTAutograd) into ``st``. Placeholders
+    that pass a symbolic size (a dynamic graph's ``s0``) get no function argument; the module's
+    ``size_inputs`` maps their positions to the sizes."""
+    imp = GraphImporter(gm.graph, name)
+    module = imp.run()
+    module.size_inputs = imp.size_inputs
+    return module
 
 
 # ----------------------------------------------------------------------------------------------
@@ -326,13 +364,18 @@ class GraphImporter:
 
     # -- driver --------------------------------------------------------------------------------
     def run(self) -> Module:
-        placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
-        arg_types = []
-        for n in placeholders:
+        everything = [n for n in self.graph.nodes if n.op == "placeholder"]
+        placeholders, arg_types = [], []
+        self.size_inputs: dict[int, Sym] = {}  # placeholder position -> the size it passes
+        for k, n in enumerate(everything):
             self.node = n
             val = n.meta.get("val")
+            if isinstance(val, torch.SymInt):  # a symbolic size passed in: no tensor argument
+                self.env[n] = self.size_inputs[k] = _dim(val)
+                continue
             if not isinstance(val, torch.Tensor):
                 raise self.fail(f"graph input is a {type(val).__name__}, not a tensor")
+            placeholders.append(n)
             arg_types.append(type_from_meta(val))
         f = FuncOp.create(self.name, arg_types, arg_names=[n.name for n in placeholders])
         self.b = Builder(f.body)
@@ -372,6 +415,8 @@ class GraphImporter:
         if n.target is operator.getitem:
             container = self.env[n.args[0]]
             return container[n.args[1]]
+        if isinstance(n.meta.get("val"), torch.SymInt):  # a size computed from sizes
+            return _dim(n.meta["val"])
         if isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable:
             raise self.fail("in-place / mutating ops are not supported; export should have "
                             "functionalised them")

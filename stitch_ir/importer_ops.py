@@ -17,7 +17,7 @@ from torch.fx import Node
 from stitch_ir.core import Value
 from stitch_ir.dialects import st
 from stitch_ir.importer import GraphImporter, dtype_from_torch, handles
-from stitch_ir.types import DType, TensorType, normalize_dim
+from stitch_ir.types import DType, Sym, TensorType, normalize_dim
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -459,6 +459,11 @@ def slice_(imp, n):
     x = imp.value(args["self"])
     dim = normalize_dim(args.get("dim") or 0, x.type.rank)
     size = x.type.shape[dim]
+    if isinstance(size, Sym):  # a symbolic dim: only the whole of it (x[:, ...])
+        start, end, step = args.get("start"), args.get("end"), args.get("step")
+        if (start or 0) == 0 and (end is None or end >= 2 ** 62) and (step or 1) == 1:
+            return x
+        raise imp.fail(f"a slice [{start}:{end}:{step}] of symbolic size {size}")
     start, end, step = _slice_bounds(args.get("start"), args.get("end"), args.get("step"), size)
     if (start, end, step) == (0, size, 1):
         return x

@@ -45,7 +45,7 @@ _TOKEN = re.compile(
   | (?P<type>tensor<[^>\n]*>)
   | (?P<value>%[A-Za-z0-9_.$#-]+)
   | (?P<symbol>@[A-Za-z_][A-Za-z0-9_.$-]*)
-  | (?P<sym>\?[A-Za-wyz_][A-Za-wyz0-9_]*)
+  | (?P<sym>\?(?:[0-9]+\*)?[A-Za-wyz_][A-Za-wyz0-9_]*(?:\*[A-Za-wyz_][A-Za-wyz0-9_]*)*)
   | (?P<block>\^[A-Za-z0-9_]+)
   | (?P<string>"(?:[^"\\\n]|\\.)*")
   | (?P<arrow>->)
@@ -77,6 +77,13 @@ def tokenize(text: str, filename: str) -> list[Token]:
     return toks
 
 
+def parse_sym(text: str) -> Sym:
+    """``s0``, ``128*s0``, ``s0*s1``, ``4*s1*s1``."""
+    parts = text.split("*")
+    coef = int(parts[0]) if parts[0].isdigit() else 1
+    return Sym(tuple(p for p in parts if not p.isdigit()), coef)
+
+
 def parse_type_text(text: str) -> TensorType:
     """Parse the inside of ``tensor<...>``; raises ValueError with the problem."""
     parts = text.split("x")
@@ -87,7 +94,7 @@ def parse_type_text(text: str) -> TensorType:
     dims: list[int | Sym] = []
     for p in parts[:-1]:
         if p.startswith("?"):
-            dims.append(Sym(p[1:]))
+            dims.append(parse_sym(p[1:]))
         elif p.isdigit():
             dims.append(int(p))
         else:
@@ -199,7 +206,7 @@ class Parser:
             return self.parse_type()
         if t.kind == "sym":
             self.next()
-            return Sym(t.text[1:])
+            return parse_sym(t.text[1:])
         if self.accept("["):
             items = []
             if not self.at("]"):

@@ -10,8 +10,9 @@ Invariants:
 from __future__ import annotations
 
 import enum
+import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -78,18 +79,90 @@ _TO_NUMPY = {
 SYM_NAME = re.compile(r"[A-Za-wyz_][A-Za-wyz0-9_]*")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Sym:
-    """A symbolic dimension, e.g. a batch size that changes between calls."""
+    """A symbolic dimension, e.g. a batch size or a sequence length that changes between calls:
+    a monomial ``coef * s0 * s1 ...`` (a reshape merging a symbolic batch with a static dim gives
+    ``?128*s0``; attention scores over a symbolic length have ``?s1*s1`` elements).
 
-    name: str
+    ``hints`` are the symbols' sizes in the traced example (not part of the type's identity):
+    the cost model plans with them; the code generators never bake them into a kernel. In an
+    f-string a size is code: the C expression the cpu kernels read it as (their loop bounds and
+    index maps are f-strings of sizes); str() is the IR's spelling."""
 
-    def __post_init__(self) -> None:
-        if not SYM_NAME.fullmatch(self.name):
-            raise ValueError(f"invalid symbol name {self.name!r} (letters, digits, _; no 'x')")
+    factors: tuple[str, ...]  # symbol names, sorted; a repeated name is a power
+    coef: int
+    hints: tuple[int, ...] = field(compare=False, hash=False)
+
+    def __init__(self, name: str | tuple[str, ...], coef: int = 1, hint: int | tuple = 0):
+        factors = (name,) if isinstance(name, str) else tuple(name)
+        hints = hint if isinstance(hint, tuple) else (hint,) * len(factors)
+        order = sorted(range(len(factors)), key=lambda k: factors[k])
+        object.__setattr__(self, "factors", tuple(factors[k] for k in order))
+        object.__setattr__(self, "coef", coef)
+        object.__setattr__(self, "hints", tuple(hints[k] for k in order))
+        for f in self.factors:
+            if not SYM_NAME.fullmatch(f):
+                raise ValueError(f"invalid symbol name {f!r} (letters, digits, _; no 'x')")
+        if coef < 1 or not self.factors:
+            raise ValueError(f"a symbolic size needs a symbol and a coefficient >= 1: {coef}")
+
+    @property
+    def name(self) -> str:
+        """The symbol of a size that is one symbol times a number (raises otherwise)."""
+        if len(self.factors) != 1:
+            raise TypeError(f"{self} is a product of symbols")
+        return self.factors[0]
+
+    @property
+    def hint(self) -> int:
+        return self.hints[0] if len(self.hints) == 1 else 0
 
     def __str__(self) -> str:
-        return f"?{self.name}"
+        return "?" + "*".join(([str(self.coef)] if self.coef != 1 else []) + list(self.factors))
+
+    def __repr__(self) -> str:
+        return f"Sym({str(self)[1:]})"
+
+    @property
+    def size_hint(self) -> int:
+        """The size at the hints (the traced example)."""
+        return self.coef * math.prod(self.hints)
+
+    def __mul__(self, k):
+        if isinstance(k, Sym):
+            return Sym(self.factors + k.factors, self.coef * k.coef, self.hints + k.hints)
+        if isinstance(k, int) and not isinstance(k, bool):
+            return 0 if k == 0 else Sym(self.factors, self.coef * k, self.hints)
+        raise TypeError(f"symbolic size {self} times {k!r}")
+
+    __rmul__ = __mul__
+
+    def __floordiv__(self, k):
+        if isinstance(k, int) and k > 0 and self.coef % k == 0:
+            return Sym(self.factors, self.coef // k, self.hints)
+        if isinstance(k, Sym) and self.coef % k.coef == 0:
+            rest = list(self.factors)
+            hints = list(self.hints)
+            for f in k.factors:
+                if f not in rest:
+                    break
+                j = rest.index(f)
+                del rest[j], hints[j]
+            else:
+                c = self.coef // k.coef
+                return Sym(tuple(rest), c, tuple(hints)) if rest else c
+        raise TypeError(f"symbolic size {self} divided by {k!r}")
+
+    def value(self, binding: dict[str, int]) -> int:
+        """The size when the symbols have the values of ``binding``."""
+        return self.coef * math.prod(binding[f] for f in self.factors)
+
+    def __format__(self, spec: str) -> str:
+        if spec:
+            raise ValueError(f"format spec {spec!r} for a symbolic size")
+        terms = ([str(self.coef)] if self.coef != 1 else []) + [f"S_{f}" for f in self.factors]
+        return terms[0] if len(terms) == 1 else "(" + " * ".join(terms) + ")"
 
 
 Dim = int | Sym
@@ -119,13 +192,24 @@ class TensorType:
         return all(isinstance(d, int) for d in self.shape)
 
     def numel(self) -> int:
-        """Number of elements; raises for a symbolic shape."""
+        """Number of elements; for a symbolic shape, at its symbols' hints (the cost model plans
+        with these); raises when a symbol has no hint."""
         n = 1
         for d in self.shape:
-            if not isinstance(d, int):
-                raise ValueError(f"numel of symbolic type {self}")
+            if isinstance(d, Sym):
+                if not d.hint:
+                    raise ValueError(f"numel of symbolic type {self} (no size hint)")
+                d = d.size_hint
             n *= d
         return n
+
+    def concrete(self, binding: dict[str, int]) -> tuple[int, ...]:
+        """The shape when the symbols have the values of ``binding``."""
+        return tuple(d.value(binding) if isinstance(d, Sym) else d for d in self.shape)
+
+    @property
+    def symbols(self) -> set[str]:
+        return {f for d in self.shape if isinstance(d, Sym) for f in d.factors}
 
     def nbytes(self) -> int:
         return self.numel() * self.dtype.itemsize
@@ -137,7 +221,7 @@ class TensorType:
         return TensorType(self.shape, dtype)
 
     def __str__(self) -> str:
-        dims = "".join(f"{d}x" for d in self.shape)
+        dims = "".join(str(d) + "x" for d in self.shape)
         return f"tensor<{dims}{self.dtype}>"
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from stitch_ir.core import BlockArgument, Value
 from stitch_ir.dialects import st
-from stitch_ir.types import DType
+from stitch_ir.types import DType, Sym
 
 # The C type a value is computed in. Half types (f16, bf16) are computed in float and stored as
 # their 16 bits (STORAGE): loads widen (``load``), every half-typed value is rounded to its type
@@ -126,13 +126,22 @@ def literal(value, dt: DType) -> str:
     return f"({v!r}f)" if dt is DType.f32 else f"({v!r})"
 
 
-def dims(v: Value) -> list[int]:
-    out = []
-    for d in v.type.shape:
-        if not isinstance(d, int):
-            raise Unsupported("symbolic shapes are not supported by the cpp target yet")
-        out.append(d)
-    return out
+def dims(v: Value) -> list:
+    """The sizes of ``v``: ints, or symbolic sizes (``Sym``: ``coef * S_name`` in C, an argument
+    of the kernel; an f-string writes them as such). A symbolic size is never 1 here: a kernel
+    compiled for it indexes that dim, which stays right when the size is 1 at run time."""
+    return list(v.type.shape)
+
+
+def symbols_of(values) -> list[str]:
+    """The symbols (sorted names) in the types of ``values``."""
+    return sorted(set().union(*(v.type.symbols for v in values)))
+
+
+def hint(n) -> int:
+    """A size as a number for decisions (tile sizes, thresholds): a symbolic one at its hint;
+    nothing decided with it may change what the kernel computes."""
+    return n.size_hint if isinstance(n, Sym) else n
 
 
 def linearize(idx: list[str], shape: list[int]) -> str:
@@ -156,10 +165,10 @@ def delinearize(lin: str, shape: list[int]) -> list[str]:
         if n == 1:
             out.append("0")
         elif k == outer:
-            out.append(f"({lin}) / {stride}" if stride > 1 else f"({lin})")
+            out.append(f"({lin}) / {stride}" if stride != 1 else f"({lin})")
         else:
-            out.append(f"(({lin}) / {stride}) % {n}" if stride > 1 else f"({lin}) % {n}")
-        stride *= n
+            out.append(f"(({lin}) / {stride}) % {n}" if stride != 1 else f"({lin}) % {n}")
+        stride = stride * n
     out.reverse()
     return out
 
@@ -497,11 +506,16 @@ class Emitter:
         src_shape = dims(op.operand(0))
         low = op.attributes["low"]
         conds, src = [], []
-        for i, lo, n in zip(idx, low, src_shape):
+        for i, lo, n, m in zip(idx, low, src_shape, dims(op.result)):
+            if lo == 0 and n == m:  # not padded along this dim: every index is in range
+                src.append(i)
+                continue
             j = f"({i} - {lo})" if lo else i
             conds.append(f"({j} >= 0 && {j} < {n})")
             src.append(f"({j} < 0 ? 0 : ({j} >= {n} ? {n - 1} : {j}))")
         inner = self.value(op.operand(0), src)
+        if not conds:
+            return inner
         fill = literal(op.attributes["value"], op.result.type.dtype)
         return self.temp(ct, f"(({' && '.join(conds)}) ? {inner} : {fill})")
 
@@ -538,12 +552,16 @@ def reshape_index(idx: list[str], out_shape: list[int], in_shape: list[int]) -> 
         pa = out_nz[a - 1][1] if a > 0 else 1
         pb = in_nz[b - 1] if b > 0 else 1
         while pa != pb:
-            if pa < pb:
+            if hint(pa) < hint(pb):
                 ga.insert(0, ga[0] - 1)
-                pa *= out_nz[ga[0]][1]
+                if ga[0] < 0:
+                    raise Unsupported(f"reshape {in_shape} -> {out_shape}: no dims match")
+                pa = pa * out_nz[ga[0]][1]
             else:
                 gb.insert(0, gb[0] - 1)
-                pb *= in_nz[gb[0]]
+                if gb[0] < 0:
+                    raise Unsupported(f"reshape {in_shape} -> {out_shape}: no dims match")
+                pb = pb * in_nz[gb[0]]
         ga = [k for k in ga if k >= 0]
         gb = [k for k in gb if k >= 0]
         if len(ga) == 1 and len(gb) == 1:

@@ -40,10 +40,13 @@ from codegen.cpp.emit import (
     round_to,
     sets_err,
     storage_ctype,
+    symbols_of,
 )
+from codegen.cpp.emit import hint as size_hint
 from codegen.cpp.layout import interchange, loop_order, transposed_view
 from stitch_ir.core import Value
 from stitch_ir.dialects import fusion, st
+from stitch_ir.types import Sym
 
 TEMPLATES = jinja2.Environment(
     loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
@@ -61,6 +64,7 @@ PRELUDE = """#include <cstdint>
 #endif
 """ + MATH_HEADER.replace("#pragma once\n", "")
 SCATTERS = (st.IndexAddOp, st.ScatterAddOp, st.ScatterReduceOp)
+LAYOUT_OPS = (st.ReshapeOp, st.PermuteOp, st.BroadcastOp, st.SliceOp, st.PadOp, st.CatOp)
 
 
 @dataclass
@@ -70,8 +74,10 @@ class KernelSource:
     strategy: str  # rows | phases
     n_inputs: int
     n_outputs: int
-    scratch: list[int] = field(default_factory=list)  # bytes of each scratch buffer
+    scratch: list = field(default_factory=list)  # bytes of each scratch buffer (int or Sym)
     body: str = ""  # the source without PRELUDE: what a batch of kernels concatenates
+    # the symbolic sizes the kernel reads (an int64 array after the scratch pointers), by name
+    symbols: list[str] = field(default_factory=list)
 
 
 def _shape_nz(v: Value) -> tuple[int, ...]:
@@ -108,8 +114,8 @@ class RowKernel:
         reduces = [op for op in self.body if isinstance(op, st.ReduceOp)]
         if not reduces or any(isinstance(op, SCATTERS) for op in self.body):
             raise RowsUnfit("no reduction, or a scatter")
-        dom = max(reduces, key=lambda r: math.prod(dims(r.operand(0))))
-        self.R = max(1, math.prod(dims(dom.result)))
+        dom = max(reduces, key=lambda r: size_hint(math.prod(dims(r.operand(0)))))
+        self.R = at_least_1(math.prod(dims(dom.result)))
         self.L = math.prod(dims(dom.operand(0))) // self.R
         for r in reduces:
             shape = dims(r.operand(0))
@@ -212,7 +218,7 @@ class RowKernel:
         n_loops = 1 + max(ends + [avail[id(v)] for v in outs_full + regional])
         # Large outputs are written row by row from an L1 row buffer with streaming stores: no
         # read-for-ownership of the destination, and 32 MiB of results do not evict the inputs.
-        out_bytes = sum(full * v.type.dtype.itemsize for v in outs_full)
+        out_bytes = sum(size_hint(full) * v.type.dtype.itemsize for v in outs_full)
         streams = {id(v): f"streambuf{k}" for k, v in enumerate(outs_full)} \
             if out_bytes >= STREAM_MIN_BYTES else {}
         for v in outs_full:  # a stream buffer holds its output's stored bits
@@ -222,7 +228,7 @@ class RowKernel:
         em.push(lines, "      ", loop_vars={"r"})
         # the next row of each row-major input is fetched while this row computes
         for a in self.group.body.args:
-            if math.prod(dims(a)) == full and self.R > 1:
+            if math.prod(dims(a)) == full and size_hint(self.R) > 1:
                 em.line(f"st_prefetch_row({self.em.buffers[id(a)]} + (r + 1 < {self.R} ? r + 1 : r)"
                         f" * {self.L}, {self.L * a.type.dtype.itemsize});")
         means: dict[int, str] = {}
@@ -294,7 +300,7 @@ class RowKernel:
                 em.line(em.store(self.out_ptrs[id(v)], "r", v.type.dtype,
                                  em.value(v, self.idx_of(v))))
         em.pop()
-        return {"R": self.R, "L": self.L, "row_decl": self.row_decl, "lines": lines,
+        return {"R": f"{self.R}", "L": f"{self.L}", "row_decl": self.row_decl, "lines": lines,
                 "row_buffers": [(bufs[id(v)], ctype(v.type.dtype)) for v in regional] +
                 [(streams[id(v)], storage_ctype(v.type.dtype)) for v in outs_full
                  if id(v) in streams],
@@ -406,15 +412,23 @@ def _combine(clause: str, a: str, b: str) -> str:
     return f"{a} = {a} {clause} {b};"
 
 
-def _acc_final(r: st.ReduceOp, acc: str, n: int) -> str:
+def _acc_final(r: st.ReduceOp, acc: str, n) -> str:
     t = ctype(r.result.type.dtype)
     if isinstance(r, st.MaxOp | st.MinOp):
         return f"({acc}_nan ? ({t})NAN : {acc})"
     if isinstance(r, st.MeanOp):
         return f"({acc} / ({t}){n})"
     if isinstance(r, st.VarOp):
-        return f"({acc} / ({t}){max(n - r.attr('correction', 1), 0)})"
+        c = r.attr("correction", 1)
+        if isinstance(n, Sym):
+            return f"({acc} / ({t})({n} - {c} > 0 ? {n} - {c} : 0))"
+        return f"({acc} / ({t}){max(n - c, 0)})"
     return acc
+
+
+def at_least_1(n):
+    """max(1, n) for a size (a symbolic size is at least 1 already)."""
+    return n if isinstance(n, Sym) else max(1, n)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -441,13 +455,43 @@ class PhaseKernel:
         the output buffer instead of recomputing it (see ``reshape_root``)."""
         out: list[tuple[int, Value]] = []
         position = {id(op): k for k, op in enumerate(self.body)}
+        reread = self.reread_values()
         for k, op in enumerate(self.body):
             for r in op.results:
-                if id(r) in self.out_names or isinstance(op, (st.ReduceOp, *SCATTERS)):
+                if id(r) in self.out_names or isinstance(op, (st.ReduceOp, *SCATTERS)) or \
+                        id(r) in reread:
                     root = reshape_root(r)
                     at = position.get(id(getattr(root, "owner", None)), k) if root is not r else k
                     out.append((at, r))
         return [r for _, r in sorted(out, key=lambda t: t[0])]
+
+    # A computed value read at this many different positions per element of a materialised
+    # value (through slices, pads: a 3x3 max pool reads its input 9 times) is materialised in
+    # scratch first, not recomputed for every read (ResNet's stem: batch norm + ReLU computed 9
+    # times per pooled element, scalar: 6.9 ms).
+    REREAD = 4
+
+    def reread_values(self) -> set[int]:
+        """Values (ids) to materialise because materialised values read them at REREAD or more
+        positions per element: read counts propagated from consumers to producers in reverse
+        program order; a value that is materialised (an output, a reduction, a scatter, or
+        one chosen here) counts as read once by its own producers."""
+        cheap = (st.ConstantOp, st.IotaOp, *LAYOUT_OPS)
+        count: dict[int, int] = {}
+        chosen: set[int] = set()
+        for op in reversed(self.body):
+            materialised = isinstance(op, (st.ReduceOp, *SCATTERS)) or any(
+                id(r) in self.out_names for r in op.results)
+            c = sum(count.get(id(r), 0) for r in op.results)
+            if len(op.results) == 1 and not materialised and c >= self.REREAD and \
+                    not isinstance(op, cheap) and op.result.type.numel() > 1:
+                chosen.add(id(op.result))
+                materialised = True
+            if materialised:
+                c = 1
+            for o in op.operands:
+                count[id(o)] = count.get(id(o), 0) + c
+        return chosen
 
     def render(self, first_scratch_arg: int) -> dict:
         em = self.em
@@ -459,7 +503,7 @@ class PhaseKernel:
             wide = isinstance(v.owner, SCATTERS) and v.type.dtype in HALF
             if id(v) not in self.out_names or wide:
                 k = len(self.scratch)
-                self.scratch.append(max(1, math.prod(dims(v))) * compute_itemsize(v.type.dtype))
+                self.scratch.append(at_least_1(math.prod(dims(v))) * compute_itemsize(v.type.dtype))
                 name = f"scr{k}"
                 phases.append([f"    {ctype(v.type.dtype)}* __restrict {name} = "
                                f"({ctype(v.type.dtype)}*)args[{first_scratch_arg + k}];"])
@@ -557,7 +601,7 @@ class PhaseKernel:
             self.em.line(self.em.store(t, lin, v.type.dtype, expr))
 
     def elementwise(self, v: Value, targets: list[str]) -> None:
-        sizes = {self.em.buffers[id(x)]: math.prod(dims(x)) * x.type.dtype.itemsize
+        sizes = {self.em.buffers[id(x)]: size_hint(math.prod(dims(x))) * x.type.dtype.itemsize
                  for x in self.values_in_buffers()}
         emit = lambda idx: self.store(targets, v, idx, self.em.value(v, idx))  # noqa: E731
         staged = transposed_view(v, self.em.buffers, sizes)
@@ -589,8 +633,8 @@ class PhaseKernel:
         em.line(f"#pragma omp for collapse({len(outer) + 2}) schedule(static)")
         for k in outer:
             em.line(f"for (int64_t {names[k]} = 0; {names[k]} < {shape[k]}; ++{names[k]})")
-        em.line(f"for (int64_t {pt} = 0; {pt} < {-(-shape[p] // B)}; ++{pt})")
-        em.line(f"for (int64_t {lt} = 0; {lt} < {-(-shape[last] // B)}; ++{lt})")
+        em.line(f"for (int64_t {pt} = 0; {pt} < ({shape[p]} + {B - 1}) / {B}; ++{pt})")
+        em.line(f"for (int64_t {lt} = 0; {lt} < ({shape[last]} + {B - 1}) / {B}; ++{lt})")
         em.line("{")
         tile: list[str] = []
         em.push(tile, em.scopes[-1].indent + "  ", loop_vars={names[k] for k in outer} | {pt, lt})
@@ -719,10 +763,12 @@ class PhaseKernel:
         red_shape = [shape[d] for d in op.dims]
         n = math.prod(red_shape)  # 0 for an empty reduction: its mean is 0 / 0 = NaN, as eager
         J = out_shape[-1]
-        O = max(1, math.prod(out_shape[:-1]))
-        B = min(J, COLUMN_BLOCK)
-        blocks = O * -(-J // B)  # tasks without chunking; chunk only to reach COLUMN_CHUNKS
-        chunks = max(1, min(-(-COLUMN_CHUNKS // blocks), n // COLUMN_CHUNK_MIN))
+        O = at_least_1(math.prod(out_shape[:-1]))
+        B = COLUMN_BLOCK if isinstance(J, Sym) else min(J, COLUMN_BLOCK)
+        # tasks without chunking; chunk only to reach COLUMN_CHUNKS (a symbolic size: decided
+        # at its hint; the chunk bounds below hold for any size)
+        blocks = size_hint(O) * -(-size_hint(J) // B)
+        chunks = max(1, min(-(-COLUMN_CHUNKS // blocks), size_hint(n) // COLUMN_CHUNK_MIN))
         self.n_loops += 1
         L = self.n_loops
         o, c, jb, jj, kk = f"o{L}", f"c{L}", f"jb{L}", f"j{L}", f"kk{L}"
@@ -842,7 +888,7 @@ class PhaseKernel:
 
     def _prefetch(self, ptr: str, nbytes: int, write: bool, hint: int) -> None:
         """Prefetch every cache line of the ``nbytes`` at ``ptr`` (up to PREFETCH_BYTES)."""
-        n = min(nbytes, self.PREFETCH_BYTES)
+        n = min(size_hint(nbytes), self.PREFETCH_BYTES)
         args = f", {int(write)}, {hint})"
         if n <= 64:
             self.em.line(f"__builtin_prefetch((const char*)({ptr}){args};")
@@ -919,11 +965,7 @@ class PhaseKernel:
         dim = op.attributes["dim"]
         if isinstance(op, st.ScatterReduceOp) and not op.attributes["include_self"]:
             self._reset_scattered(op, target, ishape, xs)
-        em.mark()
-        for k, n in enumerate(ishape):
-            em.line(f"for (int64_t {names[k]} = 0; {names[k]} < {n}; ++{names[k]}) {{")
-        body = []
-        em.push(body, em.scopes[-1].indent + "  ", loop_vars=set(names))
+        self._open_serial(names, ishape)
         if isinstance(op, st.IndexAddOp):
             pos = em.checked_index(em.value(idx, [names[dim]]), xs[dim], op.attr("wrap", True))
         else:
@@ -944,10 +986,7 @@ class PhaseKernel:
             scale = "" if alpha == 1 else f"({ct}){literal(alpha, dt)} * "
             fn = lambda c: f"{c} + {scale}{val}"  # noqa: E731
         em.line(em.update(target, lin, dt, fn))
-        em.pop()
-        em.scopes[-1].lines.extend(body)
-        for _ in ishape:
-            em.line("}")
+        self._close_serial(len(ishape))
         em.line("}")
 
     def _index_add_rows(self, op, target: str, xs: list[int], ct: str) -> None:
@@ -963,9 +1002,9 @@ class PhaseKernel:
         width = math.prod(inner)
         n_edges = dims(idx)[0]
         alpha = op.attr("alpha", 1)
-        chunk = min(self.SCATTER_CHUNK, n_edges)
-        et = "int32_t" if n_edges < 2 ** 31 else "int64_t"
-        dt = "int32_t" if rows < 2 ** 31 else "int64_t"
+        chunk = self.SCATTER_CHUNK if isinstance(n_edges, Sym) else min(self.SCATTER_CHUNK, n_edges)
+        et = "int32_t" if not isinstance(n_edges, Sym) and n_edges < 2 ** 31 else "int64_t"
+        dt = "int32_t" if not isinstance(rows, Sym) and rows < 2 ** 31 else "int64_t"
         em.line("{")
         em.line("#if STITCH_OPENMP")
         em.line("const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();")
@@ -1056,20 +1095,35 @@ class PhaseKernel:
                  "amin": literal(math.inf, t) if t.is_float else
                  f"std::numeric_limits<{ctype(t)}>::max()"}[red]
         names = [f"z{k}" for k in range(len(ishape))]
-        em.mark()
-        for k, n in enumerate(ishape):
-            em.line(f"for (int64_t {names[k]} = 0; {names[k]} < {n}; ++{names[k]}) {{")
-        body: list[str] = []
-        em.push(body, em.scopes[-1].indent + "  ", loop_vars=set(names))
+        self._open_serial(names, ishape)
         pos = em.checked_index(em.value(op.operand(1), names), xs[op.attributes["dim"]],
                                op.attr("wrap", True))
         dst = list(names)
         dst[op.attributes["dim"]] = pos
         em.line(em.store(target, linearize(dst, xs), t, ident))
-        em.pop()
-        em.scopes[-1].lines.extend(body)
-        for _ in ishape:
+        self._close_serial(len(ishape))
+
+    def _open_serial(self, names: list[str], shape: list[int]) -> None:
+        """Open a serial loop nest over ``shape`` with one emitter scope per level, so what
+        depends only on the outer loops (an edge's gathered index) is computed once per outer
+        iteration, not once per element of the inner ones."""
+        em = self.em
+        self._serial = []
+        em.mark()
+        for name, n in zip(names, shape):
+            em.line(f"for (int64_t {name} = 0; {name} < {n}; ++{name}) {{")
+            level: list[str] = []
+            em.push(level, em.scopes[-1].indent + "  ", loop_vars={name})
+            em.mark()
+            self._serial.append(level)
+
+    def _close_serial(self, depth: int) -> None:
+        em = self.em
+        for level in reversed(self._serial[-depth:] if depth else []):
+            em.pop()
+            em.scopes[-1].lines.extend(level)
             em.line("}")
+        self._serial = self._serial[:-depth] if depth else self._serial
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1103,20 +1157,29 @@ def render_group(group: fusion.GroupOp, name: str = "") -> KernelSource:
         # choice): the parallel region is serialised, no threads are woken
         "serial": group.attr("team", 0) == 1,
     }
+    symbols = symbols_of(args + [r for op in group.body.ops for r in op.results])
+    context["symbols"] = symbols
     strategy = "rows"
-    scratch: list[int] = []
+    scratch: list = []
     try:
         if len(set(map(id, outputs))) != len(outputs):
             raise RowsUnfit("an output yielded twice")
-        rk = RowKernel(group, dict(buffers), {k: v[0] for k, v in out_names.items()}, stored)
-        context.update(rk.render(), gathers=rk.em_has_gather)
+        try:
+            rk = RowKernel(group, dict(buffers), {k: v[0] for k, v in out_names.items()}, stored)
+            context.update(rk.render(), gathers=rk.em_has_gather)
+        except TypeError as e:  # arithmetic a symbolic size does not have
+            raise RowsUnfit(f"symbolic sizes: {e}") from None
         template = "rows.cpp.jinja"
     except RowsUnfit:
         strategy = "phases"
-        pk = PhaseKernel(group, dict(buffers), out_names, stored)
-        context.update(pk.render(len(args) + len(outputs)), gathers=pk.gathers)
+        try:
+            pk = PhaseKernel(group, dict(buffers), out_names, stored)
+            context.update(pk.render(len(args) + len(outputs)), gathers=pk.gathers)
+        except TypeError as e:
+            raise Unsupported(f"symbolic sizes: {e}") from None
         scratch = pk.scratch
         template = "phases.cpp.jinja"
+    context["syms_arg"] = len(args) + len(outputs) + len(scratch)
     context["strategy"] = strategy
     body_hash = hashlib.sha256(repr((ops, str(group.attributes), strategy)).encode())
     context["symbol"] = "stitch_" + (name or "k") + "_" + body_hash.hexdigest()[:10]
@@ -1126,4 +1189,4 @@ def render_group(group: fusion.GroupOp, name: str = "") -> KernelSource:
     # the symbol names the source: two different kernels never share one
     final = "stitch_" + (name or "k") + "_" + hashlib.sha256(source.encode()).hexdigest()[:12]
     return KernelSource(final, source.replace(symbol, final), strategy, len(args), len(outputs),
-                        scratch, body.replace(symbol, final))
+                        scratch, body.replace(symbol, final), symbols)

@@ -92,6 +92,8 @@ def strides(v: Value, buffers: dict[int, str]) -> dict[str, list[int]]:
     """Buffer name -> its flat-index step per unit step of each dim of ``v`` (0 where the buffer
     does not depend on that dim or the dim has size 1)."""
     shape = dims(v)
+    if _symbolic(v):
+        return {}
     base = reads(v, (0,) * len(shape), buffers)
     out = {name: [0] * len(shape) for name in base}
     for k, n in enumerate(shape):
@@ -103,12 +105,18 @@ def strides(v: Value, buffers: dict[int, str]) -> dict[str, list[int]]:
     return out
 
 
+def _symbolic(v: Value) -> bool:
+    """Strides are evaluated on concrete indices: not for symbolic shapes (loop order and tiles
+    then stay row-major; the kernel is right either way)."""
+    return not v.type.is_static
+
+
 def interchange(v: Value, buffers: dict[int, str], sizes: dict[str, int]) -> int | None:
     """The dim of ``v`` (not the innermost) to loop over just outside the innermost loop: where
     the largest buffer ``v`` reads is contiguous along it but strided along ``v``'s innermost
     dim. None when the row-major order is already right. ``sizes``: buffer name -> bytes."""
     shape = dims(v)
-    if len(shape) < 3 or shape[-1] < 2:
+    if _symbolic(v) or len(shape) < 3 or shape[-1] < 2:
         return None
     best = None
     for name, s in strides(v, buffers).items():
@@ -151,7 +159,7 @@ def transposed_view(v: Value, buffers: dict[int, str], sizes: dict[str, int]):
     vectorising compiler will not vectorise (GCC 12 has no strided vector loads). The kernel
     stages ``u`` in tiles (``PhaseKernel.nest_staged``). None when there is none."""
     shape = dims(v)
-    if len(shape) < 2 or shape[-1] < 2:
+    if _symbolic(v) or len(shape) < 2 or shape[-1] < 2:
         return None
     best = None
     for name, s in strides(v, buffers).items():

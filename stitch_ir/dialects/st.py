@@ -498,7 +498,8 @@ class IotaOp(StOp):
 
     @classmethod
     def infer_types(cls, ts, attrs):
-        return [TensorType((int(attrs["size"]),), attrs["dtype"])]
+        size = attrs["size"]  # an int, or a symbolic size (arange of a dynamic batch)
+        return [TensorType((size if isinstance(size, Sym) else int(size),), attrs["dtype"])]
 
 
 @register_op

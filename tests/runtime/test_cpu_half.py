@@ -173,3 +173,17 @@ def test_bf16_training_step_of_a_transformer_block_matches_eager():
         assert err < 3e-2, (n, err.item())
     after = {k: v for k, v in backend.FALLBACKS.items() if k.startswith("interpreter")}
     assert after == before, after
+
+
+@pytest.mark.parametrize("dt", HALF)
+def test_materialised_constants_keep_half_types(dt):
+    """An empty result and an arange are constants the runtime materialises: in half types they
+    come back in that type (numpy has no bfloat16: they came back float32)."""
+    x = torch.rand(1, 0, 3).to(dt)
+
+    def fn(x):
+        return torch.cos(x), torch.arange(5, dtype=dt) * 2
+
+    got = compile_program(import_model(Fn(fn).eval(), (x,)), device_spec=cpu_spec(measure=False))(x)
+    for a, b in zip(got, fn(x)):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)

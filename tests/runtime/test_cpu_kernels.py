@@ -392,11 +392,11 @@ def test_bool_mask_softmax_vectorises(tmp_path):
 
 def test_layout_only_groups_read_by_library_calls_are_views():
     """Slices and transposes of a weight that only matmuls read are torch views (no copy
-    kernel); the rest of the graph is unchanged."""
+    kernel) from 16 KiB on; the rest of the graph is unchanged."""
     class M(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.w = torch.nn.Parameter(torch.randn(4, 16, 16))
+            self.w = torch.nn.Parameter(torch.randn(4, 64, 64) / 8)
 
         def forward(self, x):
             for i in range(4):
@@ -404,7 +404,7 @@ def test_layout_only_groups_read_by_library_calls_are_views():
             return x
 
     m = M().eval()
-    x = torch.randn(8, 16)
+    x = torch.randn(8, 64)
     g = compile_program(import_model(m, (x,)), device_spec=cpu_spec(measure=False))
     kernels = [s for s in g.steps if s.kind == "kernel"]
     assert len(kernels) == 4 and all("st.slice" not in s.source.source for s in kernels)
@@ -510,3 +510,21 @@ def test_channels_last_convolutions(bias):
         want = m(x)
     torch.testing.assert_close(g(x)[0], want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(torch.from_numpy(prog.run(x)[0]), want, atol=1e-5, rtol=1e-5)
+
+
+def test_values_read_through_many_windows_are_materialised_once():
+    """A 3x3 max pool reads its input at 9 positions per output: the batch norm + ReLU feeding it
+    is computed once into scratch inside the kernel, not 9 times per output."""
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(6).eval()
+    bn.running_mean.uniform_(-1, 1)
+    bn.running_var.uniform_(0.5, 2)
+
+    def f(x):
+        return torch.nn.functional.max_pool2d(torch.relu(bn(x)), 3, 2, 1)
+
+    g = run_both(f, [torch.randn(2, 6, 17, 15)])
+    (k,) = [s for s in g.steps if s.kind == "kernel"]
+    assert k.source.strategy == "phases" and k.source.scratch  # the BN + ReLU in scratch
+    body = k.source.source[k.source.source.index('extern "C"'):]
+    assert body.count("std::sqrt") == 1
