@@ -1,6 +1,6 @@
 """The learned cost model against the analytic one, on held-out data, end to end.
 
-    .venv/bin/python -m bench.learned_plans --store tune_data/records.sqlite [--only bert,gnn]
+    .venv/bin/python -m bench.learned_plans [--store cost_model/data/cpu_records.sqlite.xz] [--only bert]
                                             [--threads 1] [--out bench/results/learned_cost_model]
 
 1. Kernels: every record is predicted by a model trained without its workload (the other eight
@@ -92,20 +92,19 @@ def plan_and_run(name: str, model_path: str, device, threads: int, samples: int)
 
 def main(argv=None) -> int:
     warnings.filterwarnings("ignore")
+    import models
     from cost_model import get_device
     from cost_model.learned import train
     from runtime import tune_eval as te
     from runtime.tune import PATTERNS
 
-    import models
-
     ap = argparse.ArgumentParser()
-    ap.add_argument("--store", default="tune_data/records.sqlite")
+    ap.add_argument("--store", default="cost_model/data/cpu_records.sqlite.xz")
     ap.add_argument("--only", default="")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--samples", type=int, default=15)
     ap.add_argument("--out", default="bench/results/learned_cost_model")
-    ap.add_argument("--models-dir", default="tune_data/heldout_models")
+    ap.add_argument("--models-dir", default=".stitch_cache/heldout_models")
     ap.add_argument("--skip-kernels", action="store_true")
     args = ap.parse_args(argv)
     device = get_device("cpu")

@@ -24,6 +24,7 @@ import math
 import random
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 
 WORKLOAD_GROUP_PATTERNS = "patterns"
 PATTERN_SCALES = "pattern-scales"  # the patterns at smaller sizes: training data, never a row
@@ -281,11 +282,26 @@ def wins(rows: list[Row]) -> bool:
 
 
 def load(store_path: str, fingerprint: str, threads: int, variant: str = "") -> list:
+    """The usable records of ``store_path`` for this fingerprint and thread count. A store
+    compressed with xz (the shipped ``cost_model/data/cpu_records.sqlite.xz``) is read from a
+    decompressed temporary copy; the file itself is never written."""
+    import lzma
+    import shutil
+    import tempfile
+
     from cost_model.records import RecordStore
 
-    with RecordStore(store_path) as store:
-        return [r for r in store.records(fingerprint=fingerprint, threads=threads)
-                if r.variant == variant and measured(r) > 0]
+    if not Path(store_path).exists():
+        raise FileNotFoundError(f"no record store at {store_path} (`stitchc tune` writes one)")
+    with tempfile.TemporaryDirectory(prefix="stitch-records-") as tmp:
+        if str(store_path).endswith(".xz"):
+            plain = Path(tmp) / Path(store_path).stem
+            with lzma.open(store_path) as src, open(plain, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            store_path = str(plain)
+        with RecordStore(store_path) as store:
+            return [r for r in store.records(fingerprint=fingerprint, threads=threads)
+                    if r.variant == variant and measured(r) > 0]
 
 
 def train_command(store_path: str, threads: int = 1, out: str = "", log=print,

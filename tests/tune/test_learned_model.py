@@ -109,3 +109,30 @@ def test_planner_uses_the_learned_model_and_the_plan_says_so(tmp_path, monkeypat
         other, _ = plan("learned")
     assert other.cost_model == "analytic" and "elsewhere" in other.cost_model_note
     assert any("falling back to the analytic model" in r.message for r in caplog.records)
+
+
+def test_the_shipped_model_and_records_fit_together(monkeypatch):
+    """cost_model/data ships this machine's model and the records it was trained from (xz): the
+    model loads and resolves for its own fingerprint only, and predicts the shipped records'
+    kernels within the range measured (not a constant, not a wild extrapolation)."""
+    from cost_model.learned import shipped_model_path
+    from runtime import tune_eval as te
+
+    model = LearnedModel.load(shipped_model_path("cpu"))
+    assert model.trees and model.fingerprint and model.evaluation
+    monkeypatch.delenv("STITCH_COST_MODEL", raising=False)
+    mine = replace(SPEC, fingerprint=model.fingerprint)
+    chosen = resolve("learned", mine)
+    assert chosen.name == "learned" and chosen.model.fingerprint == model.fingerprint
+    assert resolve("auto", mine).name == ("learned" if model.default else "analytic")
+    assert resolve("learned", SPEC).name == "analytic"  # another machine: analytic, said why
+    store = shipped_model_path("cpu").parent / "cpu_records.sqlite.xz"
+    records = te.load(str(store), model.fingerprint, model.threads)
+    assert len(records) >= 1000 and len({r.workload for r in records}) >= 9
+    small = [r for r in records if r.workload.startswith("pattern:softmax")]  # cheap to re-trace
+    sample = small[:: max(1, len(small) // 60)]
+    feats = te.refeaturize(sample)
+    ratios = sorted(model.predict(f) / te.measured(r) for f, r in zip(feats, sample))
+    assert len(set(ratios)) > len(ratios) // 2
+    median = ratios[len(ratios) // 2]
+    assert 1 / 3 < median < 3, median
