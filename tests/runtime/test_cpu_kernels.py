@@ -70,14 +70,14 @@ def test_scale_mask_softmax_rows(a, c):
 def test_streaming_row_outputs(a, c):
     """Rows kernels write large outputs through a row buffer with streaming stores; forced on
     small odd rows here, so most rows start unaligned and the head / tail copies run."""
-    import codegen.cpp.kernel as kernel
+    import codegen.cpp.rows as rows
 
-    old, kernel.STREAM_MIN_BYTES = kernel.STREAM_MIN_BYTES, 0
+    old, rows.STREAM_MIN_BYTES = rows.STREAM_MIN_BYTES, 0
     try:
         g = run_both(lambda x, w, b: (torch.softmax(x * 0.125, -1), _ln(x, w, b)),
                      [torch.randn(a, 3, c)], [torch.randn(c), torch.randn(c)])
     finally:
-        kernel.STREAM_MIN_BYTES = old
+        rows.STREAM_MIN_BYTES = old
     srcs = [s.source.source for s in g.steps if s.kind == "kernel" and s.source.strategy == "rows"]
     assert srcs and all("st_stream_row(" in t and "st_stream_fence();" in t for t in srcs)
 
@@ -115,7 +115,7 @@ def test_index_add_owned_edge_chunks(nodes, edges, inner, floats, seed):
     here, so full and partial chunks and the clamped prefetch window all run. Each row must
     sum its edges in edge order: the same bits as a serial loop; an index out of range is an
     error."""
-    import codegen.cpp.kernel as kernel
+    import codegen.cpp.phases as phases
 
     gen = torch.Generator().manual_seed(seed)
     src = torch.randint(0, nodes, (edges,), generator=gen)
@@ -127,11 +127,11 @@ def test_index_add_owned_edge_chunks(nodes, edges, inner, floats, seed):
         x = torch.randint(-9, 9, (nodes, *inner), generator=gen)
         e = torch.randint(-9, 9, (edges, *inner), generator=gen)
         fn = lambda x, e, s, d: torch.zeros_like(x).index_add(0, d, x[s] * e)  # noqa: E731
-    old, kernel.PhaseKernel.SCATTER_CHUNK = kernel.PhaseKernel.SCATTER_CHUNK, 3
+    old, phases.PhaseKernel.SCATTER_CHUNK = phases.PhaseKernel.SCATTER_CHUNK, 3
     try:
         g = run_both(fn, [x, e, src, dst])
     finally:
-        kernel.PhaseKernel.SCATTER_CHUNK = old
+        phases.PhaseKernel.SCATTER_CHUNK = old
     assert any("own_e[" in s.source.source for s in g.steps if s.kind == "kernel")
     with torch.no_grad():
         if floats:
@@ -301,7 +301,7 @@ def test_long_sum_feeding_round_is_correctly_rounded(a, n, b, seed):
 def test_column_reductions_chunked(a, b, c, how, keepdim):
     """Reductions that keep the innermost dim run chunked over the reduced index space (partial
     rows in scratch, combined in chunk order); NaN propagates through max / min."""
-    import codegen.cpp.kernel as kernel
+    import codegen.cpp.phases as phases
 
     x = torch.randn(a, b, c)
     if how == "prod":
@@ -317,12 +317,12 @@ def test_column_reductions_chunked(a, b, c, how, keepdim):
             return torch.prod(x, dims[0], keepdim=keepdim)
         return getattr(torch, how)(x, dims, keepdim=keepdim)
 
-    old = kernel.COLUMN_CHUNK_MIN, kernel.COLUMN_BLOCK
-    kernel.COLUMN_CHUNK_MIN, kernel.COLUMN_BLOCK = 4, 16  # many chunks and blocks, odd tails
+    old = phases.COLUMN_CHUNK_MIN, phases.COLUMN_BLOCK
+    phases.COLUMN_CHUNK_MIN, phases.COLUMN_BLOCK = 4, 16  # many chunks and blocks, odd tails
     try:
         run_both(fn, [x], atol=1e-5, rtol=1e-4)
     finally:
-        kernel.COLUMN_CHUNK_MIN, kernel.COLUMN_BLOCK = old
+        phases.COLUMN_CHUNK_MIN, phases.COLUMN_BLOCK = old
 
 
 @settings(max_examples=4, deadline=None)

@@ -1,0 +1,737 @@
+"""The ``phases`` strategy of a cpu kernel (global stitching, and plain loop kernels): each
+materialised value -- an output, a reduction, a scatter -- gets its own work-shared loop nest
+inside one parallel region; the implicit barrier between them is the grid barrier.
+Intermediates that are not outputs live in scratch buffers the runtime passes in. Element-wise
+producers are inlined into each loop."""
+
+from __future__ import annotations
+
+import math
+
+from codegen.cpp.accumulate import (
+    LAYOUT_OPS,
+    SCATTERS,
+    _acc_final,
+    _acc_init,
+    _acc_update,
+    _combine,
+    at_least_1,
+    reshape_root,
+)
+from codegen.cpp.emit import (
+    HALF,
+    Emitter,
+    Unsupported,
+    compute_itemsize,
+    ctype,
+    delinearize,
+    dims,
+    linearize,
+    literal,
+    round_to,
+    sets_err,
+)
+from codegen.cpp.emit import hint as size_hint
+from codegen.cpp.layout import interchange, loop_order, transposed_view
+from stitch_ir.core import Value
+from stitch_ir.dialects import fusion, st
+from stitch_ir.types import Sym
+
+# Reductions that keep the innermost dim (column sums: weight gradients): outputs per task (an
+# L1 accumulator row), and how the reduced index space is cut (at most COLUMN_CHUNKS chunks of
+# at least COLUMN_CHUNK_MIN terms; the partial rows go to scratch).
+COLUMN_BLOCK = 1024
+COLUMN_CHUNKS = 16
+COLUMN_CHUNK_MIN = 64
+
+
+class PhaseKernel:
+    """The ``phases`` strategy (see the module docstring)."""
+
+    def __init__(self, group: fusion.GroupOp, buffers: dict[int, str], out_names: dict[int, list],
+                 stored: dict[str, object] | None = None):
+        self.group = group
+        self.body = group.body.ops[:-1]
+        self.em = Emitter(buffers, stored)
+        self.out_names = out_names  # id(value) -> every output pointer it is written to
+        self.scratch: list[int] = []
+        self.n_loops = 0
+        self.gathers = sets_err(self.body)  # the loops reduce the error flag
+
+    def materialised(self) -> list[Value]:
+        """Values with a loop nest of their own, in an order producers-first. An output that is
+        a reshape chain of an in-group value (GELU-backward's result, reshaped on its way out)
+        is computed right after that value's op, so later phases (its column sum) read it from
+        the output buffer instead of recomputing it (see ``reshape_root``)."""
+        out: list[tuple[int, Value]] = []
+        position = {id(op): k for k, op in enumerate(self.body)}
+        reread = self.reread_values()
+        for k, op in enumerate(self.body):
+            for r in op.results:
+                if id(r) in self.out_names or isinstance(op, (st.ReduceOp, *SCATTERS)) or \
+                        id(r) in reread:
+                    root = reshape_root(r)
+                    at = position.get(id(getattr(root, "owner", None)), k) if root is not r else k
+                    out.append((at, r))
+        return [r for _, r in sorted(out, key=lambda t: t[0])]
+
+    # A computed value read at this many different positions per element of a materialised
+    # value (through slices, pads: a 3x3 max pool reads its input 9 times) is materialised in
+    # scratch first, not recomputed for every read (ResNet's stem: batch norm + ReLU computed 9
+    # times per pooled element, scalar: 6.9 ms).
+    REREAD = 4
+
+    def reread_values(self) -> set[int]:
+        """Values (ids) to materialise because materialised values read them at REREAD or more
+        positions per element: read counts propagated from consumers to producers in reverse
+        program order; a value that is materialised (an output, a reduction, a scatter, or
+        one chosen here) counts as read once by its own producers."""
+        cheap = (st.ConstantOp, st.IotaOp, *LAYOUT_OPS)
+        count: dict[int, int] = {}
+        chosen: set[int] = set()
+        for op in reversed(self.body):
+            materialised = isinstance(op, (st.ReduceOp, *SCATTERS)) or any(
+                id(r) in self.out_names for r in op.results)
+            c = sum(count.get(id(r), 0) for r in op.results)
+            if len(op.results) == 1 and not materialised and c >= self.REREAD and \
+                    not isinstance(op, cheap) and op.result.type.numel() > 1:
+                chosen.add(id(op.result))
+                materialised = True
+            if materialised:
+                c = 1
+            for o in op.operands:
+                count[id(o)] = count.get(id(o), 0) + c
+        return chosen
+
+    def render(self, first_scratch_arg: int) -> dict:
+        em = self.em
+        self.first_scratch = first_scratch_arg
+        phases: list[list[str]] = []
+        for v in self.materialised():
+            # A half-typed scatter accumulates in float and rounds once at the end, as eager's
+            # index_add / scatter_add / scatter_reduce do: its target is a float scratch.
+            wide = isinstance(v.owner, SCATTERS) and v.type.dtype in HALF
+            if id(v) not in self.out_names or wide:
+                k = len(self.scratch)
+                self.scratch.append(at_least_1(math.prod(dims(v))) * compute_itemsize(v.type.dtype))
+                name = f"scr{k}"
+                phases.append([f"    {ctype(v.type.dtype)}* __restrict {name} = "
+                               f"({ctype(v.type.dtype)}*)args[{first_scratch_arg + k}];"])
+                targets = [name]
+            else:
+                targets = list(self.out_names[id(v)])
+            lines: list[str] = []
+            em.push(lines, "    ")
+            op = v.owner
+            if isinstance(op, st.ArgReduceOp):
+                self.arg_reduce(op, targets)
+            elif isinstance(op, st.ReduceOp):
+                self.reduce(op, targets)
+            elif isinstance(op, SCATTERS):
+                em.wide.add(targets[0])
+                self.scatter(op, targets)
+                if wide:
+                    self._round_scattered(v, targets[0])
+            else:
+                self.elementwise(v, targets)
+            em.pop()
+            phases.append(lines)
+            em.buffers[id(v)] = targets[0]
+            root = reshape_root(v)
+            if root is not v and id(root) not in em.buffers and \
+                    getattr(root, "owner", None) in self.body:
+                em.buffers[id(root)] = targets[0]  # same elements, same row-major order
+        return {"phases": phases}
+
+    def _round_scattered(self, v: Value, acc: str) -> None:
+        """Round a half scatter's float accumulator to its type, in place, and write it to the
+        outputs that ``v`` is."""
+        lin_of = lambda idx: linearize(idx, dims(v))  # noqa: E731
+        dt = v.type.dtype
+
+        def body(idx):
+            self.em.line(f"{acc}[{lin_of(idx)}] = {round_to(dt, f'{acc}[{lin_of(idx)}]')};")
+            for t in self.out_names.get(id(v), []):
+                self.em.line(self.em.store(t, lin_of(idx), dt, f"{acc}[{lin_of(idx)}]"))
+
+        self.nest(dims(v), body)
+
+    # one loop nest over ``shape``; ``emit(idx)`` writes the body
+    def nest(self, shape: list[int], emit, reductions: str = "",
+             order: list[int] | None = None) -> None:
+        """One loop nest over ``shape``; ``emit(idx)`` writes the body. ``order``: the dims from
+        outermost to innermost (row-major by default; the innermost is always the last dim)."""
+        em = self.em
+        self.n_loops += 1
+        names = [f"i{self.n_loops}_{k}" for k in range(len(shape))]
+        order = order or list(range(len(shape)))
+        err = " reduction(|:err)" if self.gathers else ""
+        if not shape:
+            em.line("#pragma omp single")
+            em.line("{")
+            emit([])
+            em.line("}")
+            return
+        em.mark()
+        if len(shape) == 1:
+            em.line("#pragma omp for simd schedule(static)")
+            em.line(f"for (int64_t {names[0]} = 0; {names[0]} < {shape[0]}; ++{names[0]}) {{")
+            body: list[str] = []
+            em.push(body, em.scopes[-1].indent + "  ", loop_vars=set(names))
+            emit(names)
+            em.pop()
+            em.scopes[-1].lines.extend(body)
+            em.line("}")
+            return
+        em.line(f"#pragma omp for collapse({len(shape) - 1}) schedule(static)")
+        for k in order[:-1]:
+            em.line(f"for (int64_t {names[k]} = 0; {names[k]} < {shape[k]}; ++{names[k]})")
+        em.line("{")
+        # Two scopes: what depends only on the collapsed (outer) loops -- a channel's scale, a
+        # row's statistics -- is computed once per pass of the innermost loop, above it.
+        outer: list[str] = []
+        em.push(outer, em.scopes[-1].indent + "  ", loop_vars=set(names[:-1]))
+        em.line(f"#pragma omp simd{err}")
+        em.mark()
+        em.scopes[-1].hoist_at -= 1  # above the pragma, which must precede its loop directly
+        em.line(f"for (int64_t {names[-1]} = 0; {names[-1]} < {shape[-1]}; ++{names[-1]}) {{")
+        body = []
+        em.push(body, em.scopes[-1].indent + "  ", loop_vars={names[-1]})
+        emit(names)
+        em.pop()
+        em.scopes[-1].lines.extend(body)
+        em.line("}")
+        em.pop()
+        em.scopes[-1].lines.extend(outer)
+        em.line("}")
+
+    def store(self, targets: list[str], v: Value, idx: list[str], expr: str) -> None:
+        lin = linearize(idx, dims(v))
+        for t in targets:
+            self.em.line(self.em.store(t, lin, v.type.dtype, expr))
+
+    def elementwise(self, v: Value, targets: list[str]) -> None:
+        sizes = {self.em.buffers[id(x)]: size_hint(math.prod(dims(x))) * x.type.dtype.itemsize
+                 for x in self.values_in_buffers()}
+        emit = lambda idx: self.store(targets, v, idx, self.em.value(v, idx))  # noqa: E731
+        staged = transposed_view(v, self.em.buffers, sizes)
+        if staged is not None:
+            self.nest_staged(dims(v), staged[1], staged[0], emit)
+            return
+        inner = interchange(v, self.em.buffers, sizes)
+        self.nest(dims(v), emit, order=loop_order(dims(v), inner))
+
+    STAGE = 32  # a staged tile is STAGE x STAGE elements (4 KiB of float): L1-resident
+
+    def nest_staged(self, shape: list[int], p: int, u: Value, emit) -> None:
+        """A loop nest over ``shape`` in tiles of dims ``p`` and the last one, for a value that
+        reads ``u`` -- a buffer contiguous along ``p`` but strided along the last dim (a
+        transpose). Each tile first copies ``u`` into a small buffer in the output's order,
+        reading the input contiguously (a scalar transpose, in L1); the computation then runs
+        vectorised over contiguous tile rows. GCC vectorises no strided load: this kernel ran
+        scalar and branchy at 0.65 GB/s before."""
+        em = self.em
+        self.n_loops += 1
+        L, B = self.n_loops, self.STAGE
+        last = len(shape) - 1
+        names = [f"i{L}_{k}" for k in range(len(shape))]
+        outer = [k for k in range(len(shape)) if k not in (p, last)]
+        pt, lt, pl, ll, buf = f"pt{L}", f"lt{L}", f"pl{L}", f"ll{L}", f"stage{L}"
+        ct = ctype(u.type.dtype)
+        err = " reduction(|:err)" if self.gathers else ""
+        em.mark()
+        em.line(f"#pragma omp for collapse({len(outer) + 2}) schedule(static)")
+        for k in outer:
+            em.line(f"for (int64_t {names[k]} = 0; {names[k]} < {shape[k]}; ++{names[k]})")
+        em.line(f"for (int64_t {pt} = 0; {pt} < ({shape[p]} + {B - 1}) / {B}; ++{pt})")
+        em.line(f"for (int64_t {lt} = 0; {lt} < ({shape[last]} + {B - 1}) / {B}; ++{lt})")
+        em.line("{")
+        tile: list[str] = []
+        em.push(tile, em.scopes[-1].indent + "  ", loop_vars={names[k] for k in outer} | {pt, lt})
+        em.line(f"const int64_t {pl}_n = {shape[p]} - {pt} * {B} < {B} ? {shape[p]} - {pt} * {B} "
+                f": {B};")
+        em.line(f"const int64_t {ll}_n = {shape[last]} - {lt} * {B} < {B} ? "
+                f"{shape[last]} - {lt} * {B} : {B};")
+        em.line(f"{ct} {buf}[{B}][{B}];")
+        idx = list(names)
+        idx[p], idx[last] = f"({pt} * {B} + {pl})", f"({lt} * {B} + {ll})"
+        # 1. the tile of u, read along p (contiguous), written to the buffer in output order
+        em.mark()
+        em.line(f"for (int64_t {ll} = 0; {ll} < {ll}_n; ++{ll})")
+        em.line(f"for (int64_t {pl} = 0; {pl} < {pl}_n; ++{pl}) {{")
+        copy: list[str] = []
+        em.push(copy, em.scopes[-1].indent + "  ", loop_vars={ll, pl})
+        em.line(f"{buf}[{pl}][{ll}] = {em.value(u, idx)};")
+        em.pop()
+        em.scopes[-1].lines.extend(copy)
+        em.line("}")
+        # 2. the value, over contiguous rows of the tile
+        em.known[id(u)] = lambda at, want=list(idx): f"{buf}[{pl}][{ll}]" if at == want else None
+        em.mark()
+        em.line(f"for (int64_t {pl} = 0; {pl} < {pl}_n; ++{pl}) {{")
+        row: list[str] = []
+        em.push(row, em.scopes[-1].indent + "  ", loop_vars={pl})
+        em.line(f"#pragma omp simd{err}")
+        em.mark()
+        em.scopes[-1].hoist_at -= 1  # above the pragma, which must precede its loop directly
+        em.line(f"for (int64_t {ll} = 0; {ll} < {ll}_n; ++{ll}) {{")
+        body: list[str] = []
+        em.push(body, em.scopes[-1].indent + "  ", loop_vars={ll})
+        emit(idx)
+        em.pop()
+        em.scopes[-1].lines.extend(body)
+        em.line("}")
+        em.pop()
+        em.scopes[-1].lines.extend(row)
+        em.line("}")
+        del em.known[id(u)]
+        em.pop()
+        em.scopes[-1].lines.extend(tile)
+        em.line("}")
+
+    def values_in_buffers(self) -> list[Value]:
+        """The group's arguments and the values materialised so far (all have a buffer)."""
+        known = list(self.group.body.args) + [r for op in self.body for r in op.results]
+        return [x for x in known if id(x) in self.em.buffers]
+
+    def _input_index(self, op: st.ReduceOp, out_idx: list[str], red_idx: list[str]) -> list[str]:
+        shape = dims(op.operand(0))
+        it_out = iter(out_idx)
+        it_red = iter(red_idx)
+        idx = []
+        for d in range(len(shape)):
+            if d in op.dims:
+                idx.append(next(it_red))
+                if op.keepdim:
+                    next(it_out)
+            else:
+                idx.append(next(it_out))
+        return idx
+
+    def reduce(self, op: st.ReduceOp, targets: list[str]) -> None:
+        em = self.em
+        shape = dims(op.operand(0))
+        red_shape = [shape[d] for d in op.dims]
+        t = ctype(op.result.type.dtype)
+        n = math.prod(red_shape)  # 0 for an empty reduction: its mean is 0 / 0 = NaN, as eager
+        # The simd lanes here are usually the outputs, so each output adds its terms one at a
+        # time: a float accumulator's error grows with the length (adder_quant's 144-term sums
+        # were many ulps off torch's cascade sum, enough to flip later round()s). float32 sums
+        # accumulate in double and round once at the store, as the reference interpreter does.
+        at = "double" if t == "float" and isinstance(op, st.SumOp | st.MeanOp | st.VarOp) else t
+        if len(shape) - 1 not in op.dims and dims(op.result) and dims(op.result)[-1] > 1 \
+                and not isinstance(op, st.VarOp):
+            return self._column_reduce(op, targets, at)
+
+        def body(out_idx):
+            names = [f"k{self.n_loops}_{k}" for k in range(len(red_shape))]
+
+            def loops(mode: str, acc: str, mean: str | None):
+                init, clause = _acc_init(op, mode)
+                em.line(f"{at} {acc} = {init};")
+                extra = ""
+                if isinstance(op, st.MaxOp | st.MinOp):
+                    em.line(f"int {acc}_nan = 0;")  # an int flag vectorises; a bool does not
+                    extra = f" reduction(|:{acc}_nan)"
+                em.mark()
+                for k, size in enumerate(red_shape):
+                    if k == len(red_shape) - 1:
+                        em.line(f"#pragma omp simd reduction({clause}:{acc}){extra}")
+                    em.line(f"for (int64_t {names[k]} = 0; {names[k]} < {size}; ++{names[k]}) {{")
+                inner: list[str] = []
+                em.push(inner, em.scopes[-1].indent + "  ", loop_vars=set(names))
+                x = em.value(op.operand(0), self._input_index(op, out_idx, names))
+                em.line(_acc_update(op, mode, acc, x, mean))
+                em.pop()
+                em.scopes[-1].lines.extend(inner)
+                for _ in red_shape:
+                    em.line("}")
+
+            acc = f"acc{self.n_loops}"
+            if isinstance(op, st.VarOp):
+                loops("main", acc + "s", None)
+                em.line(f"const {at} {acc}m = {acc}s / ({at}){n};")
+                loops("dev", acc, f"{acc}m")
+            else:
+                loops("main", acc, None)
+            self.store(targets, op.result, out_idx,
+                       round_to(op.result.type.dtype, _acc_final(op, acc, n)))
+
+        self.nest(dims(op.result), body)
+
+    def _column_reduce(self, op: st.ReduceOp, targets: list[str], at: str) -> None:
+        """A reduction that keeps the innermost (contiguous) dim (column sums: weight
+        gradients). Walking an output's terms would stride through the input a page per step,
+        so the reduced index space is cut into a fixed number of chunks (not one per thread:
+        the answer must not depend on the thread count); a task takes one chunk and a block of
+        up to COLUMN_BLOCK outputs and reads its rows contiguously into an L1 accumulator row,
+        then writes that partial row to scratch; after the barrier each output combines its
+        chunks in order."""
+        em = self.em
+        shape = dims(op.operand(0))
+        out_shape = dims(op.result)
+        red_shape = [shape[d] for d in op.dims]
+        n = math.prod(red_shape)  # 0 for an empty reduction: its mean is 0 / 0 = NaN, as eager
+        J = out_shape[-1]
+        O = at_least_1(math.prod(out_shape[:-1]))
+        B = COLUMN_BLOCK if isinstance(J, Sym) else min(J, COLUMN_BLOCK)
+        # tasks without chunking; chunk only to reach COLUMN_CHUNKS (a symbolic size: decided
+        # at its hint; the chunk bounds below hold for any size)
+        blocks = size_hint(O) * -(-size_hint(J) // B)
+        chunks = max(1, min(-(-COLUMN_CHUNKS // blocks), size_hint(n) // COLUMN_CHUNK_MIN))
+        self.n_loops += 1
+        L = self.n_loops
+        o, c, jb, jj, kk = f"o{L}", f"c{L}", f"jb{L}", f"j{L}", f"kk{L}"
+        cnt, acc, nan = f"n{L}", f"cacc{L}", f"cnan{L}"
+        minmax = isinstance(op, st.MaxOp | st.MinOp)
+        err = " reduction(|:err)" if self.gathers else ""
+        init, clause = _acc_init(op, "main")
+        # partial rows [O, chunks, J] (and their NaN flags) in scratch
+        part = f"part{L}"
+        k = len(self.scratch)
+        self.scratch.append(O * chunks * J * (8 if at == "double" else
+                                              compute_itemsize(op.result.type.dtype)))
+        em.line(f"{at}* __restrict {part} = ({at}*)args[{self.first_scratch + k}];")
+        if minmax:
+            self.scratch.append(O * chunks * J * 4)
+            em.line(f"int* __restrict {part}_nan = (int*)args[{self.first_scratch + k + 1}];")
+        onames = delinearize(o, out_shape[:-1]) if out_shape[:-1] else []
+        em.mark()
+        em.line("#pragma omp for collapse(3) schedule(static)")
+        em.line(f"for (int64_t {o} = 0; {o} < {O}; ++{o})")
+        em.line(f"for (int64_t {c} = 0; {c} < {chunks}; ++{c})")
+        em.line(f"for (int64_t {jb} = 0; {jb} < {J}; {jb} += {B})")
+        em.line("{")
+        outer: list[str] = []
+        em.push(outer, em.scopes[-1].indent + "  ", loop_vars={o, c, jb})
+        em.line(f"const int64_t {cnt} = {J} - {jb} < {B} ? {J} - {jb} : {B};")
+        em.line(f"{at} {acc}[{B}];")
+        if minmax:
+            em.line(f"int {nan}[{B}];")
+        em.line(f"for (int64_t {jj} = 0; {jj} < {B}; ++{jj}) {{ {acc}[{jj}] = {init};"
+                + (f" {nan}[{jj}] = 0;" if minmax else "") + " }")
+        em.mark()
+        em.line(f"for (int64_t {kk} = {n} * {c} / {chunks}; {kk} < {n} * ({c} + 1) / {chunks}; "
+                f"++{kk}) {{")
+        knames = delinearize(kk, red_shape)
+        em.line(f"#pragma omp simd{err}")
+        em.line(f"for (int64_t {jj} = 0; {jj} < {cnt}; ++{jj}) {{")
+        inner: list[str] = []
+        em.push(inner, em.scopes[-1].indent + "  ", loop_vars={kk, jj})
+        out_idx = onames + [f"({jb} + {jj})"]
+        x = em.value(op.operand(0), self._input_index(op, out_idx, knames))
+        em.line(_acc_update(op, "main", "ACC", x, None).replace("ACC_nan", f"{nan}[{jj}]")
+                .replace("ACC", f"{acc}[{jj}]"))
+        em.pop()
+        em.scopes[-1].lines.extend(inner)
+        em.line("}")
+        em.line("}")
+        slot = f"({o} * {chunks} + {c}) * {J} + {jb}"
+        em.line("#pragma omp simd")
+        em.line(f"for (int64_t {jj} = 0; {jj} < {cnt}; ++{jj}) {{ {part}[{slot} + {jj}] = "
+                f"{acc}[{jj}];" + (f" {part}_nan[{slot} + {jj}] = {nan}[{jj}];" if minmax else "")
+                + " }")
+        em.pop()
+        em.scopes[-1].lines.extend(outer)
+        em.line("}")
+        # combine each output's chunks in chunk order
+        em.mark()
+        em.line("#pragma omp for schedule(static)")
+        em.line(f"for (int64_t {o} = 0; {o} < {O}; ++{o})")
+        em.line("{")
+        comb: list[str] = []
+        em.push(comb, em.scopes[-1].indent + "  ", loop_vars={o})
+        em.line(f"#pragma omp simd{err}")
+        em.line(f"for (int64_t {jj} = 0; {jj} < {J}; ++{jj}) {{")
+        em.line(f"  {at} a = {part}[{o} * {chunks} * {J} + {jj}];")
+        if minmax:
+            em.line(f"  int a_nan = {part}_nan[{o} * {chunks} * {J} + {jj}];")
+        em.line(f"  for (int64_t {c} = 1; {c} < {chunks}; ++{c}) {{")
+        p = f"{part}[({o} * {chunks} + {c}) * {J} + {jj}]"
+        if minmax:
+            em.line(f"    a_nan |= {part}_nan[({o} * {chunks} + {c}) * {J} + {jj}];")
+        em.line(f"    {_combine(clause, 'a', p)}")
+        em.line("  }")
+        body: list[str] = []
+        em.push(body, em.scopes[-1].indent + "  ", loop_vars={jj})
+        self.store(targets, op.result, onames + [jj],
+                   round_to(op.result.type.dtype, _acc_final(op, "a", n)))
+        em.pop()
+        em.scopes[-1].lines.extend(body)
+        em.line("}")
+        em.pop()
+        em.scopes[-1].lines.extend(comb)
+        em.line("}")
+
+    def arg_reduce(self, op: st.ArgReduceOp, targets: list[str]) -> None:
+        em = self.em
+        (d,) = op.dims
+        size = dims(op.operand(0))[d]
+        t = ctype(op.operand(0).type.dtype)
+        better = ">" if isinstance(op, st.ArgMaxOp) else "<"
+
+        def body(out_idx):
+            k = f"k{self.n_loops}"
+            em.line(f"{t} best = {em.value(op.operand(0), self._input_index(op, out_idx, ['0']))};")
+            em.line("int64_t where = 0;")
+            em.mark()
+            em.line(f"for (int64_t {k} = 1; {k} < {size}; ++{k}) {{")
+            inner: list[str] = []
+            em.push(inner, em.scopes[-1].indent + "  ", loop_vars={k})
+            x = em.value(op.operand(0), self._input_index(op, out_idx, [k]))
+            em.line(f"if (best == best && ({x} {better} best || {x} != {x})) "
+                    f"{{ best = {x}; where = {k}; }}")
+            em.pop()
+            em.scopes[-1].lines.extend(inner)
+            em.line("}")
+            self.store(targets, op.result, out_idx, "where")
+
+        self.nest(dims(op.result), body)
+
+    # The owned-destination index_add loop (see ``scatter``). Random row reads and writes are
+    # what it waits on: a row (256 B for 64 floats) costs ~50 ns from DRAM however it is
+    # prefetched, so the loop keeps a few rows of every random stream in flight.
+    SCATTER_CHUNK = 1024  # owned edges listed at once (a few KiB, L1 resident)
+    PREFETCH = 6  # owned edges ahead for the random rows (gathered rows, destination rows)
+    PREFETCH_EDGE = 16  # owned edges ahead for the rows indexed by the edge (read in order)
+    PREFETCH_BYTES = 512  # of one row; the hardware prefetcher follows a longer row by itself
+
+    def _prefetch(self, ptr: str, nbytes: int, write: bool, hint: int) -> None:
+        """Prefetch every cache line of the ``nbytes`` at ``ptr`` (up to PREFETCH_BYTES)."""
+        n = min(size_hint(nbytes), self.PREFETCH_BYTES)
+        args = f", {int(write)}, {hint})"
+        if n <= 64:
+            self.em.line(f"__builtin_prefetch((const char*)({ptr}){args};")
+            if n > 1:  # a short row may straddle two lines
+                self.em.line(f"__builtin_prefetch((const char*)({ptr}) + {n - 1}{args};")
+            return
+        self.em.line(f"for (int64_t q = 0; q < {n}; q += 64) "
+                     f"__builtin_prefetch((const char*)({ptr}) + q{args};")
+        if n % 64:
+            self.em.line(f"__builtin_prefetch((const char*)({ptr}) + {n - 1}{args};")
+
+    def _prefetch_rows(self, edge: str, n_edges: int) -> None:
+        """Prefetch the table rows the gathers of edge ``edge`` will read: random row reads are
+        latency-bound, and the hardware prefetcher cannot guess them."""
+        em = self.em
+        for g in self.body:
+            if not isinstance(g, st.EmbeddingOp | st.IndexSelectOp):
+                continue
+            table, ids = (g.operand(0), g.operand(1))
+            dim = 0 if isinstance(g, st.EmbeddingOp) else g.attributes["dim"]
+            if dim != 0 or id(table) not in em.buffers or id(ids) not in em.buffers or \
+                    len(dims(ids)) != 1 or dims(ids)[0] != n_edges:
+                continue
+            row = math.prod(dims(table)[1:])
+            self._prefetch(f"{em.buffers[id(table)]} + {em.buffers[id(ids)]}[{edge}] * {row}",
+                           row * table.type.dtype.itemsize, False, 3)
+
+    def _edge_rows(self, src: Value) -> list[tuple[str, int]]:
+        """(buffer, row bytes) of the buffers ``src`` reads at its own index, i.e. the row of
+        edge ``e`` (same shape, through element-wise ops only)."""
+        em = self.em
+        shape = dims(src)
+        found: dict[str, int] = {}
+        seen: set[int] = set()
+
+        def walk(v: Value) -> None:
+            if id(v) in seen or dims(v) != shape:
+                return
+            seen.add(id(v))
+            if id(v) in em.buffers:
+                found.setdefault(em.buffers[id(v)],
+                                 math.prod(shape[1:]) * v.type.dtype.itemsize)
+                return
+            op = getattr(v, "owner", None)
+            if op is None or isinstance(op, (st.EmbeddingOp, st.IndexSelectOp, st.GatherOp,
+                                             st.PermuteOp, st.ReshapeOp, *SCATTERS)):
+                return
+            for o in op.operands:
+                walk(o)
+
+        walk(src)
+        return list(found.items())
+
+    def scatter(self, op, targets: list[str]) -> None:
+        """out = x, then accumulate src; index_add along dim 0 in parallel with every thread
+        owning a range of destination rows (deterministic, no atomics); others serially."""
+        em = self.em
+        x, idx, src = op.operands
+        out = op.result
+        xs = dims(x)
+        self.nest(xs, lambda i: self.store(targets, out, i, em.value(x, i)))
+        ct = ctype(out.type.dtype)
+        target = targets[0]
+        if isinstance(op, st.IndexAddOp) and op.attributes["dim"] == 0:
+            self._index_add_rows(op, target, xs, ct)
+            return
+        if isinstance(op, st.ScatterReduceOp) and op.attributes["reduce"] == "mean":
+            raise Unsupported("scatter_reduce 'mean' in the cpp target")
+        # scatter_add / scatter_reduce / index_add along another dim: serial, in index order
+        em.line("#pragma omp single")
+        em.line("{")
+        ishape = dims(idx) if not isinstance(op, st.IndexAddOp) else dims(src)
+        names = [f"s{k}" for k in range(len(ishape))]
+        dim = op.attributes["dim"]
+        if isinstance(op, st.ScatterReduceOp) and not op.attributes["include_self"]:
+            self._reset_scattered(op, target, ishape, xs)
+        self._open_serial(names, ishape)
+        if isinstance(op, st.IndexAddOp):
+            pos = em.checked_index(em.value(idx, [names[dim]]), xs[dim], op.attr("wrap", True))
+        else:
+            pos = em.checked_index(em.value(idx, names), xs[dim], op.attr("wrap", True))
+        dst = list(names)
+        dst[dim] = pos
+        val = em.value(src, names)
+        lin = linearize(dst, xs)
+        dt = out.type.dtype
+        if isinstance(op, st.ScatterReduceOp):
+            red = op.attributes["reduce"]
+            fn = {"sum": lambda c: f"{c} + {val}", "mean": lambda c: f"{c} + {val}",
+                  "prod": lambda c: f"{c} * {val}",
+                  "amax": lambda c: f"st_max({c}, ({ct}){val})",
+                  "amin": lambda c: f"st_min({c}, ({ct}){val})"}[red]
+        else:
+            alpha = op.attr("alpha", 1)
+            scale = "" if alpha == 1 else f"({ct}){literal(alpha, dt)} * "
+            fn = lambda c: f"{c} + {scale}{val}"  # noqa: E731
+        em.line(em.update(target, lin, dt, fn))
+        self._close_serial(len(ishape))
+        em.line("}")
+
+    def _index_add_rows(self, op, target: str, xs: list[int], ct: str) -> None:
+        """index_add along dim 0, every thread owning the destination rows [lo, hi): a thread
+        reads the edges in order and lists the next SCATTER_CHUNK it owns (edge and checked
+        destination; as many whatever the thread count), then accumulates them in edge order
+        with the rows of the owned edge PREFETCH ahead in flight.
+        Each destination row sums its edges in increasing edge order whatever the thread count,
+        so the result is the same bits for any number of threads."""
+        em = self.em
+        _, idx, src = op.operands
+        rows, inner = xs[0], xs[1:]
+        width = math.prod(inner)
+        n_edges = dims(idx)[0]
+        alpha = op.attr("alpha", 1)
+        chunk = self.SCATTER_CHUNK if isinstance(n_edges, Sym) else min(self.SCATTER_CHUNK, n_edges)
+        et = "int32_t" if not isinstance(n_edges, Sym) and n_edges < 2 ** 31 else "int64_t"
+        dt = "int32_t" if not isinstance(rows, Sym) and rows < 2 ** 31 else "int64_t"
+        em.line("{")
+        em.line("#if STITCH_OPENMP")
+        em.line("const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();")
+        em.line("#else")
+        em.line("const int64_t nt = 1, tid = 0;")
+        em.line("#endif")
+        em.line(f"const int64_t lo = {rows} * tid / nt, hi = {rows} * (tid + 1) / nt;")
+        em.line(f"{et} own_e[{chunk}];")
+        em.line(f"{dt} own_d[{chunk}];")
+        em.mark()
+        em.line(f"for (int64_t e0 = 0; e0 < {n_edges};) {{")
+        outer: list[str] = []
+        em.push(outer, em.scopes[-1].indent + "  ", loop_vars={"e0"})
+        em.line("int64_t n = 0;")
+        # 1. the next `chunk` owned edges, in order (branch-free)
+        em.line("{")
+        em.line("int64_t e = e0;")
+        em.mark()
+        em.line(f"for (; e < {n_edges} && n < {chunk}; ++e) {{")
+        listing: list[str] = []
+        em.push(listing, em.scopes[-1].indent + "  ", loop_vars={"e"})
+        d = em.checked_index(em.value(idx, ["e"]), rows, op.attr("wrap", True))
+        em.line(f"own_e[n] = ({et})e;")
+        em.line(f"own_d[n] = ({dt}){d};")
+        em.line(f"n += ({d} >= lo) & ({d} < hi);")
+        em.pop()
+        em.scopes[-1].lines.extend(listing)
+        em.line("}")
+        em.line("e0 = e;")
+        em.line("}")
+        # 2. accumulate them
+        em.mark()
+        em.line("for (int64_t k = 0; k < n; ++k) {")
+        body: list[str] = []
+        em.push(body, em.scopes[-1].indent + "  ", loop_vars={"k", "e", "d"})
+        em.line("{")
+        em.line(f"const int64_t ka = k + {self.PREFETCH} < n ? k + {self.PREFETCH} : n - 1;")
+        em.line("const int64_t ea = own_e[ka];")
+        em.line("(void)ea;")
+        self._prefetch_rows("ea", n_edges)
+        self._prefetch(f"{target} + (int64_t)own_d[ka] * {width}",
+                       width * op.result.type.dtype.itemsize, True, 3)
+        em.line("}")
+        edge_rows = [(b, n) for b, n in self._edge_rows(src) if n >= 64]
+        if edge_rows:  # read in edge order, but with gaps when the thread owns few edges
+            em.line("{")
+            em.line(f"const int64_t eb = own_e[k + {self.PREFETCH_EDGE} < n ? "
+                    f"k + {self.PREFETCH_EDGE} : n - 1];")
+            for buf, nbytes in edge_rows:
+                self._prefetch(f"{buf} + eb * {math.prod(dims(src)[1:])}", nbytes, False, 0)
+            em.line("}")
+        em.line("const int64_t e = own_e[k];")
+        em.line("const int64_t d = own_d[k];")
+        names = [f"c{k}" for k in range(len(inner))]
+        em.mark()
+        for k, n in enumerate(inner):
+            if k == len(inner) - 1:
+                em.line("#pragma omp simd")
+            em.line(f"for (int64_t {names[k]} = 0; {names[k]} < {n}; ++{names[k]}) {{")
+        deep: list[str] = []
+        em.push(deep, em.scopes[-1].indent + "  ", loop_vars=set(names))
+        val = em.value(src, ["e"] + names)
+        scale = "" if alpha == 1 else f"({ct}){literal(alpha, op.result.type.dtype)} * "
+        em.line(em.update(target, linearize(["d"] + names, xs), op.result.type.dtype,
+                          lambda c: f"{c} + {scale}{val}"))
+        em.pop()
+        em.scopes[-1].lines.extend(deep)
+        for _ in inner:
+            em.line("}")
+        em.pop()
+        em.scopes[-1].lines.extend(body)
+        em.line("}")
+        em.pop()
+        em.scopes[-1].lines.extend(outer)
+        em.line("}")
+        em.line("}")
+        em.line("#pragma omp barrier")
+
+    def _reset_scattered(self, op, target: str, ishape: list[int], xs: list[int]) -> None:
+        """include_self=False: every position some element scatters to starts from the
+        reduction's identity instead of the input's value."""
+        em = self.em
+        red = op.attributes["reduce"]
+        t = op.result.type.dtype
+        ident = {"sum": literal(0, t), "prod": literal(1, t),
+                 "amax": literal(-math.inf, t) if t.is_float else
+                 f"std::numeric_limits<{ctype(t)}>::lowest()",
+                 "amin": literal(math.inf, t) if t.is_float else
+                 f"std::numeric_limits<{ctype(t)}>::max()"}[red]
+        names = [f"z{k}" for k in range(len(ishape))]
+        self._open_serial(names, ishape)
+        pos = em.checked_index(em.value(op.operand(1), names), xs[op.attributes["dim"]],
+                               op.attr("wrap", True))
+        dst = list(names)
+        dst[op.attributes["dim"]] = pos
+        em.line(em.store(target, linearize(dst, xs), t, ident))
+        self._close_serial(len(ishape))
+
+    def _open_serial(self, names: list[str], shape: list[int]) -> None:
+        """Open a serial loop nest over ``shape`` with one emitter scope per level, so what
+        depends only on the outer loops (an edge's gathered index) is computed once per outer
+        iteration, not once per element of the inner ones."""
+        em = self.em
+        self._serial = []
+        em.mark()
+        for name, n in zip(names, shape):
+            em.line(f"for (int64_t {name} = 0; {name} < {n}; ++{name}) {{")
+            level: list[str] = []
+            em.push(level, em.scopes[-1].indent + "  ", loop_vars={name})
+            em.mark()
+            self._serial.append(level)
+
+    def _close_serial(self, depth: int) -> None:
+        em = self.em
+        for level in reversed(self._serial[-depth:] if depth else []):
+            em.pop()
+            em.scopes[-1].lines.extend(level)
+            em.line("}")
+        self._serial = self._serial[:-depth] if depth else self._serial
+
