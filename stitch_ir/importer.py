@@ -118,7 +118,7 @@ FUSABLE_DECOMPOSITIONS = [
     aten.native_batch_norm_backward, aten.native_group_norm_backward,
     aten.leaky_relu_backward, aten.silu_backward, aten.hardtanh_backward, aten.elu_backward,
     aten.embedding_dense_backward, aten.nll_loss_forward, aten.nll_loss_backward,
-    aten.log_sigmoid_forward, aten.addcmul, aten.addcdiv, aten.lerp, aten.rsub,
+    aten.log_sigmoid_forward, aten.lerp, aten.rsub,
     aten.mse_loss, aten.binary_cross_entropy, aten.binary_cross_entropy_with_logits,
     aten.smooth_l1_loss, aten.huber_loss, aten.std, aten.std_mean, aten.var_mean,
     aten.masked_fill, aten.clamp_min, aten.clamp_max, aten.index_fill, aten.repeat, aten.roll,
@@ -134,8 +134,11 @@ FUSABLE_DECOMPOSITIONS = [
 # the op returns its logsumexp, so under AOTAutograd the decomposed forward fed the
 # un-decomposed flash backward a wrong logsumexp -- silently wrong gradients in float32 (a
 # TransformerEncoderLayer's were off by 8x). It stays one torch call, forward and backward.
+# addcdiv, addcmul, linalg_cross and addr are lowered by rules that round in half precision
+# where eager's cpu kernels do (importer_lowerings), not where the decompositions do.
 KEEP = [aten.index_add, aten.scatter_add, aten.scatter_reduce, aten.var, aten.index_select,
-        aten.take, aten._scaled_dot_product_flash_attention_for_cpu]
+        aten.take, aten._scaled_dot_product_flash_attention_for_cpu, aten.addcdiv, aten.addcmul,
+        aten.linalg_cross, aten.addr]
 
 
 def decomposition_table() -> dict:

@@ -559,3 +559,72 @@ def embedding_bag(imp, n):
     size = imp.create(st.MaximumOp, size, imp.constant(1, size.type))
     return [imp.create(st.DivOp, total, imp.broadcast(imp.reshape(size, (bags, 1)),
                                                       total.type.shape)), None, None, None]
+
+
+# ----------------------------------------------------------------------------------------------
+# Composites whose rounding in half precision is eager's, not the decomposition's. Eager's cpu
+# kernels compute some composites in float and round once (addcdiv, addcmul), others round
+# every step in the storage dtype (cross, addr); torch's decompositions do the opposite in
+# places, which moved float16 results by 2+ ulp (the OpInfo sweep). In float32 each rule is the
+# same expression as eager's kernel, in its order of operations.
+
+_HALF = (DType.f16, DType.bf16)
+
+
+@handles(aten.addcdiv, aten.addcmul)
+def addcdiv_addcmul(imp: GraphImporter, n):
+    """``self + (value * tensor1) / tensor2`` (``* tensor2``): in float for half inputs, rounded
+    once, as eager's cpu kernel (whose addcmul is one fused multiply-add: stitch's product is
+    rounded to float first, at most 1 ulp of float from eager)."""
+    a = bind(n)
+    out = imp.out_type()
+    if out.dtype.is_bool:
+        return imp.torch_call(n)
+    cdt = DType.f32 if out.dtype in _HALF else out.dtype
+    x, t1, t2 = (imp.operand(a[k], cdt, out.shape) for k in ("self", "tensor1", "tensor2"))
+    value = a.get("value", 1)
+    p = t1 if value == 1 else imp.create(st.MulOp, imp.constant(value, TensorType(out.shape, cdt)),
+                                         t1)
+    q = imp.create(st.DivOp if _packet(n) is aten.addcdiv else st.MulOp, p, t2)
+    return imp.cast(imp.create(st.AddOp, x, q), out.dtype)
+
+
+@handles(aten.linalg_cross)
+def linalg_cross(imp: GraphImporter, n):
+    """``a[i+1] * b[i+2] - a[i+2] * b[i+1]`` along ``dim``, each step in the result dtype (eager
+    rounds every product and the difference in half precision)."""
+    a = bind(n)
+    out = imp.out_type()
+    dim = normalize_dim(a.get("dim", -1), out.rank)
+    x, y = (imp.operand(a[k], out.dtype, out.shape) for k in ("self", "other"))
+
+    def rolled(v: Value, shift: int) -> Value:
+        idx = _dense(imp, (np.arange(3) + shift) % 3, DType.i64)
+        return imp.create(st.IndexSelectOp, v, idx, dim=dim, wrap=False)
+
+    return imp.create(st.SubOp, imp.create(st.MulOp, rolled(x, 1), rolled(y, 2)),
+                      imp.create(st.MulOp, rolled(x, 2), rolled(y, 1)))
+
+
+@handles(aten.addr)
+def addr(imp: GraphImporter, n):
+    """``beta * self + (alpha * vec1) (x) vec2``, each step in the result dtype as eager's cpu
+    kernel; ``beta == 0`` ignores ``self`` (its NaN and inf do not propagate)."""
+    a = bind(n)
+    out = imp.out_type()
+    if out.dtype.is_bool or out.rank != 2:
+        return imp.torch_call(n)
+    beta, alpha = a.get("beta", 1), a.get("alpha", 1)
+    v1 = imp.cast(imp.value(a["vec1"]), out.dtype)
+    if alpha != 1:
+        v1 = imp.create(st.MulOp, v1, imp.constant(alpha, v1.type))
+    col = imp.broadcast(imp.reshape(v1, (out.shape[0], 1)), out.shape)
+    row = imp.broadcast(imp.reshape(imp.cast(imp.value(a["vec2"]), out.dtype), (1, out.shape[1])),
+                        out.shape)
+    outer = imp.create(st.MulOp, col, row)
+    if beta == 0:
+        return outer
+    x = imp.operand(a["self"], out.dtype, out.shape)
+    if beta != 1:
+        x = imp.create(st.MulOp, x, imp.constant(beta, out))
+    return imp.create(st.AddOp, x, outer)

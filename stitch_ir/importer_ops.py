@@ -206,12 +206,35 @@ BOOL_BINARY = {aten.mul: st.LogicalAndOp, aten.bitwise_and: st.LogicalAndOp,
                aten.bitwise_or: st.LogicalOrOp}
 
 
+_HALF = (DType.f16, DType.bf16)
+
+
+def _opmath_operand(imp: GraphImporter, a: Any, out: TensorType) -> Value:
+    """An operand of a half-precision mul / div as eager's cpu kernel reads it, in float: a
+    tensor in the result dtype; a scalar (a Python number, or a 0-d tensor: torch's "cpu
+    scalar") at float precision, not rounded to half first."""
+    if isinstance(a, Node):
+        v = imp.value(a)
+        if v.type.rank > 0:
+            v = imp.cast(v, out.dtype)
+        return imp.broadcast(imp.cast(v, DType.f32), out.shape)
+    return imp.operand(a, DType.f32, out.shape)
+
+
+def _opmath(imp: GraphImporter, cls, args, out: TensorType) -> Value:
+    """``cls`` of two operands computed in float and rounded once to the half ``out`` dtype."""
+    a, b = (_opmath_operand(imp, x, out) for x in args)
+    return imp.cast(imp.create(cls, a, b), out.dtype)
+
+
 @handles(*BINARY)
 def binary(imp, n):
     out = imp.out_type()
     cls = BINARY[_packet(n)]
     if out.dtype.is_bool and _packet(n) in BOOL_BINARY:
         cls = BOOL_BINARY[_packet(n)]
+    if _packet(n) is aten.mul and out.dtype in _HALF:
+        return _opmath(imp, st.MulOp, n.args[:2], out)
     a, b = (imp.operand(x, out.dtype, out.shape) for x in n.args[:2])
     return imp.create(cls, a, b)
 
@@ -238,6 +261,8 @@ def div(imp, n):
     args = bind(n)
     mode = args.get("rounding_mode")
     a, b = args["self"], args["other"]
+    if mode is None and out.dtype in _HALF:
+        return _opmath(imp, st.DivOp, (a, b), out)
     if mode is None or out.dtype.is_float:
         q = imp.create(st.DivOp, imp.operand(a, out.dtype, out.shape),
                        imp.operand(b, out.dtype, out.shape))
@@ -824,9 +849,12 @@ def avg_pool2d(imp, n):
 
         return avg_pool2d_general(imp, n)
     x, k = got
+    dt = x.type.dtype
+    if dt in (DType.f16, DType.bf16):  # torch's cpu kernel sums and divides in float
+        x = imp.cast(x, DType.f32)
     win = _windows(imp, x, k)
     r = win.type.rank
-    return imp.create(st.MeanOp, win, dims=(r - 3, r - 1), keepdim=False)
+    return imp.cast(imp.create(st.MeanOp, win, dims=(r - 3, r - 1), keepdim=False), dt)
 
 
 @handles(aten.max_pool2d_with_indices)

@@ -204,6 +204,9 @@ def avg_pool(imp, n, nd: int):
     if min(*sp, *out_sp) <= 0:
         return imp.torch_call(n)
     r = x.type.rank
+    half = x.type.dtype if x.type.dtype in (DType.f16, DType.bf16) else None
+    if half:  # torch's cpu kernel sums and divides in float, rounding once
+        x = imp.cast(x, DType.f32)
     if math.prod(k) <= SLICE_WINDOW:  # summed in window order in float, as torch's cpu kernel
         total = _window_chain(imp, x, nd, out_sp, k, s, p, (1,) * nd, 0.0, st.AddOp)
     else:
@@ -224,7 +227,8 @@ def avg_pool(imp, n, nd: int):
         div = inside.copy()
     div[inside == 0] = 1.0  # an empty window's sum (0) stays 0
     table = imp.broadcast(_dense(imp, div, x.type.dtype), total.type.shape)
-    return imp.create(st.DivOp, total, table)
+    mean = imp.create(st.DivOp, total, table)
+    return imp.cast(mean, half) if half else mean
 
 
 def avg_pool2d_general(imp, n):

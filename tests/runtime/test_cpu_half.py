@@ -187,3 +187,26 @@ def test_materialised_constants_keep_half_types(dt):
     got = compile_program(import_model(Fn(fn).eval(), (x,)), device_spec=cpu_spec(measure=False))(x)
     for a, b in zip(got, fn(x)):
         assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+
+@settings(max_examples=4, deadline=None)
+@given(SIZES, SIZES, hs.sampled_from(HALF), hs.integers(0, 10**6))
+def test_scalars_and_composites_round_where_eager_does(a, b, dt, seed):
+    """Eager's half mul / div read a Python scalar (or a 0-d tensor) at float precision; its
+    addcdiv / addcmul / avg_pool2d compute in float and round once; its cross and addr round
+    every step. Values scaled by 8 so the results span several binades."""
+    torch.manual_seed(seed)
+    x, y, z = (torch.randn(a, b, 3) * 8 for _ in range(3))
+    x, y, z = x.to(dt), y.to(dt), (z.abs() + 0.5).to(dt)
+    s = torch.tensor(0.3)  # a float32 0-d tensor: not rounded to half before the multiply
+    check(lambda x, y, z, s: (x * 0.7, x / 0.7, 0.7 / z, x * s, (x * 0.125 + 1.5) / 3.3,
+                              torch.addcdiv(x, y, z, value=0.7), torch.linalg.cross(x, y),
+                              torch.linalg.cross(x, y, dim=-1) * 0.1), [x, y, z, s])
+    v1, v2, m = (torch.randn(a) * 8).to(dt), (torch.randn(b) * 8).to(dt), (torch.randn(a, b) * 8).to(dt)
+    check(lambda m, v1, v2: (torch.addr(m, v1, v2), torch.addr(m, v1, v2, beta=0.5, alpha=1.5),
+                             torch.addr(m, v1, v2, beta=0)), [m, v1, v2])
+    img = (torch.randn(2, 3, a + 4, b + 4) * 8).to(dt)
+    check(lambda t: (F.avg_pool2d(t, 2), F.avg_pool2d(t, 3, 2, 1),
+                     F.avg_pool2d(t, 3, 2, 1, count_include_pad=False)), [img])
+    # addcmul is eager's fused multiply-add in float: stitch's product is rounded to float first
+    check(lambda x, y, z: torch.addcmul(x, y, z, value=0.7), [x, y, z], ulps=1)
