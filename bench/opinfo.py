@@ -333,6 +333,11 @@ def _skip_reason(key: str, sample) -> str | None:
         return SKIP_OPS[key]
     if float(sample.kwargs.get("dropout_p", 0.0) or 0.0) > 0:
         return _RANDOM + " (dropout_p > 0)"
+    # multi_head_attention_forward(query, key, value, embed_dim, num_heads, in_proj_weight,
+    # in_proj_bias, bias_k, bias_v, add_zero_attn, dropout_p, ...): dropout_p is positional
+    if key == "nn.functional.multi_head_attention_forward" and len(sample.args) > 9 and \
+            sample.kwargs.get("training", True) and float(sample.args[9] or 0.0) > 0:
+        return _RANDOM + " (training with dropout_p > 0)"
     return None
 
 

@@ -41,6 +41,7 @@ prims = torch.ops.prims
 
 # Index tables of import-time scatters are dense constants: keep them small.
 MAX_TABLE = 1 << 22
+_HALF = (DType.f16, DType.bf16)
 
 
 def _static(*shapes) -> bool:
@@ -528,10 +529,13 @@ def embedding_bag(imp, n):
         inside = imp.create(st.LtOp, at, imp.broadcast(imp.cast(end, DType.i64), (count,)))
         valid = inside if valid is None else imp.create(st.LogicalAndOp, valid, inside)
     rows = imp.create(st.EmbeddingOp, w, idx)
+    # sum / mean of half rows: eager weighs and sums in float (a mean divides the rounded sum)
+    cdt = DType.f32 if mode != 2 and w.type.dtype in _HALF else w.type.dtype
+    rows = imp.cast(rows, cdt)
     if psw is not None:
         rows = imp.create(st.MulOp, rows, imp.broadcast(
-            imp.reshape(imp.cast(imp.value(psw), w.type.dtype), (count, 1)), rows.type.shape))
-    zeros = imp.constant(0, out_t)
+            imp.reshape(imp.cast(imp.value(psw), cdt), (count, 1)), rows.type.shape))
+    zeros = imp.constant(0, TensorType(out_t.shape, cdt))
     if mode == 2:
         full = imp.broadcast(imp.reshape(bag, (count, 1)), rows.type.shape)
         if valid is not None:  # past the last offset: send to a scratch bag, dropped after
@@ -550,15 +554,18 @@ def embedding_bag(imp, n):
                           rows, imp.constant(0, rows.type))
     total = imp.create(st.IndexAddOp, zeros, bag, rows, dim=0)
     if mode == 0:
-        return [total, None, None, None]
-    ones = imp.constant(1, TensorType((count,), w.type.dtype))
+        return [imp.cast(total, out_t.dtype), None, None, None]
+    ones = imp.constant(1, TensorType((count,), cdt))
     if valid is not None:
         ones = imp.create(st.WhereOp, valid, ones, imp.constant(0, ones.type))
-    size = imp.create(st.IndexAddOp, imp.constant(0, TensorType((bags,), w.type.dtype)), bag,
+    size = imp.create(st.IndexAddOp, imp.constant(0, TensorType((bags,), cdt)), bag,
                       ones, dim=0)
     size = imp.create(st.MaximumOp, size, imp.constant(1, size.type))
-    return [imp.create(st.DivOp, total, imp.broadcast(imp.reshape(size, (bags, 1)),
-                                                      total.type.shape)), None, None, None]
+    if cdt is not out_t.dtype:  # eager rounds the bag's float sum, then divides it in float
+        total = imp.cast(imp.cast(total, out_t.dtype), cdt)
+    mean = imp.create(st.DivOp, total, imp.broadcast(imp.reshape(size, (bags, 1)),
+                                                     total.type.shape))
+    return [imp.cast(mean, out_t.dtype), None, None, None]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -567,8 +574,6 @@ def embedding_bag(imp, n):
 # every step in the storage dtype (cross, addr); torch's decompositions do the opposite in
 # places, which moved float16 results by 2+ ulp (the OpInfo sweep). In float32 each rule is the
 # same expression as eager's kernel, in its order of operations.
-
-_HALF = (DType.f16, DType.bf16)
 
 
 @handles(aten.addcdiv, aten.addcmul)

@@ -210,3 +210,17 @@ def test_scalars_and_composites_round_where_eager_does(a, b, dt, seed):
                      F.avg_pool2d(t, 3, 2, 1, count_include_pad=False)), [img])
     # addcmul is eager's fused multiply-add in float: stitch's product is rounded to float first
     check(lambda x, y, z: torch.addcmul(x, y, z, value=0.7), [x, y, z], ulps=1)
+
+
+@pytest.mark.parametrize("dt", HALF)
+def test_embedding_bag_sums_in_float(dt):
+    """Eager weighs and sums half embedding bags in float, rounding once; a mean divides the
+    rounded sum (bf16's mean sums in another order: within 1 ulp there)."""
+    torch.manual_seed(1)
+    w = (torch.randn(130, 7) * 8).to(dt)
+    idx, off = torch.randint(0, 130, (230,)), torch.tensor([0, 5, 5, 11, 40, 97])
+    psw = (torch.randn(230) * 2).to(dt)
+    check(lambda w, i, o, p: (F.embedding_bag(i, w, o, mode="sum", per_sample_weights=p),
+                              F.embedding_bag(i, w, o, mode="max")), [w, idx, off, psw])
+    check(lambda w, i, o: F.embedding_bag(i, w, o, mode="mean"), [w, idx, off],
+          ulps=0 if dt == torch.float16 else 1)
