@@ -346,14 +346,16 @@ def test_quotient_feeding_round_is_an_exact_division(a, c):
 
 def test_tiny_kernels_run_on_the_calling_thread():
     """The schedule gives a kernel too small to pay for a thread team the calling thread alone
-    (a serialised parallel region); a large one gets the team."""
+    (no parallel region at all: a serialised one costs ~0.45 us in libgomp, 100x the loop of a
+    tiny kernel); a large one gets the team."""
     small = run_both(lambda x, y: torch.relu(x * y + 1), [torch.randn(4, 5), torch.randn(4, 5)])
     large = run_both(lambda x, y: torch.relu(x * y + 1),
                      [torch.randn(512, 1024), torch.randn(512, 1024)])
     (ks,) = [s for s in small.steps if s.kind == "kernel"]
     (kl,) = [s for s in large.steps if s.kind == "kernel"]
-    assert "#pragma omp parallel reduction(|:err) if(0)" in ks.source.source
-    assert "if(0)" not in kl.source.source
+    assert "#pragma omp parallel" not in ks.source.source and "on the calling thread" in \
+        ks.source.source
+    assert "#pragma omp parallel reduction(|:err)" in kl.source.source
 
 
 @pytest.mark.parametrize("e", [2, 3, 0.5, -1, -2, 1.5])
