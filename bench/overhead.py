@@ -66,6 +66,7 @@ def profile_steps(graphs, call, calls: int | None = None, budget_s: float = 0.3)
                 run(env, cs)
                 per_step[key].append(time.perf_counter() - t)
             s.run = timed
+        g.refresh_steps()
     original = CompiledGraph.__call__
 
     last_args: dict[int, tuple] = {}
@@ -96,6 +97,8 @@ def profile_steps(graphs, call, calls: int | None = None, budget_s: float = 0.3)
         CompiledGraph.__call__ = original
         for s, run in saved:
             s.run = run
+        for g in graphs:
+            g.refresh_steps()
 
     def med(xs):
         return sorted(xs)[len(xs) // 2] * 1e3 if xs else 0.0

@@ -404,6 +404,9 @@ def test_backend_training_step_on_cuda_kernels():
     """torch.compile(backend="stitch", gpu_codegen="cuda"): forward and backward graphs' groups
     as CUDA C kernels, run in the emulation (CPU tensors)."""
     torch.manual_seed(0)
+    # a fresh dynamo: an earlier test's Sequential of other sizes would make this one's sizes
+    # dynamic (automatic dynamic shapes), and the GPU targets compile static shapes only
+    torch._dynamo.reset()
     model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.LayerNorm(16), torch.nn.GELU(),
                                 torch.nn.Linear(16, 3))
     from runtime.backend import FALLBACKS

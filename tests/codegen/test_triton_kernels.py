@@ -245,6 +245,7 @@ def test_backend_training_step_on_triton_kernels():
     """torch.compile(backend="stitch") with the sm_80 target: forward and backward graphs as
     Triton kernels (interpreted here: CPU tensors; CUDA tensors pick the target themselves)."""
     torch.manual_seed(0)
+    torch._dynamo.reset()  # sizes static: an earlier Sequential would make them dynamic
     model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.LayerNorm(16), torch.nn.GELU(),
                                 torch.nn.Linear(16, 3))
     from runtime.backend import FALLBACKS
