@@ -204,10 +204,13 @@ def make_plan(func: FuncOp, planner: str, device: DeviceSpec, *, time_limit: flo
                       "gap": res.gap if res.groups else float("nan"),
                       "candidates": res.candidates, "cycle_cuts": res.cuts,
                       "solver_seconds": res.seconds}
-        # Never worse than the baseline in the same cost model.
+        # Never worse than the baseline in the same cost model, and never cyclic.
         if costs.total(greedy) < costs.total(groups):
             groups = greedy
             solver["status"] = solver.get("status", "") + " (greedy plan kept: cheaper)"
+        elif not is_acyclic(g, groups):
+            groups = greedy
+            solver["status"] = solver.get("status", "") + " (greedy plan kept: the other was cyclic)"
         plan_cache.store(hit[1], [members_of(b) for b in groups], solver)
     assert is_acyclic(g, groups), "planner produced a cyclic plan"
     plan = FusionPlan(planner, device.name, g, [costs(b) for b in groups],

@@ -280,7 +280,9 @@ def find_group_cycle(g: PlanGraph, groups: list[int]) -> list[int] | None:
 def beam_search(g: PlanGraph, costs: Costs, width: int = 8) -> list[int]:
     """Fallback for graphs too large for the solver's time limit: visit fusible ops in
     program order; each op starts a group or joins a producer's group (when convex and legal);
-    keep the ``width`` cheapest partial plans."""
+    keep the ``width`` cheapest partial plans. Each group is convex, but two groups together
+    can still close a cycle (a -> B -> c -> A): the cheapest final plan whose contraction is
+    acyclic wins, and with none the ops stay unfused (the caller compares with greedy)."""
     states: list[tuple[float, tuple[int, ...]]] = [(0.0, ())]
     for v in g.fusible():
         nxt: dict[tuple[int, ...], float] = {}
@@ -297,7 +299,10 @@ def beam_search(g: PlanGraph, costs: Costs, width: int = 8) -> list[int]:
                 key = tuple(sorted(opt))
                 nxt.setdefault(key, c)
         states = sorted(((c, k) for k, c in nxt.items()), key=lambda s: (s[0], s[1]))[:width]
-    return list(states[0][1]) if states else []
+    for _, groups in states:
+        if is_acyclic(g, list(groups)):
+            return list(groups)
+    return [1 << v for v in g.fusible()]
 
 
 def is_acyclic(g: PlanGraph, groups: list[int]) -> bool:

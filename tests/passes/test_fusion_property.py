@@ -96,3 +96,30 @@ def test_stitch_never_costs_more_than_greedy(m):
         costs[planner] = ctx.results["plan"]["forward"].seconds
     assert costs["stitch"] <= costs["greedy"] + 1e-12
     assert costs["stitch"] <= costs["none"] + 1e-12
+
+
+def test_beam_search_never_returns_a_cyclic_plan():
+    """Two groups, each convex, can close a cycle together: with x2 = x1 + y1 and y2 = y1 * x1,
+    every plan of two pairs ({x1, x2} with {y1, y2}, or {x1, y2} with {y1, x2}) is cyclic. A
+    cost model that only allows pairs and pays per group made the beam search (the planner's
+    fallback when the solver finds nothing in time) return one: the learned model did on
+    rffs_net. The beam search now returns its cheapest acyclic plan."""
+    from types import SimpleNamespace
+
+    from passes.fusion.graph import build_graph
+    from passes.fusion.planner import beam_search
+
+    t = TensorType((4, 8), DType.f32)
+    f = FuncOp.create("forward", [t, t])
+    b = Builder(f.body)
+    x1, y1 = b.create(st.ReluOp, f.args[0]), b.create(st.ExpOp, f.args[1])
+    x2, y2 = b.create(st.AddOp, x1, y1), b.create(st.MulOp, y1, x1)
+    b.insert(ReturnOp([x2, y2]))
+    g = build_graph(f)
+
+    def costs(bits: int):
+        return SimpleNamespace(seconds=1.0, legal=bin(bits).count("1") <= 2)
+
+    groups = beam_search(g, costs)
+    assert is_acyclic(g, groups)
+    assert sorted(bin(x).count("1") for x in groups) == [1, 1, 2]  # the best acyclic plan
