@@ -101,7 +101,7 @@ def step_counts(graphs) -> dict[str, int]:
     permutes, casts...: a layout copy a view or the consumer's index map could have avoided)."""
     counts: Counter = Counter()
     for g in graphs:
-        counts.update(s.kind for s in g.steps)
+        counts.update(s.kind for s in g.steps if s.kind != "dead")
         counts["copy kernel"] += sum(1 for s in g.steps if s.kind == "kernel" and s.source is not None
                                      and set(kernel_ops(s)) <= LAYOUT_OPS)
     return {k: v for k, v in counts.items() if v}

@@ -163,6 +163,7 @@ class CompiledGraph:
             self.steps.append(self._step(op))
         self.steps += self._final_steps()
         self.outputs = [self._slot(v) for v in self.func.return_op.operands]
+        self._drop_dead_views()
         self._plan_lifetimes()
         self.consts = {i: self._place(t.detach().contiguous()) for i, t in prog.constants.items()}
         self._arg_types = [(i, self.func.args[i].type) for i in prog.user_inputs]
@@ -229,6 +230,7 @@ class CompiledGraph:
                 self.fallbacks.append(f"{op.kind} group of {len(op.body.ops) - 1} ops ({src})")
                 return self._interpreted(op, reads, writes)
             kern = load_built(self.libraries[src.symbol], src.symbol)
+            reads = [self._slot(_reshape_base(v)) for v in op.operands]
             return Step(src.symbol, self._kernel_run(kern, len(self.steps), reads, writes,
                                                      list(op.results)),
                         "kernel", reads, writes, src, kern)
@@ -283,6 +285,18 @@ class CompiledGraph:
             return Step(op.attributes["target"], run, "torch", reads, writes)
         self.fallbacks.append(f"'{op.name}' outside any fusion group")
         return self._interpreted(op, reads, writes)
+
+    def _drop_dead_views(self) -> None:
+        """View steps nothing reads any more (a kernel reads a reshape's base instead, see
+        ``_reshape_base``) are dropped: a torch view costs a few microseconds per call."""
+        needed = set(self.outputs)
+        for k in range(len(self.steps) - 1, -1, -1):
+            s = self.steps[k]
+            if s.kind == "view" and not any(w in needed for w in s.writes):
+                # steps know their index (argument arrays, scratch): a dead one stays, inert
+                self.steps[k] = Step(s.name, _nothing, "dead")
+                continue
+            needed.update(s.reads)
 
     def _view_group(self, op, reads: list[int], writes: list[int]) -> Step:
         """A group of layout ops run as torch views of its operands (no kernel)."""
@@ -560,7 +574,8 @@ class CompiledGraph:
                     static.update(s.writes)
                     self.static_steps.append(s)
         self.static_slots = frozenset(static)
-        self.call_steps = [s for s in self.steps if s not in self.static_steps]
+        self.call_steps = [s for s in self.steps if s not in self.static_steps and
+                           s.kind != "dead"]
         self.refresh_steps()
         self._free_states.setdefault(tuple(cs.binding[n] for n in self.symbols), []).append(cs)
         self._n_states = 1
@@ -666,6 +681,26 @@ def _storage_unshared(t: torch.Tensor) -> bool:
 def _moves(rank: int) -> tuple[list[int], list[int]]:
     """Permutations [N, *spatial, C] -> [N, C, *spatial] and back."""
     return [0, rank - 1, *range(1, rank - 1)], [0, *range(2, rank), 1]
+
+
+def _nothing(env, cs) -> None:
+    """The run function of a dead step."""
+
+
+def _reshape_base(v: Value) -> Value:
+    """The value a chain of reshapes (bare ``st.reshape`` ops, or view groups of reshapes only)
+    starts from. A kernel reading a reshape reads its base's bytes instead: a reshape keeps the
+    row-major order, and a strided base is made contiguous for the kernel like any operand."""
+    while True:
+        op = getattr(v, "owner", None)  # block arguments have none
+        if isinstance(op, st.ReshapeOp):
+            v = op.operand(0)
+        elif isinstance(op, fusion.GroupOp) and op.kind == "view" and len(op.operands) == 1 \
+                and len(op.results) == 1 and \
+                all(isinstance(o, st.ReshapeOp) for o in op.body.ops[:-1]):
+            v = op.operand(0)
+        else:
+            return v
 
 
 def _all_empty(group) -> bool:
