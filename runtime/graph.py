@@ -272,8 +272,11 @@ class CompiledGraph:
             # st values are logical tensors: a view step may hand a torch op a strided operand
             # where the traced graph had a contiguous one (the importer drops AOT's clones), and
             # some ops read their operands as if contiguous (_embedding_bag_forward_only did).
-            # Stride-reading ops (as_strided) get their operand as it is.
-            keep = op.attributes["target"].startswith(("aten.as_strided", "aten.set_"))
+            # Stride-reading ops (as_strided) get their operand as it is, and so do the ops
+            # eager itself hands strided views (cpu flash attention: q, k, v are transposes of
+            # the projections; copying them cost three copies per attention call).
+            keep = op.attributes["target"].startswith(
+                ("aten.as_strided", "aten.set_", "aten._scaled_dot_product_flash_attention"))
 
             def run(env, cs, fn=fn, spec=spec, reads=reads, writes=writes, op=op, keep=keep):
                 ops = [env[i] for i in reads] if keep else \
