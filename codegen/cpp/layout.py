@@ -152,12 +152,9 @@ def _reads_only(v: Value, buffers: dict[int, str], name: str) -> bool:
     return buffers[id(v)] == name
 
 
-def transposed_view(v: Value, buffers: dict[int, str], sizes: dict[str, int]):
-    """(u, p): a value ``u`` of ``v``'s shape that ``v``'s element reads at its own index (through
-    element-wise ops only), which is a large buffer seen through layout ops so that it is
-    contiguous along dim ``p`` and strided along ``v``'s innermost dim -- a transpose, which a
-    vectorising compiler will not vectorise (GCC 12 has no strided vector loads). The kernel
-    stages ``u`` in tiles (``PhaseKernel.nest_staged``). None when there is none."""
+def transposed_dim(v: Value, buffers: dict[int, str], sizes: dict[str, int]):
+    """(buffer, p): the largest buffer ``v`` reads that is contiguous along dim ``p`` of ``v`` and
+    strided along its innermost dim (a transpose); None when there is none."""
     shape = dims(v)
     if _symbolic(v) or len(shape) < 2 or shape[-1] < 2:
         return None
@@ -168,9 +165,20 @@ def transposed_view(v: Value, buffers: dict[int, str], sizes: dict[str, int]):
         unit = [k for k in range(len(shape) - 1) if s[k] == 1 and shape[k] >= 2]
         if unit and (best is None or sizes[name] > best[2]):
             best = (name, unit[-1], sizes[name])
+    return None if best is None else best[:2]
+
+
+def transposed_view(v: Value, buffers: dict[int, str], sizes: dict[str, int]):
+    """(u, p): a value ``u`` of ``v``'s shape that ``v``'s element reads at its own index (through
+    element-wise ops only), which is a large buffer seen through layout ops so that it is
+    contiguous along dim ``p`` and strided along ``v``'s innermost dim -- a transpose, which a
+    vectorising compiler will not vectorise (GCC 12 has no strided vector loads). The kernel
+    stages ``u`` in tiles (``PhaseKernel.nest_staged``). None when there is none."""
+    shape = dims(v)
+    best = transposed_dim(v, buffers, sizes)
     if best is None:
         return None
-    name, p, _ = best
+    name, p = best
     seen: set[int] = set()
     todo = [v]
     while todo:

@@ -32,7 +32,7 @@ from codegen.cpp.emit import (
     sets_err,
 )
 from codegen.cpp.emit import hint as size_hint
-from codegen.cpp.layout import interchange, loop_order, transposed_view
+from codegen.cpp.layout import interchange, loop_order, transposed_dim, transposed_view
 from stitch_ir.core import Value
 from stitch_ir.dialects import fusion, st
 from stitch_ir.types import Sym
@@ -218,6 +218,19 @@ class PhaseKernel:
         if staged is not None:
             self.nest_staged(dims(v), staged[1], staged[0], emit)
             return
+        # A transpose after element-wise ops (rffs_net's batch norm + ReLU, then a permute,
+        # often reshaped on the way out, merging the batch with the old innermost dim): loop
+        # over the permuted value (a reshape keeps the row-major order: the same linear index
+        # into the output) and stage the computed value itself in tiles, its inputs read along
+        # their contiguous dim.
+        u = reshape_root(v)
+        if isinstance(getattr(u, "owner", None), st.PermuteOp) and u.owner in self.body and \
+                (u is v or id(u) not in self.em.buffers):
+            found = transposed_dim(u, self.em.buffers, sizes)
+            if found is not None:
+                self.nest_staged(dims(u), found[1], u,
+                                 lambda idx: self.store(targets, u, idx, self.em.value(u, idx)))
+                return
         inner = interchange(v, self.em.buffers, sizes)
         self.nest(dims(v), emit, order=loop_order(dims(v), inner))
 

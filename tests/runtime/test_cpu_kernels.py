@@ -495,6 +495,32 @@ def test_transposing_kernels_stage_tiles(n, c, h, w, dt):
         assert "stage" in src
 
 
+@settings(max_examples=4, deadline=None)
+@given(hs.sampled_from([1, 2]), hs.sampled_from([5, 33, 64]), hs.sampled_from([1, 7, 16]),
+       hs.sampled_from([3, 40, 64]))
+def test_transpose_after_elementwise_then_merged_dims_stage_tiles(n, c, h, w):
+    """rffs_net's batch norm + ReLU, then a permute whose result is reshaped (merging the batch
+    with the old innermost dim): the kernel loops over the permuted value, not the merged
+    output, and stages the computed value in tiles read along the input's contiguous dim."""
+    import codegen.cpp.layout as layout
+
+    old, layout.MIN_BYTES = layout.MIN_BYTES, 0
+    try:
+        x = torch.randn(n, c, h, w)
+        mean, var, s, b = torch.randn(c), torch.rand(c) + 0.5, torch.randn(c), torch.randn(c)
+
+        def fn(x, mean, var, s, b):
+            y = F.relu(F.batch_norm(x, mean, var, s, b, False, 0.1, 1e-5))
+            return y.permute(0, 3, 1, 2).reshape(n * w, c, h)
+
+        g = run_both(fn, [x, mean, var, s, b])
+    finally:
+        layout.MIN_BYTES = old
+    src = "".join(k.source.source for k in g.steps if k.kind == "kernel")
+    if w > 1 and h > 1 and c > 1:
+        assert "stage" in src
+
+
 @pytest.mark.parametrize("bias", [True, False])
 def test_channels_last_convolutions(bias):
     """The layout-channels-last pass: the reference interpreter and the compiled graph agree with
