@@ -13,11 +13,15 @@ Between two convolutions, ``permute(permute(yp))`` folds away (``canonicalize``)
 keeps its activations NHWC; the element-wise, normalisation and pooling kernels around the
 convolutions read and write NHWC buffers, and the layout ops cost no pass of their own.
 
-Measured (``/tmp``-style A/B, one thread, min of 8 calls, this 2-core VM): rffs_net 42.5 ->
-33.6 ms, charformer 31.8 -> 34.8 ms (13 more kernels: the permutes cut groups), attention_round
-23.4 -> 24.4 ms, a ResNet basic block at 8x64x32x32 5.9 -> 6.3 ms (its NCHW input is transposed
-once). So it is an option (``compile_program(channels_last=True)``, the backend's
-``options={"channels_last": True}``), not the default; the planner does not yet weigh a layout.
+Measured (torch.compile, 2 threads, median of 7 alternating pairs of calls, 2026-11-30, after
+transposing kernels stage their tiles): off -> on, inductor for scale: rffs_net 23.4 -> 19.4 ms
+(15.2), charformer 24.9 -> 21.7 ms (16.3), attention_round 13.7 -> 13.9 ms, rcrn 17.5 -> 19.0
+ms, rzcr 4.7 -> 5.3 ms, visual_lexical 0.62 -> 0.73 ms, torchvision-layout resnet18 (b1, 224)
+16.4 -> 18.4 ms (15.5), its width-16 variant (b8, 32) 1.84 -> 2.10 ms. It wins on the two
+conv-heaviest workloads and loses elsewhere, so it is an option
+(``compile_program(channels_last=True)``, the backend's ``options={"channels_last": True}``),
+not the default: the planner does not yet weigh a layout (the next step: cost both layouts per
+convolution chain and keep the cheaper).
 
 Input: any module. Output: the same function; every 4-d, non-transposed ``st.convolution`` whose
 input is not a function argument of rank < 4 has ``channels_last``. Run ``canonicalize`` after.
