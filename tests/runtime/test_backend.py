@@ -3,6 +3,7 @@ fall back to torch and are counted, a new batch size works, recompiling hits the
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -154,3 +155,43 @@ def test_training_at_new_batch_sizes_compiles_every_graph():
             torch.testing.assert_close(p.grad, w, atol=1e-5, rtol=1e-4)
     after = {k: v for k, v in backend.FALLBACKS.items() if k.startswith("graph")}
     assert after == before, after
+
+
+def test_conv_graphs_try_both_layouts_and_keep_the_faster():
+    """A graph with 2-d convolutions is compiled NCHW and channels-last; its first calls
+    alternate between the two (each call runs one: batch-norm statistics update once per call)
+    and the faster serves from then on. Every call is correct, trial or not; training works."""
+    from runtime import backend
+
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8),
+                              torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3, stride=2)).train()
+    ref = copy.deepcopy(net)
+    trials = []
+    real = backend._LayoutTrial.__init__
+
+    def spy(self, *a):
+        real(self, *a)
+        trials.append(self)
+
+    backend._LayoutTrial.__init__ = spy
+    try:
+        compiled = torch.compile(net, backend="stitch")
+        for _ in range(2 * backend._LayoutTrial.TRIALS + 2):
+            x = torch.randn(2, 3, 9, 7)
+            got, want = compiled(x), ref(x)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            got.square().sum().backward()
+            want.square().sum().backward()
+        for p, q in zip(net.parameters(), ref.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(net[1].running_mean, ref[1].running_mean)
+        assert trials and all(t.chosen in t.variants for t in trials)
+        torch._dynamo.reset()
+        n = len(trials)
+        torch.compile(net, backend="stitch", options={"channels_last": False})(
+            torch.randn(2, 3, 9, 7))
+        assert len(trials) == n  # an explicit layout: compiled once, no trial
+    finally:
+        backend._LayoutTrial.__init__ = real
