@@ -18,10 +18,11 @@ transposing kernels stage their tiles): off -> on, inductor for scale: rffs_net 
 (15.2), charformer 24.9 -> 21.7 ms (16.3), attention_round 13.7 -> 13.9 ms, rcrn 17.5 -> 19.0
 ms, rzcr 4.7 -> 5.3 ms, visual_lexical 0.62 -> 0.73 ms, torchvision-layout resnet18 (b1, 224)
 16.4 -> 18.4 ms (15.5), its width-16 variant (b8, 32) 1.84 -> 2.10 ms. It wins on the two
-conv-heaviest workloads and loses elsewhere, so it is an option
-(``compile_program(channels_last=True)``, the backend's ``options={"channels_last": True}``),
-not the default: the planner does not yet weigh a layout (the next step: cost both layouts per
-convolution chain and keep the cheaper).
+conv-heaviest workloads and loses elsewhere, and the planner does not weigh a layout yet (the
+next step: cost both layouts per convolution chain and keep the cheaper). So
+``compile_program`` runs it only when asked (``channels_last=True``), and the torch.compile
+backend measures instead: by default (``channels_last="auto"``) it compiles a conv graph both
+ways and keeps the one whose first calls ran faster (``runtime.backend._LayoutTrial``).
 
 Input: any module. Output: the same function; every 4-d, non-transposed ``st.convolution`` whose
 input is not a function argument of rank < 4 has ``channels_last``. Run ``canonicalize`` after.
