@@ -118,6 +118,14 @@ extern "C" int round_bf(void* const* args) {
   for (int64_t i = 0; i < n; ++i) out[i] = st_round_bf(x[i]);
   return 0;
 }
+extern "C" int round_h(void* const* args) {
+  const float* __restrict x = (const float*)args[0];
+  float* __restrict out = (float*)args[1];
+  const int64_t n = *(const int64_t*)args[2];
+  #pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = st_round_h(x[i]);
+  return 0;
+}
 extern "C" int narrow(void* const* args) {
   const float* __restrict x = (const float*)args[0];
   uint16_t* __restrict out = (uint16_t*)args[1];
@@ -164,22 +172,29 @@ def test_half_conversions_match_torch_bit_for_bit(kernel, bf):
     assert bool(ok.all()), (x[~ok][:8], got[~ok][:8], want.view(torch.int16)[~ok][:8])
 
 
-def test_bf16_rounding_in_float_matches_a_round_trip(kernel):
-    """st_round_bf (a kernel's rounding of a bf16 intermediate, in float) is torch's float ->
-    bfloat16 -> float for every float32 bit pattern class: random bits (subnormals, overflow to
-    inf, NaN), normal values and the rounding edges."""
+@pytest.mark.parametrize("bf", [False, True], ids=["f16", "bf16"])
+def test_half_rounding_in_float_matches_a_round_trip(kernel, bf):
+    """st_round_h / st_round_bf (a kernel's rounding of a half intermediate, in float) is
+    torch's float -> half -> float for every float32 bit pattern class: random bits
+    (subnormals, overflow to inf, NaN), normal values, half's subnormal range and the rounding
+    edges."""
     import torch
 
-    fn = build.load_kernel(HALF_SOURCE, "round_bf", name="stitch_half_round_bf")
+    name = "round_bf" if bf else "round_h"
+    fn = build.load_kernel(HALF_SOURCE, name, name=f"stitch_half_{name}")
+    half = torch.bfloat16 if bf else torch.float16
     gen = torch.Generator().manual_seed(1)
     x = torch.cat([
         torch.randint(-2**31, 2**31 - 1, (1 << 20,), generator=gen, dtype=torch.int64)
         .to(torch.int32).view(torch.float32),
-        torch.randn(1 << 18, generator=gen) * 300,
+        torch.randn(1 << 18, generator=gen) * 300, torch.randn(1 << 18, generator=gen) * 1e-5,
+        torch.randn(1 << 16, generator=gen) * 2.0**-20,
         torch.tensor([3.3895e38, 3.4e38, float("inf"), -float("inf"), float("nan"), 0.0, -0.0,
-                      1e-45, 1.0 + 2.0**-8, 1.0 + 3 * 2.0**-8, -(1.0 + 2.0**-8)])])
+                      1e-45, 1.0 + 2.0**-8, 1.0 + 3 * 2.0**-8, -(1.0 + 2.0**-8), 65504.0,
+                      65519.99, 65520.0, -65520.0, 65536.0, 2.0**-24, 2.0**-25, 3 * 2.0**-26,
+                      2.0**-14, 2.0**-14 - 2.0**-25, 6.1e-5, 1.0 + 2.0**-11, 1.0 + 3 * 2.0**-11])])
     got = torch.empty_like(x)
     fn(x.data_ptr(), got.data_ptr(), np.array([x.numel()], dtype=np.int64).ctypes.data)
-    want = x.to(torch.bfloat16).float()
+    want = x.to(half).float()
     ok = (got == want) | (got.isnan() & want.isnan())
     assert bool(ok.all()), (x[~ok][:8], got[~ok][:8], want[~ok][:8])
