@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16, "f64": torch.float64}
 
 
 @dataclass
@@ -293,6 +293,9 @@ QUICK = {
     "fake_quant/small/f32/infer", "quant_dequant/small/f32/infer", "group_norm/small/f32/infer",
     "rms_norm/small/f32/infer", "silu_mul/small/f32/infer", "silu_mul/large/f32/infer",
     "masked_fill/large/f32/infer", "rms_norm/small/bf16/infer",
+    # float16 and float64 too: client code brings both
+    "bert-tiny/b1/f16/infer", "silu_mul/small/f16/infer", "broadcast_chain/small/f64/infer",
+    "mlp/b32/f64/train",
 }
 
 
