@@ -54,6 +54,7 @@ __all__ = [
     "load_library",
     "openmp_available",
     "stats",
+    "write_atomic",
 ]
 
 # Bump when the calling convention or the cache layout changes: old libraries are then ignored.
@@ -173,9 +174,14 @@ def _tmp_name(stem: str, suffix: str) -> str:
     return f".{stem}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp{suffix}"
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write ``path`` under a temporary name, then rename it into place: a reader never sees
+    half a file (the kernel, Triton and CUDA caches all write this way)."""
     tmp = path.with_name(_tmp_name(path.stem, path.suffix))
-    tmp.write_text(text, encoding="utf-8")
+    if isinstance(data, bytes):
+        tmp.write_bytes(data)
+    else:
+        tmp.write_text(data, encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -212,7 +218,7 @@ def openmp_available() -> bool:
             answer = next((v for (c, _), v in _openmp.items() if c == cxx), None)
         if answer is None:
             answer = _probe_openmp(cxx, folder)
-        _write_atomic(memo, "1\n" if answer else "0\n")
+        write_atomic(memo, "1\n" if answer else "0\n")
     with _lock:
         _openmp[(cxx, str(folder))] = answer
     return answer
@@ -270,7 +276,7 @@ def build_library(source: str, name: str = "kernel", flags: list[str] | None = N
     lib, cpp = folder / f"{stem}.so", folder / f"{stem}.cpp"
     if lib.exists():
         if not cpp.exists():  # someone tidied the sources; keep the promise that it is readable
-            _write_atomic(cpp, source)
+            write_atomic(cpp, source)
         _bump("cache_hits")
         return lib
 
@@ -361,7 +367,7 @@ def build_kernels(kernels: list[tuple[str, str]], prelude: str, flags: list[str]
         name = unit[0][0] if len(unit) == 1 else f"batch{len(unit)}_{unit[0][0]}"
         lib = build_library(source, name=name, flags=flags)
         for _, _, ref in unit:
-            _write_atomic(ref, lib.name)
+            write_atomic(ref, lib.name)
         return lib
 
     with ThreadPoolExecutor(len(units)) as pool:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from runtime.build import BuildError, build_library, cache_dir, load_library
+from runtime.build import BuildError, build_library, cache_dir, load_library, write_atomic
 
 HEADER_DIR = Path(__file__).resolve().parent.parent / "codegen" / "cuda"
 HEADERS = ("stitch_cuda.h", "stitch_emu.h")
@@ -52,15 +52,6 @@ def cuda_dir() -> Path:
     path = cache_dir() / "cuda"
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def _write_atomic(path: Path, data: str | bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    if isinstance(data, bytes):
-        tmp.write_bytes(data)
-    else:
-        tmp.write_text(data, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def headers_text() -> str:
@@ -182,7 +173,7 @@ def compile_cuda(src, arch: int) -> list[CudaBuild]:
         reports = json.loads(report_path.read_text())
     else:
         folder.mkdir(parents=True, exist_ok=True)
-        _write_atomic(cu, src.source)
+        write_atomic(cu, src.source)
         for h in HEADERS:
             shutil.copyfile(HEADER_DIR / h, folder / h)
         # one nvcc run: the cubin, and (-keep) the PTX it was assembled from
@@ -214,7 +205,7 @@ def compile_cuda(src, arch: int) -> list[CudaBuild]:
                 "cooperative": launch.cooperative, "grid_syncs": launch.grid_syncs,
                 "syncthreads": launch.syncthreads, "hw_barriers": u.get("barriers", 0),
                 "what": launch.what})
-        _write_atomic(report_path, json.dumps(reports, indent=1))
+        write_atomic(report_path, json.dumps(reports, indent=1))
         with _lock:
             _stats["compiled"] += 1
     return [CudaBuild(r["kernel"], arch, cu, ptx, cubin, r) for r in reports]
@@ -298,7 +289,7 @@ def emit_cuda_kernels(module, target: str, out: Path) -> list[dict]:
             continue
         for h in HEADERS:
             shutil.copyfile(HEADER_DIR / h, out / h)
-        _write_atomic(out / f"{src.symbol}.cu", src.source)
+        write_atomic(out / f"{src.symbol}.cu", src.source)
         for path in (builds[0].ptx_path, builds[0].cubin_path):
             shutil.copyfile(path, out / f"{src.symbol}{path.suffix}")
         for b in builds:

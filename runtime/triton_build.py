@@ -19,18 +19,16 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import re
 import subprocess
 import threading
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
-from runtime.build import cache_dir
+from runtime.build import cache_dir, write_atomic
 
 _lock = threading.Lock()
 _modules: dict[tuple[str, bool], ModuleType] = {}
@@ -48,19 +46,10 @@ def triton_dir() -> Path:
     return path
 
 
-def _write_atomic(path: Path, data: str | bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    if isinstance(data, bytes):
-        tmp.write_bytes(data)
-    else:
-        tmp.write_text(data, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def source_path(src) -> Path:
     path = triton_dir() / f"{src.symbol}.py"
     if not path.exists():
-        _write_atomic(path, src.source)
+        write_atomic(path, src.source)
     return path
 
 
@@ -154,14 +143,14 @@ def compile_group(src, arch: int) -> list[KernelBuild]:
         ast = ASTSource(fn, sig, constexprs=dict(launch.constexprs), attrs=attrs)
         compiled = triton.compile(ast, target=GPUTarget("cuda", arch, 32),
                                   options={"num_warps": launch.num_warps})
-        _write_atomic(base.with_suffix(".ptx"), compiled.asm["ptx"])
-        _write_atomic(base.with_suffix(".cubin"), compiled.asm["cubin"])
+        write_atomic(base.with_suffix(".ptx"), compiled.asm["ptx"])
+        write_atomic(base.with_suffix(".cubin"), compiled.asm["cubin"])
         usage = _res_usage(base.with_suffix(".cubin")).get(launch.kernel, {})
         report = {"kernel": launch.kernel, "arch": f"sm_{arch}", "registers": usage.get("REG", 0),
                   "spill_bytes": usage.get("LOCAL", 0), "stack_bytes": usage.get("STACK", 0),
                   "shared_bytes": int(compiled.metadata.shared), "num_warps": launch.num_warps,
                   "grid": launch.grid, "constexprs": launch.constexprs, "what": launch.what}
-        _write_atomic(report_path, json.dumps(report, indent=1))
+        write_atomic(report_path, json.dumps(report, indent=1))
         with _lock:
             _stats["compiled"] += 1
         builds.append(KernelBuild(launch.kernel, arch, base.with_suffix(".ptx"),
@@ -258,11 +247,11 @@ def emit_kernels(module, target: str, out: Path, deterministic: bool = False,
         except Unsupported as e:
             rows.append({"group": op.kind, "unsupported": str(e)})
             continue
-        _write_atomic(out / f"{src.symbol}.py", src.source)
+        write_atomic(out / f"{src.symbol}.py", src.source)
         for b in builds:
             for path in (b.ptx_path, b.cubin_path):
                 shutil.copyfile(path, out / f"{src.symbol}.{b.kernel}{path.suffix}")
             rows.append({"group": op.kind, "symbol": src.symbol, "mapping": op.attr("mapping"),
                          **b.report, "note": note})
-    _write_atomic(out / "kernels.json", json.dumps(rows, indent=1))
+    write_atomic(out / "kernels.json", json.dumps(rows, indent=1))
     return rows

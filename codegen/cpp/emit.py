@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from stitch_ir.core import BlockArgument, Value
@@ -272,6 +273,20 @@ class Emitter:
 
     def pop(self) -> None:
         self.scopes.pop()
+
+    @contextmanager
+    def loop_body(self, loop_vars=()) -> Iterator[None]:
+        """The body of the loop whose header (ending in ``{``) was just written: a scope of its
+        own, so statements invariant in ``loop_vars`` hoist above the header; on exit its lines
+        join the enclosing scope and the brace closes."""
+        lines: list[str] = []
+        self.push(lines, self.scopes[-1].indent + "  ", loop_vars)
+        try:
+            yield
+        finally:
+            self.pop()
+        self.scopes[-1].lines.extend(lines)
+        self.line("}")
 
     def mark(self) -> None:
         """Call before writing a loop header: hoisted statements go above it."""

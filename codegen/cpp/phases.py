@@ -176,12 +176,8 @@ class PhaseKernel:
         if len(shape) == 1:
             em.line("#pragma omp for simd schedule(static)")
             em.line(f"for (int64_t {names[0]} = 0; {names[0]} < {shape[0]}; ++{names[0]}) {{")
-            body: list[str] = []
-            em.push(body, em.scopes[-1].indent + "  ", loop_vars=set(names))
-            emit(names)
-            em.pop()
-            em.scopes[-1].lines.extend(body)
-            em.line("}")
+            with em.loop_body(names):
+                emit(names)
             return
         em.line(f"#pragma omp for collapse({len(shape) - 1}) schedule(static)")
         for k in order[:-1]:
@@ -189,21 +185,19 @@ class PhaseKernel:
         em.line("{")
         # Two scopes: what depends only on the collapsed (outer) loops -- a channel's scale, a
         # row's statistics -- is computed once per pass of the innermost loop, above it.
-        outer: list[str] = []
-        em.push(outer, em.scopes[-1].indent + "  ", loop_vars=set(names[:-1]))
+        with em.loop_body(names[:-1]):
+            self._simd_loop(names[-1], shape[-1], err, lambda: emit(names))
+
+    def _simd_loop(self, var: str, bound, err: str, body) -> None:
+        """``#pragma omp simd`` over ``var`` in [0, ``bound``); ``body()`` writes the loop body,
+        whose invariant statements hoist above the pragma (which must precede its loop)."""
+        em = self.em
         em.line(f"#pragma omp simd{err}")
         em.mark()
-        em.scopes[-1].hoist_at -= 1  # above the pragma, which must precede its loop directly
-        em.line(f"for (int64_t {names[-1]} = 0; {names[-1]} < {shape[-1]}; ++{names[-1]}) {{")
-        body = []
-        em.push(body, em.scopes[-1].indent + "  ", loop_vars={names[-1]})
-        emit(names)
-        em.pop()
-        em.scopes[-1].lines.extend(body)
-        em.line("}")
-        em.pop()
-        em.scopes[-1].lines.extend(outer)
-        em.line("}")
+        em.scopes[-1].hoist_at -= 1
+        em.line(f"for (int64_t {var} = 0; {var} < {bound}; ++{var}) {{")
+        with em.loop_body([var]):
+            body()
 
     def store(self, targets: list[str], v: Value, idx: list[str], expr: str) -> None:
         lin = linearize(idx, dims(v))
@@ -272,31 +266,14 @@ class PhaseKernel:
         em.mark()
         em.line(f"for (int64_t {ll} = 0; {ll} < {ll}_n; ++{ll})")
         em.line(f"for (int64_t {pl} = 0; {pl} < {pl}_n; ++{pl}) {{")
-        copy: list[str] = []
-        em.push(copy, em.scopes[-1].indent + "  ", loop_vars={ll, pl})
-        em.line(f"{buf}[{pl}][{ll}] = {em.value(u, idx)};")
-        em.pop()
-        em.scopes[-1].lines.extend(copy)
-        em.line("}")
+        with em.loop_body([ll, pl]):
+            em.line(f"{buf}[{pl}][{ll}] = {em.value(u, idx)};")
         # 2. the value, over contiguous rows of the tile
         em.known[id(u)] = lambda at, want=list(idx): f"{buf}[{pl}][{ll}]" if at == want else None
         em.mark()
         em.line(f"for (int64_t {pl} = 0; {pl} < {pl}_n; ++{pl}) {{")
-        row: list[str] = []
-        em.push(row, em.scopes[-1].indent + "  ", loop_vars={pl})
-        em.line(f"#pragma omp simd{err}")
-        em.mark()
-        em.scopes[-1].hoist_at -= 1  # above the pragma, which must precede its loop directly
-        em.line(f"for (int64_t {ll} = 0; {ll} < {ll}_n; ++{ll}) {{")
-        body: list[str] = []
-        em.push(body, em.scopes[-1].indent + "  ", loop_vars={ll})
-        emit(idx)
-        em.pop()
-        em.scopes[-1].lines.extend(body)
-        em.line("}")
-        em.pop()
-        em.scopes[-1].lines.extend(row)
-        em.line("}")
+        with em.loop_body([pl]):
+            self._simd_loop(ll, f"{ll}_n", err, lambda: emit(idx))
         del em.known[id(u)]
         em.pop()
         em.scopes[-1].lines.extend(tile)

@@ -47,17 +47,12 @@ SUBSET: list[tuple[str, tuple[int, ...]]] = [
     ("round.decimals_3", (0,)), ("round.decimals_neg_3", (0,)), ("half", (0,)),
     ("bfloat16", (0,)),
 ]
-# Known wrong today, being fixed by someone else: strict, so a fix turns them red until removed.
-XFAIL: dict[tuple[str, int], str] = {}
 
 
 def _cases():
     for key, indices in SUBSET:
         for i in indices:
             yield pytest.param(key, i, id=f"{key}-{i}")
-    for (key, i), why in XFAIL.items():
-        yield pytest.param(key, i, id=f"{key}-{i}", marks=pytest.mark.xfail(strict=True,
-                                                                             reason=why))
 
 
 @functools.cache

@@ -13,7 +13,8 @@ import pytest
 from cost_model import KernelDesc, cpu_spec
 from cost_model.learned import IR_FEATURES, LearnedModel, features, train
 
-lgb = pytest.importorskip("lightgbm")
+lgb = pytest.importorskip("lightgbm", reason="the tune extra: `make test` installs it "
+                              "(pip install -e .[tune])")
 SPEC = replace(cpu_spec(measure=False), fingerprint="test cpu|2 cores")
 
 

@@ -11,7 +11,8 @@ import pytest
 from cost_model.records import RecordStore
 from runtime import tune
 
-ray = pytest.importorskip("ray")
+ray = pytest.importorskip("ray", reason="the tune extra: `make test` installs it "
+                              "(pip install -e .[tune])")
 ROOT = Path(__file__).resolve().parents[2]
 WL = "pattern:softmax/512"
 
