@@ -18,6 +18,9 @@ declines (returns ``imp.torch_call(n)``):
 - pooling in general lives in ``importer_pooling`` (built on ``strided_gather``);
 - ``embedding_bag`` (output only): each index position's bag from comparisons with the bag
   starts, then an ``st.index_add`` (sum, mean) or ``st.scatter_reduce`` (max) into the bags;
+- dropout, ``rand`` / ``rand_like`` and ``bernoulli`` draw from ``st.rand`` (Philox, seeded per
+  call), and ``fake_quantize_per_tensor_affine_cachemask`` is its quantise-dequantise in eager's
+  own arithmetic;
 - ``copy``, the ``*_copy`` variants of views, ``view_of``, ``empty_permuted`` / ``*_strided``
   (undefined values: zeros), ``fmax`` / ``fmin`` (NaN-ignoring max / min as selects), integer
   ``fmod`` (``a - trunc(a / b) * b``).
@@ -633,3 +636,67 @@ def addr(imp: GraphImporter, n):
     if beta != 1:
         x = imp.create(st.MulOp, x, imp.constant(beta, out))
     return imp.create(st.AddOp, x, outer)
+
+
+# ----------------------------------------------------------------------------------------------
+# Random numbers: st.rand (Philox, seeded per call from torch's generator; see st.RandOp). The
+# streams are not eager's (no compiler reproduces those); the distributions are.
+
+
+@handles(aten.native_dropout)
+def native_dropout(imp, n):
+    """(x * keep / (1 - p), keep) with keep = rand < 1 - p, as eager's bernoulli(1 - p) mask."""
+    a = bind(n)
+    out, mask_t = imp.out_type(0), imp.out_type(1)
+    x = imp.value(a["input"])
+    p, train = float(a["p"]), a["train"]
+    if not train or p == 0:
+        return [x, imp.constant(True, mask_t)]
+    if p >= 1:
+        return [imp.constant(0.0, out), imp.constant(False, mask_t)]
+    keep = imp.create(st.LtOp, imp.rand(out.shape), imp.constant(1.0 - p, TensorType(out.shape,
+                                                                                      DType.f32)))
+    kept = imp.create(st.MulOp, x, imp.cast(keep, out.dtype))
+    return [imp.create(st.MulOp, kept, imp.constant(1.0 / (1.0 - p), out)), keep]
+
+
+@handles(aten.rand_like, aten.rand)
+def rand(imp, n):
+    out = imp.out_type()
+    if not out.dtype.is_float:
+        raise imp.fail(f"rand of {out.dtype}")
+    return imp.cast(imp.rand(out.shape), out.dtype)
+
+
+@handles(aten.bernoulli.p, aten.bernoulli.default)
+def bernoulli(imp, n):
+    """1 where rand < p (p a number, or the input tensor of probabilities), else 0."""
+    a = bind(n)
+    out = imp.out_type()
+    u = imp.rand(out.shape)
+    p = imp.operand(a["p"] if "p" in a and a["p"] is not None else a["self"], DType.f32, out.shape)
+    return imp.cast(imp.create(st.LtOp, u, p), out.dtype)
+
+
+@handles(aten.fake_quantize_per_tensor_affine_cachemask)
+def fake_quantize_cachemask(imp, n):
+    """Quantise and dequantise as eager's cpu kernel computes it (its bits): q = (int64)(zp +
+    nearbyint(x * (1.0f / scale))), out = (clamp(q, lo, hi) - zp) * scale, mask = lo <= q <= hi,
+    scale in float. So a QAT model's fake-quant fuses with its neighbours."""
+    a = bind(n)
+    out, mask_t = imp.out_type(0), imp.out_type(1)
+    if out.dtype is not DType.f32:
+        raise imp.fail(f"fake_quantize of {out.dtype}")
+    f32, i64 = TensorType(out.shape, DType.f32), TensorType(out.shape, DType.i64)
+    scale = float(np.float32(a["scale"]))
+    inv = float(np.float32(1.0) / np.float32(scale))
+    zp, lo, hi = int(a["zero_point"]), int(a["quant_min"]), int(a["quant_max"])
+    x = imp.value(a["self"])
+    t = imp.create(st.RoundOp, imp.create(st.MulOp, x, imp.constant(inv, f32)))
+    q = imp.cast(imp.create(st.AddOp, t, imp.constant(float(zp), f32)), DType.i64)
+    c = imp.create(st.ClampOp, q, imp.constant(lo, i64), imp.constant(hi, i64))
+    deq = imp.create(st.MulOp, imp.cast(imp.create(st.SubOp, c, imp.constant(zp, i64)), DType.f32),
+                     imp.constant(scale, f32))
+    inside = imp.create(st.LogicalAndOp, imp.create(st.GeOp, q, imp.constant(lo, i64)),
+                        imp.create(st.LeOp, q, imp.constant(hi, i64)))
+    return [deq, imp.cast(inside, mask_t.dtype)]

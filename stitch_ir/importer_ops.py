@@ -2,13 +2,14 @@
 
 Each handler gets the importer and an FX node and returns the value (or list of values) that
 stands for the node's result. Arguments are bound by the op's schema (``bind``), so positional
-and keyword forms look the same. Anything not handled here becomes ``st.torch_call``.
+and keyword forms look the same. More rules live in ``importer_lowerings`` (ops with no ``st``
+counterpart, random numbers, fake quantisation) and ``importer_pooling``; anything no rule
+handles becomes ``st.torch_call``.
 """
 
 from __future__ import annotations
 
 import math
-import operator
 from typing import Any
 
 import torch
@@ -95,72 +96,6 @@ def round_decimals(imp, n):
     else:
         r = imp.create(st.MulOp, imp.create(st.RoundOp, imp.create(st.DivOp, xo, scale)), scale)
     return imp.cast(r, out.dtype)
-
-
-# ----------------------------------------------------------------------------------------------
-# Random numbers: st.rand (Philox, seeded per call from torch's generator; see st.RandOp). The
-# streams are not eager's (no compiler reproduces those); the distributions are.
-
-
-@handles(aten.native_dropout)
-def native_dropout(imp, n):
-    """(x * keep / (1 - p), keep) with keep = rand < 1 - p, as eager's bernoulli(1 - p) mask."""
-    a = bind(n)
-    out, mask_t = imp.out_type(0), imp.out_type(1)
-    x = imp.value(a["input"])
-    p, train = float(a["p"]), a["train"]
-    if not train or p == 0:
-        return [x, imp.constant(True, mask_t)]
-    if p >= 1:
-        return [imp.constant(0.0, out), imp.constant(False, mask_t)]
-    keep = imp.create(st.LtOp, imp.rand(out.shape), imp.constant(1.0 - p, TensorType(out.shape,
-                                                                                      DType.f32)))
-    kept = imp.create(st.MulOp, x, imp.cast(keep, out.dtype))
-    return [imp.create(st.MulOp, kept, imp.constant(1.0 / (1.0 - p), out)), keep]
-
-
-@handles(aten.rand_like, aten.rand)
-def rand(imp, n):
-    out = imp.out_type()
-    if not out.dtype.is_float:
-        raise imp.fail(f"rand of {out.dtype}")
-    return imp.cast(imp.rand(out.shape), out.dtype)
-
-
-@handles(aten.bernoulli.p, aten.bernoulli.default)
-def bernoulli(imp, n):
-    """1 where rand < p (p a number, or the input tensor of probabilities), else 0."""
-    a = bind(n)
-    out = imp.out_type()
-    u = imp.rand(out.shape)
-    p = imp.operand(a["p"] if "p" in a and a["p"] is not None else a["self"], DType.f32, out.shape)
-    return imp.cast(imp.create(st.LtOp, u, p), out.dtype)
-
-
-@handles(aten.fake_quantize_per_tensor_affine_cachemask)
-def fake_quantize_cachemask(imp, n):
-    """Quantise and dequantise as eager's cpu kernel computes it (its bits): q = (int64)(zp +
-    nearbyint(x * (1.0f / scale))), out = (clamp(q, lo, hi) - zp) * scale, mask = lo <= q <= hi,
-    scale in float. So a QAT model's fake-quant fuses with its neighbours."""
-    import numpy as np
-
-    a = bind(n)
-    out, mask_t = imp.out_type(0), imp.out_type(1)
-    if out.dtype is not DType.f32:
-        raise imp.fail(f"fake_quantize of {out.dtype}")
-    f32, i64 = TensorType(out.shape, DType.f32), TensorType(out.shape, DType.i64)
-    scale = float(np.float32(a["scale"]))
-    inv = float(np.float32(1.0) / np.float32(scale))
-    zp, lo, hi = int(a["zero_point"]), int(a["quant_min"]), int(a["quant_max"])
-    x = imp.value(a["self"])
-    t = imp.create(st.RoundOp, imp.create(st.MulOp, x, imp.constant(inv, f32)))
-    q = imp.cast(imp.create(st.AddOp, t, imp.constant(float(zp), f32)), DType.i64)
-    c = imp.create(st.ClampOp, q, imp.constant(lo, i64), imp.constant(hi, i64))
-    deq = imp.create(st.MulOp, imp.cast(imp.create(st.SubOp, c, imp.constant(zp, i64)), DType.f32),
-                     imp.constant(scale, f32))
-    inside = imp.create(st.LogicalAndOp, imp.create(st.GeOp, q, imp.constant(lo, i64)),
-                        imp.create(st.LeOp, q, imp.constant(hi, i64)))
-    return [deq, imp.cast(inside, mask_t.dtype)]
 
 
 @handles(aten.isnan, aten.isinf)
@@ -817,60 +752,6 @@ def reverse(imp, n):
         idx = imp.create(st.IotaOp, start=size - 1, step=-1, size=size, dtype=DType.i64)
         x = imp.create(st.IndexSelectOp, x, idx, dim=d)
     return x
-
-
-def _pool_window(imp, n, kernel, stride, padding, dilation=(1, 1), ceil_mode=False):
-    """The window size when a 2-d pooling is non-overlapping and exact (kernel == stride, no
-    padding, no dilation, sizes divisible), else None."""
-    k = list(kernel) * (2 // len(kernel)) if kernel else None
-    s = list(stride) * (2 // len(stride)) if stride else k
-    p = list(padding) * (2 // len(padding)) if padding else [0, 0]
-    d = list(dilation) * (2 // len(dilation)) if dilation else [1, 1]
-    x = imp.value(n.args[0])
-    h, w = x.type.shape[-2:]
-    if k is None or k != s or any(p) or d != [1, 1] or ceil_mode or h % k[0] or w % k[1]:
-        return None
-    return x, k
-
-
-def _windows(imp, x, k) -> Value:
-    """[..., H, W] -> [..., H/kh, kh, W/kw, kw] (a view)."""
-    *lead, h, w = x.type.shape
-    return imp.reshape(x, (*lead, h // k[0], k[0], w // k[1], k[1]))
-
-
-@handles(aten.avg_pool2d)
-def avg_pool2d(imp, n):
-    a = bind(n)
-    got = _pool_window(imp, n, a["kernel_size"], a.get("stride"), a.get("padding"),
-                       ceil_mode=bool(a.get("ceil_mode")))
-    if got is None or a.get("divisor_override"):  # the general form: windows and a divisor table
-        from stitch_ir.importer_pooling import avg_pool2d_general
-
-        return avg_pool2d_general(imp, n)
-    x, k = got
-    dt = x.type.dtype
-    if dt in (DType.f16, DType.bf16):  # torch's cpu kernel sums and divides in float
-        x = imp.cast(x, DType.f32)
-    win = _windows(imp, x, k)
-    r = win.type.rank
-    return imp.cast(imp.create(st.MeanOp, win, dims=(r - 3, r - 1), keepdim=False), dt)
-
-
-@handles(aten.max_pool2d_with_indices)
-def max_pool2d(imp, n):
-    a = bind(n)
-    got = _pool_window(imp, n, a["kernel_size"], a.get("stride"), a.get("padding"),
-                       a.get("dilation"), bool(a.get("ceil_mode")))
-    indices_used = any(u.target is operator.getitem and u.args[1] == 1 for u in n.users)
-    if got is None or indices_used:  # the general form: windows, argmax and an index table
-        from stitch_ir.importer_pooling import max_pool2d_with_indices
-
-        return max_pool2d_with_indices(imp, n)
-    x, k = got
-    win = _windows(imp, x, k)
-    r = win.type.rank
-    return [imp.create(st.MaxOp, win, dims=(r - 3, r - 1), keepdim=False), None]
 
 
 def _index_adjacent(imp, n, x: Value, live) -> Value:

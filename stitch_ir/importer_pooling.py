@@ -1,6 +1,6 @@
 """Pooling with overlapping windows, padding, dilation and ceil mode, in 2-d and 3-d, lowered
-exactly into existing ``st`` ops (the non-overlapping 2-d case stays the reshape + reduction of
-``importer_ops``).
+exactly into existing ``st`` ops; the non-overlapping 2-d case (windows that tile the input) is
+a reshape and one reduction, at the end of this module.
 
 The windows of an input padded with the reduction's neutral value (-inf for max, 0 for sums)
 are one strided view (``importer_lowerings.strided_gather``): ``[*lead, *out, *kernel]``.
@@ -21,10 +21,12 @@ are one strided view (``importer_lowerings.strided_gather``): ``[*lead, *out, *k
 from __future__ import annotations
 
 import math
+import operator
 
 import numpy as np
 import torch
 
+from stitch_ir.core import Value
 from stitch_ir.dialects import st
 from stitch_ir.importer import handles
 from stitch_ir.importer_lowerings import (
@@ -231,10 +233,6 @@ def avg_pool(imp, n, nd: int):
     return imp.cast(mean, half) if half else mean
 
 
-def avg_pool2d_general(imp, n):
-    return avg_pool(imp, n, 2)
-
-
 @handles(aten.avg_pool3d)
 def avg_pool3d(imp, n):
     return avg_pool(imp, n, 3)
@@ -334,3 +332,57 @@ def adaptive_avg_pool3d(imp, n):
     total = imp.create(st.SumOp, win, dims=(win.type.rank - 1,), keepdim=False)
     div = imp.broadcast(_dense(imp, count.astype(np.float64), x.type.dtype), total.type.shape)
     return imp.create(st.DivOp, total, div)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2-d pooling whose windows tile the input exactly: a reshape and one reduction
+
+
+def _pool_window(imp, n, kernel, stride, padding, dilation=(1, 1), ceil_mode=False):
+    """The window size when a 2-d pooling is non-overlapping and exact (kernel == stride, no
+    padding, no dilation, sizes divisible), else None."""
+    k = list(kernel) * (2 // len(kernel)) if kernel else None
+    s = list(stride) * (2 // len(stride)) if stride else k
+    p = list(padding) * (2 // len(padding)) if padding else [0, 0]
+    d = list(dilation) * (2 // len(dilation)) if dilation else [1, 1]
+    x = imp.value(n.args[0])
+    h, w = x.type.shape[-2:]
+    if k is None or k != s or any(p) or d != [1, 1] or ceil_mode or h % k[0] or w % k[1]:
+        return None
+    return x, k
+
+
+def _exact_windows(imp, x, k) -> Value:
+    """[..., H, W] -> [..., H/kh, kh, W/kw, kw] (a view)."""
+    *lead, h, w = x.type.shape
+    return imp.reshape(x, (*lead, h // k[0], k[0], w // k[1], k[1]))
+
+
+@handles(aten.avg_pool2d)
+def avg_pool2d(imp, n):
+    a = bind(n)
+    got = _pool_window(imp, n, a["kernel_size"], a.get("stride"), a.get("padding"),
+                       ceil_mode=bool(a.get("ceil_mode")))
+    if got is None or a.get("divisor_override"):  # the general form: windows and a divisor table
+        return avg_pool(imp, n, 2)
+    x, k = got
+    dt = x.type.dtype
+    if dt in (DType.f16, DType.bf16):  # torch's cpu kernel sums and divides in float
+        x = imp.cast(x, DType.f32)
+    win = _exact_windows(imp, x, k)
+    r = win.type.rank
+    return imp.cast(imp.create(st.MeanOp, win, dims=(r - 3, r - 1), keepdim=False), dt)
+
+
+@handles(aten.max_pool2d_with_indices)
+def max_pool2d(imp, n):
+    a = bind(n)
+    got = _pool_window(imp, n, a["kernel_size"], a.get("stride"), a.get("padding"),
+                       a.get("dilation"), bool(a.get("ceil_mode")))
+    indices_used = any(u.target is operator.getitem and u.args[1] == 1 for u in n.users)
+    if got is None or indices_used:  # the general form: windows, argmax and an index table
+        return max_pool2d_with_indices(imp, n)
+    x, k = got
+    win = _exact_windows(imp, x, k)
+    r = win.type.rank
+    return [imp.create(st.MaxOp, win, dims=(r - 3, r - 1), keepdim=False), None]
