@@ -114,44 +114,42 @@ def new_size(sizes: list[int], threads: int) -> list[dict]:
     return out
 
 
-class _Pattern:
-    """A cpu pattern (``bench.patterns``) with its weights as parameters, so that every input
-    has the batch (rows) in dim 0."""
+def _pattern(name: str, rows: int):
+    """(module, inputs): a cpu pattern (``bench.patterns``) with its weights as parameters, so
+    that every input has the batch (rows) in dim 0."""
+    import torch
+    import torch.nn.functional as F
 
-    def __new__(cls, name: str, rows: int):
-        import torch
-        import torch.nn.functional as F
+    g = torch.Generator().manual_seed(0)
+    H, F2 = 1024, 2048
 
-        g = torch.Generator().manual_seed(0)
-        H, F2 = 1024, 2048
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g)
 
-        def rnd(*shape):
-            return torch.randn(*shape, generator=g)
+    class M(torch.nn.Module):
+        def __init__(self, fn, **params):
+            super().__init__()
+            self.fn = fn
+            for k, v in params.items():
+                self.register_parameter(k, torch.nn.Parameter(v, requires_grad=False))
 
-        class M(torch.nn.Module):
-            def __init__(self, fn, **params):
-                super().__init__()
-                self.fn = fn
-                for k, v in params.items():
-                    self.register_parameter(k, torch.nn.Parameter(v, requires_grad=False))
+        def forward(self, *xs):
+            return self.fn(self, *xs)
 
-            def forward(self, *xs):
-                return self.fn(self, *xs)
+    def ln(x, w, b):
+        return F.layer_norm(x, (x.shape[-1],), w, b, 1e-5)
 
-        def ln(x, w, b):
-            return F.layer_norm(x, (x.shape[-1],), w, b, 1e-5)
-
-        table = {
-            "layernorm": (lambda m, x: ln(x, m.w, m.b), dict(w=rnd(H), b=rnd(H)), [rnd(rows, H)]),
-            "softmax": (lambda m, x: torch.softmax(x * 0.125, -1), {}, [rnd(rows, H)]),
-            "bias_gelu": (lambda m, x: F.gelu(x + m.b), dict(b=rnd(F2)), [rnd(rows, F2)]),
-            "bias_residual_layernorm": (lambda m, y, res: ln(y + m.b + res, m.w, m.beta),
-                                        dict(b=rnd(H), w=rnd(H), beta=rnd(H)),
-                                        [rnd(rows, H), rnd(rows, H)]),
-            "column_sum": (lambda m, x: (x * m.w).sum(0), dict(w=rnd(H)), [rnd(rows, H)]),
-        }
-        fn, params, inputs = table[name]
-        return M(fn, **params).eval(), inputs
+    table = {
+        "layernorm": (lambda m, x: ln(x, m.w, m.b), dict(w=rnd(H), b=rnd(H)), [rnd(rows, H)]),
+        "softmax": (lambda m, x: torch.softmax(x * 0.125, -1), {}, [rnd(rows, H)]),
+        "bias_gelu": (lambda m, x: F.gelu(x + m.b), dict(b=rnd(F2)), [rnd(rows, F2)]),
+        "bias_residual_layernorm": (lambda m, y, res: ln(y + m.b + res, m.w, m.beta),
+                                    dict(b=rnd(H), w=rnd(H), beta=rnd(H)),
+                                    [rnd(rows, H), rnd(rows, H)]),
+        "column_sum": (lambda m, x: (x * m.w).sum(0), dict(w=rnd(H)), [rnd(rows, H)]),
+    }
+    fn, params, inputs = table[name]
+    return M(fn, **params).eval(), inputs
 
 
 STEADY = ("layernorm", "softmax", "bias_gelu", "bias_residual_layernorm", "column_sum")
@@ -169,7 +167,7 @@ def steady(threads: int, repeat: int, rows: int = 1024) -> list[dict]:
     device = get_device("cpu")
     out = []
     for name in STEADY:
-        m, inputs = _Pattern(name, rows)
+        m, inputs = _pattern(name, rows)
         graphs = {kind: compile_program(import_model(m, tuple(inputs), dynamic=dyn),
                                         device_spec=device)
                   for kind, dyn in (("static", None), ("symbolic", {"batch": 0}))}
