@@ -349,26 +349,35 @@ class CompiledGraph:
         strided operands as they are (a transposed matmul operand is a BLAS flag, not a copy),
         where a copy kernel would write the whole tensor out first. Not for graph outputs (the
         caller gets a fresh tensor, as traced) nor values a kernel reads (kernels read contiguous
-        buffers)."""
+        buffers). A convolution is not such a reader unless the views only reshape: oneDNN
+        copies a strided operand itself (or ``_contiguous`` does, for a channels-last one) with
+        torch's generic copy, after torch's own copy for a reshape of a permute -- two passes where
+        a copy kernel makes one (charformer's window-reverse permutes feeding convolutions)."""
         if not all(isinstance(o, VIEW_OPS) for o in group.body.ops[:-1]):
             return False
         if sum(_nbytes(r) for r in group.results) < VIEW_MIN_BYTES:
             return False  # a small copy kernel costs less than making torch views per call
         returned = {id(v) for v in self.func.return_op.operands}
 
-        def library_only(v, depth=0) -> bool:  # through views: w[i] is a slice, then a reshape
+        def reshapes_only(op) -> bool:
+            body = op.body.ops[:-1] if isinstance(op, fusion.GroupOp) else [op]
+            return all(isinstance(o, st.ReshapeOp) for o in body)
+
+        def library_only(v, moved: bool, depth=0) -> bool:  # through views: a slice, a reshape
             if id(v) in returned or not v.users or depth > 8:
                 return False
             for u in v.users:
+                if isinstance(u, st.ConvolutionOp) and moved:
+                    return False
                 if isinstance(u, st.LibraryOp | st.TorchCallOp):
                     continue
                 view_group = isinstance(u, fusion.GroupOp) and u.kind == "view"
-                if not (isinstance(u, VIEW_OPS) or view_group) or \
-                        not all(library_only(r, depth + 1) for r in u.results):
+                if not (isinstance(u, VIEW_OPS) or view_group) or not all(
+                        library_only(r, moved or not reshapes_only(u), depth + 1) for r in u.results):
                     return False
             return True
 
-        return all(library_only(r) for r in group.results)
+        return all(library_only(r, not reshapes_only(group)) for r in group.results)
 
     def _kernel_run(self, kern, k: int, reads: list[int], writes: list[int], types: list):
         """The run function of kernel step ``k``: its argument array (inputs, outputs, scratch, a

@@ -167,9 +167,18 @@ def _siblings(g: PlanGraph) -> None:
 def _mark_glue(g: PlanGraph) -> None:
     """Reshape / permute chains from library results (or weights) into library ops: the
     greatest set of layout nodes whose users are library ops or glue and whose source is a
-    function argument, a constant, a library result or glue."""
+    function argument, a constant, a library result or glue.
+
+    A chain with a permute that a convolution reads is not glue: a matmul takes a transposed
+    operand as a flag, but oneDNN copies a strided convolution input with torch's generic copy
+    (after torch's own copy for a reshape of a permute): two passes where a copy kernel is one
+    (charformer's window-reverse permutes into channels-last convolutions)."""
     glue = {i for i in range(g.n) if g.role[i] == FUSIBLE and i not in g.returned and g.succs[i]
             and isinstance(g.ops[i], st.ReshapeOp | st.PermuteOp)}
+    moved: dict[int, bool] = {}  # ops are in program order: a source's entry comes first
+    for i in sorted(glue):
+        j = g.node_of(g.ops[i].operand(0))
+        moved[i] = isinstance(g.ops[i], st.PermuteOp) or moved.get(j, False)
     changed = True
     while changed:
         changed = False
@@ -178,7 +187,9 @@ def _mark_glue(g: PlanGraph) -> None:
             j = g.node_of(src)
             source_ok = isinstance(src, BlockArgument) or is_constant(src) or (
                 j is not None and (g.role[j] == LIBRARY_ROLE or j in glue))
-            users_ok = all(g.role[k] == LIBRARY_ROLE or k in glue for k in g.succs[i])
+            users_ok = all((g.role[k] == LIBRARY_ROLE and not (
+                moved[i] and isinstance(g.ops[k], st.ConvolutionOp))) or k in glue
+                for k in g.succs[i])
             if not (source_ok and users_ok):
                 glue.discard(i)
                 changed = True

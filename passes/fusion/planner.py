@@ -117,7 +117,14 @@ def candidates(g: PlanGraph, costs: Costs, beam: int, max_size: int,
     one op and testing convexity are a few big-integer operations. A group already expanded
     from another seed is not expanded again. Growth stops after ``budget`` groups have been
     described (work, not time: the same candidates on a loaded machine), or at ``deadline``
-    (perf_counter), a guard for machines far slower than expected."""
+    (perf_counter), a guard for machines far slower than expected.
+
+    Each seed may describe a fair share of the budget left (what it leaves unused passes on):
+    spent first come, first served, the budget ran out a quarter of the way through the 686
+    seeds of charformer's channels-last graph, and its last attention softmax -- whose seeds
+    were never grown -- ran as three kernels (0.79 ms against 0.41 fused). With the shares, the
+    estimated plan costs of the five largest workload graphs are within 0.1% of unbudgeted
+    growth (which takes 2 s to over 20 s), in 40% less planning time than before."""
     fusible = 0
     for i in g.fusible():
         fusible |= 1 << i
@@ -132,11 +139,15 @@ def candidates(g: PlanGraph, costs: Costs, beam: int, max_size: int,
         out.update(b for b in plan if costs(b).legal)
     expanded: set[int] = set()
     stop = math.inf if budget is None else costs.calls + budget
-    for seed in g.fusible():
+    seeds = list(g.fusible())
+    for left, seed in zip(range(len(seeds), 0, -1), seeds):
         if time.perf_counter() > deadline or costs.calls > stop:
             break
+        seed_stop = costs.calls + (stop - costs.calls) / left  # a fair share of what is left
         frontier = [(1 << seed, nbr[seed], g.desc_bits[seed], g.anc_bits[seed])]
         for _ in range(max_size - 1):
+            if costs.calls > seed_stop:
+                break
             scored: dict[int, tuple[float, tuple]] = {}
             for grp, nb_bits, d, a in frontier:
                 if grp in expanded:

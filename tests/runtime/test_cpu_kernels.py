@@ -528,12 +528,15 @@ def test_channels_last_convolutions(bias):
     torch.manual_seed(0)
     m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1, bias=bias), torch.nn.BatchNorm2d(8),
                             torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 1, bias=bias),
-                            torch.nn.ReLU(), torch.nn.Conv2d(8, 5, 3, stride=2)).eval()
+                            torch.nn.ReLU(), torch.nn.Conv2d(8, 5, 3, stride=2),
+                            torch.nn.ConvTranspose2d(5, 6, 2, stride=2, bias=bias), torch.nn.GELU(),
+                            torch.nn.ConvTranspose2d(6, 3, 3, padding=1, output_padding=0)).eval()
     x = torch.randn(2, 3, 9, 11)
     prog = import_model(m, (x,))
     g = compile_program(prog, device_spec=cpu_spec(measure=False), channels_last=True)
     convs = [op for op in g.func.body.ops if op.name == "st.convolution"]
-    assert len(convs) == 3 and all(op.attr("channels_last") for op in convs)
+    assert len(convs) == 5 and all(op.attr("channels_last") for op in convs)
+    assert sum(op.attributes["transposed"] for op in convs) == 2
     with torch.no_grad():
         want = m(x)
     torch.testing.assert_close(g(x)[0], want, atol=1e-5, rtol=1e-5)
@@ -556,3 +559,40 @@ def test_values_read_through_many_windows_are_materialised_once():
     assert k.source.strategy == "phases" and k.source.scratch  # the BN + ReLU in scratch
     body = k.source.source[k.source.source.index('extern "C"'):]
     assert body.count("std::sqrt") == 1
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_pooled_1x1_convolutions_become_linear(channels_last):
+    """pooled-conv-linear: a squeeze-excitation block's 1x1 convolutions over pooled [N, C, 1, 1]
+    maps run as ``linear`` (oneDNN's set-up costs 50 us each there); a 1x1 convolution over a
+    real map, a padded one and a grouped one stay convolutions. Interpreter, compiled graph and
+    eager agree."""
+    torch.manual_seed(0)
+
+    class SE(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Conv2d(6, 6, 1)
+            self.down = torch.nn.Conv2d(6, 3, 1)
+            self.up = torch.nn.Conv2d(3, 6, 1, bias=False)
+            self.padded = torch.nn.Conv2d(6, 4, 1, padding=1)
+            self.grouped = torch.nn.Conv2d(6, 6, 1, groups=2)
+
+        def forward(self, x):
+            x = self.body(x)
+            s = torch.sigmoid(self.up(torch.relu(self.down(x.mean((2, 3), keepdim=True)))))
+            p = x.amax((2, 3), keepdim=True)
+            return x * s, self.padded(p), self.grouped(p)
+
+    m = SE().eval()
+    x = torch.randn(3, 6, 5, 7)
+    prog = import_model(m, (x,))
+    g = compile_program(prog, device_spec=cpu_spec(measure=False), channels_last=channels_last)
+    names = [op.name for op in g.func.body.ops]
+    assert names.count("st.linear") == 2 and names.count("st.convolution") == 3
+    with torch.no_grad():
+        want = m(x)
+    for got, w in zip(g(x), want):
+        torch.testing.assert_close(got, w, atol=1e-5, rtol=1e-5)
+    for got, w in zip(prog.run(x), want):
+        torch.testing.assert_close(torch.from_numpy(got), w, atol=1e-5, rtol=1e-5)
