@@ -14,8 +14,8 @@ groups run in the cpu emulation when interpreted), ``fusion`` (none | greedy | s
 ``time_limit`` (seconds the stitch planner may search per graph, default 10),
 ``cost_model`` (``analytic`` | ``learned`` | ``auto``, the default: the learned model where one
 trained on this machine won its held-out evaluation; see ``cost_model.learned``),
-``channels_last`` (``auto``, the default: a graph with 2-d convolutions is compiled both ways,
-NCHW and channels-last (``layout-channels-last``), its first calls alternate between the two and
+``channels_last`` (``auto``, the default: a graph with 1-d or 2-d convolutions is compiled both
+ways, NCHW and channels-last (``layout-channels-last``), its first calls alternate between the two and
 the faster serves from then on -- it wins on some conv nets and loses on others, see
 passes/layout.py; ``True`` / ``False``: always / never), ``dump_dir``
 (also ``STITCH_DUMP_DIR``): each compiled graph's IR before and after fusion, its plan and its
@@ -183,7 +183,7 @@ def _or_torch(gm, options):
     try:
         # AOTAutograd compiles under a fake-tensor mode; stitch's constants must be real.
         with unset_fake_temporarily():
-            if options.get("channels_last", "auto") == "auto" and _has_conv2d(gm) and \
+            if options.get("channels_last", "auto") == "auto" and _has_conv(gm) and \
                     options.get("target", "cpu") == "cpu":
                 first = compile_fx(gm, {**options, "channels_last": False})
                 return _LayoutTrial(first, compile_fx(gm, {**options, "channels_last": True}))
@@ -195,13 +195,14 @@ def _or_torch(gm, options):
         return gm.forward
 
 
-def _has_conv2d(gm) -> bool:
-    """Whether the graph runs a 2-d convolution (a 4-d input): the layout trial's candidates."""
+def _has_conv(gm) -> bool:
+    """Whether the graph runs a 1-d or 2-d convolution (a 3-d or 4-d input, plain or
+    transposed): the layout trial's candidates."""
     conv = torch.ops.aten.convolution.default
     for n in gm.graph.nodes:
         if n.target is conv and isinstance(n.args[0], torch.fx.Node):
             val = n.args[0].meta.get("val")
-            if isinstance(val, torch.Tensor) and val.dim() == 4 and not n.args[6]:
+            if isinstance(val, torch.Tensor) and val.dim() in (3, 4):
                 return True
     return False
 

@@ -472,10 +472,22 @@ class CompiledGraph:
                 env[writes[0]] = torch.nn.functional.linear(env[reads[0]], env[reads[1]], b)
         else:  # convolution
             a = op.attributes
-            conv = torch.ops.aten.convolution.default
+            conv = torch.convolution
             args = (list(a["stride"]), list(a["padding"]), list(a["dilation"]),
                     bool(a["transposed"]), list(a["output_padding"]), int(a["groups"]))
-            if a.get("channels_last"):
+            if a.get("channels_last") and op.result.type.rank == 3:
+                # [N, L, C] buffers: a 2-d channels-last convolution of height 1 over the
+                # [N, 1, L, C] view (oneDNN's 1-d path on NLC memory is slower than NCL, its
+                # NHWC 2-d path faster); the weight gains a unit height, all views
+                args2 = ([1, *args[0]], [0, *args[1]], [1, *args[2]], args[3], [0, *args[4]],
+                         args[5])
+
+                def run(env, cs):
+                    b = env[reads[2]] if len(reads) == 3 else None
+                    x = _contiguous(env[reads[0]]).unsqueeze(1).permute(0, 3, 1, 2)
+                    y = conv(x, env[reads[1]].unsqueeze(2), b, *args2)
+                    env[writes[0]] = y.permute(0, 2, 3, 1).squeeze(1)
+            elif a.get("channels_last"):
                 # [N, *spatial, C] buffers: torch sees the channels-last view of the logical
                 # [N, C, *spatial] tensor (its fast NHWC path) and returns one (contiguous NHWC)
                 to_first, to_last = _moves(op.result.type.rank)

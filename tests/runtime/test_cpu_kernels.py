@@ -543,6 +543,33 @@ def test_channels_last_convolutions(bias):
     torch.testing.assert_close(torch.from_numpy(prog.run(x)[0]), want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_channels_last_1d_convolutions(bias):
+    """1-d convolutions run channels-last ([N, L, C] buffers, a height-1 NHWC convolution in
+    torch): strided, padded, dilated, grouped and transposed ones, with BN + ReLU between them
+    as a point-cloud MLP has; odd lengths and a length-1 input."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Conv1d(3, 8, 1, bias=bias), torch.nn.BatchNorm1d(8),
+                            torch.nn.ReLU(), torch.nn.Conv1d(8, 6, 3, stride=2, padding=2,
+                                                             dilation=2, bias=bias),
+                            torch.nn.ReLU(), torch.nn.Conv1d(6, 6, 3, padding=1, groups=3),
+                            torch.nn.ConvTranspose1d(6, 4, 2, stride=2, bias=bias)).eval()
+    m[1].running_mean.uniform_(-1, 1)
+    m[1].running_var.uniform_(0.5, 2)
+    for n, length in [(2, 13), (1, 1), (3, 64)]:
+        x = torch.randn(n, 3, length)
+        prog = import_model(m, (x,))
+        g = compile_program(prog, device_spec=cpu_spec(measure=False), channels_last=True)
+        convs = [op for op in g.func.body.ops if op.name == "st.convolution"]
+        # over a length-1 input the first (1x1) convolution is a linear (pooled-conv-linear)
+        assert len(convs) == (3 if length == 1 else 4)
+        assert all(op.attr("channels_last") for op in convs)
+        with torch.no_grad():
+            want = m(x)
+        torch.testing.assert_close(g(x)[0], want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.from_numpy(prog.run(x)[0]), want, atol=1e-5, rtol=1e-5)
+
+
 def test_values_read_through_many_windows_are_materialised_once():
     """A 3x3 max pool reads its input at 9 positions per output: the batch norm + ReLU feeding it
     is computed once into scratch inside the kernel, not 9 times per output."""
