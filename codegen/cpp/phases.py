@@ -309,9 +309,9 @@ class PhaseKernel:
         # were many ulps off torch's cascade sum, enough to flip later round()s). float32 sums
         # accumulate in double and round once at the store, as the reference interpreter does.
         at = "double" if t == "float" and isinstance(op, st.SumOp | st.MeanOp | st.VarOp) else t
-        if len(shape) - 1 not in op.dims and dims(op.result) and dims(op.result)[-1] > 1 \
-                and not isinstance(op, st.VarOp):
-            return self._column_reduce(op, targets, at)
+        col = self._column_dim(op)
+        if col is not None:
+            return self._column_reduce(op, targets, at, col)
 
         def body(out_idx):
             names = [f"k{self.n_loops}_{k}" for k in range(len(red_shape))]
@@ -349,21 +349,42 @@ class PhaseKernel:
 
         self.nest(dims(op.result), body)
 
-    def _column_reduce(self, op: st.ReduceOp, targets: list[str], at: str) -> None:
-        """A reduction that keeps the innermost (contiguous) dim (column sums: weight
-        gradients). Walking an output's terms would stride through the input a page per step,
-        so the reduced index space is cut into a fixed number of chunks (not one per thread:
-        the answer must not depend on the thread count); a task takes one chunk and a block of
-        up to COLUMN_BLOCK outputs and reads its rows contiguously into an L1 accumulator row,
-        then writes that partial row to scratch; after the barrier each output combines its
-        chunks in order."""
+    def _column_dim(self, op: st.ReduceOp) -> int | None:
+        """The dim of ``op``'s result to run as a column (``_column_reduce``): the innermost, when
+        the reduction keeps it (column sums: weight gradients); or the kept dim along which the
+        largest buffer the input reads is contiguous, when the reduced innermost dim is strided
+        in memory -- a max over the neighbours of a channels-last [N, P, K, C] buffer seen as
+        [N, C, P, K] (rffs_net's edge convolutions) otherwise reads one element per cache line.
+        None: reduce along the input's innermost dim. Never for a variance (two passes)."""
+        shape, out = dims(op.operand(0)), dims(op.result)
+        if isinstance(op, st.VarOp) or not out:
+            return None
+        if len(shape) - 1 not in op.dims:
+            return len(out) - 1 if out[-1] > 1 else None
+        sizes = {self.em.buffers[id(x)]: size_hint(math.prod(dims(x))) * x.type.dtype.itemsize
+                 for x in self.values_in_buffers()}
+        found = transposed_dim(op.operand(0), self.em.buffers, sizes)
+        if found is None or found[1] in op.dims:
+            return None
+        d = found[1]
+        return d if op.keepdim else d - sum(1 for r in op.dims if r < d)
+
+    def _column_reduce(self, op: st.ReduceOp, targets: list[str], at: str, col: int) -> None:
+        """A reduction run along result dim ``col``, contiguous in the input (the innermost
+        when the reduction keeps it: column sums, weight gradients). Walking an output's terms
+        would stride through the input a line per step, so the reduced index space is cut into
+        a fixed number of chunks (not one per thread: the answer must not depend on the thread
+        count); a task takes one chunk and a block of up to COLUMN_BLOCK outputs along ``col``
+        and reads its rows contiguously into an L1 accumulator row, then writes that partial
+        row to scratch; after the barrier each output combines its chunks in order."""
         em = self.em
         shape = dims(op.operand(0))
         out_shape = dims(op.result)
         red_shape = [shape[d] for d in op.dims]
         n = math.prod(red_shape)  # 0 for an empty reduction: its mean is 0 / 0 = NaN, as eager
-        J = out_shape[-1]
-        O = at_least_1(math.prod(out_shape[:-1]))
+        J = out_shape[col]
+        rest = out_shape[:col] + out_shape[col + 1:]  # the other result dims, one task index
+        O = at_least_1(math.prod(rest))
         B = COLUMN_BLOCK if isinstance(J, Sym) else min(J, COLUMN_BLOCK)
         # tasks without chunking; chunk only to reach COLUMN_CHUNKS (a symbolic size: decided
         # at its hint; the chunk bounds below hold for any size)
@@ -385,7 +406,10 @@ class PhaseKernel:
         if minmax:
             self.scratch.append(O * chunks * J * 4)
             em.line(f"int* __restrict {part}_nan = (int*)args[{self.first_scratch + k + 1}];")
-        onames = delinearize(o, out_shape[:-1]) if out_shape[:-1] else []
+        onames = delinearize(o, rest) if rest else []
+
+        def at_col(others: list[str], j: str) -> list[str]:
+            return others[:col] + [j] + others[col:]
         em.mark()
         em.line("#pragma omp for collapse(3) schedule(static)")
         em.line(f"for (int64_t {o} = 0; {o} < {O}; ++{o})")
@@ -408,7 +432,7 @@ class PhaseKernel:
         em.line(f"for (int64_t {jj} = 0; {jj} < {cnt}; ++{jj}) {{")
         inner: list[str] = []
         em.push(inner, em.scopes[-1].indent + "  ", loop_vars={kk, jj})
-        out_idx = onames + [f"({jb} + {jj})"]
+        out_idx = at_col(onames, f"({jb} + {jj})")
         x = em.value(op.operand(0), self._input_index(op, out_idx, knames))
         em.line(_acc_update(op, "main", "ACC", x, None).replace("ACC_nan", f"{nan}[{jj}]")
                 .replace("ACC", f"{acc}[{jj}]"))
@@ -444,7 +468,7 @@ class PhaseKernel:
         em.line("  }")
         body: list[str] = []
         em.push(body, em.scopes[-1].indent + "  ", loop_vars={jj})
-        self.store(targets, op.result, onames + [jj],
+        self.store(targets, op.result, at_col(onames, jj),
                    round_to(op.result.type.dtype, _acc_final(op, "a", n)))
         em.pop()
         em.scopes[-1].lines.extend(body)

@@ -521,6 +521,30 @@ def test_transpose_after_elementwise_then_merged_dims_stage_tiles(n, c, h, w):
         assert "stage" in src
 
 
+@settings(max_examples=5, deadline=None)
+@given(hs.sampled_from([1, 2]), hs.sampled_from([1, 5, 64]), hs.sampled_from([1, 3, 16]),
+       hs.sampled_from([3, 33, 64]), hs.sampled_from(["amax", "sum", "mean", "amin"]),
+       hs.booleans())
+def test_reductions_over_a_strided_dim_run_along_the_contiguous_one(n, p, k, c, how, keep):
+    """Reducing the innermost dim of a channels-last buffer seen as [N, C, P, K] (a max over
+    neighbours after an edge convolution): the kernel runs along C, where the buffer is
+    contiguous (the column path), and agrees with eager; odd and size-1 dims included."""
+    import codegen.cpp.layout as layout
+
+    old, layout.MIN_BYTES = layout.MIN_BYTES, 0
+    try:
+        x = torch.randn(n, p, k, c)
+        s = torch.rand(c, 1, 1) + 0.5
+        fn = {"amax": torch.amax, "amin": torch.amin, "sum": torch.sum, "mean": torch.mean}[how]
+        g = run_both(lambda x, s: fn(torch.relu(x.permute(0, 3, 1, 2) * s), -1, keepdim=keep),
+                     [x, s], atol=1e-4, rtol=1e-5)
+    finally:
+        layout.MIN_BYTES = old
+    src = "".join(st.source.source for st in g.steps if st.kind == "kernel")
+    if k > 1 and c > 1:
+        assert "cacc" in src
+
+
 @pytest.mark.parametrize("bias", [True, False])
 def test_channels_last_convolutions(bias):
     """The layout-channels-last pass: the reference interpreter and the compiled graph agree with
