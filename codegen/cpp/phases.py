@@ -397,15 +397,17 @@ class PhaseKernel:
         minmax = isinstance(op, st.MaxOp | st.MinOp)
         err = " reduction(|:err)" if self.gathers else ""
         init, clause = _acc_init(op, "main")
-        # partial rows [O, chunks, J] (and their NaN flags) in scratch
+        # partial rows [O, chunks, J] (and their NaN flags) in scratch; with one chunk each
+        # task finishes its outputs itself
         part = f"part{L}"
-        k = len(self.scratch)
-        self.scratch.append(O * chunks * J * (8 if at == "double" else
-                                              compute_itemsize(op.result.type.dtype)))
-        em.line(f"{at}* __restrict {part} = ({at}*)args[{self.first_scratch + k}];")
-        if minmax:
-            self.scratch.append(O * chunks * J * 4)
-            em.line(f"int* __restrict {part}_nan = (int*)args[{self.first_scratch + k + 1}];")
+        if chunks > 1:
+            k = len(self.scratch)
+            self.scratch.append(O * chunks * J * (8 if at == "double" else
+                                                  compute_itemsize(op.result.type.dtype)))
+            em.line(f"{at}* __restrict {part} = ({at}*)args[{self.first_scratch + k}];")
+            if minmax:
+                self.scratch.append(O * chunks * J * 4)
+                em.line(f"int* __restrict {part}_nan = (int*)args[{self.first_scratch + k + 1}];")
         onames = delinearize(o, rest) if rest else []
 
         def at_col(others: list[str], j: str) -> list[str]:
@@ -440,6 +442,15 @@ class PhaseKernel:
         em.scopes[-1].lines.extend(inner)
         em.line("}")
         em.line("}")
+        if chunks == 1:
+            em.line(f"#pragma omp simd{err}")
+            em.line(f"for (int64_t {jj} = 0; {jj} < {cnt}; ++{jj}) {{")
+            em.line(f"  {at} a = {acc}[{jj}];" + (f" int a_nan = {nan}[{jj}];" if minmax else ""))
+            self._finish(op, targets, at_col(onames, f"({jb} + {jj})"), n, {o, jb, jj})
+            em.pop()
+            em.scopes[-1].lines.extend(outer)
+            em.line("}")
+            return
         slot = f"({o} * {chunks} + {c}) * {J} + {jb}"
         em.line("#pragma omp simd")
         em.line(f"for (int64_t {jj} = 0; {jj} < {cnt}; ++{jj}) {{ {part}[{slot} + {jj}] = "
@@ -466,15 +477,20 @@ class PhaseKernel:
             em.line(f"    a_nan |= {part}_nan[({o} * {chunks} + {c}) * {J} + {jj}];")
         em.line(f"    {_combine(clause, 'a', p)}")
         em.line("  }")
-        body: list[str] = []
-        em.push(body, em.scopes[-1].indent + "  ", loop_vars={jj})
-        self.store(targets, op.result, at_col(onames, jj),
-                   round_to(op.result.type.dtype, _acc_final(op, "a", n)))
-        em.pop()
-        em.scopes[-1].lines.extend(body)
-        em.line("}")
+        self._finish(op, targets, at_col(onames, jj), n, {jj})
         em.pop()
         em.scopes[-1].lines.extend(comb)
+        em.line("}")
+
+    def _finish(self, op: st.ReduceOp, targets: list[str], idx: list[str], n, loop_vars) -> None:
+        """The body's tail of a column reduction's store loop: ``a`` (and ``a_nan``) finished
+        and stored at ``idx``; closes the loop."""
+        em = self.em
+        body: list[str] = []
+        em.push(body, em.scopes[-1].indent + "  ", loop_vars=loop_vars)
+        self.store(targets, op.result, idx, round_to(op.result.type.dtype, _acc_final(op, "a", n)))
+        em.pop()
+        em.scopes[-1].lines.extend(body)
         em.line("}")
 
     def arg_reduce(self, op: st.ArgReduceOp, targets: list[str]) -> None:

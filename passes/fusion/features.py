@@ -23,6 +23,7 @@ TRANSCENDENTAL = (st.ExpOp, st.Exp2Op, st.LogOp, st.Log2Op, st.Log1pOp, st.Expm1
                   st.SigmoidOp, st.ErfOp, st.RsqrtOp, st.SqrtOp, st.SinOp, st.CosOp, st.TanOp,
                   st.PowOp, st.Atan2Op)
 GATHERS = (st.EmbeddingOp, st.IndexSelectOp, st.GatherOp)
+GATHER_FLOPS = 4  # flops-equivalent work per gathered element (see _facts)
 SCATTERS = (st.IndexAddOp, st.ScatterAddOp, st.ScatterReduceOp)
 
 
@@ -110,6 +111,11 @@ def _facts(g: PlanGraph) -> list[NodeFacts]:
         if op.kind in (st.ELEMENTWISE, st.REDUCE, st.SCATTER):
             flops = max([numel(r) for r in op.results] + [numel(v) for v in op.operands])
             trans = flops if isinstance(op, TRANSCENDENTAL) else 0
+        elif isinstance(op, GATHERS):
+            # a gathered element is a bounds-checked scalar load through a computed index, not
+            # a vector lane: counted as GATHER_FLOPS flops (rffs_net's 268K-element neighbour
+            # gather, costed as its bytes alone at 11 us, ran 350 us on the calling thread)
+            flops = GATHER_FLOPS * numel(op.result)
         table = (id(op.operand(0)), min(nbytes(op.operand(0)), nbytes(op.result))) if isinstance(
             op, GATHERS) else None
         facts.append(NodeFacts(ins, outs, flops, trans,
