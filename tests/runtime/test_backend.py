@@ -135,6 +135,37 @@ def test_channels_last_option_training_step():
         torch.testing.assert_close(p.grad, want[n], atol=1e-5, rtol=1e-4, msg=n)
 
 
+def test_channels_last_weights_follow_in_place_updates():
+    """Channels-last convolutions keep a channels-last copy of each weight per version: steps of
+    an optimizer (in-place updates), a load_state_dict and a weight the graph computes itself
+    are all seen on the next call -- no stale copy."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                            torch.nn.Conv2d(8, 4, 1))
+    x = torch.randn(2, 3, 9, 7)
+    f = torch.compile(m, backend="stitch", options={"channels_last": True})
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    for _ in range(3):
+        opt.zero_grad()
+        got = f(x)
+        torch.testing.assert_close(got, m(x), atol=1e-5, rtol=1e-4)
+        got.square().mean().backward()
+        opt.step()
+    with torch.no_grad():
+        f(x)
+        m.load_state_dict({k: torch.randn_like(v) for k, v in m.state_dict().items()})
+        torch.testing.assert_close(f(x), m(x), atol=1e-5, rtol=1e-4)
+
+    def dynamic_filter(x, w):
+        return torch.nn.functional.conv2d(x, torch.tanh(w) * 2, padding=1)
+
+    g = torch.compile(dynamic_filter, backend="stitch", options={"channels_last": True})
+    w = torch.randn(5, 3, 3, 3)
+    for _ in range(2):
+        torch.testing.assert_close(g(x, w), dynamic_filter(x, w), atol=1e-5, rtol=1e-4)
+        w = torch.randn(5, 3, 3, 3)
+
+
 def test_training_at_new_batch_sizes_compiles_every_graph():
     """After a second batch size dynamo traces symbolically; a specialised graph may then
     return a size (a number) beside its tensors: it is passed through, the graph still compiles
