@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as hs
 
 from cost_model import cpu_spec
+from passes import parse_pipeline
 from runtime import backend, build
 from runtime.graph import compile_program
 from stitch_ir.importer import import_model
@@ -561,6 +562,48 @@ def test_channels_last_convolutions(bias):
     convs = [op for op in g.func.body.ops if op.name == "st.convolution"]
     assert len(convs) == 5 and all(op.attr("channels_last") for op in convs)
     assert sum(op.attributes["transposed"] for op in convs) == 2
+    with torch.no_grad():
+        want = m(x)
+    torch.testing.assert_close(g(x)[0], want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.from_numpy(prog.run(x)[0]), want, atol=1e-5, rtol=1e-5)
+
+
+def test_permutes_sink_between_channels_last_convolutions():
+    """sink-permutes: in a residual block run channels-last (conv, BN, ReLU, conv, BN, + skip,
+    ReLU, a channel mean with keepdim, a scale by a splat), the only layout changes left are at
+    the block's input and output -- every value between the convolutions is channels-last --
+    and the compiled graph agrees with eager and the interpreter."""
+    from passes import PassContext, PassManager
+    from passes.layout import ChannelsLastPass, SinkPermutesPass
+
+    torch.manual_seed(0)
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = torch.nn.Conv2d(6, 6, 3, padding=1), torch.nn.Conv2d(6, 6, 1)
+            self.b1, self.b2 = torch.nn.BatchNorm2d(6), torch.nn.BatchNorm2d(6)
+
+        def forward(self, x):
+            y = self.c1(x) * 0.5
+            y = self.b2(self.c2(torch.relu(self.b1(y))))
+            z = torch.relu(y + torch.tanh(self.c1(x)))
+            return self.c2(z - z.mean(1, keepdim=True) * 0.5)
+
+    m = Block().eval()
+    for b in (m.b1, m.b2):
+        b.running_mean.uniform_(-1, 1)
+        b.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 6, 7, 5)
+    prog = import_model(m, (x,))
+    ctx = PassContext()
+    PassManager([*parse_pipeline("canonicalize,cse,dce"), ChannelsLastPass(), SinkPermutesPass(),
+                 *parse_pipeline("canonicalize,cse,dce")]).run(prog.module, ctx)
+    perms = [op for op in prog.module.func().body.ops if op.name == "st.permute"
+             and op.result.type.numel() > 6]  # not the [1, C, 1, 1] parameters' permutes
+    assert len(perms) == 2, [str(p) for p in perms]  # the input to NHWC, the output back
+    g = compile_program(import_model(m, (x,)), device_spec=cpu_spec(measure=False),
+                        channels_last=True)
     with torch.no_grad():
         want = m(x)
     torch.testing.assert_close(g(x)[0], want, atol=1e-5, rtol=1e-5)
