@@ -160,7 +160,9 @@ class SinkPermutesPass(Pass):
     (a reshape, a gather, a library call, a graph output) -- exactly where it stood before when
     nothing could be sunk -- and two that meet (NCHW back to NHWC before the next convolution)
     fold in ``canonicalize``. Values are unchanged; only which layout a buffer holds moves.
-    Random ops are not moved (their streams follow the row-major position).
+    Random ops are not moved (their streams follow the row-major position). Only the permutes
+    after channels-last convolutions move (and those sunk from them): an attention's transposes
+    stay where the program put them.
 
     Input: any module (run after ``layout-channels-last``). Output: the same function. Run
     ``canonicalize,cse,dce`` after."""
@@ -170,7 +172,10 @@ class SinkPermutesPass(Pass):
     def run(self, module: Module, ctx: PassContext) -> None:
         sunk = 0
         for block in list(blocks_of(module)):
-            work = [op for op in block.ops if isinstance(op, st.PermuteOp)]
+            # the layout changes after channels-last convolutions, then those sunk from them
+            work = [op for op in block.ops if isinstance(op, st.PermuteOp) and isinstance(
+                getattr(op.operand(0), "owner", None), st.ConvolutionOp) and
+                op.operand(0).owner.attr("channels_last", False)]
             while work:
                 perm_op = work.pop()
                 if perm_op.parent is None:

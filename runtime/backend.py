@@ -14,10 +14,10 @@ groups run in the cpu emulation when interpreted), ``fusion`` (none | greedy | s
 ``time_limit`` (seconds the stitch planner may search per graph, default 10),
 ``cost_model`` (``analytic`` | ``learned`` | ``auto``, the default: the learned model where one
 trained on this machine won its held-out evaluation; see ``cost_model.learned``),
-``channels_last`` (``auto``, the default: a graph with 1-d or 2-d convolutions is compiled both
-ways, NCHW and channels-last (``layout-channels-last``), its first calls alternate between the two and
-the faster serves from then on -- it wins on some conv nets and loses on others, see
-passes/layout.py; ``True`` / ``False``: always / never), ``dump_dir``
+``channels_last`` (``True``, the default: convolutions run channels-last, ``layout-channels-last``
+and ``sink-permutes``, the faster layout on every conv workload and client net measured, see
+passes/layout.py; ``False``: as traced; ``auto``: a graph with convolutions is compiled both
+ways, its first calls alternate between the two and the faster serves from then on), ``dump_dir``
 (also ``STITCH_DUMP_DIR``): each compiled graph's IR before and after fusion, its plan and its
 kernel sources.
 
@@ -97,7 +97,7 @@ def compile_fx(gm: torch.fx.GraphModule, options: dict) -> Any:
     fusion = options.get("fusion", "stitch")
     budget = float(options.get("time_limit", 10.0))
     gpu_codegen = options.get("gpu_codegen", "auto")
-    pipeline = passes.pipeline(fusion, budget, options.get("channels_last") is True,
+    pipeline = passes.pipeline(fusion, budget, options.get("channels_last", True) is True,
                                cost_model=options.get("cost_model"), gpu_codegen=gpu_codegen)
     target = options.get("target", "cpu")
     ctx = PassContext(target=target)
@@ -183,11 +183,11 @@ def _or_torch(gm, options):
     try:
         # AOTAutograd compiles under a fake-tensor mode; stitch's constants must be real.
         with unset_fake_temporarily():
-            if options.get("channels_last", "auto") == "auto" and _has_conv(gm) and \
+            if options.get("channels_last") == "auto" and _has_conv(gm) and \
                     options.get("target", "cpu") == "cpu":
                 first = compile_fx(gm, {**options, "channels_last": False})
                 return _LayoutTrial(first, compile_fx(gm, {**options, "channels_last": True}))
-            return compile_fx(gm, {**options, "channels_last": options.get("channels_last")
+            return compile_fx(gm, {**options, "channels_last": options.get("channels_last", True)
                                    is True})
     except Exception as e:  # noqa: BLE001 - any failure: run this graph as torch would
         FALLBACKS[f"graph: {type(e).__name__}"] += 1
@@ -208,9 +208,11 @@ def _has_conv(gm) -> bool:
 
 
 class _LayoutTrial:
-    """A graph with 2-d convolutions, compiled twice: NCHW as traced, and channels-last
-    (``layout-channels-last``; it wins by 13-17% on rffs_net and charformer and loses 2-14%
-    on other conv nets here, and the planner does not cost layouts yet). The first
+    """``channels_last="auto"``: a graph with convolutions, compiled twice: as traced, and
+    channels-last (the default since channels-last weights, 1-d and transposed convolutions and
+    sink-permutes made it the faster layout on every conv net measured here; the planner does
+    not cost layouts yet, and alternating two graphs in one process slows both, so the trial
+    is noisy: an opt-in). The first
     ``2 * TRIALS`` calls alternate between the two -- each call runs one of them, so a training
     graph's buffer updates happen once -- and the faster median then serves every call
     (channels-last only when at least ``MARGIN`` faster). Both are correct; only time differs."""

@@ -189,9 +189,10 @@ def test_training_at_new_batch_sizes_compiles_every_graph():
 
 
 def test_conv_graphs_try_both_layouts_and_keep_the_faster():
-    """A graph with 2-d convolutions is compiled NCHW and channels-last; its first calls
-    alternate between the two (each call runs one: batch-norm statistics update once per call)
-    and the faster serves from then on. Every call is correct, trial or not; training works."""
+    """channels_last="auto": a graph with 2-d convolutions is compiled NCHW and channels-last;
+    its first calls alternate between the two (each call runs one: batch-norm statistics update
+    once per call) and the faster serves from then on. Every call is correct, trial or not;
+    training works. The default (channels-last) and an explicit layout compile once."""
     from runtime import backend
 
     torch.manual_seed(0)
@@ -208,7 +209,7 @@ def test_conv_graphs_try_both_layouts_and_keep_the_faster():
 
     backend._LayoutTrial.__init__ = spy
     try:
-        compiled = torch.compile(net, backend="stitch")
+        compiled = torch.compile(net, backend="stitch", options={"channels_last": "auto"})
         for _ in range(2 * backend._LayoutTrial.TRIALS + 2):
             x = torch.randn(2, 3, 9, 7)
             got, want = compiled(x), ref(x)
@@ -223,6 +224,8 @@ def test_conv_graphs_try_both_layouts_and_keep_the_faster():
         n = len(trials)
         torch.compile(net, backend="stitch", options={"channels_last": False})(
             torch.randn(2, 3, 9, 7))
-        assert len(trials) == n  # an explicit layout: compiled once, no trial
+        torch._dynamo.reset()
+        torch.compile(net, backend="stitch")(torch.randn(2, 3, 9, 7))
+        assert len(trials) == n  # an explicit or the default layout: compiled once, no trial
     finally:
         backend._LayoutTrial.__init__ = real
