@@ -678,12 +678,15 @@ class CompiledGraph:
                                      f"{list(t.shape)} {t.dtype}, the graph was compiled for "
                                      f"{self.func.args[i].type}")
             binding, key = {}, ()
-        with self._states_lock:
-            free = self._free_states.get(key)
-            cs = free.pop() if free else None
-        if cs is None:
-            cs = self.new_call_state(binding)
-            self._n_states += 1
+        # A free call state, without a lock: list.pop and append are atomic (under the GIL, and
+        # per list in free-threaded builds); a miss (none free, or taken meanwhile) makes one.
+        free = self._free_states.get(key)
+        try:
+            cs = free.pop()  # type: ignore[union-attr]
+        except (AttributeError, IndexError):
+            with self._states_lock:
+                cs = self.new_call_state(binding)
+                self._n_states += 1
         try:
             env = cs.env.copy()
             for i, t in zip(self.prog.user_inputs, user_inputs):
@@ -692,8 +695,10 @@ class CompiledGraph:
                 run(env, cs)
             return [env[o] for o in self.outputs]
         finally:
-            with self._states_lock:
-                self._free_states.setdefault(key, []).append(cs)
+            if free is None:
+                with self._states_lock:
+                    free = self._free_states.setdefault(key, [])
+            free.append(cs)
 
 
 _use_count = getattr(torch._C, "_storage_Use_Count", None)
