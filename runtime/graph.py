@@ -350,25 +350,33 @@ class CompiledGraph:
         better run as torch views: when only library and torch calls read its results, which take
         strided operands as they are (a transposed matmul operand is a BLAS flag, not a copy),
         where a copy kernel would write the whole tensor out first. Not for graph outputs (the
-        caller gets a fresh tensor, as traced) nor values a kernel reads (kernels read contiguous
-        buffers). A convolution is not such a reader unless the views only reshape: oneDNN
-        copies a strided operand itself (or ``_contiguous`` does, for a channels-last one) with
-        torch's generic copy, after torch's own copy for a reshape of a permute -- two passes where
-        a copy kernel makes one (charformer's window-reverse permutes feeding convolutions)."""
+        caller gets a fresh tensor, as traced) unless they are views of the graph's inputs, nor
+        for values a kernel reads (kernels read contiguous buffers). A convolution is not such a
+        reader unless the views only reshape: oneDNN copies a strided operand itself (or
+        ``_contiguous`` does, for a channels-last one) with torch's generic copy, after torch's
+        own copy for a reshape of a permute -- two passes where a copy kernel makes one
+        (charformer's window-reverse permutes feeding convolutions)."""
         if not all(isinstance(o, VIEW_OPS) for o in group.body.ops[:-1]):
             return False
         if sum(_nbytes(r) for r in group.results) < VIEW_MIN_BYTES:
             return False  # a small copy kernel costs less than making torch views per call
         returned = {id(v) for v in self.func.return_op.operands}
+        # Views of the graph's own inputs may be returned as views: what eager returns for
+        # ``w.t()``, and what a training graph saves for its backward (bert's transposed
+        # weights were copied by a kernel every step, 0.2 ms each).
+        of_inputs = all(isinstance(v, BlockArgument) for v in group.operands)
+        ret = self.func.return_op
 
         def reshapes_only(op) -> bool:
             body = op.body.ops[:-1] if isinstance(op, fusion.GroupOp) else [op]
             return all(isinstance(o, st.ReshapeOp) for o in body)
 
         def library_only(v, moved: bool, depth=0) -> bool:  # through views: a slice, a reshape
-            if id(v) in returned or not v.users or depth > 8:
+            if (id(v) in returned and not of_inputs) or not v.users or depth > 8:
                 return False
             for u in v.users:
+                if u is ret:
+                    continue  # returned, and a view of the inputs (checked above)
                 if isinstance(u, st.ConvolutionOp) and moved:
                     return False
                 if isinstance(u, st.LibraryOp | st.TorchCallOp):

@@ -690,3 +690,24 @@ def test_pooled_1x1_convolutions_become_linear(channels_last):
         torch.testing.assert_close(got, w, atol=1e-5, rtol=1e-5)
     for got, w in zip(prog.run(x), want):
         torch.testing.assert_close(torch.from_numpy(got), w, atol=1e-5, rtol=1e-5)
+
+
+def test_views_of_inputs_are_returned_as_views():
+    """A graph output that only moves an input (``w.t()``, as a training graph saves for its
+    backward) is returned as a view of it, as eager returns it -- no copy kernel -- and a view
+    of an intermediate is still a fresh tensor; values agree with eager."""
+    torch.manual_seed(0)
+    x, w = torch.randn(64, 96), torch.randn(128, 96)
+
+    def f(x, w):
+        y = torch.tanh(x @ w.t())
+        return w.t(), y, y.t() * 2
+
+    g = compile_program(import_model(Fn(f).eval(), (x, w)), device_spec=cpu_spec(measure=False))
+    wt, y, yt = g(x, w)
+    want = f(x, w)
+    for a, b in zip((wt, y, yt), want):
+        torch.testing.assert_close(a, b)
+    assert wt.untyped_storage().data_ptr() == w.untyped_storage().data_ptr()
+    assert [s.kind for s in g.steps if g.outputs[0] in s.writes] == ["view"]
+    assert yt.untyped_storage().data_ptr() != y.untyped_storage().data_ptr()
