@@ -628,8 +628,9 @@ def test_channels_last_1d_convolutions(bias):
         prog = import_model(m, (x,))
         g = compile_program(prog, device_spec=cpu_spec(measure=False), channels_last=True)
         convs = [op for op in g.func.body.ops if op.name == "st.convolution"]
-        # over a length-1 input the first (1x1) convolution is a linear (pooled-conv-linear)
-        assert len(convs) == (3 if length == 1 else 4)
+        # over a length-1 input the first two (one tap meets the input) are linear
+        # (pooled-conv-linear)
+        assert len(convs) == (2 if length == 1 else 4)
         assert all(op.attr("channels_last") for op in convs)
         with torch.no_grad():
             want = m(x)
@@ -658,8 +659,9 @@ def test_values_read_through_many_windows_are_materialised_once():
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_pooled_1x1_convolutions_become_linear(channels_last):
     """pooled-conv-linear: a squeeze-excitation block's 1x1 convolutions over pooled [N, C, 1, 1]
-    maps run as ``linear`` (oneDNN's set-up costs 50 us each there); a 1x1 convolution over a
-    real map, a padded one and a grouped one stay convolutions. Interpreter, compiled graph and
+    maps run as ``linear`` (oneDNN's set-up costs 50 us each there), and so do k x k ones over a
+    padded 1x1 map (one tap meets the input; dilated and strided too); a 1x1 convolution over a
+    real map, a padded one (3x3 out) and a grouped one stay convolutions. Interpreter, compiled graph and
     eager agree."""
     torch.manual_seed(0)
 
@@ -671,19 +673,22 @@ def test_pooled_1x1_convolutions_become_linear(channels_last):
             self.up = torch.nn.Conv2d(3, 6, 1, bias=False)
             self.padded = torch.nn.Conv2d(6, 4, 1, padding=1)
             self.grouped = torch.nn.Conv2d(6, 6, 1, groups=2)
+            # k x k over a padded 1x1 map: one tap meets the input
+            self.k3 = torch.nn.Conv2d(6, 5, 3, padding=1)
+            self.k3d = torch.nn.Conv2d(6, 5, (3, 5), stride=2, padding=(2, 4), dilation=2)
 
         def forward(self, x):
             x = self.body(x)
             s = torch.sigmoid(self.up(torch.relu(self.down(x.mean((2, 3), keepdim=True)))))
             p = x.amax((2, 3), keepdim=True)
-            return x * s, self.padded(p), self.grouped(p)
+            return x * s, self.padded(p), self.grouped(p), self.k3(p), self.k3d(p)
 
     m = SE().eval()
     x = torch.randn(3, 6, 5, 7)
     prog = import_model(m, (x,))
     g = compile_program(prog, device_spec=cpu_spec(measure=False), channels_last=channels_last)
     names = [op.name for op in g.func.body.ops]
-    assert names.count("st.linear") == 2 and names.count("st.convolution") == 3
+    assert names.count("st.linear") == 4 and names.count("st.convolution") == 3
     with torch.no_grad():
         want = m(x)
     for got, w in zip(g(x), want):
