@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -164,6 +165,48 @@ def test_channels_last_weights_follow_in_place_updates():
     for _ in range(2):
         torch.testing.assert_close(g(x, w), dynamic_filter(x, w), atol=1e-5, rtol=1e-4)
         w = torch.randn(5, 3, 3, 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_instance_norms_keep_their_rank(dtype):
+    """Instance norms without running statistics are compiled as their formula over (H, W) --
+    no reshape to [1, N * C, H, W], so channels-last layout changes sink through them -- in
+    float32 / float64 (bfloat16 keeps torch's composite, which rounds where eager does); the
+    forward and the gradients match eager; one with running statistics is left alone."""
+    from runtime import backend
+
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.InstanceNorm2d(6),
+                            torch.nn.LeakyReLU(0.2), torch.nn.Conv2d(6, 5, 3, stride=2),
+                            torch.nn.InstanceNorm2d(5, affine=True), torch.nn.ReLU(),
+                            torch.nn.InstanceNorm2d(5, track_running_stats=True)).to(dtype)
+    with torch.no_grad():
+        m[4].weight.uniform_(0.5, 1.5)
+        m[4].bias.uniform_(-1, 1)
+    ref = copy.deepcopy(m)
+    seen = []
+    real = backend._instance_norm
+
+    def spy(*a, **k):
+        seen.append(1)
+        return real(*a, **k)
+
+    backend._instance_norm = spy
+    try:
+        x = torch.randn(2, 3, 11, 9, dtype=dtype)
+        got = torch.compile(m, backend="stitch")(x)
+    finally:
+        backend._instance_norm = real
+    want = ref(x)
+    tol = {"atol": 3e-2, "rtol": 3e-2} if dtype == torch.bfloat16 else {"atol": 1e-5, "rtol": 1e-4}
+    torch.testing.assert_close(got, want, **tol)
+    got.square().mean().backward()
+    want.square().mean().backward()
+    for p, q in zip(m.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, **tol)
+    torch.testing.assert_close(m[6].running_mean, ref[6].running_mean, **tol)
+    assert bool(seen) == (dtype != torch.bfloat16)  # traced (the two without running stats)
 
 
 def test_training_at_new_batch_sizes_compiles_every_graph():
