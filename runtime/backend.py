@@ -14,10 +14,11 @@ groups run in the cpu emulation when interpreted), ``fusion`` (none | greedy | s
 ``time_limit`` (seconds the stitch planner may search per graph, default 10),
 ``cost_model`` (``analytic`` | ``learned`` | ``auto``, the default: the learned model where one
 trained on this machine won its held-out evaluation; see ``cost_model.learned``),
-``channels_last`` (``True``, the default: convolutions run channels-last, ``layout-channels-last``
+``channels_last`` (``True``, the cpu default: convolutions run channels-last, ``layout-channels-last``
 and ``sink-permutes``, the faster layout on every conv workload and client net measured, see
-passes/layout.py; ``False``: as traced; ``auto``: a graph with convolutions is compiled both
-ways, its first calls alternate between the two and the faster serves from then on), ``dump_dir``
+passes/layout.py; ``False``: as traced, the GPU targets' default until a GPU run measures it;
+``auto``: a graph with convolutions is compiled both ways, its first calls alternate between the
+two and the faster serves from then on), ``dump_dir``
 (also ``STITCH_DUMP_DIR``): each compiled graph's IR before and after fusion, its plan and its
 kernel sources.
 
@@ -97,7 +98,7 @@ def compile_fx(gm: torch.fx.GraphModule, options: dict) -> Any:
     fusion = options.get("fusion", "stitch")
     budget = float(options.get("time_limit", 10.0))
     gpu_codegen = options.get("gpu_codegen", "auto")
-    pipeline = passes.pipeline(fusion, budget, options.get("channels_last", True) is True,
+    pipeline = passes.pipeline(fusion, budget, _channels_last(options),
                                cost_model=options.get("cost_model"), gpu_codegen=gpu_codegen)
     target = options.get("target", "cpu")
     ctx = PassContext(target=target)
@@ -192,12 +193,17 @@ def _or_torch(gm, options):
                     options.get("target", "cpu") == "cpu":
                 first = compile_fx(gm, {**options, "channels_last": False})
                 return _LayoutTrial(first, compile_fx(gm, {**options, "channels_last": True}))
-            return compile_fx(gm, {**options, "channels_last": options.get("channels_last", True)
-                                   is True})
+            return compile_fx(gm, {**options, "channels_last": _channels_last(options)})
     except Exception as e:  # noqa: BLE001 - any failure: run this graph as torch would
         FALLBACKS[f"graph: {type(e).__name__}"] += 1
         log.warning("stitch: a graph runs through torch unfused: %s", e)
         return gm.forward
+
+
+def _channels_last(options: dict) -> bool:
+    """Whether convolutions run channels-last: as asked, else on the cpu target (measured there;
+    the GPU targets keep the traced layout until a GPU run has measured it)."""
+    return options.get("channels_last", options.get("target", "cpu") == "cpu") is True
 
 
 def _has_conv(gm) -> bool:
