@@ -41,7 +41,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from passes.pass_manager import Pass, PassContext, register_pass
-from passes.rewrite import blocks_of
+from passes.rewrite import blocks_of, defining_op
 from stitch_ir.core import Module
 from stitch_ir.dialects import st
 
@@ -49,6 +49,14 @@ from stitch_ir.dialects import st
 def _perms(rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """[N, C, *spatial] -> [N, *spatial, C], and back."""
     return (0, *range(2, rank), 1), (0, rank - 1, *range(1, rank - 1))
+
+
+def _replace(op, new: list) -> None:
+    """Insert ``new`` before ``op``, the last one's result replacing ``op``'s, and erase ``op``."""
+    for n in new:
+        op.parent.insert_before(op, n)
+    op.result.replace_all_uses_with(new[-1].result)
+    op.erase()
 
 
 @register_pass
@@ -64,20 +72,14 @@ class ChannelsLastPass(Pass):
                         op.result.type.rank not in (3, 4):
                     continue
                 to_last, to_first = _perms(op.result.type.rank)
-                x = op.operand(0)
+                x, y = op.operand(0), op.result
                 xp = st.PermuteOp([x], [x.type.with_shape(tuple(x.type.shape[i] for i in to_last))],
                                   {"perm": to_last}, loc=op.loc)
-                block.insert_before(op, xp)
-                attrs = {**op.attributes, "channels_last": True}
-                y = op.result
                 out = y.type.with_shape(tuple(y.type.shape[i] for i in to_last))
-                conv = st.ConvolutionOp([xp.result, *op.operands[1:]], [out], attrs, loc=op.loc)
-                block.insert_before(op, conv)
+                conv = st.ConvolutionOp([xp.result, *op.operands[1:]], [out],
+                                        {**op.attributes, "channels_last": True}, loc=op.loc)
                 back = st.PermuteOp([conv.result], [y.type], {"perm": to_first}, loc=op.loc)
-                block.insert_before(op, back)
-                for user, i in list(y.uses):
-                    user.set_operand(i, back.result)
-                op.erase()
+                _replace(op, [xp, conv, back])
                 done += 1
         ctx.bump("layout-channels-last.convolutions", done)
 
@@ -132,11 +134,7 @@ class PooledConvToLinearPass(Pass):
                                   [x.type.with_shape((n, o))], {}, loc=op.loc)
                 y = op.result
                 back = st.ReshapeOp([lin.result], [y.type], {"shape": y.type.shape}, loc=op.loc)
-                for op_ in (*new, mat, lin, back):
-                    block.insert_before(op, op_)
-                for user, i in list(y.uses):
-                    user.set_operand(i, back.result)
-                op.erase()
+                _replace(op, [*new, mat, lin, back])
                 done += 1
         ctx.bump("pooled-conv-linear.convolutions", done)
 
@@ -196,8 +194,8 @@ class SinkPermutesPass(Pass):
         for block in list(blocks_of(module)):
             # the layout changes after channels-last convolutions, then those sunk from them
             work = [op for op in block.ops if isinstance(op, st.PermuteOp) and isinstance(
-                getattr(op.operand(0), "owner", None), st.ConvolutionOp) and
-                op.operand(0).owner.attr("channels_last", False)]
+                conv := defining_op(op.operand(0)), st.ConvolutionOp) and
+                conv.attr("channels_last", False)]
             while work:
                 perm_op = work.pop()
                 if perm_op.parent is None:
@@ -226,55 +224,38 @@ def _sink_through(e, p: tuple[int, ...]):
     out = e.result.type
     if not out.is_static or out.rank != len(p):
         return None
-    shape_q = tuple(out.shape[i] for i in q)
-    block = e.parent
+    type_q = out.with_shape(tuple(out.shape[i] for i in q))
     if isinstance(e, st.ReduceOp) and e.keepdim:
-        src = e.operand(0).owner if hasattr(e.operand(0), "owner") else None
+        src = defining_op(e.operand(0))
         if not (isinstance(src, st.PermuteOp) and tuple(src.attributes["perm"]) == p):
             return None
-        dims = tuple(sorted(p[d] for d in e.dims))
-        inner = type(e)([src.operand(0)], [out.with_shape(shape_q)],
-                        {**e.attributes, "dims": dims}, loc=e.loc)
-        block.insert_before(e, inner)
+        new = [type(e)([src.operand(0)], [type_q],
+                       {**e.attributes, "dims": tuple(sorted(p[d] for d in e.dims))}, loc=e.loc)]
     elif e.kind == st.ELEMENTWISE and e.operands and \
             all(o.type.shape == out.shape for o in e.operands):
-        operands = []
-        for o in e.operands:
-            new = _unpermuted(o, p, q, e)
-            if new is None:
-                return None
-            operands.append(new)
-        # only now build the operands that need new ops (nothing is left behind on a refusal)
-        values = []
-        for kind, v in operands:
-            if kind == "as-is":
-                values.append(v)
-            else:
-                for op in v:
-                    block.insert_before(e, op)
-                values.append(v[-1].result)
-        inner = type(e)(values, [out.with_shape(shape_q)], dict(e.attributes), loc=e.loc)
-        block.insert_before(e, inner)
+        built = [_unpermuted(o, p, q, e) for o in e.operands]
+        if any(b is None for b in built):
+            return None  # nothing was inserted yet
+        new = [op for ops, _ in built for op in ops]
+        new.append(type(e)([v for _, v in built], [type_q], dict(e.attributes), loc=e.loc))
     else:
         return None
-    back = st.PermuteOp([inner.result], [out], {"perm": p}, loc=e.loc)
-    block.insert_before(e, back)
-    for user, i in list(e.result.uses):
-        user.set_operand(i, back.result)
-    e.erase()
-    return back
+    new.append(st.PermuteOp([new[-1].result], [out], {"perm": p}, loc=e.loc))
+    _replace(e, new)
+    return new[-1]
 
 
 def _unpermuted(o, p, q, e):
-    """``o`` (an operand of ``e``) in the unpermuted layout: ("as-is", value) for a
-    ``permute(v, p)``; ("new", ops) building it for a broadcast of a small source or a splat
-    constant; None otherwise."""
-    op = getattr(o, "owner", None)
+    """``o`` (an operand of ``e``) in the unpermuted layout, as (ops to insert, value): nothing
+    new for a ``permute(v, p)``; a permuted splat constant, or a broadcast of the small source
+    permuted back; None for anything else."""
+    op = defining_op(o)
     if isinstance(op, st.PermuteOp) and tuple(op.attributes["perm"]) == p:
-        return "as-is", op.operand(0)
+        return [], op.operand(0)
     shape_q = tuple(o.type.shape[i] for i in q)
     if isinstance(op, st.ConstantOp) and op.is_splat:
-        return "new", [st.ConstantOp.splat(op.attributes["value"], o.type.with_shape(shape_q))]
+        c = st.ConstantOp.splat(op.attributes["value"], o.type.with_shape(shape_q))
+        return [c], c.result
     if isinstance(op, st.BroadcastOp):
         y = op.operand(0)
         if not y.type.is_static:
@@ -288,5 +269,5 @@ def _unpermuted(o, p, q, e):
         ops.append(st.PermuteOp([y], [y.type.with_shape(yq)], {"perm": q}, loc=e.loc))
         ops.append(st.BroadcastOp([ops[-1].result], [o.type.with_shape(shape_q)],
                                   {"shape": shape_q}, loc=e.loc))
-        return "new", ops
+        return ops, ops[-1].result
     return None

@@ -311,12 +311,11 @@ def _specialising(gm, options):
     return run
 
 
-def _instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
-                   use_input_stats=True, momentum=0.1, eps=1e-5):
+def _instance_norm(x, weight=None, bias=None, eps=1e-5):
     """``F.instance_norm`` without running statistics, over the input's own rank."""
     dims = list(range(2, x.dim()))
-    mean = x.mean(dims, keepdim=True)
-    y = (x - mean) * torch.rsqrt(x.var(dims, keepdim=True, correction=0) + eps)
+    y = (x - x.mean(dims, keepdim=True)) * torch.rsqrt(x.var(dims, keepdim=True, correction=0)
+                                                       + eps)
     shape = [1, -1] + [1] * len(dims)
     if weight is not None:
         y = y * weight.reshape(shape)
@@ -330,29 +329,27 @@ def _rank_preserving_instance_norm(gm: torch.fx.GraphModule) -> None:
     over (H, W) in the dynamo graph. torch's own composite reshapes [N, C, H, W] to
     [1, N * C, H, W] for a batch norm; that reshape stops ``sink-permutes`` in a channels-last
     graph, and rcrn's norm kernels then read their NCHW inputs transposed."""
+    import inspect
+
     import torch.nn.functional as F
 
+    signature = inspect.signature(F.instance_norm)
     changed = False
     for n in gm.graph.nodes:
-        if n.op != "call_function" or n.target not in (F.instance_norm, torch.instance_norm):
+        if n.op != "call_function" or n.target is not F.instance_norm:
             continue
-        if n.target is torch.instance_norm:  # (x, w, b, rm, rv, use_input_stats, momentum, eps, cudnn)
-            continue
-        args = list(n.args) + [None] * (8 - len(n.args))
-        kw = dict(n.kwargs)
-        names = ["input", "running_mean", "running_var", "weight", "bias", "use_input_stats",
-                 "momentum", "eps"]
-        vals = {k: kw.get(k, a) for k, a in zip(names, args)}
-        x = vals["input"]
-        val = x.meta.get("example_value") if isinstance(x, torch.fx.Node) else None
-        if vals["running_mean"] is not None or vals["running_var"] is not None or \
-                vals["use_input_stats"] is False or not isinstance(val, torch.Tensor) or \
+        a = signature.bind(*n.args, **n.kwargs)
+        a.apply_defaults()
+        a = a.arguments
+        val = a["input"].meta.get("example_value") if isinstance(a["input"], torch.fx.Node) \
+            else None
+        if a["running_mean"] is not None or a["running_var"] is not None or \
+                not a["use_input_stats"] or not isinstance(val, torch.Tensor) or \
                 val.dtype not in (torch.float32, torch.float64) or val.dim() < 3:
             continue
         n.target = _instance_norm
-        n.args = (x,)
-        n.kwargs = {"weight": vals["weight"], "bias": vals["bias"],
-                    "eps": 1e-5 if vals["eps"] is None else vals["eps"]}
+        n.args = (a["input"],)
+        n.kwargs = {"weight": a["weight"], "bias": a["bias"], "eps": a["eps"]}
         changed = True
     if changed:
         gm.recompile()

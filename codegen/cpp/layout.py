@@ -16,12 +16,22 @@ Gathered reads are data-dependent and are not reported.
 
 from __future__ import annotations
 
+import math
+
 from codegen.cpp.emit import dims
+from codegen.cpp.emit import hint as size_hint
 from stitch_ir.core import BlockArgument, Value
 from stitch_ir.dialects import st
 
 # Buffers smaller than this stay in cache whatever the loop order.
 MIN_BYTES = 256 << 10
+
+
+def buffer_bytes(values, buffers: dict[int, str]) -> dict[str, int]:
+    """Buffer name -> bytes, for the ``values`` held in ``buffers`` (the ``sizes`` the functions
+    below take)."""
+    return {buffers[id(x)]: size_hint(math.prod(dims(x))) * x.type.dtype.itemsize
+            for x in values if id(x) in buffers}
 
 
 def _flat(idx: tuple[int, ...], shape: list[int]) -> int:

@@ -32,7 +32,13 @@ from codegen.cpp.emit import (
     sets_err,
 )
 from codegen.cpp.emit import hint as size_hint
-from codegen.cpp.layout import interchange, loop_order, transposed_dim, transposed_view
+from codegen.cpp.layout import (
+    buffer_bytes,
+    interchange,
+    loop_order,
+    transposed_dim,
+    transposed_view,
+)
 from stitch_ir.core import Value
 from stitch_ir.dialects import fusion, st
 from stitch_ir.types import Sym
@@ -205,8 +211,7 @@ class PhaseKernel:
             self.em.line(self.em.store(t, lin, v.type.dtype, expr))
 
     def elementwise(self, v: Value, targets: list[str]) -> None:
-        sizes = {self.em.buffers[id(x)]: size_hint(math.prod(dims(x))) * x.type.dtype.itemsize
-                 for x in self.values_in_buffers()}
+        sizes = buffer_bytes(self.values_in_buffers(), self.em.buffers)
         emit = lambda idx: self.store(targets, v, idx, self.em.value(v, idx))  # noqa: E731
         staged = transposed_view(v, self.em.buffers, sizes)
         if staged is not None:
@@ -361,8 +366,7 @@ class PhaseKernel:
             return None
         if len(shape) - 1 not in op.dims:
             return len(out) - 1 if out[-1] > 1 else None
-        sizes = {self.em.buffers[id(x)]: size_hint(math.prod(dims(x))) * x.type.dtype.itemsize
-                 for x in self.values_in_buffers()}
+        sizes = buffer_bytes(self.values_in_buffers(), self.em.buffers)
         found = transposed_dim(op.operand(0), self.em.buffers, sizes)
         if found is None or found[1] in op.dims:
             return None

@@ -29,7 +29,7 @@ from codegen.cpp.emit import (
     storage_ctype,
 )
 from codegen.cpp.emit import hint as size_hint
-from codegen.cpp.layout import transposed_dim
+from codegen.cpp.layout import buffer_bytes, transposed_dim
 from stitch_ir.core import Value
 from stitch_ir.dialects import fusion, st
 
@@ -73,9 +73,7 @@ class RowKernel:
             if not trailing or math.prod(shape) != self.R * self.L or \
                     isinstance(r, st.ArgReduceOp):
                 raise RowsUnfit(f"'{r.name}' is not a row reduction over the dominant rows")
-        sizes = {buffers[id(a)]: size_hint(math.prod(dims(a))) * a.type.dtype.itemsize
-                 for a in group.body.args if id(a) in buffers}
-        found = transposed_dim(dom.operand(0), buffers, sizes)
+        found = transposed_dim(dom.operand(0), buffers, buffer_bytes(group.body.args, buffers))
         if found is not None and found[1] not in dom.dims:
             raise RowsUnfit("the rows are strided in memory (the phases strategy runs along the "
                             "contiguous dim)")
