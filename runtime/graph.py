@@ -45,6 +45,7 @@ import torch
 from codegen.cpp.emit import ERRORS, Unsupported
 from codegen.cpp.kernel import KernelSource, render_group
 from runtime.build import load_built
+from runtime.convolution import _contiguous, convolution_run
 from stitch_ir.core import BlockArgument, FuncOp, OpResult, Value
 from stitch_ir.dialects import fusion, st
 from stitch_ir.importer import ImportedProgram, dtype_to_torch
@@ -480,42 +481,9 @@ class CompiledGraph:
             def run(env, cs):
                 b = env[reads[2]] if len(reads) == 3 else None
                 env[writes[0]] = torch.nn.functional.linear(env[reads[0]], env[reads[1]], b)
-        else:  # convolution
-            a = op.attributes
-            conv = torch.convolution
-            args = (list(a["stride"]), list(a["padding"]), list(a["dilation"]),
-                    bool(a["transposed"]), list(a["output_padding"]), int(a["groups"]))
-            # a weight the caller passes (a parameter) is copied channels-last once per version;
-            # one the graph computes (an arena buffer, rewritten in place) every call
-            k = len(self.steps) if reads[1] in set(self.prog.user_inputs) else None
-            if a.get("channels_last") and op.result.type.rank == 3:
-                # [N, L, C] buffers: a 2-d channels-last convolution of height 1 over the
-                # [N, 1, L, C] view (oneDNN's 1-d path on NLC memory is slower than NCL, its
-                # NHWC 2-d path faster); the weight gains a unit height
-                args2 = ([1, *args[0]], [0, *args[1]], [1, *args[2]], args[3], [0, *args[4]],
-                         args[5])
-
-                def run(env, cs):
-                    b = env[reads[2]] if len(reads) == 3 else None
-                    x = _contiguous(env[reads[0]]).unsqueeze(1).permute(0, 3, 1, 2)
-                    y = conv(x, _channels_last_weight(cs, k, env[reads[1]], 2), b, *args2)
-                    env[writes[0]] = y.permute(0, 2, 3, 1).squeeze(1)
-            elif a.get("channels_last"):
-                # [N, *spatial, C] buffers: torch sees the channels-last view of the logical
-                # [N, C, *spatial] tensor (its fast NHWC path) and returns one (contiguous NHWC)
-                to_first, to_last = _moves(op.result.type.rank)
-
-                def run(env, cs):
-                    b = env[reads[2]] if len(reads) == 3 else None
-                    # an NCHW tensor viewed as NHWC (a graph input) is made NHWC first: the
-                    # convolution then runs and answers channels-last
-                    y = conv(_contiguous(env[reads[0]]).permute(to_first),
-                             _channels_last_weight(cs, k, env[reads[1]]), b, *args)
-                    env[writes[0]] = y.permute(to_last)
-            else:
-                def run(env, cs):
-                    b = env[reads[2]] if len(reads) == 3 else None
-                    env[writes[0]] = conv(env[reads[0]], env[reads[1]], b, *args)
+        else:  # convolution: a parameter's channels-last copy is kept per call state
+            return convolution_run(op, reads, writes, len(self.steps)
+                                   if reads[1] in set(self.prog.user_inputs) else None)
         return run
 
     # -- buffers -------------------------------------------------------------------------------
@@ -721,30 +689,6 @@ def _storage_unshared(t: torch.Tensor) -> bool:
     return _use_count(storage._cdata) <= 2  # ``t`` itself and ``storage`` above
 
 
-def _moves(rank: int) -> tuple[list[int], list[int]]:
-    """Permutations [N, *spatial, C] -> [N, C, *spatial] and back."""
-    return [0, rank - 1, *range(1, rank - 1)], [0, *range(2, rank), 1]
-
-
-def _channels_last_weight(cs: CallState, k: int | None, w: torch.Tensor,
-                          unit_dim: int | None = None) -> torch.Tensor:
-    """Convolution step ``k``'s weight in channels-last memory (with a unit dim inserted at
-    ``unit_dim`` first, for a 1-d convolution run as 2-d). oneDNN reorders an OIHW weight for an
-    NHWC convolution on every call, and slowly: rcrn's 256x256x4x4 weight, 2.26 ms a call with
-    an OIHW weight, 0.56 ms with an OHWI one. The copy is kept per call state while the weight
-    is the same tensor at the same version (an optimizer step's in-place update makes a new
-    copy; an inference weight is copied once). ``k`` None: no memo (a weight the graph
-    computed lives in an arena buffer, the same tensor every call, rewritten in place)."""
-    hit = cs.weight_memo.get(k) if k is not None else None
-    if hit is not None and hit[0] is w and hit[1] == w._version:
-        return hit[2]
-    v = w if unit_dim is None else w.unsqueeze(unit_dim)
-    cl = v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v.contiguous()
-    if k is not None:
-        cs.weight_memo[k] = (w, w._version, cl)
-    return cl
-
-
 def _nothing(env, cs) -> None:
     """The run function of a dead step."""
 
@@ -787,10 +731,6 @@ def _from_numpy(a: np.ndarray, v: Value) -> torch.Tensor:
     if t.dtype != want:
         t = t.to(want)
     return t.reshape([int(d) for d in v.type.shape])
-
-
-def _contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.is_contiguous() else t.contiguous()
 
 
 def _view(op, args: Sequence[torch.Tensor], binding: dict | None = None) -> torch.Tensor:

@@ -1,0 +1,85 @@
+"""How a library convolution step calls torch: the layouts oneDNN is fast on.
+
+``runtime.graph`` builds one run function per ``st.convolution``; this module is that function.
+A channels-last convolution (``layout-channels-last``) holds [N, *spatial, C] buffers: torch gets
+the channels-last view of the logical [N, C, *spatial] tensor and a channels-last weight, and
+answers NHWC memory, all without copies. A 1-d one runs as a 2-d convolution of height 1.
+
+Invariants: a run function writes exactly its one result slot; it copies nothing of the input a
+kernel wrote (those are contiguous already); a weight's channels-last copy is reused only while
+it is the same tensor at the same version.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from runtime.graph import CallState
+
+
+def convolution_run(op, reads: list[int], writes: list[int], memo: int | None) -> Callable:
+    """The run function ``(env, cs)`` of convolution ``op`` reading ``reads`` (input, weight,
+    optional bias) into ``writes[0]``. ``memo``: the key under which the call state keeps the
+    weight's channels-last copy (the step index, for a weight the caller passes); None copies
+    every call (a weight the graph computes lives in an arena buffer rewritten in place)."""
+    a = op.attributes
+    conv = torch.convolution
+    args = (list(a["stride"]), list(a["padding"]), list(a["dilation"]), bool(a["transposed"]),
+            list(a["output_padding"]), int(a["groups"]))
+    if a.get("channels_last") and op.result.type.rank == 3:
+        # [N, L, C] buffers: a 2-d channels-last convolution of height 1 over the [N, 1, L, C]
+        # view (oneDNN's 1-d path on NLC memory is slower than NCL, its NHWC 2-d path faster);
+        # the weight gains a unit height
+        args2 = ([1, *args[0]], [0, *args[1]], [1, *args[2]], args[3], [0, *args[4]], args[5])
+
+        def run(env, cs):
+            b = env[reads[2]] if len(reads) == 3 else None
+            x = _contiguous(env[reads[0]]).unsqueeze(1).permute(0, 3, 1, 2)
+            y = conv(x, _channels_last_weight(cs, memo, env[reads[1]], 2), b, *args2)
+            env[writes[0]] = y.permute(0, 2, 3, 1).squeeze(1)
+    elif a.get("channels_last"):
+        to_first, to_last = _moves(op.result.type.rank)
+
+        def run(env, cs):
+            b = env[reads[2]] if len(reads) == 3 else None
+            # an NCHW tensor viewed as NHWC (a graph input) is made NHWC first: the
+            # convolution then runs and answers channels-last
+            y = conv(_contiguous(env[reads[0]]).permute(to_first),
+                     _channels_last_weight(cs, memo, env[reads[1]]), b, *args)
+            env[writes[0]] = y.permute(to_last)
+    else:
+        def run(env, cs):
+            b = env[reads[2]] if len(reads) == 3 else None
+            env[writes[0]] = conv(env[reads[0]], env[reads[1]], b, *args)
+    return run
+
+
+def _contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def _moves(rank: int) -> tuple[list[int], list[int]]:
+    """Permutations [N, *spatial, C] -> [N, C, *spatial] and back."""
+    return [0, rank - 1, *range(1, rank - 1)], [0, *range(2, rank), 1]
+
+
+def _channels_last_weight(cs: CallState, k: int | None, w: torch.Tensor,
+                          unit_dim: int | None = None) -> torch.Tensor:
+    """The weight in channels-last memory (with a unit dim inserted at ``unit_dim`` first, for a
+    1-d convolution run as 2-d). oneDNN reorders an OIHW weight for an NHWC convolution on every
+    call, and slowly: rcrn's 256x256x4x4 weight, 2.26 ms a call with an OIHW weight, 0.56 ms
+    with an OHWI one. The copy is kept in the call state under ``k`` while the weight is the
+    same tensor at the same version (an optimizer step's in-place update makes a new copy; an
+    inference weight is copied once); ``k`` None: copied every call."""
+    hit = cs.weight_memo.get(k) if k is not None else None
+    if hit is not None and hit[0] is w and hit[1] == w._version:
+        return hit[2]
+    v = w if unit_dim is None else w.unsqueeze(unit_dim)
+    cl = v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v.contiguous()
+    if k is not None:
+        cs.weight_memo[k] = (w, w._version, cl)
+    return cl
