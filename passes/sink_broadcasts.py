@@ -6,6 +6,12 @@ either fuse them with it or let one kernel write the expanded tensor for the oth
 back. Cloning the broadcast per user removes that false choice; each clone then fuses with its
 one consumer (or stays a view in front of a library call).
 
+Likewise a channels-last value's permute back to [N, C, *spatial] that the function returns
+where any memory order will do (``layout_free_results``: a training forward's saved
+activations) and that kernels read too: the return gets its own clone, which the planner leaves
+a view of the channels-last buffer (``passes.fusion.graph``), instead of a kernel writing a
+transposed copy for the return.
+
 Input: any module. Output: the same computation, each broadcast result used exactly once.
 """
 
@@ -15,7 +21,7 @@ from dataclasses import dataclass
 
 from passes.pass_manager import Pass, PassContext, register_pass
 from passes.rewrite import blocks_of
-from stitch_ir.core import Module
+from stitch_ir.core import Module, OpResult
 from stitch_ir.dialects import st
 
 
@@ -36,4 +42,27 @@ class SinkBroadcastsPass(Pass):
                     user.parent.insert_before(user, clone)
                     user.set_operand(i, clone.result)
                     cloned += 1
+        for f in module.funcs:
+            cloned += _clone_returned_permutes(f)
         ctx.bump("sink-broadcasts.cloned", cloned)
+
+
+def _clone_returned_permutes(func) -> int:
+    free = set(func.attr("layout_free_results", ()))
+    ret = func.return_op
+    done = 0
+    for k, v in enumerate(ret.operands):
+        op = v.owner if isinstance(v, OpResult) else None
+        if k not in free or not isinstance(op, st.PermuteOp) or op.parent is not func.body or \
+                all(u is ret for u in v.users):
+            continue
+        r = v.type.rank
+        if r < 3 or tuple(op.attributes["perm"]) != (0, r - 1, *range(1, r - 1)):
+            continue
+        clone = st.PermuteOp([op.operand(0)], [v.type], dict(op.attributes), loc=op.loc)
+        func.body.insert_before(ret, clone)
+        for j, w in enumerate(ret.operands):  # every layout-free return of it
+            if w is v and j in free:
+                ret.set_operand(j, clone.result)
+        done += 1
+    return done

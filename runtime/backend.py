@@ -60,12 +60,15 @@ def _dump(dump_dir: str | None, gid: int, name: str, text: str) -> None:
     path.write_text(text)
 
 
-def compile_fx(gm: torch.fx.GraphModule, options: dict) -> Any:
+def compile_fx(gm: torch.fx.GraphModule, options: dict, example_inputs=None) -> Any:
     """Compile one static aten graph; returns a callable ``f(*tensors) -> list`` shaped like the
-    graph's outputs (``None`` where the graph returns None)."""
+    graph's outputs (``None`` where the graph returns None). ``example_inputs``: the tensors
+    (or fakes) the graph will be called with; their strides choose the arguments' memory
+    order (``_argument_orders``)."""
     import passes
     from passes import PassContext, PassManager
     from passes.classify import summarize
+    from passes.layout import permute_arguments
     from runtime.graph import CompiledGraph
     from stitch_ir.importer import ImportedProgram, import_graph
     from stitch_ir.printer import print_module
@@ -94,6 +97,15 @@ def compile_fx(gm: torch.fx.GraphModule, options: dict) -> Any:
                     if k not in sizes]
     prog = ImportedProgram(module, [n.name for n in placeholders], {},
                            list(range(len(placeholders))))
+    if example_inputs is not None:
+        tensors = [x for k, x in enumerate(example_inputs) if k not in sizes]
+        permute_arguments(module.func(), _argument_orders(tensors))
+    saved = _saved_for_backward(len(flat))
+    if saved:  # return positions of the saved activations, among the present outputs
+        present_at = [k for k, a in enumerate(flat) if a is not None and k not in numbers
+                      and k not in sym_outs]
+        module.func().set_attrs(layout_free_results=[
+            j for j, k in enumerate(present_at) if k in saved])
     _dump(dump_dir, gid, "before_fusion.sir", print_module(module))
     fusion = options.get("fusion", "stitch")
     budget = float(options.get("time_limit", 10.0))
@@ -118,6 +130,7 @@ def compile_fx(gm: torch.fx.GraphModule, options: dict) -> Any:
             cuda = step.source.symbol.startswith("stitch_cuda_")
             _dump(dump_dir, gid, f"kernels/{step.source.symbol}{'.cu' if cuda else suffix}",
                   step.source.source)
+    _report_output_strides(module.func(), flat, numbers, sym_outs)
     fell = summarize(module).torch_call_targets
     for target, n in fell.items():
         FALLBACKS[target] += n
@@ -155,6 +168,67 @@ def compile_fx(gm: torch.fx.GraphModule, options: dict) -> Any:
     return run
 
 
+def _argument_orders(tensors) -> dict[int, tuple[int, ...]]:
+    """Arguments that arrive channels-last ([N, C, *spatial] tensors whose memory is
+    [N, *spatial, C], as a channels-last forward's saved activations reach its backward): the
+    permutation that makes each contiguous, by argument position."""
+    out = {}
+    for k, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor) or t.dim() < 3 or t.is_contiguous() or \
+                any(isinstance(d, torch.SymInt) for d in (*t.shape, *t.stride())):
+            continue
+        to_last = (0, *range(2, t.dim()), 1)
+        if t.permute(to_last).is_contiguous():
+            out[k] = to_last
+    return out
+
+
+def _saved_for_backward(n_outputs: int) -> set[int]:
+    """In a training forward compiled under AOTAutograd, the output positions it saves for the
+    backward (whose memory order only stitch's own backward reads); empty otherwise."""
+    from torch._guards import TracingContext
+
+    tc = TracingContext.try_get()
+    meta = getattr(tc, "fw_metadata", None) if tc is not None else None
+    if meta is None or getattr(tc, "output_strides", None) is None:
+        return set()
+    try:
+        return set(range(n_outputs)[meta.tensors_saved_for_backwards_slice])
+    except (AssertionError, AttributeError, TypeError):
+        return set()
+
+
+def _report_output_strides(func, flat: list, numbers: dict, sym_outs: dict) -> None:
+    """Tell AOTAutograd the strides of outputs returned in another memory order (a permute of
+    a buffer the graph wrote, returned as a view: ``layout_free_results``), so that the
+    backward graph is compiled for the strides it will get; None (as traced) for the rest."""
+    from torch._guards import TracingContext
+
+    from passes.rewrite import defining_op
+    from stitch_ir.core import BlockArgument
+    from stitch_ir.dialects import st
+
+    tc = TracingContext.try_get()
+    # one report per forward graph (a layout trial compiles two: the first one reports)
+    if tc is None or tc.output_strides is None or tc.output_strides:
+        return
+    returned = iter(func.return_op.operands)
+    strides: list = []
+    for k, a in enumerate(flat):
+        if a is None or k in numbers or k in sym_outs:
+            strides.append(None)
+            continue
+        v = next(returned)
+        op = defining_op(v)
+        if isinstance(op, st.PermuteOp) and not isinstance(op.operand(0), BlockArgument) and \
+                op.operand(0).type.is_static:
+            base = torch.empty(op.operand(0).type.shape, device="meta")
+            strides.append(tuple(base.permute(op.attributes["perm"]).stride()))
+        else:
+            strides.append(None)
+    tc.output_strides.extend(strides)
+
+
 def _static(example_inputs) -> bool:
     return all(not isinstance(x, torch.SymInt) and not (
         isinstance(x, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in x.shape))
@@ -173,7 +247,7 @@ def _compiler(options: dict):
 
             opts["target"] = target_of(dev)
         if _static(example_inputs):
-            return make_boxed_func(_or_torch(gm, opts))
+            return make_boxed_func(_or_torch(gm, opts, example_inputs))
         if opts.get("dynamic", True):
             symbolic = _symbolic(gm, opts)
             if symbolic is not None:
@@ -183,7 +257,7 @@ def _compiler(options: dict):
     return compile_graph
 
 
-def _or_torch(gm, options):
+def _or_torch(gm, options, example_inputs=None):
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     try:
@@ -191,9 +265,11 @@ def _or_torch(gm, options):
         with unset_fake_temporarily():
             if options.get("channels_last") == "auto" and _has_conv(gm) and \
                     options.get("target", "cpu") == "cpu":
-                first = compile_fx(gm, {**options, "channels_last": False})
-                return _LayoutTrial(first, compile_fx(gm, {**options, "channels_last": True}))
-            return compile_fx(gm, {**options, "channels_last": _channels_last(options)})
+                first = compile_fx(gm, {**options, "channels_last": False}, example_inputs)
+                return _LayoutTrial(first, compile_fx(gm, {**options, "channels_last": True},
+                                                      example_inputs))
+            return compile_fx(gm, {**options, "channels_last": _channels_last(options)},
+                              example_inputs)
     except Exception as e:  # noqa: BLE001 - any failure: run this graph as torch would
         FALLBACKS[f"graph: {type(e).__name__}"] += 1
         log.warning("stitch: a graph runs through torch unfused: %s", e)

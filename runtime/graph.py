@@ -45,7 +45,7 @@ import torch
 from codegen.cpp.emit import ERRORS, Unsupported
 from codegen.cpp.kernel import KernelSource, render_group
 from runtime.build import load_built
-from runtime.convolution import _contiguous, convolution_run
+from runtime.convolution import _contiguous, convolution_run, permuted_call_run
 from stitch_ir.core import BlockArgument, FuncOp, OpResult, Value
 from stitch_ir.dialects import fusion, st
 from stitch_ir.importer import ImportedProgram, dtype_to_torch
@@ -170,6 +170,11 @@ class CompiledGraph:
         self._plan_lifetimes()
         self.consts = {i: self._place(t.detach().contiguous()) for i, t in prog.constants.items()}
         self._arg_types = [(i, self.func.args[i].type) for i in prog.user_inputs]
+        # arguments that arrive permuted (passes.layout.permute_arguments): input position and
+        # permutation, applied as views on entry
+        perms = self.func.attr("arg_perms", ())
+        self._entry_perms = [(pos, perms[i]) for pos, i in enumerate(prog.user_inputs)
+                             if i < len(perms) and perms[i]]
         self._input_types = [
             (i, torch.Size([d if isinstance(d, int) else -1 for d in t.shape]),
              dtype_to_torch(t.dtype)) for i, t in self._arg_types]
@@ -239,6 +244,10 @@ class CompiledGraph:
                         "kernel", reads, writes, src, kern)
         if isinstance(op, fusion.GroupOp):  # a view group: reshapes only
             return self._view_group(op, reads, writes)
+        if isinstance(op, st.PermuteOp):  # the common view (channels-last values), lean
+            def run(env, cs, r=reads[0], w=writes[0], p=tuple(op.attributes["perm"])):
+                env[w] = env[r].permute(p)
+            return Step(op.name, self._memo_views(run, reads, writes), "view", reads, writes)
         if isinstance(op, VIEW_OPS):
             def run(env, cs, op=op, reads=reads, writes=writes):
                 env[writes[0]] = _view(op, [env[i] for i in reads], cs.binding)
@@ -269,6 +278,12 @@ class CompiledGraph:
             return Step(op.name, run, "seed", reads, writes)
         if isinstance(op, st.LibraryOp):
             return Step(op.name, self._library(op, reads, writes), "library", reads, writes)
+        if isinstance(op, st.TorchCallOp) and (op.attr("operand_perms") or
+                                               op.attr("result_perms")):
+            fn = resolve_torch_op(op.attributes["target"])
+            return Step(op.attributes["target"], permuted_call_run(
+                op, fn, reads, writes, len(self.steps), set(self.prog.user_inputs)),
+                "torch", reads, writes)
         if isinstance(op, st.TorchCallOp):
             fn = resolve_torch_op(op.attributes["target"])
             spec = op.attributes["args"]
@@ -644,6 +659,15 @@ class CompiledGraph:
         if len(user_inputs) != len(self.prog.user_inputs):
             raise TypeError(f"expected {len(self.prog.user_inputs)} inputs, got "
                             f"{len(user_inputs)}")
+        if self._entry_perms:
+            user_inputs = list(user_inputs)
+            for pos, p in self._entry_perms:
+                t = user_inputs[pos]
+                if t.dim() != len(p):
+                    raise ValueError(f"input {self.prog.arg_names[self.prog.user_inputs[pos]]}"
+                                     f" has shape {list(t.shape)}, the graph was compiled for "
+                                     f"rank {len(p)}")
+                user_inputs[pos] = t.permute(p)
         if self.symbols:
             binding = self.bind(user_inputs)
             key = tuple(binding[n] for n in self.symbols)

@@ -576,15 +576,28 @@ def torch_call_results(op, out) -> list:
     return [t for t in out if isinstance(t, torch.Tensor)]
 
 
+def _inverse_perm(p) -> list[int]:
+    q = [0] * len(p)
+    for k, i in enumerate(p):
+        q[i] = k
+    return q
+
+
 @impl("st.torch_call")
 def _torch_call(op, args):
     import torch
 
     fn = resolve_torch_op(op.attributes["target"])
     tensors = [torch.from_numpy(np.array(a, order="C")) for a in args]  # keeps rank 0
+    for k, p in enumerate(op.attr("operand_perms") or ()):
+        if p:  # the op's argument, permuted back (a strided view, as the runtime passes it)
+            tensors[k] = tensors[k].permute(_inverse_perm(p))
     pos, kw = decode_torch_args(op.attributes["args"], tensors)
     out = fn(*pos, **kw)
     flat = torch_call_results(op, out)
+    for k, p in enumerate(op.attr("result_perms") or ()):
+        if p and k < len(flat):
+            flat[k] = flat[k].permute(p)
     if len(flat) != len(op.results):
         raise InterpreterError(f"'{op.attributes['target']}' returned {len(flat)} tensors, the op "
                                f"declares {len(op.results)}{op.where()}")
@@ -637,6 +650,11 @@ def run(module: Module | FuncOp, inputs: Sequence[np.ndarray], func: str | None 
     """Run a function on numpy inputs and return its outputs."""
     f = module if isinstance(module, FuncOp) else module.func(func)
     inputs = [np.asarray(x) for x in inputs]
+    # arguments that arrive permuted (``arg_perms``, see passes.layout.permute_arguments): the
+    # caller passes the logical tensors
+    for k, p in enumerate(f.attr("arg_perms", ())):
+        if p and k < len(inputs):
+            inputs[k] = np.ascontiguousarray(np.transpose(inputs[k], p))
     check_inputs(f, inputs)
     return run_block(f.body, inputs)
 

@@ -195,6 +195,24 @@ def _mark_glue(g: PlanGraph) -> None:
                 changed = True
     for i in glue:
         g.role[i] = GLUE
+    # A channels-last value returned in the logical order ([N, *spatial, C] permuted to
+    # [N, C, *spatial]) where the caller takes any memory order (a training forward's saved
+    # activations, ``layout_free_results``) is a view of it: the kernel writes the value once,
+    # channels-last, not a transposed copy as well (the backward takes it channels-last:
+    # ``passes.layout.permute_arguments``).
+    free = set(g.block.parent.parent.attr("layout_free_results", ())) if isinstance(
+        g.block.parent.parent if g.block.parent else None, FuncOp) else set()
+    if free:
+        positions: dict[int, set[int]] = {}
+        for k, v in enumerate(g.terminator.operands):
+            positions.setdefault(id(v), set()).add(k)
+        for i in g.returned:
+            op = g.ops[i]
+            r = op.result.type.rank if isinstance(op, st.PermuteOp) else 0
+            if g.role[i] == FUSIBLE and r >= 3 and not g.succs[i] and positions[
+                    id(op.result)] <= free and tuple(op.attributes["perm"]) == (
+                    0, r - 1, *range(1, r - 1)):
+                g.role[i] = GLUE
 
 
 def _reachability(g: PlanGraph) -> None:

@@ -145,7 +145,12 @@ class TorchCallOp(StOp):
     required_attrs = ("target", "args")
     # ``outputs``: for an op returning a tuple, the tuple position of each result (outputs the
     # op was asked not to compute are skipped, so results and positions need not line up).
-    optional_attrs = ("outputs",)
+    # ``operand_perms`` / ``result_perms`` (one permutation per operand / result, empty for
+    # none): operand i holds the op's argument permuted by ``operand_perms[i]`` (the call gets
+    # it permuted back, a view), and result j is the op's output permuted by
+    # ``result_perms[j]`` -- how ``layout-channels-last`` hands a convolution backward
+    # channels-last buffers, which torch sees as channels-last [N, C, H, W] tensors.
+    optional_attrs = ("outputs", "operand_perms", "result_perms")
 
     def verify_(self) -> None:
         target = self.attributes["target"]
@@ -157,3 +162,13 @@ class TorchCallOp(StOp):
             json.loads(self.attributes["args"])
         except (TypeError, ValueError) as e:
             raise self.error(f"'args' is not valid JSON: {e}") from None
+        for key, values in (("operand_perms", self.operands), ("result_perms", self.results)):
+            perms = self.attr(key)
+            if perms is None:
+                continue
+            if len(perms) != len(values):
+                raise self.error(f"'{key}' has {len(perms)} entries for {len(values)} values")
+            for k, (p, v) in enumerate(zip(perms, values)):
+                if p and sorted(p) != list(range(v.type.rank)):
+                    raise self.error(f"'{key}'[{k}] = {list(p)} is not a permutation of "
+                                     f"{v.type}'s dims")

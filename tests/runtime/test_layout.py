@@ -144,3 +144,92 @@ def test_pooled_1x1_convolutions_become_linear(channels_last):
         torch.testing.assert_close(got, w, atol=1e-5, rtol=1e-5)
     for got, w in zip(prog.run(x), want):
         torch.testing.assert_close(torch.from_numpy(got), w, atol=1e-5, rtol=1e-5)
+
+
+def _conv_net():
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 12, 3, padding=1, stride=2), torch.nn.BatchNorm2d(12), torch.nn.ReLU(),
+        torch.nn.ConvTranspose2d(12, 12, 2, stride=2), torch.nn.GELU(),
+        torch.nn.Conv2d(12, 12, 3, padding=1, groups=4), torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(), torch.nn.Linear(12, 4))
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 17, 13), (1, 3, 8, 8)])
+def test_channels_last_training_keeps_activations_channels_last(shape, tmp_path):
+    """A conv net's training step under torch.compile: the forward returns its saved
+    activations as channels-last views (no transposed copies) and reports their strides, the
+    backward takes them as permuted arguments (``arg_perms``) and runs convolution_backward on
+    channels-last buffers (``operand_perms``) -- no kernel transposes a tile -- and the
+    output, the input's gradient and every parameter's gradient (in eager's layout) agree
+    with eager over two steps (odd sizes, a batch of one)."""
+    import copy
+    from pathlib import Path
+
+    torch.manual_seed(0)
+    m = _conv_net()
+    ref = copy.deepcopy(m)
+    torch._dynamo.reset()
+    f = torch.compile(m, backend="stitch", dynamic=False, options={"dump_dir": str(tmp_path)})
+    for _ in range(2):
+        x = torch.randn(*shape)
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out, want = f(x1), ref(x2)
+        out.square().sum().backward()
+        want.square().sum().backward()
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(x1.grad, x2.grad, atol=1e-5, rtol=1e-4)
+    for (name, p), q in zip(m.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-4, msg=name)
+        assert p.grad.stride() == q.grad.stride(), name
+    graphs = sorted(Path(tmp_path).glob("graph_*/after_fusion.sir"))
+    text = [g.read_text() for g in graphs]
+    backward = [t for t in text if "convolution_backward" in t]
+    assert backward and all("arg_perms" in t and "operand_perms" in t for t in backward)
+    forward = [t for t in text if "convolution_backward" not in t]
+    assert forward and all("layout_free_results" in t for t in forward)
+    kernels = [k.read_text() for k in Path(tmp_path).glob("graph_*/kernels/*.cpp")]
+    assert kernels and not any("stage" in k for k in kernels)  # no transposed tiles
+
+
+def test_channels_last_convolution_backward_matches_torch():
+    """``layout-channels-last`` on a graph calling convolution_backward directly (strided,
+    padded, grouped, transposed, 1-d; an input gradient read by an element-wise op): the
+    interpreter (which applies ``operand_perms`` / ``result_perms`` itself) and the compiled
+    graph agree with torch; an argument handed over channels-last (``permute_arguments``)
+    gives the same values whether or not its memory is channels-last."""
+    from passes.layout import permute_arguments
+
+    cb = torch.ops.aten.convolution_backward
+
+    class M(torch.nn.Module):
+        def forward(self, dy, x, w, dy2, w2):
+            gi, gw, gb = cb(dy, x, w, [6], [2, 2], [1, 1], [1, 1], False, [0, 0], 2,
+                            [True, True, True])
+            gi2, gw2, _ = cb(dy2, torch.tanh(gi) * x, w2, None, [2, 2], [0, 0], [1, 1], True,
+                             [1, 1], 1, [True, True, False])
+            # 1-d: run as a height-1 2-d backward
+            l3 = gi2.flatten(2)[:, :, :11]
+            gi3, gw3, gb3 = cb(torch.tanh(l3[:, :3, :5]), l3, w3, [3], [2], [1], [2], False,
+                               [0], 1, [True, True, True])
+            return gi2 * 2, gw, gb, gw2, gi3 + 1, gw3, gb3
+
+    w3 = torch.randn(3, 4, 3)
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 9, 7)
+    args = (torch.randn(3, 6, 5, 4), x, torch.randn(6, 2, 3, 3),
+            torch.randn(3, 5, 19, 15), torch.randn(4, 5, 2, 2))
+    want = M()(*args)
+    for channels_last_x in (False, True):
+        prog = import_model(M(), args)
+        permute_arguments(prog.func, {1: (0, 2, 3, 1)})
+        g = compile_program(prog, device_spec=cpu_spec(measure=False), channels_last=True)
+        calls = [op for op in g.func.body.ops if op.name == "st.torch_call"]
+        assert len(calls) == 3 and all(op.attr("operand_perms") for op in calls)
+        xin = x.contiguous(memory_format=torch.channels_last) if channels_last_x else x
+        got = g(args[0], xin, *args[2:])
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+        for a, b in zip(prog.run(*args), want):
+            torch.testing.assert_close(torch.from_numpy(a), b, atol=1e-4, rtol=1e-4)
