@@ -10,7 +10,8 @@ Likewise a channels-last value's permute back to [N, C, *spatial] that the funct
 where any memory order will do (``layout_free_results``: a training forward's saved
 activations) and that kernels read too: the return gets its own clone, which the planner leaves
 a view of the channels-last buffer (``passes.fusion.graph``), instead of a kernel writing a
-transposed copy for the return.
+transposed copy for the return. A returned value that is also permuted channels-last (the
+padded input of a convolution) is returned as the permute back of that channels-last value.
 
 Input: any module. Output: the same computation, each broadcast result used exactly once.
 """
@@ -53,13 +54,19 @@ def _clone_returned_permutes(func) -> int:
     done = 0
     for k, v in enumerate(ret.operands):
         op = v.owner if isinstance(v, OpResult) else None
-        if k not in free or not isinstance(op, st.PermuteOp) or op.parent is not func.body or \
-                all(u is ret for u in v.users):
-            continue
         r = v.type.rank
-        if r < 3 or tuple(op.attributes["perm"]) != (0, r - 1, *range(1, r - 1)):
+        if k not in free or r < 3 or all(u is ret for u in v.users):
             continue
-        clone = st.PermuteOp([op.operand(0)], [v.type], dict(op.attributes), loc=op.loc)
+        to_first, to_last = (0, r - 1, *range(1, r - 1)), (0, *range(2, r), 1)
+        if isinstance(op, st.PermuteOp) and op.parent is func.body and \
+                tuple(op.attributes["perm"]) == to_first:
+            src = op.operand(0)
+        else:  # a value also read channels-last (by a convolution): return that one's view
+            src = next((u.result for u in v.users if isinstance(u, st.PermuteOp) and
+                        u.parent is func.body and tuple(u.attributes["perm"]) == to_last), None)
+            if src is None:
+                continue
+        clone = st.PermuteOp([src], [v.type], {"perm": to_first}, loc=v.owner.loc if op else None)
         func.body.insert_before(ret, clone)
         for j, w in enumerate(ret.operands):  # every layout-free return of it
             if w is v and j in free:

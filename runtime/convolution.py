@@ -12,6 +12,7 @@ it is the same tensor at the same version.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -91,6 +92,13 @@ def permuted_call_run(op, fn, reads: list[int], writes: list[int], key: int,
                 a[i] = [pad, *a[i]]
             spec = json.dumps(d)
     memo = key if weight is not None and reads[weight] in user_inputs else None
+    # oneDNN's channels-last backward loses on small output maps (2 threads here): a 4x4 output
+    # took 4.5 ms against 3.1 ms NCHW (rcrn: 2x256x8x8 -> 256, 4x4/s2), 0.72 against 0.48 ms
+    # (visual_lexical: 2x128x8x8 -> 256, 3x3/s2), and a little longer in three other 4x4 cases;
+    # from 8x8 on channels-last was as fast or faster (16x16 and up: 10-75% faster). Such a
+    # backward runs NCHW on copies (its tensors are small: microseconds), and its input gradient
+    # is copied back channels-last, so the kernels around it still read one layout.
+    small = weight is not None and math.prod(_grad_map(op)) <= SMALL_MAP
 
     def run(env, cs):
         ops = []
@@ -102,15 +110,31 @@ def permuted_call_run(op, fn, reads: list[int], writes: list[int], key: int,
                     t = t.permute(q)
                     if unit is not None:
                         t = t.unsqueeze(unit)
+                    if small:
+                        t = t.contiguous()
                 elif k == weight:
-                    t = _channels_last_weight(cs, memo, t, unit)
+                    t = _channels_last_weight(cs, memo, t, unit) if not small else \
+                        t if unit is None else t.unsqueeze(unit)
             ops.append(t)
         a, kw = decode_torch_args(spec, ops)
         for w, t, p in zip(writes, torch_call_results(op, fn(*a, **kw)), outs):
             if unit is not None and t.dim() == 4:  # not the bias gradient
                 t = t.squeeze(unit)
-            env[w] = t.permute(p) if p is not None else _contiguous(t)
+            env[w] = (t.permute(p).contiguous() if small else t.permute(p)) if p is not None \
+                else _contiguous(t)
     return run
+
+
+SMALL_MAP = 16  # output positions per image up to which a backward runs NCHW (see above)
+
+
+def _grad_map(op) -> tuple[int, ...]:
+    """The spatial sizes of a convolution backward's output gradient (operand 0)."""
+    import json
+
+    g = json.loads(op.attributes["args"])["args"][0]["operand"]
+    return tuple(op.operand(g).type.shape[2:]) if op.attr("operand_perms")[g] == () else \
+        tuple(op.operand(g).type.shape[1:-1])
 
 
 def _inverse(p) -> list[int]:

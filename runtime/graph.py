@@ -393,8 +393,9 @@ class CompiledGraph:
             for u in v.users:
                 if u is ret:
                     continue  # returned, and a view of the inputs (checked above)
-                if isinstance(u, st.ConvolutionOp) and moved:
-                    return False
+                if moved and (isinstance(u, st.ConvolutionOp) or (
+                        isinstance(u, st.TorchCallOp) and u.attr("operand_perms"))):
+                    return False  # it copies strided operands itself (see passes.fusion.graph)
                 if isinstance(u, st.LibraryOp | st.TorchCallOp):
                     continue
                 view_group = isinstance(u, fusion.GroupOp) and u.kind == "view"

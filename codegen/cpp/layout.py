@@ -162,15 +162,18 @@ def _reads_only(v: Value, buffers: dict[int, str], name: str) -> bool:
     return buffers[id(v)] == name
 
 
-def transposed_dim(v: Value, buffers: dict[int, str], sizes: dict[str, int]):
-    """(buffer, p): the largest buffer ``v`` reads that is contiguous along dim ``p`` of ``v`` and
-    strided along its innermost dim (a transpose); None when there is none."""
+def transposed_dim(v: Value, buffers: dict[int, str], sizes: dict[str, int],
+                   min_bytes: int | None = None):
+    """(buffer, p): the largest buffer ``v`` reads (of at least ``min_bytes``) that is contiguous
+    along dim ``p`` of ``v`` and strided along its innermost dim (a transpose); None when there
+    is none. ``min_bytes`` defaults to ``MIN_BYTES``."""
     shape = dims(v)
     if _symbolic(v) or len(shape) < 2 or shape[-1] < 2:
         return None
+    min_bytes = MIN_BYTES if min_bytes is None else min_bytes
     best = None
     for name, s in strides(v, buffers).items():
-        if sizes.get(name, 0) < MIN_BYTES or abs(s[-1]) in (0, 1):
+        if sizes.get(name, 0) < min_bytes or abs(s[-1]) in (0, 1):
             continue
         unit = [k for k in range(len(shape) - 1) if s[k] == 1 and shape[k] >= 2]
         if unit and (best is None or sizes[name] > best[2]):

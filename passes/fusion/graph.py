@@ -169,8 +169,9 @@ def _mark_glue(g: PlanGraph) -> None:
     greatest set of layout nodes whose users are library ops or glue and whose source is a
     function argument, a constant, a library result or glue.
 
-    A chain with a permute that a convolution reads is not glue: a matmul takes a transposed
-    operand as a flag, but oneDNN copies a strided convolution input with torch's generic copy
+    A chain with a permute that a convolution reads is not glue (``_copies_strided``): a matmul
+    takes a transposed operand as a flag, but oneDNN copies a strided convolution input with
+    torch's generic copy
     (after torch's own copy for a reshape of a permute): two passes where a copy kernel is one
     (charformer's window-reverse permutes into channels-last convolutions)."""
     glue = {i for i in range(g.n) if g.role[i] == FUSIBLE and i not in g.returned and g.succs[i]
@@ -188,8 +189,7 @@ def _mark_glue(g: PlanGraph) -> None:
             source_ok = isinstance(src, BlockArgument) or is_constant(src) or (
                 j is not None and (g.role[j] == LIBRARY_ROLE or j in glue))
             users_ok = all((g.role[k] == LIBRARY_ROLE and not (
-                moved[i] and isinstance(g.ops[k], st.ConvolutionOp))) or k in glue
-                for k in g.succs[i])
+                moved[i] and _copies_strided(g.ops[k]))) or k in glue for k in g.succs[i])
             if not (source_ok and users_ok):
                 glue.discard(i)
                 changed = True
@@ -213,6 +213,15 @@ def _mark_glue(g: PlanGraph) -> None:
                     id(op.result)] <= free and tuple(op.attributes["perm"]) == (
                     0, r - 1, *range(1, r - 1)):
                 g.role[i] = GLUE
+
+
+def _copies_strided(op) -> bool:
+    """Library ops that copy a strided operand with torch's generic copy: convolutions, and a
+    channels-last ``convolution_backward`` (``operand_perms``), whose NHWC operands must be
+    contiguous -- a kernel writing them so costs one pass, a view then a copy two (rcrn's
+    backward recomputes a pad of each saved activation before its convolution_backward)."""
+    return isinstance(op, st.ConvolutionOp) or (
+        isinstance(op, st.TorchCallOp) and bool(op.attr("operand_perms")))
 
 
 def _reachability(g: PlanGraph) -> None:
