@@ -196,8 +196,8 @@ def capture_args():
     seen: list = []
     original = backend.compile_fx
 
-    def compile_fx(gm, options):
-        run = original(gm, options)
+    def compile_fx(gm, options, *args, **kwargs):
+        run = original(gm, options, *args, **kwargs)
         entry = {"graph": run.stitch_graph, "args": None}
         seen.append(entry)
 
