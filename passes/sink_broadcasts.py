@@ -57,7 +57,7 @@ def _clone_returned_permutes(func) -> int:
         r = v.type.rank
         if k not in free or r < 3 or all(u is ret for u in v.users):
             continue
-        to_first, to_last = (0, r - 1, *range(1, r - 1)), (0, *range(2, r), 1)
+        to_last, to_first = st.channels_last_perms(r)
         if isinstance(op, st.PermuteOp) and op.parent is func.body and \
                 tuple(op.attributes["perm"]) == to_first:
             src = op.operand(0)

@@ -172,12 +172,14 @@ def _argument_orders(tensors) -> dict[int, tuple[int, ...]]:
     """Arguments that arrive channels-last ([N, C, *spatial] tensors whose memory is
     [N, *spatial, C], as a channels-last forward's saved activations reach its backward): the
     permutation that makes each contiguous, by argument position."""
+    from stitch_ir.dialects import st
+
     out = {}
     for k, t in enumerate(tensors):
         if not isinstance(t, torch.Tensor) or t.dim() < 3 or t.is_contiguous() or \
                 any(isinstance(d, torch.SymInt) for d in (*t.shape, *t.stride())):
             continue
-        to_last = (0, *range(2, t.dim()), 1)
+        to_last = st.channels_last_perms(t.dim())[0]
         if t.permute(to_last).is_contiguous():
             out[k] = to_last
     return out

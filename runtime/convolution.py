@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from stitch_ir.dialects import st
+
 if TYPE_CHECKING:
     from runtime.graph import CallState
 
@@ -43,7 +45,7 @@ def convolution_run(op, reads: list[int], writes: list[int], memo: int | None) -
             y = conv(x, _channels_last_weight(cs, memo, env[reads[1]], 2), b, *args2)
             env[writes[0]] = y.permute(0, 2, 3, 1).squeeze(1)
     elif a.get("channels_last"):
-        to_first, to_last = _moves(op.result.type.rank)
+        to_last, to_first = st.channels_last_perms(op.result.type.rank)
 
         def run(env, cs):
             b = env[reads[2]] if len(reads) == 3 else None
@@ -76,29 +78,31 @@ def permuted_call_run(op, fn, reads: list[int], writes: list[int], key: int,
     from stitch_ir.interpreter import decode_torch_args, torch_call_results
 
     spec = op.attributes["args"]
-    ins = [_inverse(p) if p else None for p in op.attr("operand_perms") or [()] * len(reads)]
-    outs = [list(p) if p else None for p in op.attr("result_perms") or [()] * len(writes)]
-    weight, unit = None, None
+    ins = [st.inverse_perm(p) if p else None
+           for p in op.attr("operand_perms") or [()] * len(reads)]
+    outs = [p if p else None for p in op.attr("result_perms") or [()] * len(writes)]
+    weight = unit = None
+    small = False
     if op.attributes["target"] == "aten.convolution_backward.default":
         import json
 
-        d = json.loads(spec)
-        w = d["args"][2]
-        weight = w["operand"] if isinstance(w, dict) and "operand" in w else None
+        weight = op.arg_operand(2)
+        # the output gradient's spatial sizes (held [N, *spatial, C])
+        small = math.prod(op.operand(op.arg_operand(0)).type.shape[1:-1]) <= SMALL_MAP
         if op.operand(weight).type.rank == 3:  # height 1: a unit dim in every operand
+            d = json.loads(spec)
             unit = 2
             a = d["args"]
             for i, pad in ((4, 1), (5, 0), (6, 1), (8, 0)):  # stride, padding, dilation, opad
                 a[i] = [pad, *a[i]]
             spec = json.dumps(d)
     memo = key if weight is not None and reads[weight] in user_inputs else None
-    # oneDNN's channels-last backward loses on small output maps (2 threads here): a 4x4 output
+    # (``small``) oneDNN's channels-last backward loses on small output maps (2 threads here): a 4x4 output
     # took 4.5 ms against 3.1 ms NCHW (rcrn: 2x256x8x8 -> 256, 4x4/s2), 0.72 against 0.48 ms
     # (visual_lexical: 2x128x8x8 -> 256, 3x3/s2), and a little longer in three other 4x4 cases;
     # from 8x8 on channels-last was as fast or faster (16x16 and up: 10-75% faster). Such a
     # backward runs NCHW on copies (its tensors are small: microseconds), and its input gradient
     # is copied back channels-last, so the kernels around it still read one layout.
-    small = weight is not None and math.prod(_grad_map(op)) <= SMALL_MAP
 
     def run(env, cs):
         ops = []
@@ -128,29 +132,8 @@ def permuted_call_run(op, fn, reads: list[int], writes: list[int], key: int,
 SMALL_MAP = 16  # output positions per image up to which a backward runs NCHW (see above)
 
 
-def _grad_map(op) -> tuple[int, ...]:
-    """The spatial sizes of a convolution backward's output gradient (operand 0)."""
-    import json
-
-    g = json.loads(op.attributes["args"])["args"][0]["operand"]
-    return tuple(op.operand(g).type.shape[2:]) if op.attr("operand_perms")[g] == () else \
-        tuple(op.operand(g).type.shape[1:-1])
-
-
-def _inverse(p) -> list[int]:
-    q = [0] * len(p)
-    for k, i in enumerate(p):
-        q[i] = k
-    return q
-
-
 def _contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() else t.contiguous()
-
-
-def _moves(rank: int) -> tuple[list[int], list[int]]:
-    """Permutations [N, *spatial, C] -> [N, C, *spatial] and back."""
-    return [0, rank - 1, *range(1, rank - 1)], [0, *range(2, rank), 1]
 
 
 def _channels_last_weight(cs: CallState, k: int | None, w: torch.Tensor,

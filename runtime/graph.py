@@ -44,6 +44,7 @@ import torch
 
 from codegen.cpp.emit import ERRORS, Unsupported
 from codegen.cpp.kernel import KernelSource, render_group
+from passes.fusion.graph import copies_strided
 from runtime.build import load_built
 from runtime.convolution import _contiguous, convolution_run, permuted_call_run
 from stitch_ir.core import BlockArgument, FuncOp, OpResult, Value
@@ -393,9 +394,8 @@ class CompiledGraph:
             for u in v.users:
                 if u is ret:
                     continue  # returned, and a view of the inputs (checked above)
-                if moved and (isinstance(u, st.ConvolutionOp) or (
-                        isinstance(u, st.TorchCallOp) and u.attr("operand_perms"))):
-                    return False  # it copies strided operands itself (see passes.fusion.graph)
+                if moved and copies_strided(u):
+                    return False
                 if isinstance(u, st.LibraryOp | st.TorchCallOp):
                     continue
                 view_group = isinstance(u, fusion.GroupOp) and u.kind == "view"

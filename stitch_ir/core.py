@@ -297,6 +297,11 @@ class Block:
         self.ops: list[Operation] = []
         self.parent: Region | None = None
 
+    @property
+    def parent_op(self) -> Operation | None:
+        """The op whose region holds this block (a function, a fusion group), if any."""
+        return self.parent.parent if self.parent is not None else None
+
     def add_arg(self, t: TensorType, name_hint: str | None = None) -> BlockArgument:
         a = BlockArgument(t, self, len(self.args), name_hint)
         self.args.append(a)

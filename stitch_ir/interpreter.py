@@ -18,6 +18,7 @@ import numpy as np
 
 from stitch_ir import dialects  # noqa: F401 - registers ops
 from stitch_ir.core import DenseAttr, FuncOp, IRError, Module, Operation, Value
+from stitch_ir.dialects import st
 from stitch_ir.types import DType, Sym, TensorType
 
 Impl = Callable[[Operation, list[np.ndarray]], list[np.ndarray]]
@@ -576,13 +577,6 @@ def torch_call_results(op, out) -> list:
     return [t for t in out if isinstance(t, torch.Tensor)]
 
 
-def _inverse_perm(p) -> list[int]:
-    q = [0] * len(p)
-    for k, i in enumerate(p):
-        q[i] = k
-    return q
-
-
 @impl("st.torch_call")
 def _torch_call(op, args):
     import torch
@@ -591,7 +585,7 @@ def _torch_call(op, args):
     tensors = [torch.from_numpy(np.array(a, order="C")) for a in args]  # keeps rank 0
     for k, p in enumerate(op.attr("operand_perms") or ()):
         if p:  # the op's argument, permuted back (a strided view, as the runtime passes it)
-            tensors[k] = tensors[k].permute(_inverse_perm(p))
+            tensors[k] = tensors[k].permute(st.inverse_perm(p))
     pos, kw = decode_torch_args(op.attributes["args"], tensors)
     out = fn(*pos, **kw)
     flat = torch_call_results(op, out)

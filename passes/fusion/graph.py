@@ -169,7 +169,7 @@ def _mark_glue(g: PlanGraph) -> None:
     greatest set of layout nodes whose users are library ops or glue and whose source is a
     function argument, a constant, a library result or glue.
 
-    A chain with a permute that a convolution reads is not glue (``_copies_strided``): a matmul
+    A chain with a permute that a convolution reads is not glue (``copies_strided``): a matmul
     takes a transposed operand as a flag, but oneDNN copies a strided convolution input with
     torch's generic copy
     (after torch's own copy for a reshape of a permute): two passes where a copy kernel is one
@@ -189,7 +189,7 @@ def _mark_glue(g: PlanGraph) -> None:
             source_ok = isinstance(src, BlockArgument) or is_constant(src) or (
                 j is not None and (g.role[j] == LIBRARY_ROLE or j in glue))
             users_ok = all((g.role[k] == LIBRARY_ROLE and not (
-                moved[i] and _copies_strided(g.ops[k]))) or k in glue for k in g.succs[i])
+                moved[i] and copies_strided(g.ops[k]))) or k in glue for k in g.succs[i])
             if not (source_ok and users_ok):
                 glue.discard(i)
                 changed = True
@@ -200,8 +200,8 @@ def _mark_glue(g: PlanGraph) -> None:
     # activations, ``layout_free_results``) is a view of it: the kernel writes the value once,
     # channels-last, not a transposed copy as well (the backward takes it channels-last:
     # ``passes.layout.permute_arguments``).
-    free = set(g.block.parent.parent.attr("layout_free_results", ())) if isinstance(
-        g.block.parent.parent if g.block.parent else None, FuncOp) else set()
+    func = g.block.parent_op
+    free = set(func.attr("layout_free_results", ())) if isinstance(func, FuncOp) else set()
     if free:
         positions: dict[int, set[int]] = {}
         for k, v in enumerate(g.terminator.operands):
@@ -210,12 +210,12 @@ def _mark_glue(g: PlanGraph) -> None:
             op = g.ops[i]
             r = op.result.type.rank if isinstance(op, st.PermuteOp) else 0
             if g.role[i] == FUSIBLE and r >= 3 and not g.succs[i] and positions[
-                    id(op.result)] <= free and tuple(op.attributes["perm"]) == (
-                    0, r - 1, *range(1, r - 1)):
+                    id(op.result)] <= free and tuple(op.attributes["perm"]) == \
+                    st.channels_last_perms(r)[1]:
                 g.role[i] = GLUE
 
 
-def _copies_strided(op) -> bool:
+def copies_strided(op) -> bool:
     """Library ops that copy a strided operand with torch's generic copy: convolutions, and a
     channels-last ``convolution_backward`` (``operand_perms``), whose NHWC operands must be
     contiguous -- a kernel writing them so costs one pass, a view then a copy two (rcrn's

@@ -346,6 +346,19 @@ class ReshapeOp(StOp):
         return [ts[0].with_shape(shape)]
 
 
+def inverse_perm(p) -> tuple[int, ...]:
+    """The permutation that undoes ``p``."""
+    q = [0] * len(p)
+    for k, i in enumerate(p):
+        q[i] = k
+    return tuple(q)
+
+
+def channels_last_perms(rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """[N, C, *spatial] -> [N, *spatial, C], and back."""
+    return (0, *range(2, rank), 1), (0, rank - 1, *range(1, rank - 1))
+
+
 @register_op
 class PermuteOp(StOp):
     name = "st.permute"

@@ -152,6 +152,15 @@ class TorchCallOp(StOp):
     # channels-last buffers, which torch sees as channels-last [N, C, H, W] tensors.
     optional_attrs = ("outputs", "operand_perms", "result_perms")
 
+    def arg_operand(self, k: int) -> int | None:
+        """The operand passed as positional argument ``k``; None when that argument is not an
+        operand (a constant, or absent)."""
+        import json
+
+        args = json.loads(self.attributes["args"]).get("args", [])
+        a = args[k] if k < len(args) else None
+        return a["operand"] if isinstance(a, dict) and "operand" in a else None
+
     def verify_(self) -> None:
         target = self.attributes["target"]
         if not isinstance(target, str) or target.count(".") < 2:
