@@ -51,6 +51,7 @@ from stitch_ir.core import BlockArgument, FuncOp, OpResult, Value
 from stitch_ir.dialects import fusion, st
 from stitch_ir.importer import ImportedProgram, dtype_to_torch
 from stitch_ir.interpreter import IMPLS, decode_torch_args, resolve_torch_op, torch_call_results
+from stitch_ir.strides import contiguous_strides, view_op_strides
 from stitch_ir.types import Sym
 
 log = logging.getLogger("stitch.runtime")
@@ -388,7 +389,7 @@ class CompiledGraph:
             body = op.body.ops[:-1] if isinstance(op, fusion.GroupOp) else [op]
             return all(isinstance(o, st.ReshapeOp) for o in body)
 
-        def library_only(v, moved: bool, depth=0) -> bool:  # through views: a slice, a reshape
+        def library_only(v, moved: bool, strides, depth=0) -> bool:  # through views
             if (id(v) in returned and not of_inputs) or not v.users or depth > 8:
                 return False
             for u in v.users:
@@ -399,12 +400,19 @@ class CompiledGraph:
                 if isinstance(u, st.LibraryOp | st.TorchCallOp):
                     continue
                 view_group = isinstance(u, fusion.GroupOp) and u.kind == "view"
-                if not (isinstance(u, VIEW_OPS) or view_group) or not all(
-                        library_only(r, moved or not reshapes_only(u), depth + 1) for r in u.results):
+                if not (isinstance(u, VIEW_OPS) or view_group):
+                    return False
+                outs = _view_strides(u, strides, v)
+                if outs is False:
+                    return False  # a reshape torch would copy: a copy kernel writes it once
+                if not all(library_only(r, moved or not reshapes_only(u), m, depth + 1)
+                           for r, m in zip(u.results, outs)):
                     return False
             return True
 
-        return all(library_only(r, not reshapes_only(group)) for r in group.results)
+        layouts = _view_strides(group)
+        return layouts is not False and all(
+            library_only(r, not reshapes_only(group), m) for r, m in zip(group.results, layouts))
 
     def _kernel_run(self, kern, k: int, reads: list[int], writes: list[int], types: list):
         """The run function of kernel step ``k``: its argument array (inputs, outputs, scratch, a
@@ -756,6 +764,33 @@ def _from_numpy(a: np.ndarray, v: Value) -> torch.Tensor:
     if t.dtype != want:
         t = t.to(want)
     return t.reshape([int(d) for d in v.type.shape])
+
+
+def _view_strides(op, strides=None, operand=None):
+    """The strides of a view op's or group's results (``stitch_ir.strides``), from ``strides``
+    for ``operand`` and contiguous strides for its other operands; False where a reshape is no
+    view (torch would copy); None entries where shapes are symbolic (not simulated)."""
+    def start(v):
+        if operand is not None and v is operand:
+            return strides
+        return contiguous_strides(v.type.shape) if v.type.is_static else None
+
+    def apply(o, src):
+        if src is None or not (o.operand(0).type.is_static and o.result.type.is_static):
+            return None
+        out = view_op_strides(o, src)
+        return False if out is None else out
+
+    if not isinstance(op, fusion.GroupOp):
+        out = apply(op, start(op.operand(0)))
+        return False if out is False else [out]
+    vals = {id(a): start(v) for a, v in zip(op.body.args, op.operands)}
+    for o in op.body.ops[:-1]:
+        out = apply(o, vals[id(o.operand(0))])
+        if out is False:
+            return False
+        vals[id(o.result)] = out
+    return [vals[id(y)] for y in op.body.terminator.operands]
 
 
 def _view(op, args: Sequence[torch.Tensor], binding: dict | None = None) -> torch.Tensor:

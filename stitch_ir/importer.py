@@ -149,7 +149,15 @@ def decomposition_table() -> dict:
     for packet in KEEP:
         for name in packet.overloads():
             table.pop(getattr(packet, name), None)
+    table[aten.silu.default] = _silu
     return table
+
+
+def _silu(x):
+    """silu as eager's cpu kernel computes it, x / (1 + exp(-x)) in float (torch's
+    decomposition, x * sigmoid(x), rounds differently: a float16 result an ulp off eager's)."""
+    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    return (xf / (1 + torch.exp(-xf))).to(x.dtype)
 
 
 @dataclass

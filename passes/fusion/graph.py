@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from passes.classify import LIBRARY, MEMORY_INTENSIVE, TORCH_CALL, classify
 from stitch_ir.core import Block, BlockArgument, FuncOp, Operation, OpResult, Value
 from stitch_ir.dialects import st
+from stitch_ir.strides import contiguous_strides, view_op_strides
 
 FUSIBLE, LIBRARY_ROLE, GLUE = "fusible", "library", "glue"
 
@@ -177,9 +178,23 @@ def _mark_glue(g: PlanGraph) -> None:
     glue = {i for i in range(g.n) if g.role[i] == FUSIBLE and i not in g.returned and g.succs[i]
             and isinstance(g.ops[i], st.ReshapeOp | st.PermuteOp)}
     moved: dict[int, bool] = {}  # ops are in program order: a source's entry comes first
+    # Strides of each glue value (None: not known, a symbolic shape). A reshape of a permuted
+    # value that no strides express (a transposed head split into a bmm) is a copy whatever
+    # runs it: a kernel writes it once, where torch's generic copy was slow (bert's attention:
+    # 35 us per head split).
+    strides: dict[int, tuple[int, ...] | None] = {}
+    copies = set()
     for i in sorted(glue):
-        j = g.node_of(g.ops[i].operand(0))
-        moved[i] = isinstance(g.ops[i], st.PermuteOp) or moved.get(j, False)
+        op = g.ops[i]
+        j = g.node_of(op.operand(0))
+        moved[i] = isinstance(op, st.PermuteOp) or moved.get(j, False)
+        t = op.operand(0).type
+        src = strides[j] if j in strides else contiguous_strides(t.shape) if t.is_static else None
+        strides[i] = None if src is None or not op.result.type.is_static else \
+            view_op_strides(op, src)
+        if src is not None and strides[i] is None:
+            copies.add(i)
+    glue -= copies
     changed = True
     while changed:
         changed = False
@@ -195,6 +210,16 @@ def _mark_glue(g: PlanGraph) -> None:
                 changed = True
     for i in glue:
         g.role[i] = GLUE
+    # A transpose that only matmuls read is a BLAS flag whatever computes its operand: a kernel
+    # writes the value once and the matmul reads it transposed, where fusing the permute wrote
+    # a transposed copy as well (bert's backward: every weight gradient's mm(grad.t(), x) made
+    # its producer write grad twice).
+    for i in range(g.n):
+        op = g.ops[i]
+        if g.role[i] == FUSIBLE and i not in g.returned and g.succs[i] and \
+                isinstance(op, st.PermuteOp) and blas_transpose(op) and \
+                all(isinstance(g.ops[k], MATMULS) for k in g.succs[i]):
+            g.role[i] = GLUE
     # A channels-last value returned in the logical order ([N, *spatial, C] permuted to
     # [N, C, *spatial]) where the caller takes any memory order (a training forward's saved
     # activations, ``layout_free_results``) is a view of it: the kernel writes the value once,
@@ -222,6 +247,16 @@ def copies_strided(op) -> bool:
     backward recomputes a pad of each saved activation before its convolution_backward)."""
     return isinstance(op, st.ConvolutionOp) or (
         isinstance(op, st.TorchCallOp) and bool(op.attr("operand_perms")))
+
+
+MATMULS = (st.MatmulOp, st.AddmmOp, st.BatchMatmulOp)
+
+
+def blas_transpose(op: st.PermuteOp) -> bool:
+    """A permute a matmul takes as a transpose flag: of a matrix, or of each matrix of a batch
+    (the batch dim stays first)."""
+    perm = tuple(op.attributes["perm"])
+    return len(perm) == 2 or (len(perm) == 3 and perm[0] == 0)
 
 
 def _reachability(g: PlanGraph) -> None:

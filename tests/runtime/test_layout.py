@@ -10,7 +10,17 @@ import torch
 from cost_model import cpu_spec
 from passes import parse_pipeline
 from runtime.graph import compile_program
+from stitch_ir.dialects import st
 from stitch_ir.importer import import_model
+
+
+class _Fn(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *xs):
+        return self.fn(*xs)
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -266,3 +276,45 @@ class _Fn(torch.nn.Module):
 
     def forward(self, *xs):
         return self.fn(*xs)
+
+
+def test_head_splits_into_bmm_are_copy_kernels():
+    """An attention's head splits (mm result viewed [B, S, H, D], permuted, reshaped for bmm) are
+    no views of the mm result: the reshape would copy. They run as copy kernels, not as a view
+    and torch's generic copy; values agree with eager.
+    Odd sizes: S = 24, D = 40."""
+    torch.manual_seed(0)
+    b, s, h, d = 2, 24, 3, 40
+    x, wq, wk = torch.randn(b * s, 56), torch.randn(56, h * d), torch.randn(56, h * d)
+
+    def f(x, wq, wk):
+        q = (x @ wq).view(b, s, h, d).permute(0, 2, 1, 3).reshape(b * h, s, d)
+        k = (x @ wk).view(b, s, h, d).permute(0, 2, 3, 1).reshape(b * h, d, s)
+        return torch.bmm(q, k).relu()
+
+    g = compile_program(import_model(_Fn(f).eval(), (x, wq, wk)), device_spec=cpu_spec(measure=False))
+    torch.testing.assert_close(g(x, wq, wk)[0], f(x, wq, wk), atol=1e-4, rtol=1e-5)
+    kinds = [s.kind for s in g.steps]
+    assert kinds.count("library") == 3 and kinds.count("kernel") == 3, kinds  # 2 copies, relu
+    assert not [op for op in g.func.body.ops if isinstance(op, st.ReshapeOp) and
+                isinstance(op.operand(0).owner, st.PermuteOp)]
+
+
+def test_matmul_transposes_of_kernel_results_are_views():
+    """A value a kernel computes and two matmuls read, one of them transposed (a weight
+    gradient's ``grad.t() @ x``): the kernel writes it once; the transpose is a view, the BLAS
+    flag, not a second (transposed) output of the kernel."""
+    torch.manual_seed(0)
+    x, w, w2 = torch.randn(96, 40), torch.randn(40, 72), torch.randn(72, 33)
+
+    def f(x, w, w2):
+        y = torch.tanh(x @ w) * 2
+        return y @ w2, y.t() @ x
+
+    g = compile_program(import_model(_Fn(f).eval(), (x, w, w2)), device_spec=cpu_spec(measure=False))
+    for a, want in zip(g(x, w, w2), f(x, w, w2)):
+        torch.testing.assert_close(a, want, atol=1e-4, rtol=1e-5)
+    (k,) = [s for s in g.steps if s.kind == "kernel"]
+    assert len(k.writes) == 1
+    assert [op.attributes["perm"] for op in g.func.body.ops if isinstance(op, st.PermuteOp)] \
+        == [(1, 0)]
