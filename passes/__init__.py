@@ -16,14 +16,15 @@ def pipeline(planner: str = "stitch", time_limit: float | None = None, channels_
              cost_model: str | None = None, **schedule: str) -> str:
     """The compile pipeline every entry point runs (``stitchc``, ``compile_program``, the
     ``torch.compile`` backend, the GPU graph): canonicalise, turn 1x1 convolutions over 1x1 maps
-    into ``linear`` (``pooled-conv-linear``), optionally run convolutions channels-last
+    into ``linear`` (``pooled-conv-linear``), hold cpu flash attention's results in the memory
+    order torch answers in (``attention-layouts``), optionally run convolutions channels-last
     (``layout-channels-last``, then ``sink-permutes``), plan (``cost_model``: analytic |
     learned | auto, the planner's default), apply, schedule (``schedule``: options of
     ``stitch-schedule``, e.g. ``gpu_codegen``)."""
     plan = f"planner={planner}" + (f" time_limit={time_limit}" if time_limit is not None else "")
     plan += f" cost_model={cost_model}" if cost_model else ""
     opts = " ".join(f"{k}={v}" for k, v in schedule.items())
-    return ",".join(["canonicalize,cse,dce,pooled-conv-linear,canonicalize",
+    return ",".join(["canonicalize,cse,dce,pooled-conv-linear,attention-layouts,canonicalize",
                      *(["layout-channels-last,sink-permutes,canonicalize,cse,dce"] if channels_last
                        else []),
                      "sink-broadcasts", f"fusion-plan{{{plan}}}", "fusion-apply",

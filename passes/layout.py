@@ -125,21 +125,32 @@ def _channels_last_backward(op) -> None:
         new.append(st.PermuteOp([v], [v.type.with_shape(tuple(v.type.shape[i] for i in to_last))],
                                 {"perm": to_last}, loc=op.loc))
         operands[k], perms[k] = new[-1].result, to_last
+    _permute_results(op, {0: to_last}, operands, perms, new)  # the input gradient
+
+
+def _permute_results(op: st.TorchCallOp, by_position: dict[int, tuple[int, ...]],
+                     operands: list | None = None, operand_perms: list | None = None,
+                     new: list | None = None) -> None:
+    """Replace torch call ``op`` by one whose results at the output positions of
+    ``by_position`` are held permuted (``result_perms``: the memory order torch answers in),
+    each followed by the permute back to the logical order for its users; ``new`` ops (the
+    operands' permutes) go before it."""
+    new = list(new or [])
+    operands = list(operands or op.operands)
     positions = op.attr("outputs") or tuple(range(len(op.results)))
     types, rperms = [], []
     for pos, r in zip(positions, op.results):
-        if pos == 0:  # the input gradient
-            types.append(r.type.with_shape(tuple(r.type.shape[i] for i in to_last)))
-            rperms.append(to_last)
-        else:
-            types.append(r.type)
-            rperms.append(())
-    call = st.TorchCallOp(operands, types, {**op.attributes, "operand_perms": perms,
-                                            "result_perms": rperms}, loc=op.loc)
+        p = by_position.get(pos, ())
+        types.append(r.type.with_shape(tuple(r.type.shape[i] for i in p)) if p else r.type)
+        rperms.append(p)
+    attrs = {**op.attributes, "result_perms": rperms}
+    if operand_perms is not None:
+        attrs["operand_perms"] = operand_perms
+    call = st.TorchCallOp(operands, types, attrs, loc=op.loc)
     new.append(call)
-    for pos, r, nr in zip(positions, op.results, call.results):
-        if pos == 0:
-            back = st.PermuteOp([nr], [r.type], {"perm": to_first}, loc=op.loc)
+    for r, nr, p in zip(op.results, call.results, rperms):
+        if p:
+            back = st.PermuteOp([nr], [r.type], {"perm": st.inverse_perm(p)}, loc=op.loc)
             new.append(back)
             r.replace_all_uses_with(back.result)
         else:
@@ -147,6 +158,55 @@ def _channels_last_backward(op) -> None:
     for n in new:
         op.parent.insert_before(op, n)
     op.erase()
+
+
+FLASH = "aten._scaled_dot_product_flash_attention_for_cpu.default"
+FLASH_BACKWARD = "aten._scaled_dot_product_flash_attention_for_cpu_backward.default"
+HEADS_INSIDE = (0, 2, 1, 3)  # [B, H, S, D] <-> [B, S, H, D]
+
+
+@register_pass
+@dataclass(frozen=True)
+class AttentionLayoutsPass(Pass):
+    """``attention-layouts``: cpu flash attention's results in the memory order torch answers.
+
+    Its backward returns the q, k and v gradients [B, H, S, D] with [B, S, H, D] strides (heads
+    inside each token, as the projections that made q, k and v hold them), and its forward
+    the output so when q came so. A kernel reads contiguous buffers, so each such result was
+    copied before the kernel that merges the heads back and sums a bias gradient read it (six
+    copies per step in a two-layer BERT's backward). Held [B, S, H, D] (``result_perms``), the
+    permute back to [B, H, S, D] folds with the merge's permute (``canonicalize``): the kernel
+    reads the buffer as it is, and the matmuls a view of it. Were torch to answer another
+    order, the runtime copies, as before.
+
+    Input: any module. Output: the same function; run ``canonicalize`` after."""
+
+    name = "attention-layouts"
+
+    def run(self, module: Module, ctx: PassContext) -> None:
+        done = 0
+        for block in list(blocks_of(module)):
+            for op in list(block.ops):
+                if not isinstance(op, st.TorchCallOp) or op.attr("result_perms") or \
+                        op.attributes["target"] not in (FLASH, FLASH_BACKWARD):
+                    continue
+                if op.attributes["target"] == FLASH_BACKWARD:
+                    by_position = {k: HEADS_INSIDE for k in range(3)}
+                else:  # the output follows q's memory order
+                    k = op.arg_operand(0)
+                    q = defining_op(op.operand(k)) if k is not None else None
+                    if not (isinstance(q, st.PermuteOp) and
+                            tuple(q.attributes["perm"]) == HEADS_INSIDE):
+                        continue
+                    by_position = {0: HEADS_INSIDE}
+                positions = op.attr("outputs") or tuple(range(len(op.results)))
+                by_position = {p: by_position[p] for p, r in zip(positions, op.results)
+                               if p in by_position and r.type.rank == 4}
+                if not by_position:
+                    continue
+                _permute_results(op, by_position)
+                done += 1
+        ctx.bump("attention-layouts.calls", done)
 
 
 @register_pass

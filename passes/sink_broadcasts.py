@@ -6,12 +6,13 @@ either fuse them with it or let one kernel write the expanded tensor for the oth
 back. Cloning the broadcast per user removes that false choice; each clone then fuses with its
 one consumer (or stays a view in front of a library call).
 
-Likewise a channels-last value's permute back to [N, C, *spatial] that the function returns
-where any memory order will do (``layout_free_results``: a training forward's saved
-activations) and that kernels read too: the return gets its own clone, which the planner leaves
-a view of the channels-last buffer (``passes.fusion.graph``), instead of a kernel writing a
-transposed copy for the return. A returned value that is also permuted channels-last (the
-padded input of a convolution) is returned as the permute back of that channels-last value.
+Likewise a permute (a channels-last value's permute back to [N, C, *spatial], an attention's
+head split) that the function returns where any memory order will do (``layout_free_results``:
+a training forward's saved activations) and that other ops read too: the return gets its own
+clone, which the planner leaves a view of the permute's operand (``passes.fusion.graph``),
+instead of a kernel writing a transposed copy for the return. A returned value that is also
+permuted channels-last (the padded input of a convolution) is returned as the permute back of
+that channels-last value.
 
 Input: any module. Output: the same computation, each broadcast result used exactly once.
 """
@@ -24,6 +25,7 @@ from passes.pass_manager import Pass, PassContext, register_pass
 from passes.rewrite import blocks_of
 from stitch_ir.core import Module, OpResult
 from stitch_ir.dialects import st
+from stitch_ir.strides import contiguous_strides, view_op_strides
 
 
 @register_pass
@@ -48,6 +50,18 @@ class SinkBroadcastsPass(Pass):
         ctx.bump("sink-broadcasts.cloned", cloned)
 
 
+def _copied(op: st.PermuteOp) -> bool:
+    """Whether a reshape of the permuted value needs it copied anyway (no strides express it: an
+    attention's head split into a bmm). That copy is then the value to return: a view of the
+    operand would be copied again where the backward reshapes it."""
+    t = op.operand(0).type
+    if not t.is_static:
+        return False
+    strides = view_op_strides(op, contiguous_strides(t.shape))
+    return any(isinstance(u, st.ReshapeOp) and view_op_strides(u, strides) is None
+               for u in op.result.users)
+
+
 def _clone_returned_permutes(func) -> int:
     free = set(func.attr("layout_free_results", ()))
     ret = func.return_op
@@ -58,15 +72,16 @@ def _clone_returned_permutes(func) -> int:
         if k not in free or r < 3 or all(u is ret for u in v.users):
             continue
         to_last, to_first = st.channels_last_perms(r)
-        if isinstance(op, st.PermuteOp) and op.parent is func.body and \
-                tuple(op.attributes["perm"]) == to_first:
-            src = op.operand(0)
+        if isinstance(op, st.PermuteOp) and op.parent is func.body and (
+                tuple(op.attributes["perm"]) == to_first or not _copied(op)):
+            src, perm = op.operand(0), tuple(op.attributes["perm"])
         else:  # a value also read channels-last (by a convolution): return that one's view
-            src = next((u.result for u in v.users if isinstance(u, st.PermuteOp) and
-                        u.parent is func.body and tuple(u.attributes["perm"]) == to_last), None)
+            src, perm = next((u.result for u in v.users if isinstance(u, st.PermuteOp) and
+                              u.parent is func.body and tuple(u.attributes["perm"]) == to_last),
+                             None), to_first
             if src is None:
                 continue
-        clone = st.PermuteOp([src], [v.type], {"perm": to_first}, loc=v.owner.loc if op else None)
+        clone = st.PermuteOp([src], [v.type], {"perm": perm}, loc=v.owner.loc if op else None)
         func.body.insert_before(ret, clone)
         for j, w in enumerate(ret.operands):  # every layout-free return of it
             if w is v and j in free:

@@ -169,19 +169,18 @@ def compile_fx(gm: torch.fx.GraphModule, options: dict, example_inputs=None) -> 
 
 
 def _argument_orders(tensors) -> dict[int, tuple[int, ...]]:
-    """Arguments that arrive channels-last ([N, C, *spatial] tensors whose memory is
-    [N, *spatial, C], as a channels-last forward's saved activations reach its backward): the
-    permutation that makes each contiguous, by argument position."""
-    from stitch_ir.dialects import st
-
+    """Arguments of rank 3 and more that arrive permuted (tensors whose memory is a permutation
+    of their dims, dense: channels-last activations as a channels-last forward saves them for
+    its backward, an attention's q, k and v as views of the projections): the permutation that
+    makes each contiguous, by argument position."""
     out = {}
     for k, t in enumerate(tensors):
         if not isinstance(t, torch.Tensor) or t.dim() < 3 or t.is_contiguous() or \
                 any(isinstance(d, torch.SymInt) for d in (*t.shape, *t.stride())):
             continue
-        to_last = st.channels_last_perms(t.dim())[0]
-        if t.permute(to_last).is_contiguous():
-            out[k] = to_last
+        order = tuple(sorted(range(t.dim()), key=lambda d: -t.stride(d)))  # outermost first
+        if t.permute(order).is_contiguous():
+            out[k] = order
     return out
 
 

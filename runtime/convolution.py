@@ -64,7 +64,8 @@ def convolution_run(op, reads: list[int], writes: list[int], memo: int | None) -
 def permuted_call_run(op, fn, reads: list[int], writes: list[int], key: int,
                       user_inputs: set[int]) -> Callable:
     """The run function of an ``st.torch_call`` with ``operand_perms`` / ``result_perms`` (a
-    channels-last ``convolution_backward``): each permuted operand is handed over permuted
+    channels-last ``convolution_backward``, cpu flash attention's results held as torch answers
+    them): each permuted operand is handed over permuted
     back -- a channels-last view of the NHWC buffer, no copy -- and each permuted result
     permuted, which is contiguous when torch answers channels-last. Results that are not
     permuted are made contiguous (a weight gradient comes back channels-last; the caller gets
@@ -104,12 +105,14 @@ def permuted_call_run(op, fn, reads: list[int], writes: list[int], key: int,
     # backward runs NCHW on copies (its tensors are small: microseconds), and its input gradient
     # is copied back channels-last, so the kernels around it still read one layout.
 
+    strided = takes_strided(op.attributes["target"])
+
     def run(env, cs):
         ops = []
         for k, (i, q) in enumerate(zip(reads, ins)):
             t = env[i]
             if isinstance(t, torch.Tensor):
-                t = _contiguous(t)
+                t = t if strided and q is None else _contiguous(t)
                 if q is not None:
                     t = t.permute(q)
                     if unit is not None:
@@ -125,8 +128,20 @@ def permuted_call_run(op, fn, reads: list[int], writes: list[int], key: int,
             if unit is not None and t.dim() == 4:  # not the bias gradient
                 t = t.squeeze(unit)
             env[w] = (t.permute(p).contiguous() if small else t.permute(p)) if p is not None \
-                else _contiguous(t)
+                else t if strided else _contiguous(t)
     return run
+
+
+def takes_strided(target: str) -> bool:
+    """Torch ops that get their operands as they are, strided: stride-reading ops (as_strided),
+    and the ops eager itself hands strided views (cpu flash attention: q, k, v are transposes
+    of the projections; copying them cost three copies per attention call). Other ops get
+    contiguous operands: st values are logical tensors, so a view step may hand a torch op a
+    strided operand where the traced graph had a contiguous one (the importer drops AOT's
+    clones), and some ops read their operands as if contiguous (_embedding_bag_forward_only
+    did)."""
+    return target.startswith(("aten.as_strided", "aten.set_",
+                              "aten._scaled_dot_product_flash_attention"))
 
 
 SMALL_MAP = 16  # output positions per image up to which a backward runs NCHW (see above)

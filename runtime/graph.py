@@ -46,7 +46,7 @@ from codegen.cpp.emit import ERRORS, Unsupported
 from codegen.cpp.kernel import KernelSource, render_group
 from passes.fusion.graph import copies_strided
 from runtime.build import load_built
-from runtime.convolution import _contiguous, convolution_run, permuted_call_run
+from runtime.convolution import _contiguous, convolution_run, permuted_call_run, takes_strided
 from stitch_ir.core import BlockArgument, FuncOp, OpResult, Value
 from stitch_ir.dialects import fusion, st
 from stitch_ir.importer import ImportedProgram, dtype_to_torch
@@ -121,7 +121,8 @@ class CallState:
     handed_out: dict[int, torch.Tensor] = field(default_factory=dict)
     env: list = field(default_factory=list)  # the static slots' tensors; a call copies it
     args: dict[int, list[int]] = field(default_factory=dict)  # step -> kernel argument array
-    view_memo: dict[int, tuple] = field(default_factory=dict)  # step -> (parameters, views)
+    # step -> (parameters, views), or False where its inputs were no parameters
+    view_memo: dict[int, tuple | bool] = field(default_factory=dict)
     # step -> (weight, its version, its channels-last copy) of a channels-last convolution
     weight_memo: dict[int, tuple] = field(default_factory=dict)
     binding: dict[str, int] = field(default_factory=dict)  # the symbolic sizes of its calls
@@ -251,8 +252,13 @@ class CompiledGraph:
                 env[w] = env[r].permute(p)
             return Step(op.name, self._memo_views(run, reads, writes), "view", reads, writes)
         if isinstance(op, VIEW_OPS):
-            def run(env, cs, op=op, reads=reads, writes=writes):
-                env[writes[0]] = _view(op, [env[i] for i in reads], cs.binding)
+            fn = _view_fn(op)
+            if fn is not None:
+                def run(env, cs, fn=fn, r=reads[0], w=writes[0]):
+                    env[w] = fn(env[r])
+            else:  # symbolic sizes: from the call's binding
+                def run(env, cs, op=op, reads=reads, writes=writes):
+                    env[writes[0]] = _view(op, [env[i] for i in reads], cs.binding)
             return Step(op.name, self._memo_views(run, reads, writes), "view", reads, writes)
         if isinstance(op, st.IotaOp) and not op.result.type.is_static:
             a, dt = op.attributes, dtype_to_torch(op.result.type.dtype)
@@ -289,14 +295,7 @@ class CompiledGraph:
         if isinstance(op, st.TorchCallOp):
             fn = resolve_torch_op(op.attributes["target"])
             spec = op.attributes["args"]
-            # st values are logical tensors: a view step may hand a torch op a strided operand
-            # where the traced graph had a contiguous one (the importer drops AOT's clones), and
-            # some ops read their operands as if contiguous (_embedding_bag_forward_only did).
-            # Stride-reading ops (as_strided) get their operand as it is, and so do the ops
-            # eager itself hands strided views (cpu flash attention: q, k, v are transposes of
-            # the projections; copying them cost three copies per attention call).
-            keep = op.attributes["target"].startswith(
-                ("aten.as_strided", "aten.set_", "aten._scaled_dot_product_flash_attention"))
+            keep = takes_strided(op.attributes["target"])
 
             def run(env, cs, fn=fn, spec=spec, reads=reads, writes=writes, op=op, keep=keep):
                 ops = [env[i] for i in reads] if keep else \
@@ -324,13 +323,31 @@ class CompiledGraph:
     def _view_group(self, op, reads: list[int], writes: list[int]) -> Step:
         """A group of layout ops run as torch views of its operands (no kernel)."""
         inner = op.body
-
-        def run(env, cs, op=op, reads=reads, writes=writes):
-            vals = {id(a): env[i] for a, i in zip(inner.args, reads)}
-            for o in inner.ops[:-1]:
-                vals[id(o.result)] = _view(o, [vals[id(x)] for x in o.operands], cs.binding)
-            for w, y in zip(writes, inner.terminator.operands):
-                env[w] = vals[id(y)]
+        fns = [_view_fn(o) for o in inner.ops[:-1]]
+        if None not in fns:  # static: a chain of precomputed view functions
+            pos = {id(a): k for k, a in enumerate(inner.args)}
+            chain = []
+            for o, fn in zip(inner.ops[:-1], fns):
+                chain.append((pos[id(o.operand(0))], fn))
+                pos[id(o.result)] = len(pos)
+            outs = [(w, pos[id(y)]) for w, y in zip(writes, inner.terminator.operands)]
+            if len(reads) == 1 and len(chain) == 1 and outs == [(writes[0], 1)]:
+                def run(env, cs, fn=fns[0], r=reads[0], w=writes[0]):  # one view: lean
+                    env[w] = fn(env[r])
+            else:
+                def run(env, cs, reads=reads, chain=chain, outs=outs):
+                    vals = [env[i] for i in reads]
+                    for k, fn in chain:
+                        vals.append(fn(vals[k]))
+                    for w, k in outs:
+                        env[w] = vals[k]
+        else:  # symbolic sizes: from the call's binding
+            def run(env, cs, op=op, reads=reads, writes=writes):
+                vals = {id(a): env[i] for a, i in zip(inner.args, reads)}
+                for o in inner.ops[:-1]:
+                    vals[id(o.result)] = _view(o, [vals[id(x)] for x in o.operands], cs.binding)
+                for w, y in zip(writes, inner.terminator.operands):
+                    env[w] = vals[id(y)]
 
         base: dict[int, int] = {id(a): i for a, i in zip(inner.args, reads)}
         for o in inner.ops[:-1]:  # each value views the operand its chain starts from
@@ -351,15 +368,17 @@ class CompiledGraph:
         k = len(self.steps)
 
         def memo(env, cs):
-            args = [env[r] for r in reads]
             hit = cs.view_memo.get(k)
+            if hit is False:  # its inputs were no parameters: an activation, views per call
+                return run(env, cs)
+            args = [env[r] for r in reads]
             if hit is not None and all(a is b for a, b in zip(args, hit[0])):
                 for w, t in zip(writes, hit[1]):
                     env[w] = t
                 return
             run(env, cs)
-            if all(isinstance(a, torch.nn.Parameter) for a in args):
-                cs.view_memo[k] = (args, [env[w] for w in writes])
+            cs.view_memo[k] = (args, [env[w] for w in writes]) if all(
+                isinstance(a, torch.nn.Parameter) for a in args) else False
 
         return memo
 
@@ -791,6 +810,24 @@ def _view_strides(op, strides=None, operand=None):
             return False
         vals[id(o.result)] = out
     return [vals[id(y)] for y in op.body.terminator.operands]
+
+
+def _view_fn(op) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """View op ``op`` as a function of its operand, its sizes bound now; None where a size is
+    symbolic (``_view`` then reads the call's binding)."""
+    if not op.result.type.is_static:
+        return None
+    shape = tuple(op.result.type.shape)
+    if isinstance(op, st.ReshapeOp):
+        return lambda t: t.reshape(shape)
+    if isinstance(op, st.PermuteOp):
+        perm = tuple(op.attributes["perm"])
+        return lambda t: t.permute(perm)
+    if isinstance(op, st.BroadcastOp):
+        return lambda t: t.expand(shape)
+    a = op.attributes
+    index = (slice(None),) * a["dim"] + (slice(a["start"], a["end"], a["step"]),)
+    return lambda t: t[index]
 
 
 def _view(op, args: Sequence[torch.Tensor], binding: dict | None = None) -> torch.Tensor:

@@ -175,6 +175,7 @@ def _mark_glue(g: PlanGraph) -> None:
     torch's generic copy
     (after torch's own copy for a reshape of a permute): two passes where a copy kernel is one
     (charformer's window-reverse permutes into channels-last convolutions)."""
+    free = _free_views(g)
     glue = {i for i in range(g.n) if g.role[i] == FUSIBLE and i not in g.returned and g.succs[i]
             and isinstance(g.ops[i], st.ReshapeOp | st.PermuteOp)}
     moved: dict[int, bool] = {}  # ops are in program order: a source's entry comes first
@@ -204,11 +205,12 @@ def _mark_glue(g: PlanGraph) -> None:
             source_ok = isinstance(src, BlockArgument) or is_constant(src) or (
                 j is not None and (g.role[j] == LIBRARY_ROLE or j in glue))
             users_ok = all((g.role[k] == LIBRARY_ROLE and not (
-                moved[i] and copies_strided(g.ops[k]))) or k in glue for k in g.succs[i])
+                moved[i] and copies_strided(g.ops[k]))) or k in glue or k in free
+                for k in g.succs[i])
             if not (source_ok and users_ok):
                 glue.discard(i)
                 changed = True
-    for i in glue:
+    for i in glue | free:
         g.role[i] = GLUE
     # A transpose that only matmuls read is a BLAS flag whatever computes its operand: a kernel
     # writes the value once and the matmul reads it transposed, where fusing the permute wrote
@@ -220,24 +222,24 @@ def _mark_glue(g: PlanGraph) -> None:
                 isinstance(op, st.PermuteOp) and blas_transpose(op) and \
                 all(isinstance(g.ops[k], MATMULS) for k in g.succs[i]):
             g.role[i] = GLUE
-    # A channels-last value returned in the logical order ([N, *spatial, C] permuted to
-    # [N, C, *spatial]) where the caller takes any memory order (a training forward's saved
-    # activations, ``layout_free_results``) is a view of it: the kernel writes the value once,
-    # channels-last, not a transposed copy as well (the backward takes it channels-last:
-    # ``passes.layout.permute_arguments``).
+
+
+def _free_views(g: PlanGraph) -> set[int]:
+    """Permutes (rank 3 and more) that only the return reads, where the caller takes any memory
+    order (a training forward's saved activations, ``layout_free_results``): views. A
+    channels-last value returned in the logical order, an attention's q, k and v as views of
+    their projections: the kernel (or library call) writes the value once, not a transposed
+    copy as well (the backward takes it as it is: ``passes.layout.permute_arguments``)."""
     func = g.block.parent_op
     free = set(func.attr("layout_free_results", ())) if isinstance(func, FuncOp) else set()
-    if free:
-        positions: dict[int, set[int]] = {}
-        for k, v in enumerate(g.terminator.operands):
-            positions.setdefault(id(v), set()).add(k)
-        for i in g.returned:
-            op = g.ops[i]
-            r = op.result.type.rank if isinstance(op, st.PermuteOp) else 0
-            if g.role[i] == FUSIBLE and r >= 3 and not g.succs[i] and positions[
-                    id(op.result)] <= free and tuple(op.attributes["perm"]) == \
-                    st.channels_last_perms(r)[1]:
-                g.role[i] = GLUE
+    if not free:
+        return set()
+    positions: dict[int, set[int]] = {}
+    for k, v in enumerate(g.terminator.operands):
+        positions.setdefault(id(v), set()).add(k)
+    return {i for i in g.returned if g.role[i] == FUSIBLE and isinstance(g.ops[i], st.PermuteOp)
+            and g.ops[i].result.type.rank >= 3 and not g.succs[i]
+            and positions[id(g.ops[i].result)] <= free}
 
 
 def copies_strided(op) -> bool:

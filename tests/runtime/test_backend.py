@@ -69,6 +69,64 @@ def test_attention_training_step_matches_eager():
         torch.testing.assert_close(p.grad, want[n], atol=1e-5, rtol=1e-4, msg=n)
 
 
+class _Attention(torch.nn.Module):
+    """An HF-style self-attention: q, k, v projections split into heads by view + transpose,
+    cpu flash attention (sdpa), the heads merged back, an output projection."""
+
+    def __init__(self, d=10, heads=2):
+        super().__init__()
+        self.h = heads
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x):
+        b, s, d = x.shape
+        q, k, v = (f(x).view(b, s, self.h, d // self.h).transpose(1, 2)
+                   for f in (self.q, self.k, self.v))
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.o(y.transpose(1, 2).reshape(b, s, d)).tanh()
+
+
+def test_attention_layouts_keep_heads_inside_tokens(monkeypatch):
+    """Training through cpu flash attention (odd sizes: 3 x 7 tokens, 2 heads of 5): the
+    gradients match eager; the forward returns q, k and v for the backward as views of their
+    projections (no kernel copies them head-major), and the backward holds flash's q, k and v
+    gradients in the [B, S, H, D] memory torch answers in (``result_perms``), so the kernel
+    summing the projections' bias gradients reads them as they are."""
+    from runtime.graph import CompiledGraph
+    from stitch_ir.dialects import st
+
+    torch.manual_seed(0)
+    m = _Attention()
+    x = torch.randn(3, 7, 10)
+    m(x).pow(2).mean().backward()
+    want = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    graphs = []
+    call = CompiledGraph.__call__
+
+    def grab(self, *a):
+        if self not in graphs:
+            graphs.append(self)
+        return call(self, *a)
+
+    monkeypatch.setattr(CompiledGraph, "__call__", grab)
+    torch.compile(m, backend="stitch")(x).pow(2).mean().backward()
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, want[n], atol=1e-5, rtol=1e-4, msg=n)
+    fwd, bwd = graphs
+    flash = [op for op in bwd.func.body.ops if isinstance(op, st.TorchCallOp)]
+    assert [op.attr("result_perms") for op in flash] == [((0, 2, 1, 3),) * 3]
+    # q, k, v (and flash's output) reach the backward as the views they were returned as
+    assert [tuple(p) for p in bwd.func.attr("arg_perms")].count((0, 2, 1, 3)) == 4
+    def header(src, key):
+        return src.split(key)[1].split("\n")[0]
+
+    copies = [s.name for s in fwd.steps if s.kind == "kernel" and set(header(
+        s.source.source, "from st ops: ").split(", ")) <= {"st.permute", "st.reshape"}
+        and header(s.source.source, "in0: ").count("x") == 4]  # rank 4: tensor<3x7x2x5xf32>
+    assert not copies
+
+
 def test_unsupported_op_falls_back_and_is_counted():
     before = sum(v for k, v in backend.FALLBACKS.items() if "sort" in k)
 
