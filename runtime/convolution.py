@@ -76,7 +76,7 @@ def permuted_call_run(op, fn, reads: list[int], writes: list[int], key: int,
     activations on every call). A 1-d one runs as a 2-d one of height 1, as the forward does:
     oneDNN's 1-d backward on [N, L, C] memory is 5x slower than on NCL, and its NHWC 2-d
     backward faster than both (2x128x1024 -> 1024, k=1: 13.2 / 2.7 / 2.4 ms)."""
-    from stitch_ir.interpreter import decode_torch_args, torch_call_results
+    from stitch_ir.interpreter import torch_args_decoder, torch_call_results
 
     spec = op.attributes["args"]
     ins = [st.inverse_perm(p) if p else None
@@ -106,6 +106,7 @@ def permuted_call_run(op, fn, reads: list[int], writes: list[int], key: int,
     # is copied back channels-last, so the kernels around it still read one layout.
 
     strided = takes_strided(op.attributes["target"])
+    decode = torch_args_decoder(spec)
 
     def run(env, cs):
         ops = []
@@ -123,7 +124,7 @@ def permuted_call_run(op, fn, reads: list[int], writes: list[int], key: int,
                     t = _channels_last_weight(cs, memo, t, unit) if not small else \
                         t if unit is None else t.unsqueeze(unit)
             ops.append(t)
-        a, kw = decode_torch_args(spec, ops)
+        a, kw = decode(ops)
         for w, t, p in zip(writes, torch_call_results(op, fn(*a, **kw)), outs):
             if unit is not None and t.dim() == 4:  # not the bias gradient
                 t = t.squeeze(unit)

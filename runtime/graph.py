@@ -50,7 +50,7 @@ from runtime.convolution import _contiguous, convolution_run, permuted_call_run,
 from stitch_ir.core import BlockArgument, FuncOp, OpResult, Value
 from stitch_ir.dialects import fusion, st
 from stitch_ir.importer import ImportedProgram, dtype_to_torch
-from stitch_ir.interpreter import IMPLS, decode_torch_args, resolve_torch_op, torch_call_results
+from stitch_ir.interpreter import IMPLS, resolve_torch_op, torch_args_decoder, torch_call_results
 from stitch_ir.strides import contiguous_strides, view_op_strides
 from stitch_ir.types import Sym
 
@@ -296,12 +296,13 @@ class CompiledGraph:
             fn = resolve_torch_op(op.attributes["target"])
             spec = op.attributes["args"]
             keep = takes_strided(op.attributes["target"])
+            decode = torch_args_decoder(spec)
 
-            def run(env, cs, fn=fn, spec=spec, reads=reads, writes=writes, op=op, keep=keep):
+            def run(env, cs, fn=fn, decode=decode, reads=reads, writes=writes, op=op, keep=keep):
                 ops = [env[i] for i in reads] if keep else \
                     [_contiguous(env[i]) if isinstance(env[i], torch.Tensor) else env[i]
                      for i in reads]
-                a, kw = decode_torch_args(spec, ops)
+                a, kw = decode(ops)
                 for w, t in zip(writes, torch_call_results(op, fn(*a, **kw))):
                     env[w] = t
             return Step(op.attributes["target"], run, "torch", reads, writes)
