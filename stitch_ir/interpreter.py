@@ -533,8 +533,26 @@ def torch_args_decoder(spec: str) -> Callable[[list], tuple[list, dict]]:
     """``decode_torch_args`` with the spec parsed once: a function of the operands. The runtime
     calls one per torch step per call (decoding the JSON each time cost 28 us per call)."""
     d = json.loads(spec)
-    args = _arg_builder(d.get("args", []))
     kwargs = [(k, _arg_builder(v)) for k, v in d.get("kwargs", {}).items()]
+    top = d.get("args", [])
+    if all(not _has_operand(v) or (isinstance(v, dict) and "operand" in v) for v in top) and \
+            not any(_has_operand(v) for v in d.get("kwargs", {}).values()):
+        # the common case (a convolution_backward): operands only as top-level arguments, so
+        # a call copies a template and fills in the operand slots
+        template = [None if isinstance(v, dict) and "operand" in v else _arg_builder(v)(())
+                    for v in top]
+        slots = [(k, v["operand"]) for k, v in enumerate(top)
+                 if isinstance(v, dict) and "operand" in v]
+        consts = {k: b(()) for k, b in kwargs}
+
+        def decode(operands: list) -> tuple[list, dict]:
+            a = list(template)
+            for k, i in slots:
+                a[k] = operands[i]
+            return a, dict(consts)
+
+        return decode
+    args = _arg_builder(top)
 
     def decode(operands: list) -> tuple[list, dict]:
         return args(operands), {k: b(operands) for k, b in kwargs}
@@ -552,7 +570,8 @@ def _has_operand(v) -> bool:
 
 def _arg_builder(v) -> Callable[[list], Any]:
     """A function of the operands giving argument ``v`` decoded; constant parts decoded once
-    (a list an op receives is a fresh one each call, as from JSON)."""
+    (a constant list is a fresh copy per call; a template's lists are shared: torch ops do not
+    change their arguments)."""
     import torch
 
     if isinstance(v, list):
