@@ -182,16 +182,21 @@ def transposed_dim(v: Value, buffers: dict[int, str], sizes: dict[str, int],
 
 
 def transposed_view(v: Value, buffers: dict[int, str], sizes: dict[str, int]):
-    """(u, p): a value ``u`` of ``v``'s shape that ``v``'s element reads at its own index (through
-    element-wise ops only), which is a large buffer seen through layout ops so that it is
-    contiguous along dim ``p`` and strided along ``v``'s innermost dim -- a transpose, which a
+    """(us, p): the values ``us`` of ``v``'s shape that ``v``'s element reads at its own index
+    (through element-wise ops only), each a large buffer seen through layout ops so that it is
+    contiguous along dim ``p`` and strided along ``v``'s innermost dim -- transposes, which a
     vectorising compiler will not vectorise (GCC 12 has no strided vector loads). The kernel
-    stages ``u`` in tiles (``PhaseKernel.nest_staged``). None when there is none."""
+    stages each in tiles (``PhaseKernel.nest_staged``); the largest such buffer picks ``p``, and
+    every other one transposed along the same ``p`` is staged with it (charformer's CBAM
+    backward read two NHWC buffers in an NCHW loop: staging one left the other a gather).
+    None when there is none."""
     shape = dims(v)
     best = transposed_dim(v, buffers, sizes)
     if best is None:
         return None
-    name, p = best
+    _, p = best
+    names = _transposed_along(v, buffers, sizes, p)
+    found: list[Value] = []
     seen: set[int] = set()
     todo = [v]
     while todo:
@@ -203,9 +208,34 @@ def transposed_view(v: Value, buffers: dict[int, str], sizes: dict[str, int]):
         if op is None or id(w) in buffers:
             continue
         if isinstance(op, LAYOUT):
-            if _reads_only(w, buffers, name):
-                return w, p
+            if any(_reads_only(w, buffers, name) for name in names) or \
+                    _computed_transpose(w, buffers, sizes, p):
+                found.append(w)
             continue
         if op.kind == st.ELEMENTWISE:
             todo.extend(op.operands)
-    return None
+    return (found, p) if found else None
+
+
+def _computed_transpose(w: Value, buffers: dict[int, str], sizes: dict[str, int],
+                        p: int) -> bool:
+    """Whether ``w`` permutes a value the kernel computes (not a buffer) from buffers that are
+    all contiguous (or constant) along dim ``p`` of ``w``, some large one strided along its
+    innermost dim: staged, ``w`` is computed reading along ``p`` (charformer's CBAM backward
+    compares and counts a channel max in NHWC, then permutes the mask to NCHW)."""
+    op = getattr(w, "owner", None)
+    if not isinstance(op, st.PermuteOp) or id(op.operand(0)) in buffers or \
+            isinstance(getattr(op.operand(0), "owner", None), LAYOUT):
+        return False
+    s = strides(w, buffers)
+    return bool(s) and all(v[p] in (0, 1) for v in s.values()) and any(
+        sizes.get(n, 0) >= MIN_BYTES and abs(v[-1]) not in (0, 1) for n, v in s.items())
+
+
+def _transposed_along(v: Value, buffers: dict[int, str], sizes: dict[str, int], p: int,
+                      min_bytes: int | None = None) -> set[str]:
+    """The buffers ``v`` reads (of at least ``min_bytes``) contiguous along dim ``p`` of ``v``
+    and strided along its innermost dim."""
+    min_bytes = MIN_BYTES if min_bytes is None else min_bytes
+    return {name for name, s in strides(v, buffers).items()
+            if sizes.get(name, 0) >= min_bytes and abs(s[-1]) not in (0, 1) and s[p] == 1}

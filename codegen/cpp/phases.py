@@ -226,7 +226,7 @@ class PhaseKernel(ScatterPhases):
                 (u is v or id(u) not in self.em.buffers):
             found = transposed_dim(u, self.em.buffers, sizes)
             if found is not None:
-                self.nest_staged(dims(u), found[1], u,
+                self.nest_staged(dims(u), found[1], [u],
                                  lambda idx: self.store(targets, u, idx, self.em.value(u, idx)))
                 return
         inner = interchange(v, self.em.buffers, sizes)
@@ -234,21 +234,21 @@ class PhaseKernel(ScatterPhases):
 
     STAGE = 32  # a staged tile is STAGE x STAGE elements (4 KiB of float): L1-resident
 
-    def nest_staged(self, shape: list[int], p: int, u: Value, emit) -> None:
+    def nest_staged(self, shape: list[int], p: int, us: list[Value], emit) -> None:
         """A loop nest over ``shape`` in tiles of dims ``p`` and the last one, for a value that
-        reads ``u`` -- a buffer contiguous along ``p`` but strided along the last dim (a
-        transpose). Each tile first copies ``u`` into a small buffer in the output's order,
-        reading the input contiguously (a scalar transpose, in L1); the computation then runs
-        vectorised over contiguous tile rows. GCC vectorises no strided load: this kernel ran
-        scalar and branchy at 0.65 GB/s before."""
+        reads each of ``us`` -- buffers contiguous along ``p`` but strided along the last dim
+        (transposes). Each tile first copies each of ``us`` into a small buffer in the output's
+        order, reading the input contiguously (a scalar transpose, in L1); the computation then
+        runs vectorised over contiguous tile rows. GCC vectorises no strided load: this kernel
+        ran scalar and branchy at 0.65 GB/s before."""
         em = self.em
         self.n_loops += 1
         L, B = self.n_loops, self.STAGE
         last = len(shape) - 1
         names = [f"i{L}_{k}" for k in range(len(shape))]
         outer = [k for k in range(len(shape)) if k not in (p, last)]
-        pt, lt, pl, ll, buf = f"pt{L}", f"lt{L}", f"pl{L}", f"ll{L}", f"stage{L}"
-        ct = ctype(u.type.dtype)
+        pt, lt, pl, ll = f"pt{L}", f"lt{L}", f"pl{L}", f"ll{L}"
+        bufs = [f"stage{L}" if j == 0 else f"stage{L}_{j}" for j in range(len(us))]
         err = " reduction(|:err)" if self.gathers else ""
         em.mark()
         em.line(f"#pragma omp for collapse({len(outer) + 2}) schedule(static)")
@@ -263,22 +263,27 @@ class PhaseKernel(ScatterPhases):
                 f": {B};")
         em.line(f"const int64_t {ll}_n = {shape[last]} - {lt} * {B} < {B} ? "
                 f"{shape[last]} - {lt} * {B} : {B};")
-        em.line(f"{ct} {buf}[{B}][{B}];")
+        for u, buf in zip(us, bufs):
+            em.line(f"{ctype(u.type.dtype)} {buf}[{B}][{B}];")
         idx = list(names)
         idx[p], idx[last] = f"({pt} * {B} + {pl})", f"({lt} * {B} + {ll})"
-        # 1. the tile of u, read along p (contiguous), written to the buffer in output order
+        # 1. the tiles of us, read along p (contiguous), written to the buffers in output order
         em.mark()
         em.line(f"for (int64_t {ll} = 0; {ll} < {ll}_n; ++{ll})")
         em.line(f"for (int64_t {pl} = 0; {pl} < {pl}_n; ++{pl}) {{")
         with em.loop_body([ll, pl]):
-            em.line(f"{buf}[{pl}][{ll}] = {em.value(u, idx)};")
-        # 2. the value, over contiguous rows of the tile
-        em.known[id(u)] = lambda at, want=list(idx): f"{buf}[{pl}][{ll}]" if at == want else None
+            for u, buf in zip(us, bufs):
+                em.line(f"{buf}[{pl}][{ll}] = {em.value(u, idx)};")
+        # 2. the value, over contiguous rows of the tiles
+        for u, buf in zip(us, bufs):
+            em.known[id(u)] = lambda at, want=list(idx), buf=buf: \
+                f"{buf}[{pl}][{ll}]" if at == want else None
         em.mark()
         em.line(f"for (int64_t {pl} = 0; {pl} < {pl}_n; ++{pl}) {{")
         with em.loop_body([pl]):
             self._simd_loop(ll, f"{ll}_n", err, lambda: emit(idx))
-        del em.known[id(u)]
+        for u in us:
+            del em.known[id(u)]
         em.pop()
         em.scopes[-1].lines.extend(tile)
         em.line("}")

@@ -5,6 +5,7 @@ stitching, plain loops), gathers and scatters."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 
 import numpy as np
@@ -493,6 +494,35 @@ def test_transposing_kernels_stage_tiles(n, c, h, w, dt):
     src = "".join(k.source.source for k in g.steps if k.kind == "kernel")
     if w > 1 and c > 1:
         assert "stage" in src
+
+
+@settings(max_examples=4, deadline=None)
+@given(hs.sampled_from([1, 2]), hs.sampled_from([5, 33, 64]), hs.sampled_from([1, 7, 16]),
+       hs.sampled_from([1, 9, 32]))
+def test_several_transposed_reads_stage_together(n, c, h, w):
+    """An NCHW loop reading two NHWC buffers and a mask computed in NHWC, then permuted (CBAM's
+    channel-max backward: where the channel max was hit, counted per position): every transposed
+    read is staged in its own tile buffer, the computed mask too, so the loop over contiguous
+    tile rows has no strided load left; odd sizes, partial tiles and size-1 dims included."""
+    import codegen.cpp.layout as layout
+
+    old, layout.MIN_BYTES = layout.MIN_BYTES, 0
+    try:
+        xp, yp = torch.randn(n, h, w, c), torch.randn(n, h, w, c)
+        res = torch.randn(n, c, h, w)
+
+        def fn(xp, yp, res):
+            hit = (xp == xp.amax(-1, keepdim=True)).float()
+            hit = hit / hit.sum(-1, keepdim=True)
+            return res + hit.permute(0, 3, 1, 2) * yp.permute(0, 3, 1, 2) + \
+                xp.permute(0, 3, 1, 2)
+
+        g = run_both(fn, [xp, yp, res])
+    finally:
+        layout.MIN_BYTES = old
+    src = "".join(k.source.source for k in g.steps if k.kind == "kernel")
+    if w > 1 and c > 1:
+        assert re.search(r"stage\d+_2\[", src), src  # three staged tiles in one nest
 
 
 @settings(max_examples=4, deadline=None)
