@@ -5,7 +5,8 @@ The function body becomes a list of steps, built once:
 - a ``fusion.group`` runs its generated C++ kernel (built and cached by ``runtime.build``);
 - library ops (mm, bmm, addmm, linear, convolution) run through torch's own kernels, writing
   into planned buffers where torch has an ``out=`` form;
-- layout ops left outside kernels (reshape / permute glue around library calls) are torch views;
+- layout ops left outside kernels (reshape / permute glue around library calls) are torch views
+  (``runtime.views``: which groups run so, and the view functions);
 - ``st.torch_call`` runs the named aten op; constants are materialised once;
 - anything the cpp code generator cannot compile runs through the numpy reference interpreter,
   counted in ``fallbacks`` and reported once.
@@ -36,7 +37,7 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,33 +45,22 @@ import torch
 
 from codegen.cpp.emit import ERRORS, Unsupported
 from codegen.cpp.kernel import KernelSource, render_group
-from passes.fusion.graph import copies_strided
 from runtime.build import load_built
 from runtime.convolution import _contiguous, convolution_run, permuted_call_run, takes_strided
+from runtime.views import VIEW_OPS, reshape_base, runs_as_views, view, view_fn, view_group_run
 from stitch_ir.core import BlockArgument, FuncOp, OpResult, Value
 from stitch_ir.dialects import fusion, st
 from stitch_ir.importer import ImportedProgram, dtype_to_torch
 from stitch_ir.interpreter import IMPLS, resolve_torch_op, torch_args_decoder, torch_call_results
-from stitch_ir.strides import contiguous_strides, view_op_strides
 from stitch_ir.types import Sym
 
 log = logging.getLogger("stitch.runtime")
 
-VIEW_OPS = (st.ReshapeOp, st.PermuteOp, st.BroadcastOp, st.SliceOp)
 # Library ops run with torch's ``out=`` into a planned buffer; the others (linear, convolution)
 # return a tensor torch allocated, so their results get no arena storage.
 OUT_LIBRARY_OPS = ("st.mm", "st.bmm", "st.addmm")
-# A layout-only group read by library calls runs as torch views from this size on: a view step
-# costs 1-3 us of torch calls, a copy kernel of 16 KiB about 1 us.
-VIEW_MIN_BYTES = 16 << 10
-
 
 ALIGN = 64
-
-
-def _nbytes(v: Value) -> int:
-    """Bytes of ``v`` (a symbolic size at its hint: for decisions, not allocations)."""
-    return max(1, v.type.numel()) * v.type.dtype.itemsize
 
 
 def first_fit(intervals: list[tuple[int, int, int]]) -> tuple[list[int], int]:
@@ -241,7 +231,7 @@ class CompiledGraph:
                 self.fallbacks.append(f"{op.kind} group of {len(op.body.ops) - 1} ops ({src})")
                 return self._interpreted(op, reads, writes)
             kern = load_built(self.libraries[src.symbol], src.symbol)
-            reads = [self._slot(_reshape_base(v)) for v in op.operands]
+            reads = [self._slot(reshape_base(v)) for v in op.operands]
             return Step(src.symbol, self._kernel_run(kern, len(self.steps), reads, writes,
                                                      list(op.results)),
                         "kernel", reads, writes, src, kern)
@@ -252,13 +242,13 @@ class CompiledGraph:
                 env[w] = env[r].permute(p)
             return Step(op.name, self._memo_views(run, reads, writes), "view", reads, writes)
         if isinstance(op, VIEW_OPS):
-            fn = _view_fn(op)
+            fn = view_fn(op)
             if fn is not None:
                 def run(env, cs, fn=fn, r=reads[0], w=writes[0]):
                     env[w] = fn(env[r])
             else:  # symbolic sizes: from the call's binding
                 def run(env, cs, op=op, reads=reads, writes=writes):
-                    env[writes[0]] = _view(op, [env[i] for i in reads], cs.binding)
+                    env[writes[0]] = view(op, [env[i] for i in reads], cs.binding)
             return Step(op.name, self._memo_views(run, reads, writes), "view", reads, writes)
         if isinstance(op, st.IotaOp) and not op.result.type.is_static:
             a, dt = op.attributes, dtype_to_torch(op.result.type.dtype)
@@ -323,37 +313,7 @@ class CompiledGraph:
 
     def _view_group(self, op, reads: list[int], writes: list[int]) -> Step:
         """A group of layout ops run as torch views of its operands (no kernel)."""
-        inner = op.body
-        fns = [_view_fn(o) for o in inner.ops[:-1]]
-        if None not in fns:  # static: a chain of precomputed view functions
-            pos = {id(a): k for k, a in enumerate(inner.args)}
-            chain = []
-            for o, fn in zip(inner.ops[:-1], fns):
-                chain.append((pos[id(o.operand(0))], fn))
-                pos[id(o.result)] = len(pos)
-            outs = [(w, pos[id(y)]) for w, y in zip(writes, inner.terminator.operands)]
-            if len(reads) == 1 and len(chain) == 1 and outs == [(writes[0], 1)]:
-                def run(env, cs, fn=fns[0], r=reads[0], w=writes[0]):  # one view: lean
-                    env[w] = fn(env[r])
-            else:
-                def run(env, cs, reads=reads, chain=chain, outs=outs):
-                    vals = [env[i] for i in reads]
-                    for k, fn in chain:
-                        vals.append(fn(vals[k]))
-                    for w, k in outs:
-                        env[w] = vals[k]
-        else:  # symbolic sizes: from the call's binding
-            def run(env, cs, op=op, reads=reads, writes=writes):
-                vals = {id(a): env[i] for a, i in zip(inner.args, reads)}
-                for o in inner.ops[:-1]:
-                    vals[id(o.result)] = _view(o, [vals[id(x)] for x in o.operands], cs.binding)
-                for w, y in zip(writes, inner.terminator.operands):
-                    env[w] = vals[id(y)]
-
-        base: dict[int, int] = {id(a): i for a, i in zip(inner.args, reads)}
-        for o in inner.ops[:-1]:  # each value views the operand its chain starts from
-            base[id(o.result)] = base[id(o.operand(0))]
-        view_of = [base[id(y)] for y in inner.terminator.operands]
+        run, view_of = view_group_run(op, reads, writes)
         return Step("view", self._memo_views(run, reads, writes), "view", reads, writes,
                     view_of=view_of)
 
@@ -384,55 +344,8 @@ class CompiledGraph:
         return memo
 
     def _as_views(self, group) -> bool:
-        """Whether a group that only moves data (slices, permutes, reshapes, broadcasts) is
-        better run as torch views: when only library and torch calls read its results, which take
-        strided operands as they are (a transposed matmul operand is a BLAS flag, not a copy),
-        where a copy kernel would write the whole tensor out first. Not for graph outputs (the
-        caller gets a fresh tensor, as traced) unless they are views of the graph's inputs, nor
-        for values a kernel reads (kernels read contiguous buffers). A convolution is not such a
-        reader unless the views only reshape: oneDNN copies a strided operand itself (or
-        ``_contiguous`` does, for a channels-last one) with torch's generic copy, after torch's
-        own copy for a reshape of a permute -- two passes where a copy kernel makes one
-        (charformer's window-reverse permutes feeding convolutions)."""
-        if not all(isinstance(o, VIEW_OPS) for o in group.body.ops[:-1]):
-            return False
-        if sum(_nbytes(r) for r in group.results) < VIEW_MIN_BYTES:
-            return False  # a small copy kernel costs less than making torch views per call
-        returned = {id(v) for v in self.func.return_op.operands}
-        # Views of the graph's own inputs may be returned as views: what eager returns for
-        # ``w.t()``, and what a training graph saves for its backward (bert's transposed
-        # weights were copied by a kernel every step, 0.2 ms each).
-        of_inputs = all(isinstance(v, BlockArgument) for v in group.operands)
-        ret = self.func.return_op
-
-        def reshapes_only(op) -> bool:
-            body = op.body.ops[:-1] if isinstance(op, fusion.GroupOp) else [op]
-            return all(isinstance(o, st.ReshapeOp) for o in body)
-
-        def library_only(v, moved: bool, strides, depth=0) -> bool:  # through views
-            if (id(v) in returned and not of_inputs) or not v.users or depth > 8:
-                return False
-            for u in v.users:
-                if u is ret:
-                    continue  # returned, and a view of the inputs (checked above)
-                if moved and copies_strided(u):
-                    return False
-                if isinstance(u, st.LibraryOp | st.TorchCallOp):
-                    continue
-                view_group = isinstance(u, fusion.GroupOp) and u.kind == "view"
-                if not (isinstance(u, VIEW_OPS) or view_group):
-                    return False
-                outs = _view_strides(u, strides, v)
-                if outs is False:
-                    return False  # a reshape torch would copy: a copy kernel writes it once
-                if not all(library_only(r, moved or not reshapes_only(u), m, depth + 1)
-                           for r, m in zip(u.results, outs)):
-                    return False
-            return True
-
-        layouts = _view_strides(group)
-        return layouts is not False and all(
-            library_only(r, not reshapes_only(group), m) for r, m in zip(group.results, layouts))
+        """Whether a group that only moves data runs as torch views (``runtime.views``)."""
+        return runs_as_views(self.func, group)
 
     def _kernel_run(self, kern, k: int, reads: list[int], writes: list[int], types: list):
         """The run function of kernel step ``k``: its argument array (inputs, outputs, scratch, a
@@ -746,22 +659,6 @@ def _nothing(env, cs) -> None:
     """The run function of a dead step."""
 
 
-def _reshape_base(v: Value) -> Value:
-    """The value a chain of reshapes (bare ``st.reshape`` ops, or view groups of reshapes only)
-    starts from. A kernel reading a reshape reads its base's bytes instead: a reshape keeps the
-    row-major order, and a strided base is made contiguous for the kernel like any operand."""
-    while True:
-        op = getattr(v, "owner", None)  # block arguments have none
-        if isinstance(op, st.ReshapeOp):
-            v = op.operand(0)
-        elif isinstance(op, fusion.GroupOp) and op.kind == "view" and len(op.operands) == 1 \
-                and len(op.results) == 1 and \
-                all(isinstance(o, st.ReshapeOp) for o in op.body.ops[:-1]):
-            v = op.operand(0)
-        else:
-            return v
-
-
 def _all_empty(group) -> bool:
     """Whether every result of ``group`` has zero elements (static shapes)."""
     return all(any(d == 0 for d in r.type.shape) for r in group.results)
@@ -784,64 +681,6 @@ def _from_numpy(a: np.ndarray, v: Value) -> torch.Tensor:
     if t.dtype != want:
         t = t.to(want)
     return t.reshape([int(d) for d in v.type.shape])
-
-
-def _view_strides(op, strides=None, operand=None):
-    """The strides of a view op's or group's results (``stitch_ir.strides``), from ``strides``
-    for ``operand`` and contiguous strides for its other operands; False where a reshape is no
-    view (torch would copy); None entries where shapes are symbolic (not simulated)."""
-    def start(v):
-        if operand is not None and v is operand:
-            return strides
-        return contiguous_strides(v.type.shape) if v.type.is_static else None
-
-    def apply(o, src):
-        if src is None or not (o.operand(0).type.is_static and o.result.type.is_static):
-            return None
-        out = view_op_strides(o, src)
-        return False if out is None else out
-
-    if not isinstance(op, fusion.GroupOp):
-        out = apply(op, start(op.operand(0)))
-        return False if out is False else [out]
-    vals = {id(a): start(v) for a, v in zip(op.body.args, op.operands)}
-    for o in op.body.ops[:-1]:
-        out = apply(o, vals[id(o.operand(0))])
-        if out is False:
-            return False
-        vals[id(o.result)] = out
-    return [vals[id(y)] for y in op.body.terminator.operands]
-
-
-def _view_fn(op) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """View op ``op`` as a function of its operand, its sizes bound now; None where a size is
-    symbolic (``_view`` then reads the call's binding)."""
-    if not op.result.type.is_static:
-        return None
-    shape = tuple(op.result.type.shape)
-    if isinstance(op, st.ReshapeOp):
-        return lambda t: t.reshape(shape)
-    if isinstance(op, st.PermuteOp):
-        perm = tuple(op.attributes["perm"])
-        return lambda t: t.permute(perm)
-    if isinstance(op, st.BroadcastOp):
-        return lambda t: t.expand(shape)
-    a = op.attributes
-    index = (slice(None),) * a["dim"] + (slice(a["start"], a["end"], a["step"]),)
-    return lambda t: t[index]
-
-
-def _view(op, args: Sequence[torch.Tensor], binding: dict | None = None) -> torch.Tensor:
-    x = args[0]
-    if isinstance(op, st.ReshapeOp):
-        return x.reshape(op.result.type.concrete(binding or {}))
-    if isinstance(op, st.PermuteOp):
-        return x.permute(list(op.attributes["perm"]))
-    if isinstance(op, st.BroadcastOp):
-        return x.expand(op.result.type.concrete(binding or {}))
-    a = op.attributes
-    return x.narrow(a["dim"], a["start"], a["end"] - a["start"])[
-        (slice(None),) * a["dim"] + (slice(None, None, a["step"]),)]
 
 
 def compile_program(prog: ImportedProgram, target: str = "cpu", fusion: str = "stitch",
