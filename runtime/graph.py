@@ -203,7 +203,7 @@ class CompiledGraph:
         sources: dict[int, KernelSource | Unsupported] = {}
         for op in self.func.body.ops[:-1]:
             if isinstance(op, fusion.GroupOp) and op.kind != "view" and not _all_empty(op) \
-                    and not self._as_views(op):
+                    and not runs_as_views(self.func, op):
                 try:  # named by kind and content: equal groups anywhere share one kernel
                     sources[id(op)] = render_group(op, op.kind)
                 except Unsupported as e:
@@ -223,8 +223,8 @@ class CompiledGraph:
                     self._alloc(cs, env, w, v)
 
             return Step("empty", run, "empty", reads, writes)
-        if isinstance(op, fusion.GroupOp) and op.kind != "view" and self._as_views(op):
-            return self._view_group(op, reads, writes)
+        if isinstance(op, fusion.GroupOp) and op.kind != "view" and id(op) not in self.sources:
+            return self._view_group(op, reads, writes)  # no kernel built: it runs as views
         if isinstance(op, fusion.GroupOp) and op.kind != "view":
             src = self.sources[id(op)]
             if isinstance(src, Unsupported):
@@ -342,10 +342,6 @@ class CompiledGraph:
                 isinstance(a, torch.nn.Parameter) for a in args) else False
 
         return memo
-
-    def _as_views(self, group) -> bool:
-        """Whether a group that only moves data runs as torch views (``runtime.views``)."""
-        return runs_as_views(self.func, group)
 
     def _kernel_run(self, kern, k: int, reads: list[int], writes: list[int], types: list):
         """The run function of kernel step ``k``: its argument array (inputs, outputs, scratch, a

@@ -14,13 +14,12 @@ from stitch_ir.dialects import st
 from stitch_ir.importer import import_model
 
 
-class _Fn(torch.nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, *xs):
-        return self.fn(*xs)
+def _agrees_with_eager(m, x, prog, g) -> None:
+    """The compiled graph and the reference interpreter both give eager's result."""
+    with torch.no_grad():
+        want = m(x)
+    torch.testing.assert_close(g(x)[0], want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.from_numpy(prog.run(x)[0]), want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -39,10 +38,7 @@ def test_channels_last_convolutions(bias):
     convs = [op for op in g.func.body.ops if op.name == "st.convolution"]
     assert len(convs) == 5 and all(op.attr("channels_last") for op in convs)
     assert sum(op.attributes["transposed"] for op in convs) == 2
-    with torch.no_grad():
-        want = m(x)
-    torch.testing.assert_close(g(x)[0], want, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(torch.from_numpy(prog.run(x)[0]), want, atol=1e-5, rtol=1e-5)
+    _agrees_with_eager(m, x, prog, g)
 
 
 def test_permutes_sink_between_channels_last_convolutions():
@@ -81,10 +77,7 @@ def test_permutes_sink_between_channels_last_convolutions():
     assert len(perms) == 2, [str(p) for p in perms]  # the input to NHWC, the output back
     g = compile_program(import_model(m, (x,)), device_spec=cpu_spec(measure=False),
                         channels_last=True)
-    with torch.no_grad():
-        want = m(x)
-    torch.testing.assert_close(g(x)[0], want, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(torch.from_numpy(prog.run(x)[0]), want, atol=1e-5, rtol=1e-5)
+    _agrees_with_eager(m, x, prog, g)
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -109,10 +102,7 @@ def test_channels_last_1d_convolutions(bias):
         # (pooled-conv-linear)
         assert len(convs) == (2 if length == 1 else 4)
         assert all(op.attr("channels_last") for op in convs)
-        with torch.no_grad():
-            want = m(x)
-        torch.testing.assert_close(g(x)[0], want, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(torch.from_numpy(prog.run(x)[0]), want, atol=1e-5, rtol=1e-5)
+        _agrees_with_eager(m, x, prog, g)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
