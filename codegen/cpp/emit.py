@@ -146,12 +146,33 @@ def hint(n) -> int:
 
 
 def linearize(idx: list[str], shape: list[int]) -> str:
+    """The row-major flat index of ``idx`` in ``shape``. A run of dims indexed by
+    ``delinearize(lin, run)`` is ``lin`` itself: a reshape's index map read back from a
+    buffer of the reshape's operand (``[B, 16, 64, 8]`` read as ``[B, 4, 4, 512]``), or a loop
+    over merged dims, then loads through one contiguous index, not a ``/`` and ``%`` per dim
+    that keeps the loop from vectorising."""
+    nz = [(i, n) for i, n in zip(idx, shape) if n != 1]
     expr = ""
-    for i, n in zip(idx, shape):
-        if n == 1:
-            continue
-        expr = i if not expr else f"({expr})*{n} + ({i})"
+    k = 0
+    while k < len(nz):
+        term, size, k = _delinearized_run(nz, k)
+        expr = term if not expr else f"({expr})*{size} + ({term})"
     return expr or "0"
+
+
+def _delinearized_run(nz: list[tuple[str, int]], k: int) -> tuple[str, int, int]:
+    """(index, size, end): the longest run of ``nz`` from ``k`` that ``delinearize`` made from
+    one flat index (that index, the run's size), else ``nz[k]`` alone."""
+    for m in range(len(nz), k + 1, -1):
+        inner, n = nz[m - 1]
+        tail = f") % {n}"
+        if not (inner.startswith("(") and inner.endswith(tail)):
+            continue
+        lin = inner[1:-len(tail)]
+        sizes = [s for _, s in nz[k:m]]
+        if delinearize(lin, sizes) == [i for i, _ in nz[k:m]]:
+            return lin, math.prod(sizes), m
+    return nz[k][0], nz[k][1], k + 1
 
 
 def delinearize(lin: str, shape: list[int]) -> list[str]:

@@ -138,6 +138,38 @@ def interchange(v: Value, buffers: dict[int, str], sizes: dict[str, int]) -> int
     return best[0] if best else None
 
 
+def merged_tail(v: Value, buffers: dict[int, str], short: int = 256, outer_min: int = 16) -> int:
+    """How many trailing dims of ``v`` one innermost loop can run over: dims whose every buffer
+    read continues the next dim's (``[B, C, H, W] * scale[C]``: H and W), merged while that loop
+    is shorter than ``short`` and the loops outside it keep at least ``outer_min`` iterations
+    for the thread team. 1 when nothing merges (or the shape is symbolic)."""
+    shape = dims(v)
+    s = strides(v, buffers)
+    if not s or len(shape) < 2:
+        return 1
+    k = len(shape) - 1  # the first merged dim
+    while k > 0 and size_hint(math.prod(shape[k:])) < short and \
+            size_hint(math.prod(shape[:k - 1])) >= outer_min and \
+            all(_flat_run(d, shape, k - 1) for d in s.values()):
+        k -= 1
+    return len(shape) - k
+
+
+def _flat_run(d: list[int], shape: list[int], k: int) -> bool:
+    """Whether strides ``d`` step through dims ``k``.. of ``shape`` as one flat index (a
+    multiple of it: 0 for a broadcast read)."""
+    unit, size = None, 1
+    for j in range(len(shape) - 1, k - 1, -1):
+        if shape[j] == 1:
+            continue
+        if unit is None:
+            unit = d[j]
+        elif d[j] != unit * size:
+            return False
+        size *= shape[j]
+    return True
+
+
 def loop_order(shape: list[int], inner: int | None) -> list[int]:
     """The order of the loops over ``shape``: row-major, with ``inner`` moved just outside the
     last one."""

@@ -34,6 +34,7 @@ from codegen.cpp.layout import (
     buffer_bytes,
     interchange,
     loop_order,
+    merged_tail,
     transposed_dim,
     transposed_view,
 )
@@ -41,6 +42,21 @@ from codegen.cpp.scatter import ScatterPhases
 from stitch_ir.core import Value
 from stitch_ir.dialects import fusion, st
 from stitch_ir.types import Sym
+
+
+def _acc_type(op: st.ReduceOp) -> str:
+    """A reduction's accumulator type. The simd lanes are usually the outputs, so each output
+    adds its terms one at a time: a float accumulator's error grows with the length
+    (adder_quant's 144-term sums were many ulps off torch's cascade sum, enough to flip later
+    round()s). float32 sums accumulate in double and round once at the store, as the reference
+    interpreter does."""
+    t = ctype(op.result.type.dtype)
+    return "double" if t == "float" and isinstance(op, st.SumOp | st.MeanOp | st.VarOp) else t
+
+
+def _plain_reduce(op) -> bool:
+    return isinstance(op, st.ReduceOp) and not isinstance(op, st.ArgReduceOp)
+
 
 # Reductions that keep the innermost dim (column sums: weight gradients): outputs per task (an
 # L1 accumulator row), and how the reduced index space is cut (at most COLUMN_CHUNKS chunks of
@@ -112,26 +128,25 @@ class PhaseKernel(ScatterPhases):
         em = self.em
         self.first_scratch = first_scratch_arg
         phases: list[list[str]] = []
-        for v in self.materialised():
+        values = self.materialised()
+        siblings = self.sibling_reductions(values)
+        done: set[int] = set()
+        for v in values:
+            if id(v) in done:
+                continue
             # A half-typed scatter accumulates in float and rounds once at the end, as eager's
             # index_add / scatter_add / scatter_reduce do: its target is a float scratch.
             wide = isinstance(v.owner, SCATTERS) and v.type.dtype in HALF
-            if id(v) not in self.out_names or wide:
-                k = len(self.scratch)
-                self.scratch.append(at_least_1(math.prod(dims(v))) * compute_itemsize(v.type.dtype))
-                name = f"scr{k}"
-                phases.append([f"    {ctype(v.type.dtype)}* __restrict {name} = "
-                               f"({ctype(v.type.dtype)}*)args[{first_scratch_arg + k}];"])
-                targets = [name]
-            else:
-                targets = list(self.out_names[id(v)])
+            targets = self._targets(v, wide, phases)
             lines: list[str] = []
             em.push(lines, "    ")
             op = v.owner
+            together = [(w.owner, self._targets(w, False, phases))
+                        for w in siblings.get(id(v), [])]
             if isinstance(op, st.ArgReduceOp):
                 self.arg_reduce(op, targets)
             elif isinstance(op, st.ReduceOp):
-                self.reduce(op, targets)
+                self.reduce(op, targets, together)
             elif isinstance(op, SCATTERS):
                 em.wide.add(targets[0])
                 self.scatter(op, targets)
@@ -141,12 +156,26 @@ class PhaseKernel(ScatterPhases):
                 self.elementwise(v, targets)
             em.pop()
             phases.append(lines)
-            em.buffers[id(v)] = targets[0]
-            root = reshape_root(v)
-            if root is not v and id(root) not in em.buffers and \
-                    getattr(root, "owner", None) in self.body:
-                em.buffers[id(root)] = targets[0]  # same elements, same row-major order
+            for w, tg in [(v, targets)] + [(r.result, tg) for r, tg in together]:
+                done.add(id(w))
+                em.buffers[id(w)] = tg[0]
+                root = reshape_root(w)
+                if root is not w and id(root) not in em.buffers and \
+                        getattr(root, "owner", None) in self.body:
+                    em.buffers[id(root)] = tg[0]  # same elements, same row-major order
         return {"phases": phases}
+
+    def _targets(self, v: Value, wide: bool, phases: list[list[str]]) -> list[str]:
+        """Where materialised ``v`` is written: its outputs, else a new scratch buffer (declared
+        at the top of the next phase)."""
+        if id(v) in self.out_names and not wide:
+            return list(self.out_names[id(v)])
+        k = len(self.scratch)
+        self.scratch.append(at_least_1(math.prod(dims(v))) * compute_itemsize(v.type.dtype))
+        name = f"scr{k}"
+        phases.append([f"    {ctype(v.type.dtype)}* __restrict {name} = "
+                       f"({ctype(v.type.dtype)}*)args[{self.first_scratch + k}];"])
+        return [name]
 
     def _round_scattered(self, v: Value, acc: str) -> None:
         """Round a half scatter's float accumulator to its type, in place, and write it to the
@@ -230,7 +259,22 @@ class PhaseKernel(ScatterPhases):
                                  lambda idx: self.store(targets, u, idx, self.em.value(u, idx)))
                 return
         inner = interchange(v, self.em.buffers, sizes)
+        if inner is None:
+            serial = self.group.attr("team", 0) == 1  # no team to balance work over
+            self.merged_nest(dims(v), merged_tail(v, self.em.buffers, outer_min=1 if serial
+                                                  else 16), emit)
+            return
         self.nest(dims(v), emit, order=loop_order(dims(v), inner))
+
+    def merged_nest(self, shape: list[int], tail: int, emit) -> None:
+        """``nest`` with the last ``tail`` dims run by its innermost loop (``merged_tail``):
+        [B, C, 64, 8] times a per-channel scale vectorises over 512 elements a pass, not 8."""
+        if tail <= 1:
+            self.nest(shape, emit)
+            return
+        k = len(shape) - tail
+        self.nest(shape[:k] + [math.prod(shape[k:])],
+                  lambda idx: emit(idx[:k] + delinearize(idx[k], shape[k:])))
 
     STAGE = 32  # a staged tile is STAGE x STAGE elements (4 KiB of float): L1-resident
 
@@ -307,56 +351,84 @@ class PhaseKernel(ScatterPhases):
                 idx.append(next(it_out))
         return idx
 
-    def reduce(self, op: st.ReduceOp, targets: list[str]) -> None:
+    def reduce(self, op: st.ReduceOp, targets: list[str],
+               siblings: list[tuple[st.ReduceOp, list[str]]] = ()) -> None:
+        """``op``'s loop nest, which also computes ``siblings`` (``(reduction, targets)``: same
+        operand, dims and result shape, see ``sibling_reductions``): the operand is read once
+        for all of them (a group norm's sum and variance)."""
         em = self.em
         shape = dims(op.operand(0))
         red_shape = [shape[d] for d in op.dims]
-        t = ctype(op.result.type.dtype)
         n = math.prod(red_shape)  # 0 for an empty reduction: its mean is 0 / 0 = NaN, as eager
-        # The simd lanes here are usually the outputs, so each output adds its terms one at a
-        # time: a float accumulator's error grows with the length (adder_quant's 144-term sums
-        # were many ulps off torch's cascade sum, enough to flip later round()s). float32 sums
-        # accumulate in double and round once at the store, as the reference interpreter does.
-        at = "double" if t == "float" and isinstance(op, st.SumOp | st.MeanOp | st.VarOp) else t
         col = self._column_dim(op)
         if col is not None:
-            return self._column_reduce(op, targets, at, col)
+            return self._column_reduce(op, targets, _acc_type(op), col)
+        members = [(op, targets)] + list(siblings)
 
         def body(out_idx):
             names = [f"k{self.n_loops}_{k}" for k in range(len(red_shape))]
 
-            def loops(mode: str, acc: str, mean: str | None):
-                init, clause = _acc_init(op, mode)
-                em.line(f"{at} {acc} = {init};")
-                extra = ""
-                if isinstance(op, st.MaxOp | st.MinOp):
-                    em.line(f"int {acc}_nan = 0;")  # an int flag vectorises; a bool does not
-                    extra = f" reduction(|:{acc}_nan)"
+            def loops(accs: list[tuple[st.ReduceOp, str, str, str | None]]):
+                """One loop nest over the reduced dims updating every (op, mode, acc, mean)."""
+                clauses = []
+                for r, mode, acc, _ in accs:
+                    init, clause = _acc_init(r, mode)
+                    em.line(f"{_acc_type(r)} {acc} = {init};")
+                    clauses.append(f" reduction({clause}:{acc})")
+                    if isinstance(r, st.MaxOp | st.MinOp):
+                        em.line(f"int {acc}_nan = 0;")  # an int flag vectorises; a bool does not
+                        clauses.append(f" reduction(|:{acc}_nan)")
                 em.mark()
                 for k, size in enumerate(red_shape):
                     if k == len(red_shape) - 1:
-                        em.line(f"#pragma omp simd reduction({clause}:{acc}){extra}")
+                        em.line(f"#pragma omp simd{''.join(clauses)}")
                     em.line(f"for (int64_t {names[k]} = 0; {names[k]} < {size}; ++{names[k]}) {{")
                 inner: list[str] = []
                 em.push(inner, em.scopes[-1].indent + "  ", loop_vars=set(names))
                 x = em.value(op.operand(0), self._input_index(op, out_idx, names))
-                em.line(_acc_update(op, mode, acc, x, mean))
+                for r, mode, acc, mean in accs:
+                    em.line(_acc_update(r, mode, acc, x, mean))
                 em.pop()
                 em.scopes[-1].lines.extend(inner)
                 for _ in red_shape:
                     em.line("}")
 
-            acc = f"acc{self.n_loops}"
-            if isinstance(op, st.VarOp):
-                loops("main", acc + "s", None)
-                em.line(f"const {at} {acc}m = {acc}s / ({at}){n};")
-                loops("dev", acc, f"{acc}m")
-            else:
-                loops("main", acc, None)
-            self.store(targets, op.result, out_idx,
-                       round_to(op.result.type.dtype, _acc_final(op, acc, n)))
+            base = f"acc{self.n_loops}"
+            accs = [f"{base}_{j}" if j else base for j in range(len(members))]
+            # the sums first (a variance's mean among them), then the deviations
+            loops([(r, "main", acc + ("s" if isinstance(r, st.VarOp) else ""), None)
+                   for (r, _), acc in zip(members, accs)])
+            dev = []
+            for (r, _), acc in zip(members, accs):
+                if isinstance(r, st.VarOp):
+                    em.line(f"const {_acc_type(r)} {acc}m = {acc}s / ({_acc_type(r)}){n};")
+                    dev.append((r, "dev", acc, f"{acc}m"))
+            if dev:
+                loops(dev)
+            for (r, tg), acc in zip(members, accs):
+                self.store(tg, r.result, out_idx, round_to(r.result.type.dtype,
+                                                           _acc_final(r, acc, n)))
 
         self.nest(dims(op.result), body)
+
+    def sibling_reductions(self, values: list[Value]) -> dict[int, list[Value]]:
+        """Reductions among the materialised ``values`` that share one loop nest: a reduction
+        (not an arg-reduce, not run as a column) -> the later ones of the same operand, dims,
+        keepdim and result shape. Moving a later one up is safe: its operand is ready then."""
+        out: dict[int, list[Value]] = {}
+        taken: set[int] = set()
+        for i, v in enumerate(values):
+            op = v.owner
+            if id(v) in taken or not _plain_reduce(op) or self._column_dim(op) is not None:
+                continue
+            for w in values[i + 1:]:
+                o = w.owner
+                if id(w) not in taken and _plain_reduce(o) and o.operand(0) is op.operand(0) and \
+                        list(o.dims) == list(op.dims) and o.keepdim == op.keepdim and \
+                        dims(w) == dims(v) and self._column_dim(o) is None:
+                    out.setdefault(id(v), []).append(w)
+                    taken.add(id(w))
+        return out
 
     def _column_dim(self, op: st.ReduceOp) -> int | None:
         """The dim of ``op``'s result to run as a column (``_column_reduce``): the innermost, when

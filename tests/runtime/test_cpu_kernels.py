@@ -612,3 +612,20 @@ def test_views_of_inputs_are_returned_as_views():
     assert wt.untyped_storage().data_ptr() == w.untyped_storage().data_ptr()
     assert [s.kind for s in g.steps if g.outputs[0] in s.writes] == ["view"]
     assert yt.untyped_storage().data_ptr() != y.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("n,g,h,w", [(3, 2, 7, 5), (2, 3, 33, 16), (1, 1, 1, 1), (2, 1, 1, 16)])
+def test_group_norm_reads_its_input_once_for_both_statistics(n, g, h, w):
+    """A group norm: its sum and variance share one loop over the input, and the normalised
+    output is one vectorised loop over a channel's H * W elements (they merge: every read
+    continues along both), not a loop of W elements per (n, c, h)."""
+    c = 4 * g
+    x = torch.randn(n, c, h, w) * 2 + 1
+    gm = run_both(lambda x, wt, b: F.group_norm(x, g, wt, b), [x], [torch.randn(c), torch.randn(c)],
+                  atol=1e-4, rtol=1e-4)
+    (k,) = [s for s in gm.steps if s.kind == "kernel"]
+    src = k.source.source
+    if k.source.strategy == "phases":
+        assert re.search(r"reduction\(\+:acc\d+s\) reduction\(\+:acc\d+_1\)", src), src
+        if h * w > 1 and w > 1:
+            assert re.search(rf"< {h * w}; \+\+i\d+_\d+\) {{", src), src

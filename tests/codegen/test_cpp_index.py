@@ -1,0 +1,60 @@
+"""The cpu kernels' index maps: ``linearize`` reads a run of dims that ``delinearize`` split from
+one flat index as that index (no ``/`` and ``%`` per dim in a vectorised loop), and is exact
+either way."""
+
+from __future__ import annotations
+
+import re
+
+from hypothesis import given, settings
+from hypothesis import strategies as hs
+
+from codegen.cpp.emit import delinearize, linearize, reshape_index
+
+
+def _eval(expr: str, env: dict[str, int]) -> int:
+    """A C index expression over non-negative ints (``/`` truncates, as ``//`` does there)."""
+    assert re.fullmatch(r"[\w\s()+*/%]*", expr), expr
+    return eval(expr.replace("/", "//"), {}, dict(env))  # noqa: S307 - our own C index text
+
+
+def test_a_delinearized_run_is_read_as_its_flat_index():
+    assert linearize(delinearize("j", [64, 8]), [64, 8]) == "j"
+    assert linearize(["i"] + delinearize("j", [64, 8]), [256, 64, 8]) == "(i)*512 + (j)"
+    # the merged run between other dims, with size-1 dims inside it
+    expr = linearize(["a"] + delinearize("(b*3 + c)", [4, 1, 6]) + ["d"], [2, 4, 1, 6, 5])
+    assert "%" not in expr and expr == "((a)*24 + ((b*3 + c)))*5 + (d)"
+    # not a delinearization of one index: left as it is
+    assert linearize(["(j) / 8", "(k) % 8"], [64, 8]) == "((j) / 8)*8 + ((k) % 8)"
+
+
+@settings(max_examples=40, deadline=None)
+@given(hs.lists(hs.sampled_from([1, 2, 3, 5, 8]), min_size=1, max_size=5), hs.data())
+def test_linearize_of_split_indices_is_exact(shape, data):
+    """Any prefix, a run split from one flat index, any suffix: the same flat index as the plain
+    row-major formula, at every point."""
+    k = data.draw(hs.integers(0, len(shape) - 1))
+    m = data.draw(hs.integers(k + 1, len(shape)))
+    idx = [f"x{d}" for d in range(k)] + delinearize("f", shape[k:m]) + \
+        [f"x{d}" for d in range(m, len(shape))]
+    expr = linearize(idx, shape)
+    for _ in range(10):
+        point = [data.draw(hs.integers(0, n - 1)) for n in shape]
+        flat = 0
+        for d in range(k, m):
+            flat = flat * shape[d] + point[d]
+        env = {f"x{d}": point[d] for d in range(len(shape))} | {"f": flat}
+        want = 0
+        for i, n in zip(point, shape):
+            want = want * n + i
+        assert _eval(expr, env) == want, (expr, env)
+
+
+def test_a_reshape_read_from_its_operand_buffer_is_contiguous():
+    """A [B, 16, 64, 8] buffer read as [B, 4, 4, 512] (a group norm's statistics): the load
+    index has no division or modulo."""
+    idx = reshape_index(["i", "g", "c", "j"], [3, 4, 4, 512], [3, 16, 64, 8])
+    expr = linearize(idx, [3, 16, 64, 8])
+    assert "%" not in expr and "/" not in expr, expr
+    for i, g, c, j in [(0, 0, 0, 0), (2, 3, 1, 511), (1, 2, 3, 77)]:
+        assert _eval(expr, {"i": i, "g": g, "c": c, "j": j}) == ((i * 4 + g) * 4 + c) * 512 + j
