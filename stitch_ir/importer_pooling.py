@@ -5,8 +5,11 @@ a reshape and one reduction, at the end of this module.
 The windows of an input padded with the reduction's neutral value (-inf for max, 0 for sums)
 are one strided view (``importer_lowerings.strided_gather``): ``[*lead, *out, *kernel]``.
 
-- max pooling: ``st.max`` over the window dims; the indices are each window's ``st.argmax``
-  (the first maximum, as torch's cpu kernel), except that a window holding a NaN gives its last
+- max pooling: windows of at most ``SLICE_WINDOW`` elements are torch's cpu scan as
+  element-wise ops over one strided slice per window position (``_max_chain_with_indices``: a
+  position replaces the running maximum when greater or NaN; its flat input position is an
+  iota plus a constant). Larger windows: ``st.max`` over the window dims, the indices each
+  window's ``st.argmax`` (the first maximum), except that a window holding a NaN gives its last
   NaN (read the window backwards) and a window of only -inf its first in-bounds position (both
   as torch's cpu kernel), mapped to flat input positions by a table computed here (shapes are
   static). Its backward is an ``st.scatter_add`` of the output gradient at those indices.
@@ -77,9 +80,9 @@ def _windows(imp, x, nd: int, out_sp, k, s, p, d, pad_value: float, reverse: boo
 SLICE_WINDOW = 64
 
 
-def _window_chain(imp, x, nd: int, out_sp, k, s, p, d, pad_value: float, combine):
-    """``combine`` folded over the window elements in row-major window order: one strided slice
-    of the padded input per window position, [*lead, *out_sp] each."""
+def _window_slices(imp, x, nd: int, out_sp, k, s, p, d, pad_value: float):
+    """(window offsets, the strided slice of the padded input at them) for every window
+    position in row-major window order, each [*lead, *out_sp]."""
     import itertools
 
     lead = x.type.shape[:-nd]
@@ -90,15 +93,49 @@ def _window_chain(imp, x, nd: int, out_sp, k, s, p, d, pad_value: float, combine
                         high=(0,) * len(lead) + tuple(P - n - pi for P, n, pi in
                                                       zip(padded_sp, sp, p)),
                         value=pad_value)
-    acc = None
     for offsets in itertools.product(*[range(ki) for ki in k]):
         v = padded
         for i, off in enumerate(offsets):
             start = off * d[i]
             v = imp.create(st.SliceOp, v, dim=len(lead) + i, start=start,
                            end=start + (out_sp[i] - 1) * s[i] + 1, step=s[i])
+        yield offsets, v
+
+
+def _window_chain(imp, x, nd: int, out_sp, k, s, p, d, pad_value: float, combine):
+    """``combine`` folded over the window elements in row-major window order: one strided slice
+    of the padded input per window position, [*lead, *out_sp] each."""
+    acc = None
+    for _, v in _window_slices(imp, x, nd, out_sp, k, s, p, d, pad_value):
         acc = v if acc is None else imp.create(combine, acc, v)
     return acc
+
+
+def _max_chain_with_indices(imp, x, nd: int, out_sp, k, s, p, d, first_in: np.ndarray):
+    """torch's cpu max-pool scan as element-wise ops over one strided slice per window
+    position: a position replaces the running maximum when it is greater or NaN (ties keep the
+    first, NaNs the last; padding, -inf, never replaces), starting from -inf at the window's
+    first in-bounds position. The flat input position of a window slot is affine in the output
+    position (iotas) plus the slot's constant offset: no table, no gather, no argmax."""
+    lead = tuple(x.type.shape[:-nd])
+    shape = (*lead, *out_sp)
+    cs = _contiguous_strides(tuple(x.type.shape[-nd:]))
+    base = None
+    for i in range(nd):
+        io = imp.create(st.IotaOp, start=-p[i] * cs[i], step=s[i] * cs[i], size=out_sp[i],
+                        dtype=DType.i64)
+        view = (1,) * (len(lead) + i) + (out_sp[i],) + (1,) * (nd - i - 1)
+        term = imp.broadcast(imp.reshape(io, view), shape)
+        base = term if base is None else imp.create(st.AddOp, base, term)
+    best = imp.constant(-math.inf, TensorType(shape, x.type.dtype))
+    pos = imp.broadcast(_dense(imp, first_in, DType.i64), shape)
+    for offsets, v in _window_slices(imp, x, nd, out_sp, k, s, p, d, -math.inf):
+        take = imp.create(st.LogicalOrOp, imp.create(st.GtOp, v, best), imp.create(st.IsNanOp, v))
+        at = imp.create(st.AddOp, base, imp.constant(
+            sum(o * di * c for o, di, c in zip(offsets, d, cs)), base.type))
+        best = imp.create(st.WhereOp, take, v, best)
+        pos = imp.create(st.WhereOp, take, at, pos)
+    return best, pos
 
 
 def _grid(out_sp, s, p, k, d) -> list[np.ndarray]:
@@ -138,12 +175,17 @@ def max_pool_with_indices(imp, n, nd: int):
         return imp.torch_call(n)
     r = x.type.rank
     lead = x.type.shape[:-nd]
+    cs = _contiguous_strides(tuple(sp))
+    firsts = _first_in_bounds(out_sp, s, p, d)
+    first_in = sum(f.reshape([-1 if j == i else 1 for j in range(nd)]) * stride
+                   for i, (f, stride) in enumerate(zip(firsts, cs)))
+    first_in = np.broadcast_to(first_in, tuple(out_sp)).astype(np.int64)
+    if kn <= SLICE_WINDOW:
+        vals, pos = _max_chain_with_indices(imp, x, nd, out_sp, k, s, p, d, first_in)
+        return [imp.cast(vals, vals_t.dtype), imp.cast(pos, idx_t.dtype)]
     flat_shape = (*lead, *out_sp, kn)
     win = _windows(imp, x, nd, out_sp, k, s, p, d, -math.inf)
-    if kn <= SLICE_WINDOW:  # the same maximum (NaN wins either way), from strided slices
-        vals = _window_chain(imp, x, nd, out_sp, k, s, p, d, -math.inf, st.MaximumOp)
-    else:
-        vals = imp.create(st.MaxOp, win, dims=tuple(range(r, r + nd)), keepdim=False)
+    vals = imp.create(st.MaxOp, win, dims=tuple(range(r, r + nd)), keepdim=False)
     first = imp.create(st.ArgMaxOp, imp.reshape(win, flat_shape), dims=(r,), keepdim=True)
     back = _windows(imp, x, nd, out_sp, k, s, p, d, -math.inf, reverse=True)
     last = imp.create(st.ArgMaxOp, imp.reshape(back, flat_shape), dims=(r,), keepdim=True)
@@ -151,13 +193,8 @@ def max_pool_with_indices(imp, n, nd: int):
     has_nan = imp.create(st.IsNanOp, imp.reshape(vals, (*lead, *out_sp, 1)))
     slot = imp.create(st.WhereOp, has_nan, last, first)
     # window slot -> flat input position; a window of only -inf -> its first in-bounds one
-    cs = _contiguous_strides(tuple(sp))
     table = sum(c * stride for c, stride in zip(_grid(out_sp, s, p, k, d), cs))
     table = np.broadcast_to(table, (*out_sp, *k)).reshape(*out_sp, kn).astype(np.int64)
-    firsts = _first_in_bounds(out_sp, s, p, d)
-    first_in = sum(f.reshape([-1 if j == i else 1 for j in range(nd)]) * stride
-                   for i, (f, stride) in enumerate(zip(firsts, cs)))
-    first_in = np.broadcast_to(first_in, tuple(out_sp)).astype(np.int64)
     pos_table = imp.broadcast(_dense(imp, table, DType.i64), flat_shape)
     pos = imp.reshape(imp.create(st.GatherOp, pos_table, slot, dim=r), idx_t.shape)
     only_neg_inf = imp.create(st.EqOp, vals, imp.constant(-math.inf, vals.type))

@@ -145,7 +145,7 @@ def merged_tail(v: Value, buffers: dict[int, str], short: int = 256, outer_min: 
     for the thread team. 1 when nothing merges (or the shape is symbolic)."""
     shape = dims(v)
     s = strides(v, buffers)
-    if not s or len(shape) < 2:
+    if not s or len(shape) < 2 or not _affine(v, buffers):
         return 1
     k = len(shape) - 1  # the first merged dim
     while k > 0 and size_hint(math.prod(shape[k:])) < short and \
@@ -153,6 +153,25 @@ def merged_tail(v: Value, buffers: dict[int, str], short: int = 256, outer_min: 
             all(_flat_run(d, shape, k - 1) for d in s.values()):
         k -= 1
     return len(shape) - k
+
+
+def _affine(v: Value, buffers: dict[int, str]) -> bool:
+    """Whether every buffer ``v`` reads is read through affine index maps (no pad or cat, whose
+    strides are only local, no gather): what ``strides`` says then holds at every index."""
+    seen: set[int] = set()
+    todo = [v]
+    while todo:
+        w = todo.pop()
+        if id(w) in seen or id(w) in buffers:
+            continue
+        seen.add(id(w))
+        op = getattr(w, "owner", None)
+        if op is None:
+            continue
+        if isinstance(op, st.PadOp | st.CatOp) or op.kind == st.GATHER:
+            return False
+        todo.extend(op.operands)
+    return True
 
 
 def _flat_run(d: list[int], shape: list[int], k: int) -> bool:

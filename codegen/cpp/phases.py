@@ -54,6 +54,12 @@ def _acc_type(op: st.ReduceOp) -> str:
     return "double" if t == "float" and isinstance(op, st.SumOp | st.MeanOp | st.VarOp) else t
 
 
+def _elementwise_value(v: Value) -> bool:
+    """A value a plain loop nest computes (not a reduction, a scatter or a gather's result)."""
+    op = getattr(v, "owner", None)
+    return op is not None and not isinstance(op, (st.ReduceOp, *SCATTERS))
+
+
 def _plain_reduce(op) -> bool:
     return isinstance(op, st.ReduceOp) and not isinstance(op, st.ArgReduceOp)
 
@@ -104,24 +110,33 @@ class PhaseKernel(ScatterPhases):
 
     def reread_values(self) -> set[int]:
         """Values (ids) to materialise because materialised values read them at REREAD or more
-        positions per element: read counts propagated from consumers to producers in reverse
-        program order; a value that is materialised (an output, a reduction, a scatter, or
-        one chosen here) counts as read once by its own producers."""
+        positions per element. A read's position is the path of non-element-wise ops (slices,
+        pads, broadcasts, gathers) it is seen through: element-wise users read at their own
+        position, so a value several element-wise ops use (a max-pool scan's running maximum:
+        a compare and a select) is one read, computed once (the emitter shares it). Paths
+        propagate from consumers to producers in reverse program order; a materialised value
+        (an output, a reduction, a scatter, or one chosen here) is read at one position by its
+        own producers."""
         cheap = (st.ConstantOp, st.IotaOp, *LAYOUT_OPS)
-        count: dict[int, int] = {}
+        paths: dict[int, set[tuple]] = {}
         chosen: set[int] = set()
         for op in reversed(self.body):
             materialised = isinstance(op, (st.ReduceOp, *SCATTERS)) or any(
                 id(r) in self.out_names for r in op.results)
-            c = sum(count.get(id(r), 0) for r in op.results)
-            if len(op.results) == 1 and not materialised and c >= self.REREAD and \
+            seen: set[tuple] = set().union(*(paths.get(id(r), set()) for r in op.results))
+            if len(op.results) == 1 and not materialised and len(seen) >= self.REREAD and \
                     not isinstance(op, cheap) and op.result.type.numel() > 1:
                 chosen.add(id(op.result))
                 materialised = True
             if materialised:
-                c = 1
+                seen = {()}
+            step = () if op.kind == st.ELEMENTWISE else (id(op),)
             for o in op.operands:
-                count[id(o)] = count.get(id(o), 0) + c
+                into = paths.setdefault(id(o), set())
+                for path in seen:
+                    if len(into) > self.REREAD:  # enough to decide; the set stays small
+                        break
+                    into.add(path + step)
         return chosen
 
     def render(self, first_scratch_arg: int) -> dict:
@@ -130,6 +145,7 @@ class PhaseKernel(ScatterPhases):
         phases: list[list[str]] = []
         values = self.materialised()
         siblings = self.sibling_reductions(values)
+        beside = self.sibling_outputs(values)
         done: set[int] = set()
         for v in values:
             if id(v) in done:
@@ -143,6 +159,7 @@ class PhaseKernel(ScatterPhases):
             op = v.owner
             together = [(w.owner, self._targets(w, False, phases))
                         for w in siblings.get(id(v), [])]
+            made = [(r.result, tg) for r, tg in together]  # computed with v, in v's nest
             if isinstance(op, st.ArgReduceOp):
                 self.arg_reduce(op, targets)
             elif isinstance(op, st.ReduceOp):
@@ -153,10 +170,11 @@ class PhaseKernel(ScatterPhases):
                 if wide:
                     self._round_scattered(v, targets[0])
             else:
-                self.elementwise(v, targets)
+                made = [(w, self.out_names[id(w)]) for w in self.elementwise(
+                    v, targets, [w for w in beside.get(id(v), []) if id(w) not in done])]
             em.pop()
             phases.append(lines)
-            for w, tg in [(v, targets)] + [(r.result, tg) for r, tg in together]:
+            for w, tg in [(v, targets)] + made:
                 done.add(id(w))
                 em.buffers[id(w)] = tg[0]
                 root = reshape_root(w)
@@ -238,13 +256,17 @@ class PhaseKernel(ScatterPhases):
         for t in targets:
             self.em.line(self.em.store(t, lin, v.type.dtype, expr))
 
-    def elementwise(self, v: Value, targets: list[str]) -> None:
+    def elementwise(self, v: Value, targets: list[str], others: list[Value] = ()) -> list[Value]:
+        """``v``'s loop nest; returns those of ``others`` (outputs of ``v``'s shape that can be
+        computed beside it, ``sibling_outputs``) it also computed: those that, like ``v``, run
+        as a plain nest with the same merged dims, sharing its loads and common subexpressions
+        (a max pool's values and indices)."""
         sizes = buffer_bytes(self.values_in_buffers(), self.em.buffers)
         emit = lambda idx: self.store(targets, v, idx, self.em.value(v, idx))  # noqa: E731
         staged = transposed_view(v, self.em.buffers, sizes)
         if staged is not None:
             self.nest_staged(dims(v), staged[1], staged[0], emit)
-            return
+            return []
         # A transpose after element-wise ops (rffs_net's batch norm + ReLU, then a permute,
         # often reshaped on the way out, merging the batch with the old innermost dim): loop
         # over the permuted value (a reshape keeps the row-major order: the same linear index
@@ -257,14 +279,63 @@ class PhaseKernel(ScatterPhases):
             if found is not None:
                 self.nest_staged(dims(u), found[1], [u],
                                  lambda idx: self.store(targets, u, idx, self.em.value(u, idx)))
-                return
+                return []
         inner = interchange(v, self.em.buffers, sizes)
-        if inner is None:
-            serial = self.group.attr("team", 0) == 1  # no team to balance work over
-            self.merged_nest(dims(v), merged_tail(v, self.em.buffers, outer_min=1 if serial
-                                                  else 16), emit)
-            return
-        self.nest(dims(v), emit, order=loop_order(dims(v), inner))
+        if inner is not None:
+            self.nest(dims(v), emit, order=loop_order(dims(v), inner))
+            return []
+        serial = self.group.attr("team", 0) == 1  # no team to balance work over
+        tail = merged_tail(v, self.em.buffers, outer_min=1 if serial else 16)
+        plain = [w for w in others if transposed_view(w, self.em.buffers, sizes) is None and
+                 not isinstance(getattr(reshape_root(w), "owner", None), st.PermuteOp) and
+                 interchange(w, self.em.buffers, sizes) is None and
+                 merged_tail(w, self.em.buffers, outer_min=1 if serial else 16) == tail]
+
+        def emit_all(idx):
+            emit(idx)
+            for w in plain:
+                self.store(self.out_names[id(w)], w, idx, self.em.value(w, idx))
+
+        self.merged_nest(dims(v), tail, emit_all)
+        return plain
+
+    def sibling_outputs(self, values: list[Value]) -> dict[int, list[Value]]:
+        """Element-wise values among the materialised ``values`` -> later outputs of the same
+        shape whose loop nest can be the same: element-wise too, and reading no value
+        materialised at or after it (so computing them early reads only what is ready)."""
+        at = {id(v): k for k, v in enumerate(values)}
+        out: dict[int, list[Value]] = {}
+        taken: set[int] = set()
+        for k, v in enumerate(values):
+            if id(v) in taken or not _elementwise_value(v):
+                continue
+            for w in values[k + 1:]:
+                if id(w) in taken or not _elementwise_value(w) or dims(w) != dims(v) or \
+                        id(w) not in self.out_names:
+                    continue
+                if all(at[r] < k for r in self._materialised_reads(w, at)):
+                    out.setdefault(id(v), []).append(w)
+                    taken.add(id(w))
+        return out
+
+    def _materialised_reads(self, w: Value, at: dict[int, int]) -> set[int]:
+        """The materialised values (ids in ``at``) that computing ``w`` reads."""
+        found: set[int] = set()
+        todo = [x for x in w.owner.operands]
+        seen: set[int] = set()
+        while todo:
+            x = todo.pop()
+            if id(x) in seen:
+                continue
+            seen.add(id(x))
+            root = reshape_root(x)
+            if id(x) in at or id(root) in at:
+                found.add(id(x) if id(x) in at else id(root))
+                continue
+            op = getattr(x, "owner", None)
+            if op is not None and op in self.body:
+                todo.extend(op.operands)
+        return found
 
     def merged_nest(self, shape: list[int], tail: int, emit) -> None:
         """``nest`` with the last ``tail`` dims run by its innermost loop (``merged_tail``):

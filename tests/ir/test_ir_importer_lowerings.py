@@ -242,11 +242,19 @@ POOLS = {
 
 
 @pytest.mark.parametrize("name", sorted(POOLS))
-def test_max_pool_with_indices_is_windows_and_argmax(name):
+def test_max_pool_with_indices_is_a_scan_of_window_slices(name):
     kw = POOLS[name]
     pool = torch.nn.functional.max_pool2d
     check(lambda x: pool(x, return_indices=True, **kw), rnd(2, 3, 7, 6))
     check(lambda x: pool(x, return_indices=True, **kw), rnd(2, 5, 5))
+
+
+def test_max_pool_with_indices_of_large_windows_is_windows_and_argmax():
+    """Windows of more than SLICE_WINDOW elements (9 x 9), and 3-d pooling."""
+    check(lambda x: torch.nn.functional.max_pool2d(x, 9, 3, 4, return_indices=True),
+          rnd(2, 3, 13, 11))
+    check(lambda x: torch.nn.functional.max_pool3d(x, 3, 2, 1, return_indices=True),
+          rnd(2, 3, 5, 7, 6))
 
 
 def test_max_pool_indices_follow_torch_on_ties_nan_and_minus_inf():

@@ -629,3 +629,35 @@ def test_group_norm_reads_its_input_once_for_both_statistics(n, g, h, w):
         assert re.search(r"reduction\(\+:acc\d+s\) reduction\(\+:acc\d+_1\)", src), src
         if h * w > 1 and w > 1:
             assert re.search(rf"< {h * w}; \+\+i\d+_\d+\) {{", src), src
+
+
+@pytest.mark.parametrize("n,c,h,w", [(2, 3, 7, 6), (1, 1, 5, 9), (3, 16, 16, 16)])
+def test_max_pool_values_and_indices_are_one_scan(n, c, h, w):
+    """A 3x3 max pool with its indices (a training graph's): one scan of the nine window
+    slices, its running maximum and position computed beside each other in one loop nest (no
+    argmax, no position table gathered, nothing staged in scratch); ties, NaN and -inf
+    windows as eager."""
+    x = torch.randn(n, c, h, w)
+    x[..., 0, :2] = 1.5  # ties
+    x[..., 1, :] = float("-inf")
+    x[0, 0, -1, -1] = float("nan")
+    gm = run_both(lambda x: F.max_pool2d(x, 3, 2, 1, return_indices=True), [x])
+    (k,) = [s for s in gm.steps if s.kind == "kernel"]
+    src = k.source.source
+    assert "argmax" not in " ".join(k.name for k in gm.steps) and "where = k" not in src
+    assert not re.search(r"\bscr\d", src), src
+    lines = src.splitlines()
+    stores = [i for i, text in enumerate(lines) if re.search(r"\bout[01]\[", text)]
+    assert len(stores) == 2 and not any("#pragma omp for" in t
+                                        for t in lines[min(stores):max(stores)]), src
+
+
+def test_values_several_element_wise_ops_read_are_computed_once_in_place():
+    """A value that several element-wise ops read at the same position (a running maximum
+    compared and selected, eight times over) is not materialised in scratch: only reads at
+    different positions (the nine windows of a pool) count."""
+    x = torch.randn(3, 50)
+    gm = run_both(lambda x: (lambda m: (m > 0.5) * m + (m < -0.5) * m * m + m.exp())(
+        torch.tanh(x) * 2), [x])
+    (k,) = [s for s in gm.steps if s.kind == "kernel"]
+    assert not re.search(r"\bscr\d", k.source.source), k.source.source
