@@ -299,10 +299,16 @@ class SinkPermutesPass(Pass):
 
         e(permute(a, p), permute(b, p), broadcast(s))  ->  permute(e(a, b, broadcast(s')), p)
         reduce(permute(a, p), dims, keepdim=True)      ->  permute(reduce(a, p[dims]), p)
+        cat(permute(a, p), permute(b, p), d)           ->  permute(cat(a, b, p[d]), p)
+        slice / pad / index_select(permute(a, p))      ->  permute(the same along a's dims, p)
+        reshape(permute(a, p))                         ->  permute(reshape(a), p')
 
     where ``s'`` is the small broadcast source permuted back (a [1, C, 1, 1] parameter becomes
-    [1, 1, 1, C]); splat constants take the permuted shape. A permute stops at anything else
-    (a reshape, a gather, a library call, a graph output) -- exactly where it stood before when
+    [1, 1, 1, C]); splat constants take the permuted shape; a reshape moves only when the dims
+    it merges or splits are adjacent, in order, in ``a`` too (H and W of an NHWC ``a``: a U-Net's
+    nearest upsampling is a reshape, an index_select and a reshape, then a cat with the skip
+    connection and a pad). A permute stops at anything else (another reshape, a gather of
+    another kind, a library call, a graph output) -- exactly where it stood before when
     nothing could be sunk -- and two that meet (NCHW back to NHWC before the next convolution)
     fold in ``canonicalize``. Values are unchanged; only which layout a buffer holds moves.
     Random ops are not moved (their streams follow the row-major position). Only the permutes
@@ -387,10 +393,34 @@ def _sink_through(e, p: tuple[int, ...]):
         return None
     q = st.inverse_perm(p)
     out = e.result.type
-    if not out.is_static or out.rank != len(p):
+    if not out.is_static:
+        return None
+    if isinstance(e, st.ReshapeOp):
+        return _sink_through_reshape(e, p)
+    if out.rank != len(p):
         return None
     type_q = out.with_shape(tuple(out.shape[i] for i in q))
-    if isinstance(e, st.ReduceOp) and e.keepdim:
+    src = defining_op(e.operand(0)) if e.operands else None
+    first = src.operand(0) if isinstance(src, st.PermuteOp) and \
+        tuple(src.attributes["perm"]) == p else None
+    if isinstance(e, st.SliceOp | st.PadOp | st.IndexSelectOp) and first is not None:
+        # the same rows or padding of the unpermuted value, along its own dims
+        a = dict(e.attributes)
+        if isinstance(e, st.PadOp):
+            a["low"] = tuple(e.attributes["low"][q[j]] for j in range(len(p)))
+            a["high"] = tuple(e.attributes["high"][q[j]] for j in range(len(p)))
+        else:
+            a["dim"] = p[e.attributes["dim"]]
+        new = [type(e)([first, *e.operands[1:]], [type_q], a, loc=e.loc)]
+    elif isinstance(e, st.CatOp):
+        parts = []
+        for o in e.operands:
+            op = defining_op(o)
+            if not (isinstance(op, st.PermuteOp) and tuple(op.attributes["perm"]) == p):
+                return None
+            parts.append(op.operand(0))
+        new = [st.CatOp(parts, [type_q], {"dim": p[e.attributes["dim"]]}, loc=e.loc)]
+    elif isinstance(e, st.ReduceOp) and e.keepdim:
         src = defining_op(e.operand(0))
         if not (isinstance(src, st.PermuteOp) and tuple(src.attributes["perm"]) == p):
             return None
@@ -408,6 +438,74 @@ def _sink_through(e, p: tuple[int, ...]):
     new.append(st.PermuteOp([new[-1].result], [out], {"perm": p}, loc=e.loc))
     _replace(e, new)
     return new[-1]
+
+
+def _sink_through_reshape(e: st.ReshapeOp, p: tuple[int, ...]):
+    """``reshape(permute(a, p))`` as ``permute(reshape(a), p')`` where the reshape only merges
+    or splits dims that are adjacent, in order, in ``a`` too (rcrn's [N, C, H, W] ->
+    [N, C, H * W] before an upsampling gather, over an NHWC ``a``); None otherwise."""
+    src = defining_op(e.operand(0))
+    if not (isinstance(src, st.PermuteOp) and tuple(src.attributes["perm"]) == p):
+        return None
+    s_in, s_out = tuple(e.operand(0).type.shape), tuple(e.result.type.shape)
+    blocks = _reshape_blocks(s_in, s_out)
+    if blocks is None:
+        return None
+    # unit dims have no extent: only the other dims of a block need to be adjacent, in order,
+    # among ``a``'s other dims; a block of unit dims goes anywhere
+    a_shape = src.operand(0).type.shape
+    rank_of = {d: i for i, d in enumerate(d for d in range(len(a_shape)) if a_shape[d] != 1)}
+    spans = []
+    for ins, outs in blocks:
+        ranks = [rank_of[p[k]] for k in ins if s_in[k] != 1]
+        if ranks != list(range(ranks[0], ranks[0] + len(ranks)) if ranks else []):
+            return None  # the merged dims are not adjacent in memory order
+        spans.append((ranks[0] if ranks else -1, outs))
+    shape_a, perm, at = [], [0] * len(s_out), {}
+    for _, outs in sorted(spans, key=lambda b: b[0]):
+        for o in outs:
+            at[o] = len(shape_a)
+            shape_a.append(s_out[o])
+    for o in range(len(s_out)):
+        perm[o] = at[o]
+    a = src.operand(0)
+    r = st.ReshapeOp([a], [a.type.with_shape(tuple(shape_a))], {"shape": tuple(shape_a)},
+                     loc=e.loc)
+    new = [r, st.PermuteOp([r.result], [e.result.type], {"perm": tuple(perm)}, loc=e.loc)]
+    _replace(e, new)
+    return new[-1]
+
+
+def _reshape_blocks(s_in, s_out):
+    """The reshape ``s_in -> s_out`` as blocks of adjacent dims with equal products, left to
+    right: ``[(in dims, out dims)]`` (unit dims join the block they follow, or the first);
+    None for an empty tensor."""
+    if 0 in s_in or 0 in s_out:
+        return None
+    blocks, i, j = [], 0, 0
+    while i < len(s_in) and j < len(s_out):
+        ins, outs = [i], [j]
+        pa, pb = s_in[i], s_out[j]
+        i, j = i + 1, j + 1
+        while pa != pb:
+            if pa < pb:
+                ins.append(i)
+                pa *= s_in[i]
+                i += 1
+            else:
+                outs.append(j)
+                pb *= s_out[j]
+                j += 1
+        while i < len(s_in) and s_in[i] == 1 and (j == len(s_out) or s_out[j] != 1):
+            ins.append(i)
+            i += 1
+        while j < len(s_out) and s_out[j] == 1 and (i == len(s_in) or s_in[i] != 1):
+            outs.append(j)
+            j += 1
+        blocks.append((ins, outs))
+    if i < len(s_in) or j < len(s_out) or not blocks:
+        return None
+    return blocks
 
 
 def _unpermuted(o, p, q, e):

@@ -80,6 +80,50 @@ def test_permutes_sink_between_channels_last_convolutions():
     _agrees_with_eager(m, x, prog, g)
 
 
+@pytest.mark.parametrize("n,h,w", [(2, 6, 5), (1, 1, 3), (3, 8, 8)])
+def test_permutes_sink_through_cat_reshape_gather_pad_and_slice(n, h, w):
+    """A U-Net decoder step run channels-last: a skip connection concatenated with the
+    upsampled decoder feature (nearest upsampling lowers to a reshape, an index_select and a
+    reshape), padded, cropped by a slice, into the next convolution. Every value between the
+    convolutions stays channels-last (the cat, the reshapes that merge or split H and W, the
+    gather, the pad and the slice move below the permute): only the input and the output
+    change layout; odd and size-1 maps; the compiled graph agrees with eager and the
+    interpreter."""
+    from passes import PassContext, PassManager
+    from passes.layout import ChannelsLastPass, SinkPermutesPass
+
+    torch.manual_seed(0)
+
+    class Up(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = torch.nn.Conv2d(3, 4, 3, padding=1)
+            self.down = torch.nn.Conv2d(4, 5, 1, stride=2)  # ceil(h / 2) x ceil(w / 2)
+            self.out = torch.nn.Conv2d(9, 2, 3)
+
+        def forward(self, x):
+            skip = torch.nn.functional.leaky_relu(self.enc(x), 0.2)
+            y = torch.relu(self.down(skip))
+            up = torch.nn.functional.interpolate(y, scale_factor=2, mode="nearest")
+            up = up[:, :, :skip.shape[2], :skip.shape[3]]
+            z = torch.nn.functional.pad(torch.cat([skip, up], 1), (1, 1, 1, 1))
+            return self.out(z[:, :, :, 1:])
+
+    m = Up().eval()
+    x = torch.randn(n, 3, h, w)
+    prog = import_model(m, (x,))
+    ctx = PassContext()
+    PassManager([*parse_pipeline("canonicalize,cse,dce"), ChannelsLastPass(), SinkPermutesPass(),
+                 *parse_pipeline("canonicalize,cse,dce")]).run(prog.module, ctx)
+    perms = [op for op in prog.module.func().body.ops if op.name == "st.permute"
+             and sum(d > 1 for d in op.result.type.shape) > 1]  # not a parameter's [1, C, 1, 1]
+    # the input to NHWC, the output back
+    assert len(perms) == 2, [str(p) for p in perms]
+    g = compile_program(import_model(m, (x,)), device_spec=cpu_spec(measure=False),
+                        channels_last=True)
+    _agrees_with_eager(m, x, prog, g)
+
+
 @pytest.mark.parametrize("bias", [True, False])
 def test_channels_last_1d_convolutions(bias):
     """1-d convolutions run channels-last ([N, L, C] buffers, a height-1 NHWC convolution in
