@@ -302,6 +302,7 @@ class SinkPermutesPass(Pass):
         cat(permute(a, p), permute(b, p), d)           ->  permute(cat(a, b, p[d]), p)
         slice / pad / index_select(permute(a, p))      ->  permute(the same along a's dims, p)
         reshape(permute(a, p))                         ->  permute(reshape(a), p')
+        reduce(permute(a, p), dims)                    ->  permute(reduce(a, p[dims]), p')
 
     where ``s'`` is the small broadcast source permuted back (a [1, C, 1, 1] parameter becomes
     [1, 1, 1, C]); splat constants take the permuted shape; a reshape moves only when the dims
@@ -397,6 +398,8 @@ def _sink_through(e, p: tuple[int, ...]):
         return None
     if isinstance(e, st.ReshapeOp):
         return _sink_through_reshape(e, p)
+    if isinstance(e, st.ReduceOp) and not e.keepdim and not isinstance(e, st.ArgReduceOp):
+        return _sink_through_reduce(e, p)
     if out.rank != len(p):
         return None
     type_q = out.with_shape(tuple(out.shape[i] for i in q))
@@ -472,6 +475,25 @@ def _sink_through_reshape(e: st.ReshapeOp, p: tuple[int, ...]):
     r = st.ReshapeOp([a], [a.type.with_shape(tuple(shape_a))], {"shape": tuple(shape_a)},
                      loc=e.loc)
     new = [r, st.PermuteOp([r.result], [e.result.type], {"perm": tuple(perm)}, loc=e.loc)]
+    _replace(e, new)
+    return new[-1]
+
+
+def _sink_through_reduce(e: st.ReduceOp, p: tuple[int, ...]):
+    """``reduce(permute(a, p), dims)`` without keepdim as ``permute(reduce(a, p[dims]), p')``,
+    ``p'`` the order of the dims kept (a channel attention's mean over H and W of an NHWC
+    ``a``, a batch norm's statistics over N, H and W: both read ``a`` along its memory)."""
+    src = defining_op(e.operand(0))
+    if not (isinstance(src, st.PermuteOp) and tuple(src.attributes["perm"]) == p):
+        return None
+    dims_a = {p[d] for d in e.dims}
+    kept_a = [d for d in range(len(p)) if d not in dims_a]
+    at = {d: i for i, d in enumerate(kept_a)}
+    perm = tuple(at[p[k]] for k in range(len(p)) if k not in e.dims)
+    a = src.operand(0)
+    r = type(e)([a], [e.result.type.with_shape(tuple(a.type.shape[d] for d in kept_a))],
+                {**e.attributes, "dims": tuple(sorted(dims_a))}, loc=e.loc)
+    new = [r, st.PermuteOp([r.result], [e.result.type], {"perm": perm}, loc=e.loc)]
     _replace(e, new)
     return new[-1]
 

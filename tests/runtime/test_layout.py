@@ -124,6 +124,44 @@ def test_permutes_sink_through_cat_reshape_gather_pad_and_slice(n, h, w):
     _agrees_with_eager(m, x, prog, g)
 
 
+@pytest.mark.parametrize("n,h,w", [(2, 6, 5), (1, 1, 1), (3, 4, 9)])
+def test_permutes_sink_through_reductions_that_drop_dims(n, h, w):
+    """A channel attention run channels-last: the mean over H and W (no keepdim) and the max
+    over C of the convolution's output are taken from the NHWC value itself (the reductions
+    move below the permute: no reduction reads a transposed value), and the compiled graph
+    agrees with eager and the interpreter; odd and 1x1 maps."""
+    from passes import PassContext, PassManager
+    from passes.layout import ChannelsLastPass, SinkPermutesPass
+
+    torch.manual_seed(0)
+
+    class Attention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Linear(8, 8)
+            self.out = torch.nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            y = torch.relu(self.conv(x))
+            gate = torch.sigmoid(self.fc(y.mean((2, 3))))[:, :, None, None]
+            spatial = y.amax(1)[:, None]
+            return self.out(y * gate + spatial)
+
+    m = Attention().eval()
+    x = torch.randn(n, 3, h, w)
+    prog = import_model(m, (x,))
+    ctx = PassContext()
+    PassManager([*parse_pipeline("canonicalize,cse,dce"), ChannelsLastPass(), SinkPermutesPass(),
+                 *parse_pipeline("canonicalize,cse,dce")]).run(prog.module, ctx)
+    reads = [op.operand(0).owner for op in prog.module.func().body.ops
+             if isinstance(op, st.ReduceOp)]
+    assert reads and not any(isinstance(o, st.PermuteOp) for o in reads), \
+        [str(o) for o in reads]
+    g = compile_program(import_model(m, (x,)), device_spec=cpu_spec(measure=False),
+                        channels_last=True)
+    _agrees_with_eager(m, x, prog, g)
+
+
 @pytest.mark.parametrize("bias", [True, False])
 def test_channels_last_1d_convolutions(bias):
     """1-d convolutions run channels-last ([N, L, C] buffers, a height-1 NHWC convolution in
