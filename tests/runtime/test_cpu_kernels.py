@@ -244,8 +244,14 @@ def test_arena_reuses_storage():
 
 
 def test_outputs_reuse_storage_only_when_the_caller_dropped_them():
-    g = run_both(lambda x: torch.softmax(x, -1), [torch.randn(8, 16)])
-    x = torch.randn(8, 16)
+    """A large output's storage is reused once the caller holds no tensor on it (a view kept
+    blocks it); a small one is allocated per call; the graph never holds a tensor it handed
+    out (only a large one's storage)."""
+    from runtime.graph import REUSE_MIN_BYTES
+
+    rows = REUSE_MIN_BYTES // (4 * 16) + 3
+    g = run_both(lambda x: torch.softmax(x, -1), [torch.randn(rows, 16)])
+    x = torch.randn(rows, 16)
     a = g(x)[0]
     b = g(x)[0]
     assert a.data_ptr() != b.data_ptr(), "a is still held: b needs its own storage"
@@ -254,13 +260,55 @@ def test_outputs_reuse_storage_only_when_the_caller_dropped_them():
     del b
     c = g(x)[0]
     assert c.data_ptr() != ptr, "a view of b is still held"
-    torch.testing.assert_close(view.view(8, 16), torch.softmax(x, -1))
+    torch.testing.assert_close(view.view(rows, 16), torch.softmax(x, -1))
     ptr_c = c.data_ptr()
+    import sys
+
+    assert sys.getrefcount(c) == 2, "the graph holds no reference to the tensor it handed out"
     del c
     d = g(x * 2)[0]
     assert d.data_ptr() == ptr_c, "nobody holds c: its storage is reused"
     torch.testing.assert_close(a, torch.softmax(x, -1))
     torch.testing.assert_close(d, torch.softmax(x * 2, -1))
+    small = run_both(lambda x: torch.softmax(x, -1), [torch.randn(8, 16)])
+    s1 = small(x[:8])[0]
+    assert sys.getrefcount(s1) == 2 and not any(cs.handed_out for cs in
+                                                small._free_states.get((), []))
+
+
+def test_weight_gradients_are_taken_by_autograd_without_a_copy(monkeypatch):
+    """A training step's weight gradients come out of the backward graph referenced by the
+    caller only: AccumulateGrad takes the tensor itself (``p.grad = None`` between steps)
+    instead of copying it -- each ``p.grad`` is the memory the backward graph wrote."""
+    from runtime.graph import CompiledGraph
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(33, 64), torch.nn.GELU(), torch.nn.LayerNorm(64),
+                            torch.nn.Linear(64, 7))
+    x = torch.randn(5, 33)
+    f = torch.compile(m, backend="stitch")
+    written: list[int] = []
+    call = CompiledGraph.__call__
+
+    def recording(self, *args):
+        out = call(self, *args)
+        written.extend(t.data_ptr() for t in out if isinstance(t, torch.Tensor))
+        return out
+
+    monkeypatch.setattr(CompiledGraph, "__call__", recording)
+    for _ in range(3):
+        written.clear()
+        for p in m.parameters():
+            p.grad = None
+        f(x).square().mean().backward()
+        for name, p in m.named_parameters():
+            assert p.grad.data_ptr() in written, f"{name}: AccumulateGrad copied the gradient"
+    want = torch.func.grad(lambda ps: torch.func.functional_call(m, ps, (x,)).square().mean())(
+        {k: v.detach() for k, v in m.named_parameters()})
+    for name, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, want[name], atol=1e-5, rtol=1e-4)
+    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("reduce", ["sum", "prod", "amax", "amin"])
