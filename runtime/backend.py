@@ -120,6 +120,7 @@ def compile_fx(gm: torch.fx.GraphModule, options: dict, example_inputs=None) -> 
     _dump(dump_dir, gid, "plan.json", plan.dumps())
     if target == "cpu":
         graph = CompiledGraph(prog)
+        graph.keep_outputs = not options.get("backward", False)
     else:  # Triton kernels, on the inputs' CUDA device (or interpreted: options["interpret"])
         from runtime.gpu_graph import TritonGraph
 
@@ -441,6 +442,6 @@ def stitch_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | Non
 
     opts = {**(options or {}), **kwargs}
     _rank_preserving_instance_norm(gm)
-    compiler = _compiler(opts)
-    return aot_autograd(fw_compiler=compiler, bw_compiler=compiler,
+    return aot_autograd(fw_compiler=_compiler(opts),
+                        bw_compiler=_compiler({**opts, "backward": True}),
                         decompositions=decomposition_table())(gm, example_inputs)

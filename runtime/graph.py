@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -105,9 +106,9 @@ class CallState:
     arena: torch.Tensor
     views: dict[int, torch.Tensor]  # slot -> typed view of the arena
     scratch: dict[int, list[int]]  # step -> scratch buffer addresses
-    # The storages of large outputs handed to the caller, by slot: reused when the caller has
-    # dropped every tensor on them (see ``REUSE_MIN_BYTES``).
-    handed_out: dict[int, torch.UntypedStorage] = field(default_factory=dict)
+    # Outputs handed to the caller, by slot (the tensors, or only large ones' storages: see
+    # ``CompiledGraph._output``), reused when the caller has dropped every tensor on them.
+    handed_out: dict[int, torch.Tensor | torch.UntypedStorage] = field(default_factory=dict)
     env: list = field(default_factory=list)  # the static slots' tensors; a call copies it
     args: dict[int, list[int]] = field(default_factory=dict)  # step -> kernel argument array
     # step -> (parameters, views), or False where its inputs were no parameters
@@ -140,6 +141,9 @@ class CompiledGraph:
         self._free_states: dict[tuple, list[CallState]] = {}
         self._states_lock = threading.Lock()
         self._n_states = 0
+        # keep handed-out tensors for reuse (``_output``); the backend clears it for backward
+        # graphs, whose gradients autograd takes without a copy only when no one else holds them
+        self.keep_outputs = True
         self.slots: dict[int, int] = {}
         self.steps: list[Step] = []
         self.fallbacks: list[str] = []
@@ -580,16 +584,35 @@ class CompiledGraph:
 
     def _alloc(self, cs: CallState, env, slot: int, v: Value) -> torch.Tensor:
         t = cs.views.get(slot)
-        if t is None:  # a graph output: fresh storage, or last call's if nobody holds it
-            shape, dt = v.type.concrete(cs.binding), dtype_to_torch(v.type.dtype)
-            held = cs.handed_out.get(slot)
-            if held is not None and _use_count(held._cdata) <= 1:  # only ``held`` has it
-                t = torch.empty(0, dtype=dt).set_(held, 0, shape)
-            else:
-                t = torch.empty(shape, dtype=dt)
-                if _use_count is not None and t.nbytes >= REUSE_MIN_BYTES:
-                    cs.handed_out[slot] = t.untyped_storage()
+        if t is None:
+            t = self._output(cs, slot, v)
         env[slot] = t
+        return t
+
+    def _output(self, cs: CallState, slot: int, v: Value) -> torch.Tensor:
+        """A graph output's tensor: last call's storage when the caller holds nothing on it any
+        more, else fresh. A graph that ``keep_outputs`` keeps the tensors it hands out (reused
+        by a new tensor object on the same storage: cheaper than ``torch.empty`` for small
+        ones); one that does not -- a backward graph, whose weight gradients AccumulateGrad
+        takes as they are only while no one else references them (otherwise it copies each)
+        -- keeps only the storage of large outputs (``REUSE_MIN_BYTES``)."""
+        held = cs.handed_out.get(slot)
+        if held is not None:
+            if isinstance(held, torch.Tensor):
+                # references: the dict entry, ``held`` and getrefcount's argument
+                if self.keep_outputs and sys.getrefcount(held) <= 3 and _storage_unshared(held):
+                    t = cs.handed_out[slot] = held.detach()  # a new tensor, the same storage
+                    return t
+            elif _use_count(held._cdata) <= 1:  # only ``held`` references the storage
+                return torch.empty(0, dtype=dtype_to_torch(v.type.dtype)).set_(
+                    held, 0, v.type.concrete(cs.binding))
+        t = torch.empty(v.type.concrete(cs.binding), dtype=dtype_to_torch(v.type.dtype))
+        if self.keep_outputs:
+            cs.handed_out[slot] = t
+        elif _use_count is not None and t.nbytes >= REUSE_MIN_BYTES:
+            cs.handed_out[slot] = t.untyped_storage()
+        else:
+            cs.handed_out.pop(slot, None)
         return t
 
     # -- calling -------------------------------------------------------------------------------
@@ -640,13 +663,22 @@ class CompiledGraph:
 
 
 _use_count = getattr(torch._C, "_storage_Use_Count", None)
-# Outputs at least this large keep their storage for the next call (reused when no tensor of
-# the caller's uses it any more: fresh pages of a large buffer fault in, a few ms for 100 MB);
-# smaller ones are allocated per call (``torch.empty`` costs less than re-viewing a storage).
-# Only the storage is held, never the tensor handed out: its reference count stays the
-# caller's, so autograd's AccumulateGrad takes a weight gradient as it is instead of copying it
+# In a graph that does not ``keep_outputs``, outputs at least this large keep their storage
+# for the next call (reused when no tensor of the caller's uses it any more: fresh pages of a
+# large buffer fault in); smaller ones are allocated per call (``torch.empty`` costs less than
+# re-viewing a storage). The tensor handed out is not kept: its reference count stays the
+# caller's, so AccumulateGrad takes a weight gradient as it is instead of copying it
 # (charformer's training step spent ~4 ms copying gradients the graph still referenced).
 REUSE_MIN_BYTES = 1 << 20
+
+
+def _storage_unshared(t: torch.Tensor) -> bool:
+    """Whether no other tensor (a view the caller kept) uses ``t``'s storage. Without torch's
+    use-count hook, never reuse."""
+    if _use_count is None:
+        return False
+    storage = t.untyped_storage()
+    return _use_count(storage._cdata) <= 2  # ``t`` itself and ``storage`` above
 
 
 def _nothing(env, cs) -> None:
