@@ -50,10 +50,10 @@ def _params(v, default, nd: int) -> list[int]:
     return v * nd if len(v) == 1 else v
 
 
-def _windows(imp, x, nd: int, out_sp, k, s, p, d, pad_value: float, reverse: bool = False):
-    """The windows ``[*lead, *out_sp, *k]`` of x padded by p (and past its end as far as the
-    last window reaches), read backwards within each window when ``reverse``."""
-    *lead, = x.type.shape[:-nd]
+def _padded(imp, x, nd: int, out_sp, k, s, p, d, pad_value: float):
+    """(x padded by p before each spatial dim and past its end as far as the last window
+    reaches, the padded spatial sizes)."""
+    lead = x.type.shape[:-nd]
     sp = x.type.shape[-nd:]
     padded_sp = [max(n + pi, (o - 1) * si + (ki - 1) * di + 1)
                  for n, pi, o, si, ki, di in zip(sp, p, out_sp, s, k, d)]
@@ -61,6 +61,14 @@ def _windows(imp, x, nd: int, out_sp, k, s, p, d, pad_value: float, reverse: boo
                         high=(0,) * len(lead) + tuple(P - n - pi for P, n, pi in
                                                       zip(padded_sp, sp, p)),
                         value=pad_value)
+    return padded, padded_sp
+
+
+def _windows(imp, x, nd: int, out_sp, k, s, p, d, pad_value: float, reverse: bool = False):
+    """The windows ``[*lead, *out_sp, *k]`` of x padded by p (and past its end as far as the
+    last window reaches), read backwards within each window when ``reverse``."""
+    *lead, = x.type.shape[:-nd]
+    padded, padded_sp = _padded(imp, x, nd, out_sp, k, s, p, d, pad_value)
     cs = _contiguous_strides(tuple(padded_sp))
     lead_strides = tuple(t * math.prod(padded_sp) for t in _contiguous_strides(tuple(lead)))
     step = [si * c for si, c in zip(s, cs)]
@@ -86,13 +94,7 @@ def _window_slices(imp, x, nd: int, out_sp, k, s, p, d, pad_value: float):
     import itertools
 
     lead = x.type.shape[:-nd]
-    sp = x.type.shape[-nd:]
-    padded_sp = [max(n + pi, (o - 1) * si + (ki - 1) * di + 1)
-                 for n, pi, o, si, ki, di in zip(sp, p, out_sp, s, k, d)]
-    padded = imp.create(st.PadOp, x, low=(0,) * len(lead) + tuple(p),
-                        high=(0,) * len(lead) + tuple(P - n - pi for P, n, pi in
-                                                      zip(padded_sp, sp, p)),
-                        value=pad_value)
+    padded, _ = _padded(imp, x, nd, out_sp, k, s, p, d, pad_value)
     for offsets in itertools.product(*[range(ki) for ki in k]):
         v = padded
         for i, off in enumerate(offsets):
