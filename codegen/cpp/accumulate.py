@@ -34,6 +34,18 @@ def _acc_init(r: st.ReduceOp, mode: str) -> tuple[str, str]:
     return literal(0, t), "+"
 
 
+def acc_declaration(r: st.ReduceOp, mode: str, acc: str, c_type: str) -> tuple[list[str], list[str]]:
+    """The statements declaring accumulator ``acc`` of ``r`` (in C type ``c_type``) and the
+    ``reduction(...)`` clauses of the simd loop that updates it (a max / min also keeps an int
+    NaN flag: an int flag vectorises, a bool does not)."""
+    init, clause = _acc_init(r, mode)
+    lines, clauses = [f"{c_type} {acc} = {init};"], [f"reduction({clause}:{acc})"]
+    if isinstance(r, st.MaxOp | st.MinOp):
+        lines.append(f"int {acc}_nan = 0;")
+        clauses.append(f"reduction(|:{acc}_nan)")
+    return lines, clauses
+
+
 def _acc_update(r: st.ReduceOp, mode: str, acc: str, x: str, mean: str | None) -> str:
     t = ctype(r.result.type.dtype)
     if isinstance(r, st.MaxOp):

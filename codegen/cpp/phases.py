@@ -15,6 +15,7 @@ from codegen.cpp.accumulate import (
     _acc_init,
     _acc_update,
     _combine,
+    acc_declaration,
     at_least_1,
     reshape_root,
 )
@@ -443,16 +444,14 @@ class PhaseKernel(ScatterPhases):
                 """One loop nest over the reduced dims updating every (op, mode, acc, mean)."""
                 clauses = []
                 for r, mode, acc, _ in accs:
-                    init, clause = _acc_init(r, mode)
-                    em.line(f"{_acc_type(r)} {acc} = {init};")
-                    clauses.append(f" reduction({clause}:{acc})")
-                    if isinstance(r, st.MaxOp | st.MinOp):
-                        em.line(f"int {acc}_nan = 0;")  # an int flag vectorises; a bool does not
-                        clauses.append(f" reduction(|:{acc}_nan)")
+                    decl, more = acc_declaration(r, mode, acc, _acc_type(r))
+                    for text in decl:
+                        em.line(text)
+                    clauses += more
                 em.mark()
                 for k, size in enumerate(red_shape):
                     if k == len(red_shape) - 1:
-                        em.line(f"#pragma omp simd{''.join(clauses)}")
+                        em.line(" ".join(["#pragma omp simd"] + clauses))
                     em.line(f"for (int64_t {names[k]} = 0; {names[k]} < {size}; ++{names[k]}) {{")
                 inner: list[str] = []
                 em.push(inner, em.scopes[-1].indent + "  ", loop_vars=set(names))

@@ -13,8 +13,8 @@ from codegen.cpp.accumulate import (
     SCATTERS,
     _acc_ctype,
     _acc_final,
-    _acc_init,
     _acc_update,
+    acc_declaration,
     at_least_1,
 )
 from codegen.cpp.emit import (
@@ -200,12 +200,10 @@ class RowKernel:
             for k, (r, mode) in enumerate(steps):
                 acc = f"acc{loop}_{k}"
                 accs.append((r, mode, acc))
-                init, clause = _acc_init(r, mode)
-                em.line(f"{_acc_ctype(r)} {acc} = {init};")
-                clauses.append(f"reduction({clause}:{acc})")
-                if isinstance(r, st.MaxOp | st.MinOp):
-                    em.line(f"int {acc}_nan = 0;")  # an int flag vectorises; a bool does not
-                    clauses.append(f"reduction(|:{acc}_nan)")
+                decl, more = acc_declaration(r, mode, acc, _acc_ctype(r))
+                for text in decl:
+                    em.line(text)
+                clauses += more
             if self.em_has_gather:
                 clauses.append("reduction(|:err)")
             em.mark()
