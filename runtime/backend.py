@@ -120,7 +120,9 @@ def compile_fx(gm: torch.fx.GraphModule, options: dict, example_inputs=None) -> 
     _dump(dump_dir, gid, "plan.json", plan.dumps())
     if target == "cpu":
         graph = CompiledGraph(prog)
-        graph.keep_outputs = not options.get("backward", False)
+        # dynamo's guards have checked every input's shape, strides and dtype (autograd, a
+        # backward's gradients), and a per-shape specialisation is looked up by shape and dtype
+        graph.check_inputs = False
     else:  # Triton kernels, on the inputs' CUDA device (or interpreted: options["interpret"])
         from runtime.gpu_graph import TritonGraph
 
@@ -443,5 +445,5 @@ def stitch_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | Non
     opts = {**(options or {}), **kwargs}
     _rank_preserving_instance_norm(gm)
     return aot_autograd(fw_compiler=_compiler(opts),
-                        bw_compiler=_compiler({**opts, "backward": True}),
+                        bw_compiler=_compiler(opts),
                         decompositions=decomposition_table())(gm, example_inputs)

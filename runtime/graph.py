@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -106,9 +105,11 @@ class CallState:
     arena: torch.Tensor
     views: dict[int, torch.Tensor]  # slot -> typed view of the arena
     scratch: dict[int, list[int]]  # step -> scratch buffer addresses
-    # Outputs handed to the caller, by slot (the tensors, or only large ones' storages: see
-    # ``CompiledGraph._output``), reused when the caller has dropped every tensor on them.
-    handed_out: dict[int, torch.Tensor | torch.UntypedStorage] = field(default_factory=dict)
+    # The storages of large outputs handed to the caller, by slot (``CompiledGraph._output``),
+    # reused when the caller has dropped every tensor on them.
+    handed_out: dict[int, torch.UntypedStorage] = field(default_factory=dict)
+    # output slot -> (shape, strides, dtype, bytes) at this state's sizes
+    out_meta: dict[int, tuple] = field(default_factory=dict)
     env: list = field(default_factory=list)  # the static slots' tensors; a call copies it
     args: dict[int, list[int]] = field(default_factory=dict)  # step -> kernel argument array
     # step -> (parameters, views), or False where its inputs were no parameters
@@ -141,9 +142,9 @@ class CompiledGraph:
         self._free_states: dict[tuple, list[CallState]] = {}
         self._states_lock = threading.Lock()
         self._n_states = 0
-        # keep handed-out tensors for reuse (``_output``); the backend clears it for backward
-        # graphs, whose gradients autograd takes without a copy only when no one else holds them
-        self.keep_outputs = True
+        # check each call's inputs against the compiled types (shape, dtype); the backend clears
+        # it for static graphs, whose inputs dynamo's guards have checked before the call
+        self.check_inputs = True
         self.slots: dict[int, int] = {}
         self.steps: list[Step] = []
         self.fallbacks: list[str] = []
@@ -379,20 +380,24 @@ class CompiledGraph:
             cs.args[k] = arr = (ctypes.c_void_p * max(1, len(args)))(*args)
             return arr
 
+        output = self._output
+
         def run(env, cs):
             arr = cs.args.get(k)
             if arr is None:
                 arr = template(cs)
-            keep = []  # contiguous copies of strided operands, alive until the call returns
+            keep = None  # contiguous copies of strided operands, alive until the call returns
             for pos, slot in dyn_reads:
                 t = env[slot]
                 if not t.is_contiguous():
                     t = t.contiguous()
-                    keep.append(t)
+                    keep = (keep or []) + [t]
                 arr[pos] = t.data_ptr()
-            for pos, slot, v in dyn_writes:
-                arr[pos] = self._alloc(cs, env, slot, v).data_ptr()
+            for pos, slot, v in dyn_writes:  # outputs (other writes are arena views: static)
+                t = env[slot] = output(cs, slot, v)
+                arr[pos] = t.data_ptr()
             rc = fn(arr)
+            del keep
             if rc:
                 what = "; ".join(m for bit, m in ERRORS.items() if rc & bit) or f"error {rc}"
                 raise RuntimeError(f"stitch kernel {kern.symbol} ({kern.source_path}): {what}")
@@ -590,29 +595,26 @@ class CompiledGraph:
         return t
 
     def _output(self, cs: CallState, slot: int, v: Value) -> torch.Tensor:
-        """A graph output's tensor: last call's storage when the caller holds nothing on it any
-        more, else fresh. A graph that ``keep_outputs`` keeps the tensors it hands out (reused
-        by a new tensor object on the same storage: cheaper than ``torch.empty`` for small
-        ones); one that does not -- a backward graph, whose weight gradients AccumulateGrad
-        takes as they are only while no one else references them (otherwise it copies each)
-        -- keeps only the storage of large outputs (``REUSE_MIN_BYTES``)."""
+        """A graph output's tensor, fresh (``_empty_strided_cpu``: a fraction of a microsecond,
+        less than any reuse check), except that a large output (``REUSE_MIN_BYTES``) gets last
+        call's storage back when the caller holds nothing on it any more (fresh pages of a large
+        buffer fault in). The graph never holds the tensors it hands out: AccumulateGrad takes
+        a weight gradient as it is only while no one else references it (otherwise it copies
+        each; charformer's training step spent ~4 ms so)."""
+        meta = cs.out_meta.get(slot)
+        if meta is None:
+            shape = tuple(v.type.concrete(cs.binding))
+            dt = dtype_to_torch(v.type.dtype)
+            meta = cs.out_meta[slot] = (shape, _contiguous_strides(shape), dt,
+                                        int(np.prod(shape)) * v.type.dtype.itemsize)
+        shape, strides, dt, nbytes = meta
+        if nbytes < REUSE_MIN_BYTES or _use_count is None:
+            return _empty_strided(shape, strides, dt)
         held = cs.handed_out.get(slot)
-        if held is not None:
-            if isinstance(held, torch.Tensor):
-                # references: the dict entry, ``held`` and getrefcount's argument
-                if self.keep_outputs and sys.getrefcount(held) <= 3 and _storage_unshared(held):
-                    t = cs.handed_out[slot] = held.detach()  # a new tensor, the same storage
-                    return t
-            elif _use_count(held._cdata) <= 1:  # only ``held`` references the storage
-                return torch.empty(0, dtype=dtype_to_torch(v.type.dtype)).set_(
-                    held, 0, v.type.concrete(cs.binding))
-        t = torch.empty(v.type.concrete(cs.binding), dtype=dtype_to_torch(v.type.dtype))
-        if self.keep_outputs:
-            cs.handed_out[slot] = t
-        elif _use_count is not None and t.nbytes >= REUSE_MIN_BYTES:
-            cs.handed_out[slot] = t.untyped_storage()
-        else:
-            cs.handed_out.pop(slot, None)
+        if held is not None and _use_count(held._cdata) <= 1:  # only ``held`` references it
+            return torch.empty(0, dtype=dt).set_(held, 0, shape)
+        t = _empty_strided(shape, strides, dt)
+        cs.handed_out[slot] = t.untyped_storage()
         return t
 
     # -- calling -------------------------------------------------------------------------------
@@ -632,6 +634,8 @@ class CompiledGraph:
         if self.symbols:
             binding = self.bind(user_inputs)
             key = tuple(binding[n] for n in self.symbols)
+        elif not self.check_inputs:
+            binding, key = {}, ()
         else:
             for (i, shape, dtype), t in zip(self._input_types, user_inputs):
                 if t.shape != shape or t.dtype != dtype:
@@ -663,22 +667,23 @@ class CompiledGraph:
 
 
 _use_count = getattr(torch._C, "_storage_Use_Count", None)
-# In a graph that does not ``keep_outputs``, outputs at least this large keep their storage
-# for the next call (reused when no tensor of the caller's uses it any more: fresh pages of a
-# large buffer fault in); smaller ones are allocated per call (``torch.empty`` costs less than
-# re-viewing a storage). The tensor handed out is not kept: its reference count stays the
-# caller's, so AccumulateGrad takes a weight gradient as it is instead of copying it
-# (charformer's training step spent ~4 ms copying gradients the graph still referenced).
+# Outputs at least this large keep their storage for the next call (reused when no tensor of
+# the caller's uses it any more: fresh pages of a large buffer fault in); smaller ones are
+# allocated per call.
 REUSE_MIN_BYTES = 1 << 20
+# torch's allocation without the Python argument parser (what inductor's generated code calls):
+# 0.4 us against torch.empty's 1.1 us
+_empty_strided = getattr(getattr(torch._C, "_dynamo", None), "guards", None)
+_empty_strided = getattr(_empty_strided, "_empty_strided_cpu", None) or (
+    lambda shape, strides, dtype: torch.empty_strided(shape, strides, dtype=dtype))
 
 
-def _storage_unshared(t: torch.Tensor) -> bool:
-    """Whether no other tensor (a view the caller kept) uses ``t``'s storage. Without torch's
-    use-count hook, never reuse."""
-    if _use_count is None:
-        return False
-    storage = t.untyped_storage()
-    return _use_count(storage._cdata) <= 2  # ``t`` itself and ``storage`` above
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, n = [], 1
+    for d in reversed(shape):
+        strides.append(n)
+        n *= max(d, 1)
+    return tuple(reversed(strides))
 
 
 def _nothing(env, cs) -> None:

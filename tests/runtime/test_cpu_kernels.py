@@ -243,18 +243,16 @@ def test_arena_reuses_storage():
     assert np.isfinite(g.arena_bytes)
 
 
-@pytest.mark.parametrize("keep", [True, False])
-def test_outputs_reuse_storage_only_when_the_caller_dropped_them(keep):
-    """An output's storage is reused once the caller holds no tensor on it (a view kept blocks
-    it). A graph that keeps its outputs (inference, a forward) reuses small ones too; one that
-    does not (a backward) holds no tensor it handed out, only a large output's storage."""
+def test_outputs_reuse_storage_only_when_the_caller_dropped_them():
+    """A large output's storage is reused once the caller holds no tensor on it (a view kept
+    blocks it); the graph never holds a tensor it handed out, and holds nothing of a small
+    output (allocated fresh per call)."""
     import sys
 
     from runtime.graph import REUSE_MIN_BYTES
 
     rows = REUSE_MIN_BYTES // (4 * 16) + 3
     g = run_both(lambda x: torch.softmax(x, -1), [torch.randn(rows, 16)])
-    g.keep_outputs = keep
     x = torch.randn(rows, 16)
     a = g(x)[0]
     b = g(x)[0]
@@ -266,18 +264,21 @@ def test_outputs_reuse_storage_only_when_the_caller_dropped_them(keep):
     assert c.data_ptr() != ptr, "a view of b is still held"
     torch.testing.assert_close(view.view(rows, 16), torch.softmax(x, -1))
     ptr_c = c.data_ptr()
-    assert (sys.getrefcount(c) == 2) is not keep, "only a graph that keeps outputs holds c"
+    assert sys.getrefcount(c) == 2, "the graph holds no tensor it handed out"
     del c
     d = g(x * 2)[0]
     assert d.data_ptr() == ptr_c, "nobody holds c: its storage is reused"
     torch.testing.assert_close(a, torch.softmax(x, -1))
     torch.testing.assert_close(d, torch.softmax(x * 2, -1))
     small = run_both(lambda x: torch.softmax(x, -1), [torch.randn(8, 16)])
-    small.keep_outputs = keep
-    small(x[:8])
+    e = small(x[:8])[0]
+    f = small(x[:8] * 2)[0]
+    assert e.data_ptr() != f.data_ptr()
+    torch.testing.assert_close(e, torch.softmax(x[:8], -1))
+    torch.testing.assert_close(f, torch.softmax(x[:8] * 2, -1))
     held = [h for states in small._free_states.values() for cs in states
             for h in cs.handed_out.values()]
-    assert bool(held) is keep  # a small output is held (for reuse) only by a graph keeping them
+    assert not held, "a small output is allocated per call, never held"
 
 
 def test_weight_gradients_are_taken_by_autograd_without_a_copy(monkeypatch):
