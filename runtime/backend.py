@@ -251,12 +251,14 @@ def _compiler(options: dict):
 
             opts["target"] = target_of(dev)
         if _static(example_inputs):
-            return make_boxed_func(_or_torch(gm, opts, example_inputs))
-        if opts.get("dynamic", True):
-            symbolic = _symbolic(gm, opts)
-            if symbolic is not None:
-                return make_boxed_func(symbolic)
-        return make_boxed_func(_specialising(gm, opts))
+            fn = _or_torch(gm, opts, example_inputs)
+        else:
+            fn = _symbolic(gm, opts) if opts.get("dynamic", True) else None
+            fn = fn if fn is not None else _specialising(gm, opts)
+        boxed = make_boxed_func(fn)
+        if hasattr(fn, "stitch_graph"):  # stitch's own (not a graph run through torch)
+            boxed.stitch_call = fn
+        return boxed
 
     return compile_graph
 
@@ -435,15 +437,77 @@ def _rank_preserving_instance_norm(gm: torch.fx.GraphModule) -> None:
         gm.recompile()
 
 
+def _plain_inference(gm: torch.fx.GraphModule, n_inputs: int) -> bool:
+    """Whether AOTAutograd's runtime wrapper around the inference graph ``gm`` it is compiling
+    does nothing but call it: no input mutated (no copy back), no output aliasing an input or
+    another output (no view regenerated), no effect tokens, tensor subclasses or functionalised
+    RNG state, and the graph takes the dynamo graph's inputs as they are (no duplicate inputs
+    removed, no synthetic bases)."""
+    from torch._functorch._aot_autograd.schemas import OutputType, PlainTensorMeta
+    from torch._guards import TracingContext
+
+    tc = TracingContext.try_get()
+    meta = getattr(tc, "fw_metadata", None) if tc is not None else None
+    if meta is None:
+        return False
+    try:
+        return (sum(1 for n in gm.graph.nodes if n.op == "placeholder") == n_inputs
+                and not any(i.mutates_data or i.mutates_metadata for i in meta.input_info)
+                and meta.num_mutated_inp_runtime_indices == 0
+                and all(o.output_type == OutputType.non_alias for o in meta.output_info)
+                and meta.num_intermediate_bases == 0 and not meta.tokens
+                and not meta.num_graphsafe_rng_states and meta.grad_enabled_mutation is None
+                and not getattr(meta, "is_rng_op_functionalized", False)
+                and all(isinstance(m, PlainTensorMeta | int) for m in
+                        (*meta.subclass_inp_meta, *meta.subclass_fw_graph_out_meta)))
+    except (AttributeError, TypeError):  # another torch's metadata: keep the wrapper
+        return False
+
+
+def _unwrapped(fn, grad_enabled: bool):
+    """The compiled inference graph as dynamo calls it, without AOTAutograd's wrapper (about
+    1.1 us a call: several frames and list copies around a call that returns the graph's outputs
+    as they are); with grad mode off during the call, as the wrapper would have it."""
+    if not grad_enabled:
+        return fn
+    set_grad = torch._C._set_grad_enabled
+
+    def call(*args):
+        set_grad(False)
+        try:
+            return fn(*args)
+        finally:
+            set_grad(True)
+
+    call.stitch_graph = fn.stitch_graph
+    return call
+
+
 def stitch_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None,
                    **kwargs):
-    """The dynamo backend: AOTAutograd with stitch compiling the forward and backward graphs."""
+    """The dynamo backend: AOTAutograd with stitch compiling the forward and backward graphs.
+    An inference graph whose AOTAutograd wrapper would only call it is returned to dynamo as it
+    is (``_plain_inference``; option ``aot_wrapper=True`` keeps the wrapper)."""
     from torch._dynamo.backends.common import aot_autograd
 
     from stitch_ir.importer import decomposition_table
 
     opts = {**(options or {}), **kwargs}
     _rank_preserving_instance_norm(gm)
-    return aot_autograd(fw_compiler=_compiler(opts),
-                        bw_compiler=_compiler(opts),
-                        decompositions=decomposition_table())(gm, example_inputs)
+    compile_graph = _compiler(opts)
+    plain: list = []
+
+    def inference(fx: torch.fx.GraphModule, inputs):
+        boxed = compile_graph(fx, inputs)
+        fn = getattr(boxed, "stitch_call", None)
+        plain.append(fn if fn is not None and _plain_inference(fx, len(example_inputs)) else None)
+        return boxed
+
+    compiled = aot_autograd(fw_compiler=compile_graph, bw_compiler=compile_graph,
+                            inference_compiler=inference,
+                            decompositions=decomposition_table())(gm, example_inputs)
+    if len(plain) == 1 and plain[0] is not None and not opts.get("aot_wrapper") and \
+            not any(True for _ in gm.parameters()) and not any(True for _ in gm.buffers()) and \
+            all(isinstance(x, torch.Tensor | int | torch.SymInt) for x in example_inputs):
+        return _unwrapped(plain[0], torch.is_grad_enabled())
+    return compiled

@@ -330,3 +330,54 @@ def test_conv_graphs_try_both_layouts_and_keep_the_faster():
         assert len(trials) == n  # an explicit or the default layout: compiled once, no trial
     finally:
         backend._LayoutTrial.__init__ = real
+
+
+def test_plain_inference_graphs_skip_aot_wrapper_and_the_rest_keep_it(monkeypatch):
+    """An inference graph whose AOTAutograd wrapper would only call it goes to dynamo as it is;
+    a graph that mutates an input, returns a view of one, mutates one of two aliased inputs or
+    needs gradients keeps the wrapper -- and every one of them matches eager."""
+    returned: list = []
+    unwrapped = backend._unwrapped
+    monkeypatch.setattr(backend, "_unwrapped",
+                        lambda fn, grad: returned.append(grad) or unwrapped(fn, grad))
+
+    def compiled(fn, *args, grad=False):
+        torch._dynamo.reset()
+        returned.clear()
+        with torch.set_grad_enabled(grad):
+            out = torch.compile(fn, backend="stitch")(*args)
+        return out, list(returned)
+
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(5, 1, 7, generator=g), torch.randn(3, 7, generator=g)
+    lin = torch.nn.Linear(7, 4).requires_grad_(False)
+    plain = lambda a, b: (F.silu(a) * b + 1, lin(a).sum(-1))  # noqa: E731
+    for grad in (False, True):  # grad mode on with inputs that need none: still inference
+        with torch.no_grad():
+            want = plain(x, y)
+        out, how = compiled(plain, x, y, grad=grad)
+        assert how == [grad], "a plain inference graph is returned without the wrapper"
+        for o, w in zip(out, want):
+            torch.testing.assert_close(o, w)
+            assert not o.requires_grad
+    # an input mutated in place: the wrapper copies the result back
+    a = x.clone()
+    out, how = compiled(lambda t: t.mul_(2).add(1), a)
+    assert how == [] and torch.equal(a, x * 2) and torch.equal(out, x * 2 + 1)
+    # a view of an input returned: the wrapper makes it a view again
+    out, how = compiled(lambda t: (t.transpose(0, 2), t * 3), x)
+    assert how == [] and out[0]._base is x and torch.equal(out[1], x * 3)
+    # one tensor passed twice: dynamo makes it one graph input
+    out, how = compiled(lambda p, q: p * q + q, y, y)
+    assert torch.allclose(out, y * y + y)
+    # two views of one tensor, one of them mutated: AOTAutograd's synthetic base
+    b = x.clone()
+    out, how = compiled(lambda p, q: (p.add_(1), q * 2)[1], b[0], b[0, 0])
+    assert how == [] and torch.equal(b[0], x[0] + 1) and torch.equal(out, (x[0, 0] + 1) * 2)
+    # training: forward and backward graphs keep the wrapper
+    w = torch.randn(7, generator=g, requires_grad=True)
+    out, how = compiled(lambda t: (t * w).tanh().sum(), y, grad=True)
+    out.backward()
+    assert how == []
+    with torch.no_grad():
+        torch.testing.assert_close(w.grad, ((1 - (y * w).tanh() ** 2) * y).sum(0))
