@@ -27,7 +27,9 @@ Per-call cost: what does not change from call to call is done once per call stat
 arena views and every view or constant step whose operands are such values ("static" slots) are
 computed when the state is made; a call copies that environment, binds its inputs and runs the
 remaining steps. A kernel step keeps its argument array per state with the static pointers (arena
-buffers, scratch, constants) filled in and patches only the pointers that change per call.
+buffers, scratch, constants) filled in and patches only the pointers that change per call. A
+static view step makes each result in one torch call from the geometry its chain of views gave
+once (``runtime.views.ViewMemos``); outputs come from torch's parser-free allocator.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from codegen.cpp.emit import ERRORS, Unsupported
 from codegen.cpp.kernel import KernelSource, render_group
 from runtime.build import load_built
 from runtime.convolution import _contiguous, convolution_run, permuted_call_run, takes_strided
-from runtime.views import VIEW_OPS, reshape_base, runs_as_views, view, view_fn, view_group_run
+from runtime.views import VIEW_OPS, ViewMemos, reshape_base, runs_as_views, view, view_fn, view_group_run
 from stitch_ir.core import BlockArgument, FuncOp, OpResult, Value
 from stitch_ir.dialects import fusion, st
 from stitch_ir.importer import ImportedProgram, dtype_to_torch
@@ -132,7 +134,7 @@ class Step:
     view_of: list[int] | None = None  # a view step: the read slot each write is a view of
 
 
-class CompiledGraph:
+class CompiledGraph(ViewMemos):
     """Call with the model's user inputs (torch tensors); returns a list of output tensors."""
 
     def __init__(self, prog: ImportedProgram, func: FuncOp | None = None):
@@ -164,6 +166,7 @@ class CompiledGraph:
         self.steps += self._final_steps()
         self.outputs = [self._slot(v) for v in self.func.return_op.operands]
         self._drop_dead_views()
+        self._escaping: frozenset[int] | None = None
         self._plan_lifetimes()
         self.consts = {i: self._place(t.detach().contiguous()) for i, t in prog.constants.items()}
         self._arg_types = [(i, self.func.args[i].type) for i in prog.user_inputs]
@@ -244,12 +247,15 @@ class CompiledGraph:
         if isinstance(op, st.PermuteOp):  # the common view (channels-last values), lean
             def run(env, cs, r=reads[0], w=writes[0], p=tuple(op.attributes["perm"])):
                 env[w] = env[r].permute(p)
+            if op.result.type.is_static:
+                run = self._memo_geometry(run, reads, writes)
             return Step(op.name, self._memo_views(run, reads, writes), "view", reads, writes)
         if isinstance(op, VIEW_OPS):
             fn = view_fn(op)
             if fn is not None:
                 def run(env, cs, fn=fn, r=reads[0], w=writes[0]):
                     env[w] = fn(env[r])
+                run = self._memo_geometry(run, reads, writes)
             else:  # symbolic sizes: from the call's binding
                 def run(env, cs, op=op, reads=reads, writes=writes):
                     env[writes[0]] = view(op, [env[i] for i in reads], cs.binding)
@@ -318,34 +324,10 @@ class CompiledGraph:
     def _view_group(self, op, reads: list[int], writes: list[int]) -> Step:
         """A group of layout ops run as torch views of its operands (no kernel)."""
         run, view_of = view_group_run(op, reads, writes)
+        if all(r.type.is_static for r in op.results):
+            run = self._memo_geometry(run, reads, writes)
         return Step("view", self._memo_views(run, reads, writes), "view", reads, writes,
                     view_of=view_of)
-
-    def _memo_views(self, run, reads: list[int], writes: list[int]):
-        """Views of parameters are made once per call state, not per call. Under
-        torch.compile a module's parameters are graph inputs (its weight transposes are view
-        steps: 109 of them in a tiny T5); the same Parameter objects come every call, and a view
-        of the same tensor object is the same view (it aliases the values, which may change in
-        place). Anything else -- a new input tensor, an activation -- runs the views as usual."""
-        inputs = set(self.prog.user_inputs)
-        if not reads or not all(r in inputs for r in reads):
-            return run
-        k = len(self.steps)
-
-        def memo(env, cs):
-            hit = cs.view_memo.get(k)
-            if hit is False:  # its inputs were no parameters: an activation, views per call
-                return run(env, cs)
-            args = [env[r] for r in reads]
-            if hit is not None and all(a is b for a, b in zip(args, hit[0])):
-                for w, t in zip(writes, hit[1]):
-                    env[w] = t
-                return
-            run(env, cs)
-            cs.view_memo[k] = (args, [env[w] for w in writes]) if all(
-                isinstance(a, torch.nn.Parameter) for a in args) else False
-
-        return memo
 
     def _kernel_run(self, kern, k: int, reads: list[int], writes: list[int], types: list):
         """The run function of kernel step ``k``: its argument array (inputs, outputs, scratch, a
@@ -673,8 +655,8 @@ _use_count = getattr(torch._C, "_storage_Use_Count", None)
 REUSE_MIN_BYTES = 1 << 20
 # torch's allocation without the Python argument parser (what inductor's generated code calls):
 # 0.4 us against torch.empty's 1.1 us
-_empty_strided = getattr(getattr(torch._C, "_dynamo", None), "guards", None)
-_empty_strided = getattr(_empty_strided, "_empty_strided_cpu", None) or (
+_guards = getattr(getattr(torch._C, "_dynamo", None), "guards", None)
+_empty_strided = getattr(_guards, "_empty_strided_cpu", None) or (
     lambda shape, strides, dtype: torch.empty_strided(shape, strides, dtype=dtype))
 
 

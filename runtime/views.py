@@ -18,6 +18,11 @@ from stitch_ir.core import BlockArgument, FuncOp, Value
 from stitch_ir.dialects import fusion, st
 from stitch_ir.strides import contiguous_strides, view_op_strides
 
+# a tensor on another's storage at given sizes, strides and offset increment, without view
+# tracking (0.6 us, against 1.0 for as_strided); None on a torch without it
+_reinterpret = getattr(getattr(getattr(torch._C, "_dynamo", None), "guards", None),
+                       "_reinterpret_tensor", None)
+
 VIEW_OPS = (st.ReshapeOp, st.PermuteOp, st.BroadcastOp, st.SliceOp)
 # A layout-only group read by library calls runs as torch views from this size on: a view step
 # costs 1-3 us of torch calls, a copy kernel of 16 KiB about 1 us.
@@ -189,3 +194,92 @@ def view(op, args: Sequence[torch.Tensor], binding: dict | None = None) -> torch
         (slice(None),) * a["dim"] + (slice(None, None, a["step"]),)]
 
 
+class ViewMemos:
+    """What a ``CompiledGraph``'s view steps remember between calls, so that a steady-state
+    call makes each view with as few torch calls as it can: the geometry of static views
+    (``_memo_geometry``), and views of parameters per call state (``_memo_views``)."""
+
+    steps: list
+    outputs: list[int]
+    prog: object
+    _escaping: frozenset[int] | None
+
+    def _memo_geometry(self, run, reads: list[int], writes: list[int]):
+        """A static view step as one tensor per result, made from its base's storage at the
+        sizes, strides and offset the view chain gave on the first call with the bases'
+        strides (a slice, a reshape and a permute cost ~1 us each in torch; one such tensor
+        ~0.6 us). Where a result escapes the graph's own library and kernel calls (returned,
+        or read by a torch op or a later view), it is a real view (``as_strided``: autograd's
+        view tracking and version counter); elsewhere an alias of the storage
+        (``_reinterpret_tensor``, what inductor's generated code makes). A chain that copied
+        (a reshape no strides express) keeps running as it is."""
+        memo: dict = {}
+
+        def strided(env, cs):
+            bases = [env[i] for i in reads]
+            key = tuple(b.stride() for b in bases)
+            geo = memo.get(key)
+            if geo is None:
+                run(env, cs)
+                memo[key] = self._geometry(bases, [env[w] for w in writes], writes)
+                return
+            if geo is False:
+                return run(env, cs)
+            for w, k, size, stride, delta, real in geo:
+                b = bases[k]
+                env[w] = b.as_strided(size, stride, b.storage_offset() + delta) if real else \
+                    _reinterpret(b, size, stride, delta)
+
+        return strided
+
+    def _geometry(self, bases: list, results: list, writes: list[int]) -> list | bool:
+        """(slot, base position, size, stride, offset from the base's, real view) per result;
+        False where a result shares no base's storage (the chain copied)."""
+        escaping = self._escaping_views()
+        storages = [b.untyped_storage().data_ptr() for b in bases]
+        geo = []
+        for w, t in zip(writes, results):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in storages or _reinterpret is None:
+                return False
+            k = storages.index(ptr)
+            geo.append((w, k, tuple(t.shape), t.stride(),
+                        t.storage_offset() - bases[k].storage_offset(), w in escaping))
+        return geo
+
+    def _escaping_views(self) -> frozenset[int]:
+        """Slots whose tensor may leave the graph's own kernel and library calls: outputs,
+        and what a torch op, the interpreter or a view step reads (each may hand it on)."""
+        if self._escaping is None:
+            out = set(self.outputs)
+            for s in self.steps:
+                if s.kind not in ("kernel", "library", "dead"):
+                    out.update(s.reads)
+            self._escaping = frozenset(out)
+        return self._escaping
+
+    def _memo_views(self, run, reads: list[int], writes: list[int]):
+        """Views of parameters are made once per call state, not per call. Under
+        torch.compile a module's parameters are graph inputs (its weight transposes are view
+        steps: 109 of them in a tiny T5); the same Parameter objects come every call, and a view
+        of the same tensor object is the same view (it aliases the values, which may change in
+        place). Anything else -- a new input tensor, an activation -- runs the views as usual."""
+        inputs = set(self.prog.user_inputs)
+        if not reads or not all(r in inputs for r in reads):
+            return run
+        k = len(self.steps)
+
+        def memo(env, cs):
+            hit = cs.view_memo.get(k)
+            if hit is False:  # its inputs were no parameters: an activation, views per call
+                return run(env, cs)
+            args = [env[r] for r in reads]
+            if hit is not None and all(a is b for a, b in zip(args, hit[0])):
+                for w, t in zip(writes, hit[1]):
+                    env[w] = t
+                return
+            run(env, cs)
+            cs.view_memo[k] = (args, [env[w] for w in writes]) if all(
+                isinstance(a, torch.nn.Parameter) for a in args) else False
+
+        return memo
