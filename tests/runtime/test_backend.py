@@ -91,10 +91,13 @@ def test_attention_layouts_keep_heads_inside_tokens(monkeypatch):
     gradients match eager; the forward returns q, k and v for the backward as views of their
     projections (no kernel copies them head-major), and the backward holds flash's q, k and v
     gradients in the [B, S, H, D] memory torch answers in (``result_perms``), so the kernel
-    summing the projections' bias gradients reads them as they are."""
+    summing the projections' bias gradients reads them as they are (attention this small is
+    decomposed unless told not to: ``SMALL_ATTENTION_BYTES``)."""
     from runtime.graph import CompiledGraph
+    from stitch_ir import importer
     from stitch_ir.dialects import st
 
+    monkeypatch.setattr(importer, "SMALL_ATTENTION_BYTES", 0)
     torch.manual_seed(0)
     m = _Attention()
     x = torch.randn(3, 7, 10)
@@ -125,6 +128,45 @@ def test_attention_layouts_keep_heads_inside_tokens(monkeypatch):
         s.source.source, "from st ops: ").split(", ")) <= {"st.permute", "st.reshape"}
         and header(s.source.source, "in0: ").count("x") == 4]  # rank 4: tensor<3x7x2x5xf32>
     assert not copies
+
+
+@pytest.mark.parametrize("mask", ["none", "causal", "float", "bool", "masked_rows"])
+def test_small_attention_is_decomposed_and_matches_flash(mask):
+    """Attention with small scores runs as matmuls around a fused softmax (no flash call);
+    forward and gradients (flash's backward reads the decomposition's logsumexp) match eager
+    for each kind of mask, rows every key masks included; odd sizes: 3 x 7 queries, 5 keys."""
+    torch._dynamo.reset()
+    backend.FALLBACKS.clear()
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(3, 2, n, 6, generator=g).requires_grad_() for n in (7, 5, 5))
+    kw: dict = {"is_causal": True} if mask == "causal" else {}
+    if mask == "float":
+        kw["attn_mask"] = torch.randn(7, 5, generator=g)
+    elif mask in ("bool", "masked_rows"):
+        keep = torch.rand(3, 1, 7, 5, generator=g) > 0.3
+        if mask == "masked_rows":
+            keep[:, :, 2] = False
+        kw["attn_mask"] = keep
+
+    def f(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, **kw).sin()
+
+    want = f(q, k, v)
+    want.sum().backward()
+    want_grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    got = torch.compile(f, backend="stitch")(q, k, v)
+    got.sum().backward()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for t, w in zip((q, k, v), want_grads):
+        torch.testing.assert_close(t.grad, w, atol=1e-5, rtol=1e-4)
+    assert not any("flash_attention_for_cpu.default" in n for n in backend.FALLBACKS)
+    with torch.no_grad():  # inference: no flash call either
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.compile(f, backend="stitch")(q, k, v), want.detach(),
+                                   atol=1e-5, rtol=1e-5)
+    assert not any("flash_attention_for_cpu.default" in n for n in backend.FALLBACKS)
 
 
 def test_unsupported_op_falls_back_and_is_counted():
