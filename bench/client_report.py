@@ -48,11 +48,6 @@ def _steps(r: dict) -> str:
     return " ".join(f"{s[k]}{short[k]}" for k in order if s.get(k))
 
 
-def _checks(p: dict) -> str:
-    c = p.get("input_checks_us")
-    return f"{c[0]:.1f} -> {c[1]:.1f} ({p['inputs']})" if c else "-"
-
-
 def valid(r: dict, key: str) -> bool:
     needs = {"stitch_vs_eager": ("stitch",), "inductor_vs_eager": ("inductor",),
              "stitch_vs_inductor": ("stitch", "inductor")}[key]
@@ -131,7 +126,7 @@ def markdown(env: dict, results: list[dict]) -> str:
     if prof:
         lines += ["", "## Where stitch's time goes (ms per call, `--profile`)", "",
                   "| case | call | outside graphs (dynamo/AOT) | graph Python | kernel | library | "
-                  "torch | interpreter | view | input checks us: now -> precomputed (inputs) | "
+                  "torch | interpreter | view | graph inputs | "
                   "slowest steps (inputs) |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in prof:
@@ -142,7 +137,7 @@ def markdown(env: dict, results: list[dict]) -> str:
                          f"{p['graph_python_ms']:.3f} | " + " | ".join(
                              f"{k.get(x, 0):.3f}" for x in ("kernel", "library", "torch",
                                                               "interpreter", "view"))
-                         + f" | {_checks(p)} | {top} |")
+                         + f" | {p.get('inputs', '-')} | {top} |")
     return "\n".join(lines) + "\n"
 
 

@@ -109,39 +109,10 @@ def profile_steps(graphs, call, calls: int | None = None, budget_s: float = 0.3)
     for k, ms in step_ms.items():
         by_kind[kinds[k]] += ms
     top = sorted(step_ms.items(), key=lambda kv: -kv[1])[:10]
-    checks = [input_checks_us(g, last_args[id(g)]) for g in graphs if id(g) in last_args]
     return {"calls": calls, "call_ms": med(totals), "outside_graphs_ms": med(totals) - med(inside),
             "graph_python_ms": med(inside) - sum(step_ms.values()),
-            "inputs": sum(n for n, _, _ in checks),
-            "input_checks_us": [sum(c[1] for c in checks), sum(c[2] for c in checks)],
+            "inputs": sum(len(a) for a in last_args.values()),
             "by_kind_ms": dict(by_kind), "top_steps_ms": [(n, ms, shapes.get(n, "")) for n, ms in top]}
-
-
-def input_checks_us(g, args, reps: int = 300) -> tuple[int, float, float]:
-    """(inputs, us per call of ``CompiledGraph.__call__``'s input checks as written, us per call of
-    the same checks against a ``torch.Size`` and dtype computed once): what precomputing saves."""
-    from stitch_ir.importer import dtype_to_torch
-
-    def as_now():
-        for i, t in zip(g.prog.user_inputs, args):
-            want = g.func.args[i].type
-            if list(t.shape) != [int(d) for d in want.shape] or t.dtype != dtype_to_torch(want.dtype):
-                raise ValueError
-    pre = [(torch.Size([int(d) for d in g.func.args[i].type.shape]),
-            dtype_to_torch(g.func.args[i].type.dtype)) for i in g.prog.user_inputs]
-
-    def precomputed():
-        for (shape, dt), t in zip(pre, args):
-            if t.shape != shape or t.dtype != dt:
-                raise ValueError
-    out = []
-    for f in (as_now, precomputed):
-        f()
-        t = time.perf_counter()
-        for _ in range(reps):
-            f()
-        out.append((time.perf_counter() - t) / reps * 1e6)
-    return len(args), out[0], out[1]
 
 
 # -- the two graphs -------------------------------------------------------------------------------

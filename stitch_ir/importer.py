@@ -151,6 +151,8 @@ def decomposition_table() -> dict:
             table.pop(getattr(packet, name), None)
     table[aten.silu.default] = _silu
     table[aten._scaled_dot_product_flash_attention_for_cpu.default] = _small_attention
+    table[aten._scaled_dot_product_flash_attention_for_cpu_backward.default] = \
+        _small_attention_backward
     return table
 
 
@@ -168,19 +170,9 @@ def _small_attention(q, k, v, dropout_p=0.0, is_causal=False, *, attn_mask=None,
     spends 8-40 us setting up on a tiny model's attention. Rows that every key masks give 0
     and a logsumexp of 0, as the flash kernel does. Static float32 / float64 shapes without
     dropout only; anything else stays the flash call (NotImplemented)."""
-    shapes = (*q.shape, *k.shape, *v.shape)
-    if any(not isinstance(d, int) for d in shapes) or dropout_p != 0.0 or \
-            q.dtype not in (torch.float32, torch.float64) or q.dim() != 4 or \
-            k.shape[:2] != q.shape[:2] or v.shape[:2] != q.shape[:2] or \
-            q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * q.element_size() > \
-            SMALL_ATTENTION_BYTES:
+    if not _is_small_attention(q, k, v, dropout_p):
         return NotImplemented
-    L, S = q.shape[2], k.shape[2]
-    s = torch.matmul(q, k.transpose(-2, -1)) * (q.shape[-1] ** -0.5 if scale is None else scale)
-    if is_causal:
-        s = s.masked_fill(~torch.ones(L, S, dtype=torch.bool).tril(), float("-inf"))
-    if attn_mask is not None:
-        s = s + attn_mask
+    s = _scores(q, k, is_causal, attn_mask, scale)
     m = s.amax(-1, keepdim=True)
     m = torch.where(m == float("-inf"), 0.0, m)  # a row masked throughout
     e = torch.exp(s - m)
@@ -188,6 +180,46 @@ def _small_attention(q, k, v, dropout_p=0.0, is_causal=False, *, attn_mask=None,
     out = torch.matmul(e / torch.where(z == 0, 1.0, z), v)
     lse = torch.where(z == 0, 0.0, m + torch.log(z)).squeeze(-1)
     return out, lse
+
+
+def _small_attention_backward(grad_out, q, k, v, out, lse, dropout_p, is_causal, *,
+                              attn_mask=None, scale=None):
+    """cpu flash attention's backward as matmuls and element-wise ops, where its forward was
+    decomposed (``_small_attention``): the probabilities again from the scores and the saved
+    logsumexp, then dS = P * (dO V^T - rowsum(dO * O)). Masked-out entries have P = 0, so they
+    get no gradient; a row masked throughout (logsumexp 0) neither."""
+    if not _is_small_attention(q, k, v, dropout_p):
+        return NotImplemented
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    p = torch.exp(_scores(q, k, is_causal, attn_mask, scale) - lse.unsqueeze(-1))
+    grad_v = torch.matmul(p.transpose(-2, -1), grad_out)
+    dp = torch.matmul(grad_out, v.transpose(-2, -1))
+    ds = p * (dp - (grad_out * out).sum(-1, keepdim=True))
+    grad_q = torch.matmul(ds, k) * scale
+    grad_k = torch.matmul(ds.transpose(-2, -1), q) * scale
+    return grad_q, grad_k, grad_v
+
+
+def _is_small_attention(q, k, v, dropout_p) -> bool:
+    """Whether cpu flash attention over these operands is decomposed: static float32 / float64
+    shapes, one head count, no dropout, at most ``SMALL_ATTENTION_BYTES`` of scores."""
+    shapes = (*q.shape, *k.shape, *v.shape)
+    return all(isinstance(d, int) for d in shapes) and dropout_p == 0.0 and \
+        q.dtype in (torch.float32, torch.float64) and q.dim() == 4 and \
+        k.shape[:2] == q.shape[:2] and v.shape[:2] == q.shape[:2] and \
+        q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * q.element_size() <= \
+        SMALL_ATTENTION_BYTES
+
+
+def _scores(q, k, is_causal: bool, attn_mask, scale):
+    """q k^T scaled, with the causal and the additive mask."""
+    L, S = q.shape[2], k.shape[2]
+    s = torch.matmul(q, k.transpose(-2, -1)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if is_causal:
+        s = s.masked_fill(~torch.ones(L, S, dtype=torch.bool).tril(), float("-inf"))
+    if attn_mask is not None:
+        s = s + attn_mask
+    return s
 
 
 def _silu(x):
