@@ -1,4 +1,4 @@
-// stitch_math.h: float32 math that GCC vectorises (no libm calls in inner loops).
+// stitch_math.h: float32 and float64 math that GCC vectorises (no libm calls in inner loops).
 // Measured by tests/runtime/test_stitch_math.py against float64: exp <= 2 ulp (Cephes range
 // reduction, degree-5 polynomial), erf <= 8 ulp (Eigen's rational approximation on [-4, 4]),
 // tanh <= 4 ulp (Cephes polynomial below 0.625, through exp above), sigmoid <= 4 ulp.
@@ -41,7 +41,32 @@ static inline float st_exp(float x) {
   return x < lo ? 0.0f : out;
 }
 
-static inline double st_exp(double x) { return std::exp(x); }
+// float64 exp, as the float one: 2^n * e^r with |r| <= ln2/2 (three-part ln2), e^r from Cephes'
+// rational form 1 + 2 r P(r^2) / (Q(r^2) - r P(r^2)) (<= 1 ulp). Results that are subnormal
+// (x below -708.4) take their scale in two steps, so they round once, as libm's do.
+static inline double st_exp(double x) {
+  const double hi = 709.782712893384, lo = -745.1332191019412;
+  double n = std::nearbyint(x * 1.4426950408889634);
+  double r = ST_FMA(n, -6.93145751953125e-1, x);
+  r = ST_FMA(n, -1.42860682030941723212e-6, r);
+  double r2 = r * r;
+  double p = ST_FMA(ST_FMA(1.26177193074810590878e-4, r2, 3.02994407707441961300e-2), r2,
+                    9.99999999999999999910e-1) * r;
+  double q = ST_FMA(ST_FMA(ST_FMA(3.00198505138664455042e-6, r2, 2.52448340349684104192e-3),
+                           r2, 2.27265548208155028766e-1), r2, 2.00000000000000000009e0);
+  double y = 1.0 + 2.0 * (p / (q - p));
+  int64_t k = (int64_t)n;
+  bool tiny = k < -1020;
+  int64_t bits;
+  std::memcpy(&bits, &y, 8);
+  bits += (int64_t)((uint64_t)(tiny ? k + 54 : k) << 52);
+  double out;
+  std::memcpy(&out, &bits, 8);
+  out = tiny ? out * 5.551115123125783e-17 : out;  // 2^-54
+  out = x > hi ? INFINITY : out;
+  out = x < lo ? 0.0 : out;
+  return x != x ? x : out;
+}
 
 static inline float st_erf(float x) {
   float xc = x > 4.0f ? 4.0f : (x < -4.0f ? -4.0f : x);
@@ -62,7 +87,45 @@ static inline float st_erf(float x) {
   return x != x ? x : p / q;
 }
 
-static inline double st_erf(double x) { return std::erf(x); }
+// float64 erf from Cephes' ndtr: x T(x^2) / U(x^2) below 1, 1 - e^(-x^2) P(|x|) / Q(|x|) from 1
+// to 8 (the result is 1 beyond), the sign restored.
+static inline double st_erf(double x) {
+  double a = x < 0.0 ? -x : x;
+  double z = x * x;
+  double t = 9.60497373987051638749e0;
+  t = ST_FMA(t, z, 9.00260197203842689217e1);
+  t = ST_FMA(t, z, 2.23200534594684319226e3);
+  t = ST_FMA(t, z, 7.00332514112805075473e3);
+  t = ST_FMA(t, z, 5.55923013010394962768e4);
+  double u = z + 3.35617141647503099647e1;
+  u = ST_FMA(u, z, 5.21357949780152679795e2);
+  u = ST_FMA(u, z, 4.59432382970980127987e3);
+  u = ST_FMA(u, z, 2.26290000613890934246e4);
+  u = ST_FMA(u, z, 4.92673942608635921086e4);
+  double small = x * t / u;
+  double b = a < 8.0 ? a : 8.0;
+  double p = 2.46196981473530512524e-10;
+  p = ST_FMA(p, b, 5.64189564831068821977e-1);
+  p = ST_FMA(p, b, 7.46321056442269912687e0);
+  p = ST_FMA(p, b, 4.86371970985681366614e1);
+  p = ST_FMA(p, b, 1.96520832956077098242e2);
+  p = ST_FMA(p, b, 5.26445194995477358631e2);
+  p = ST_FMA(p, b, 9.34528527171957607540e2);
+  p = ST_FMA(p, b, 1.02755188689515710272e3);
+  p = ST_FMA(p, b, 5.57535335369399327526e2);
+  double q = b + 1.32281951154744992508e1;
+  q = ST_FMA(q, b, 8.67072140885989742329e1);
+  q = ST_FMA(q, b, 3.54937778887819891062e2);
+  q = ST_FMA(q, b, 9.75708501743205489753e2);
+  q = ST_FMA(q, b, 1.82390916687909736289e3);
+  q = ST_FMA(q, b, 2.24633760818710981792e3);
+  q = ST_FMA(q, b, 1.65666309194161350182e3);
+  q = ST_FMA(q, b, 5.57535340817727675546e2);
+  double large = 1.0 - st_exp(-b * b) * p / q;
+  large = x < 0.0 ? -large : large;
+  double out = a < 1.0 ? small : large;
+  return x != x ? x : out;
+}
 
 static inline float st_tanh(float x) {
   // |x| < 0.625: Cephes' odd polynomial (1 - e) / (1 + e) would cancel there; else through exp.
@@ -81,7 +144,20 @@ static inline float st_tanh(float x) {
   return x != x ? x : t;
 }
 
-static inline double st_tanh(double x) { return std::tanh(x); }
+static inline double st_tanh(double x) {
+  // |x| < 0.625: Cephes' rational form x + x z P(z) / Q(z), z = x^2; else 1 - 2 / (e^2|x| + 1).
+  double a = x < 0.0 ? -x : x;
+  double z = x * x;
+  double p = ST_FMA(ST_FMA(-9.64399179425052238628e-1, z, -9.92877231001918586564e1), z,
+                    -1.61468768441708447952e3);
+  double q = ST_FMA(ST_FMA(z + 1.12811678491632931402e2, z, 2.23548839060100448583e3), z,
+                    4.84406305325125486048e3);
+  double small = ST_FMA(x * z, p / q, x);
+  double t = 1.0 - 2.0 / (st_exp(2.0 * a) + 1.0);
+  t = x < 0.0 ? -t : t;
+  t = a < 0.625 ? small : t;
+  return x != x ? x : t;
+}
 
 static inline float st_sigmoid(float x) {
   float e = st_exp(-(x < 0.0f ? -x : x));
@@ -89,7 +165,11 @@ static inline float st_sigmoid(float x) {
   return x >= 0.0f ? s : e * s;
 }
 
-static inline double st_sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+static inline double st_sigmoid(double x) {
+  double e = st_exp(-(x < 0.0 ? -x : x));
+  double s = 1.0 / (1.0 + e);
+  return x >= 0.0 ? s : e * s;
+}
 
 template <typename T> static inline T st_rsqrt(T x) { return T(1) / std::sqrt(x); }
 template <typename T> static inline T st_relu(T x) { return x != x ? x : (x > T(0) ? x : T(0)); }
