@@ -424,3 +424,32 @@ def test_plain_inference_graphs_skip_aot_wrapper_and_the_rest_keep_it(monkeypatc
     assert how == []
     with torch.no_grad():
         torch.testing.assert_close(w.grad, ((1 - (y * w).tanh() ** 2) * y).sum(0))
+
+
+@pytest.mark.parametrize("size,train,want", [(6, True, False), (6, False, True),
+                                             (32, True, True)])
+def test_training_graphs_of_small_maps_keep_nchw(monkeypatch, size, train, want):
+    """Convolutions run channels-last by default on the cpu, except in the forward and the
+    backward graph of a training step whose median output map is small
+    (``TRAINING_CHANNELS_LAST_MIN_MAP``); results and gradients match eager either way."""
+    torch._dynamo.reset()
+    seen: list = []
+    compile_fx = backend.compile_fx
+    monkeypatch.setattr(backend, "compile_fx", lambda gm, options, *a, **k: seen.append(
+        options.get("channels_last")) or compile_fx(gm, options, *a, **k))
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8),
+                            torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3, padding=1)).train(train)
+    x = torch.randn(2, 3, size, size)
+    ref = copy.deepcopy(m)
+    with torch.set_grad_enabled(train):
+        want_out = ref(x)
+        got = torch.compile(m, backend="stitch")(x)
+    torch.testing.assert_close(got, want_out, atol=1e-4, rtol=1e-4)
+    if train:
+        want_out.square().mean().backward()
+        got.square().mean().backward()
+        for (n, p), q in zip(m.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-3, msg=n)
+    assert seen and set(seen) == {want}, seen
+    assert len(seen) == (2 if train else 1)

@@ -252,7 +252,9 @@ def test_channels_last_training_keeps_activations_channels_last(shape, tmp_path)
     m = _conv_net()
     ref = copy.deepcopy(m)
     torch._dynamo.reset()
-    f = torch.compile(m, backend="stitch", dynamic=False, options={"dump_dir": str(tmp_path)})
+    # asked for: a training graph of maps this small runs NCHW by default
+    f = torch.compile(m, backend="stitch", dynamic=False,
+                      options={"dump_dir": str(tmp_path), "channels_last": True})
     for _ in range(2):
         x = torch.randn(*shape)
         x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
