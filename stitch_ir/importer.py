@@ -168,10 +168,13 @@ def _small_attention(q, k, v, dropout_p=0.0, is_causal=False, *, attn_mask=None,
     """cpu flash attention (output and logsumexp, which its backward reads) as matmuls and a
     softmax, where the scores are small (``SMALL_ATTENTION_BYTES``): torch's flash kernel
     spends 8-40 us setting up on a tiny model's attention. Rows that every key masks give 0
-    and a logsumexp of 0, as the flash kernel does. Static float32 / float64 shapes without
-    dropout only; anything else stays the flash call (NotImplemented)."""
+    and a logsumexp of 0, as the flash kernel does; half types compute in float and round the
+    output once, as it does. Static shapes without dropout only; anything else stays the flash
+    call (NotImplemented)."""
     if not _is_small_attention(q, k, v, dropout_p):
         return NotImplemented
+    dt = q.dtype  # half types: in float throughout, the output rounded once (as flash does)
+    q, k, v, attn_mask = _widened(q, k, v, attn_mask)
     s = _scores(q, k, is_causal, attn_mask, scale)
     m = s.amax(-1, keepdim=True)
     m = torch.where(m == float("-inf"), 0.0, m)  # a row masked throughout
@@ -179,7 +182,7 @@ def _small_attention(q, k, v, dropout_p=0.0, is_causal=False, *, attn_mask=None,
     z = e.sum(-1, keepdim=True)
     out = torch.matmul(e / torch.where(z == 0, 1.0, z), v)
     lse = torch.where(z == 0, 0.0, m + torch.log(z)).squeeze(-1)
-    return out, lse
+    return out.to(dt), lse
 
 
 def _small_attention_backward(grad_out, q, k, v, out, lse, dropout_p, is_causal, *,
@@ -190,25 +193,34 @@ def _small_attention_backward(grad_out, q, k, v, out, lse, dropout_p, is_causal,
     get no gradient; a row masked throughout (logsumexp 0) neither."""
     if not _is_small_attention(q, k, v, dropout_p):
         return NotImplemented
+    dt = q.dtype
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q, k, v, attn_mask, grad_out, out = _widened(q, k, v, attn_mask, grad_out, out)
     p = torch.exp(_scores(q, k, is_causal, attn_mask, scale) - lse.unsqueeze(-1))
     grad_v = torch.matmul(p.transpose(-2, -1), grad_out)
     dp = torch.matmul(grad_out, v.transpose(-2, -1))
     ds = p * (dp - (grad_out * out).sum(-1, keepdim=True))
     grad_q = torch.matmul(ds, k) * scale
     grad_k = torch.matmul(ds.transpose(-2, -1), q) * scale
-    return grad_q, grad_k, grad_v
+    return grad_q.to(dt), grad_k.to(dt), grad_v.to(dt)
+
+
+def _widened(*ts):
+    """Half-precision tensors as float32 (flash attention computes in float); others as given."""
+    return [t.float() if t is not None and t.dtype in (torch.float16, torch.bfloat16) else t
+            for t in ts]
 
 
 def _is_small_attention(q, k, v, dropout_p) -> bool:
-    """Whether cpu flash attention over these operands is decomposed: static float32 / float64
-    shapes, one head count, no dropout, at most ``SMALL_ATTENTION_BYTES`` of scores."""
+    """Whether cpu flash attention over these operands is decomposed: static shapes, one head
+    count, no dropout, at most ``SMALL_ATTENTION_BYTES`` of scores."""
     shapes = (*q.shape, *k.shape, *v.shape)
     return all(isinstance(d, int) for d in shapes) and dropout_p == 0.0 and \
-        q.dtype in (torch.float32, torch.float64) and q.dim() == 4 and \
+        q.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16) and \
+        q.dim() == 4 and \
         k.shape[:2] == q.shape[:2] and v.shape[:2] == q.shape[:2] and \
-        q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * q.element_size() <= \
-        SMALL_ATTENTION_BYTES
+        q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * max(q.element_size(), 4) <= \
+        SMALL_ATTENTION_BYTES  # half types' scores are float
 
 
 def _scores(q, k, is_causal: bool, attn_mask, scale):

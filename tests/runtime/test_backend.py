@@ -170,6 +170,35 @@ def test_small_attention_is_decomposed_and_matches_flash(mask):
     assert not any("flash_attention_for_cpu.default" in n for n in backend.FALLBACKS)
 
 
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
+def test_small_half_attention_is_decomposed_in_float(dt):
+    """Half-precision attention decomposes too, computed in float and rounded once as flash's
+    forward does. Judged against float64 (eager's flash backward rounds its intermediates in
+    half: its bf16 gradients are further off): output and gradients no further from it than
+    eager's (a causal mask, odd sizes)."""
+    torch._dynamo.reset()
+    backend.FALLBACKS.clear()
+    g = torch.Generator().manual_seed(2)
+    base = [torch.randn(2, 3, 5, 8, generator=g).to(dt) for _ in range(3)]
+
+    def f(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True) * 2
+
+    def run(fn, dtype):
+        ts = [b.to(dtype).clone().requires_grad_() for b in base]
+        out = fn(*ts)
+        out.double().square().sum().backward()
+        return [out] + [t.grad for t in ts]
+
+    ref = run(f, torch.float64)
+    eager = run(f, dt)
+    got = run(torch.compile(f, backend="stitch"), dt)
+    for r, e, s in zip(ref, eager, got):
+        assert s.dtype is dt
+        assert (s.double() - r).abs().max() <= 1.25 * (e.double() - r).abs().max() + 1e-3
+    assert not any("flash_attention_for_cpu" in n for n in backend.FALLBACKS)
+
+
 def test_unsupported_op_falls_back_and_is_counted():
     before = sum(v for k, v in backend.FALLBACKS.items() if "sort" in k)
 
