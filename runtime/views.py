@@ -209,10 +209,10 @@ class ViewMemos:
         sizes, strides and offset the view chain gave on the first call with the bases'
         strides (a slice, a reshape and a permute cost ~1 us each in torch; one such tensor
         ~0.6 us). Where a result escapes the graph's own library and kernel calls (returned,
-        or read by a torch op or a later view), it is a real view (``as_strided``: autograd's
-        view tracking and version counter); elsewhere an alias of the storage
-        (``_reinterpret_tensor``, what inductor's generated code makes). A chain that copied
-        (a reshape no strides express) keeps running as it is."""
+        or read by a torch op or a later view) or views a graph input, it is a real view
+        (``as_strided``: autograd's view tracking and version counter); elsewhere an alias of
+        the storage (``_reinterpret_tensor``, what inductor's generated code makes). A chain
+        that copied (a reshape no strides express) keeps running as it is."""
         memo: dict = {}
 
         def strided(env, cs):
@@ -221,7 +221,7 @@ class ViewMemos:
             geo = memo.get(key)
             if geo is None:
                 run(env, cs)
-                memo[key] = self._geometry(bases, [env[w] for w in writes], writes)
+                memo[key] = self._geometry(bases, [env[w] for w in writes], writes, reads)
                 return
             if geo is False:
                 return run(env, cs)
@@ -232,10 +232,15 @@ class ViewMemos:
 
         return strided
 
-    def _geometry(self, bases: list, results: list, writes: list[int]) -> list | bool:
+    def _geometry(self, bases: list, results: list, writes: list[int],
+                  reads: list[int]) -> list | bool:
         """(slot, base position, size, stride, offset from the base's, real view) per result;
-        False where a result shares no base's storage (the chain copied)."""
+        False where a result shares no base's storage (the chain copied). A view of a graph
+        input is a real view too, sharing the input's version counter: a parameter an
+        optimizer updates in place between calls, whose views ``_memo_views`` keeps per call
+        state, stays visible to anything keyed on versions."""
         escaping = self._escaping_views()
+        inputs = set(self.prog.user_inputs)
         storages = [b.untyped_storage().data_ptr() for b in bases]
         geo = []
         for w, t in zip(writes, results):
@@ -244,7 +249,8 @@ class ViewMemos:
                 return False
             k = storages.index(ptr)
             geo.append((w, k, tuple(t.shape), t.stride(),
-                        t.storage_offset() - bases[k].storage_offset(), w in escaping))
+                        t.storage_offset() - bases[k].storage_offset(),
+                        w in escaping or reads[k] in inputs))
         return geo
 
     def _escaping_views(self) -> frozenset[int]:

@@ -46,3 +46,43 @@ def test_view_steps_follow_their_bases_strides_and_stay_views_where_they_escape(
             torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
         assert got[2]._base is t or got[2]._base is t._base, "a returned view is a real view"
         assert got[2].data_ptr() == t.data_ptr() and got[2].stride() == want[2].stride()
+
+
+class _FlatWeightConv(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(6, 3 * 3 * 3) / 5)
+
+    def forward(self, x):  # the convolution reads a view of the parameter
+        return F.conv2d(x, self.w.view(6, 3, 3, 3), padding=1).relu()
+
+
+def test_views_of_parameters_see_in_place_updates_in_every_call_state(monkeypatch):
+    """A convolution weight that is a view of a parameter: the channels-last weight copy is
+    redone after an in-place update (it reads the view's version counter, shared with the
+    parameter only by a real view), in a second call state too (made once the geometry memo
+    exists, as concurrent callers make them)."""
+    from runtime import backend
+
+    torch._dynamo.reset()
+    graphs: list = []
+    compile_fx = backend.compile_fx
+
+    def grab(*a, **k):
+        fn = compile_fx(*a, **k)
+        graphs.append(fn.stitch_graph)
+        return fn
+
+    monkeypatch.setattr(backend, "compile_fx", grab)
+    torch.manual_seed(0)
+    m = _FlatWeightConv()
+    x = torch.randn(2, 3, 5, 7)
+    f = torch.compile(m, backend="stitch")
+    with torch.no_grad():
+        torch.testing.assert_close(f(x), m(x))
+        (g,) = graphs
+        for states in g._free_states.values():
+            states.clear()  # the next call makes a fresh state
+        torch.testing.assert_close(f(x), m(x))
+        m.w.mul_(-2)  # an optimizer step's in-place update
+        torch.testing.assert_close(f(x), m(x))
