@@ -15,12 +15,15 @@ groups run in the cpu emulation when interpreted), ``fusion`` (none | greedy | s
 ``cost_model`` (``analytic`` | ``learned`` | ``auto``, the default: the learned model where one
 trained on this machine won its held-out evaluation; see ``cost_model.learned``),
 ``channels_last`` (``True``, the cpu default: convolutions run channels-last, ``layout-channels-last``
-and ``sink-permutes``, the faster layout on every conv workload and client net measured, see
-passes/layout.py; ``False``: as traced, the GPU targets' default until a GPU run measures it;
+and ``sink-permutes``, the faster layout on every conv workload and client net measured in
+inference, see passes/layout.py -- except training graphs of small maps,
+``TRAINING_CHANNELS_LAST_MIN_MAP``; ``False``: as traced, the GPU targets' default until a GPU
+run measures it;
 ``auto``: a graph with convolutions is compiled both ways, its first calls alternate between the
 two and the faster serves from then on), ``dump_dir``
 (also ``STITCH_DUMP_DIR``): each compiled graph's IR before and after fusion, its plan and its
-kernel sources.
+kernel sources; ``aot_wrapper`` (``True``: keep AOTAutograd's runtime wrapper around an
+inference graph that needs none, see ``stitch_backend``).
 
 Shapes: a graph whose inputs carry symbolic sizes (``dynamic=True``, or dynamo's automatic
 dynamic shapes after a second input shape) is compiled once for every size: sizes of the form

@@ -432,6 +432,11 @@ def test_plain_inference_graphs_skip_aot_wrapper_and_the_rest_keep_it(monkeypatc
         for o, w in zip(out, want):
             torch.testing.assert_close(o, w)
             assert not o.requires_grad
+    torch._dynamo.reset()  # asked to keep the wrapper
+    returned.clear()
+    with torch.no_grad():
+        out = torch.compile(plain, backend="stitch", options={"aot_wrapper": True})(x, y)
+    assert returned == [] and torch.allclose(out[0], F.silu(x) * y + 1)
     # an input mutated in place: the wrapper copies the result back
     a = x.clone()
     out, how = compiled(lambda t: t.mul_(2).add(1), a)
