@@ -4,6 +4,8 @@ stitch scheme of every value inside it.
 Input: a module with ``fusion.group`` ops (after ``fusion-apply``). Output: the same module,
 each group annotated with attributes the code generators read:
 
+- ``stream_stores`` (cpu, where the group writes at least the last-level cache's size): large
+  outputs leave through streaming stores;
 - ``dominant``: indices (in the group body) of the ops that choose the mapping: the reductions
   touching the most elements, else the largest gather / scatter, else the largest op;
 - ``mapping``, ``threads``, ``blocks``, ``rows_per_block``, ``split``, ``smem_bytes``,
@@ -85,7 +87,19 @@ def schedule_group(group: fusion.GroupOp, device) -> dict:
         "schemes": schemes, "arg_schemes": arg_schemes, "estimated_us": round(sched.seconds * 1e6, 3),
         "demoted": info.demoted,
         **({"team": sched.team} if sched.team else {}),
+        **({"stream_stores": True} if _streams(group, device) else {}),
     }
+
+
+def _streams(group: fusion.GroupOp, device) -> bool:
+    """On the cpu, whether the group's results together reach the last-level cache's size: then
+    a rows kernel writes them with streaming stores (no read-for-ownership, the inputs not
+    evicted). Measured here (32 MiB L3, layer norm rows of 1024 floats): 8 MiB of output 13%
+    slower streamed, 16 and 32 MiB even, 64 MiB 3% faster."""
+    l3 = getattr(device, "l3_bytes", 0)
+    if device.kind != "cpu" or not l3:
+        return False
+    return sum(r.type.numel() * r.type.dtype.itemsize for r in group.results) >= l3
 
 
 @register_pass

@@ -172,7 +172,7 @@ class RowKernel:
         # read-for-ownership of the destination, and 32 MiB of results do not evict the inputs.
         out_bytes = sum(size_hint(full) * v.type.dtype.itemsize for v in outs_full)
         streams = {id(v): f"streambuf{k}" for k, v in enumerate(outs_full)} \
-            if out_bytes >= STREAM_MIN_BYTES else {}
+            if self.group.attr("stream_stores", False) or out_bytes >= STREAM_MIN_BYTES else {}
         for v in outs_full:  # a stream buffer holds its output's stored bits
             if id(v) in streams and v.type.dtype in STORED:
                 em.stored[streams[id(v)]] = v.type.dtype
@@ -267,9 +267,10 @@ class RowKernel:
 # store and loads cost as much as the ops, and the buffer competes for L1. Anything with a
 # transcendental, a division or a gather is buffered.
 RECOMPUTE_LIMIT = 4
-# Outputs of a rows kernel at least this large are written with streaming stores (a fraction of
-# a server L3: results this large leave the cache before a consumer reads them anyway).
-STREAM_MIN_BYTES = 8 << 20
+# Outputs of a rows kernel are written with streaming stores where the schedule says so
+# (``stream_stores``: at least the device's last-level cache, whose results leave the cache
+# before a consumer reads them anyway), or from this size whatever the device (tests force it).
+STREAM_MIN_BYTES = 1 << 62
 _EXPENSIVE = frozenset({
     "st.exp", "st.exp2", "st.log", "st.log2", "st.log1p", "st.expm1", "st.sqrt", "st.rsqrt",
     "st.sin", "st.cos", "st.tan", "st.tanh", "st.sigmoid", "st.erf", "st.div", "st.pow",

@@ -83,6 +83,23 @@ def test_streaming_row_outputs(a, c):
     assert srcs and all("st_stream_row(" in t and "st_stream_fence();" in t for t in srcs)
 
 
+@pytest.mark.parametrize("l3_kib,streams", [(64, True), (1024, False)])
+def test_streaming_stores_follow_the_devices_last_level_cache(l3_kib, streams):
+    """A rows kernel streams its outputs where they reach the device's last-level cache
+    (``stream_stores``, set by the schedule from the device spec): a 128 KiB layer norm output
+    does on a 64 KiB L3 and does not on a 1 MiB one; the results match eager either way."""
+    import dataclasses
+
+    spec = dataclasses.replace(cpu_spec(measure=False), l3_bytes=l3_kib << 10)
+    x, w, b = torch.randn(64, 512), torch.randn(512), torch.randn(512)
+    model = Fn(_ln, w, b).eval()
+    g = compile_program(import_model(model, (x,)), device_spec=spec)
+    with torch.no_grad():
+        torch.testing.assert_close(g(x)[0], model(x), atol=1e-5, rtol=1e-5)
+    (src,) = [s.source.source for s in g.steps if s.kind == "kernel"]
+    assert ("st_stream_fence();" in src) is streams
+
+
 @settings(max_examples=3, deadline=None)
 @given(SIZES, SIZES)
 def test_column_softmax_phases(a, b):
