@@ -182,7 +182,12 @@ def _small_attention(q, k, v, dropout_p=0.0, is_causal=False, *, attn_mask=None,
     z = e.sum(-1, keepdim=True)
     out = torch.matmul(e / torch.where(z == 0, 1.0, z), v)
     lse = torch.where(z == 0, 0.0, m + torch.log(z)).squeeze(-1)
-    return out.to(dt), lse
+    out = out.to(dt)
+    # flash's strides: the output in q's memory order, the logsumexp [B, L, H] in memory (a
+    # graph traced against flash's strides views them so: gpt2's re-trace per shape did)
+    if q.stride(1) < q.stride(2):
+        out = _heads_inside(out)
+    return out, _heads_inside(lse)
 
 
 def _small_attention_backward(grad_out, q, k, v, out, lse, dropout_p, is_causal, *,
@@ -202,7 +207,13 @@ def _small_attention_backward(grad_out, q, k, v, out, lse, dropout_p, is_causal,
     ds = p * (dp - (grad_out * out).sum(-1, keepdim=True))
     grad_q = torch.matmul(ds, k) * scale
     grad_k = torch.matmul(ds.transpose(-2, -1), q) * scale
-    return grad_q.to(dt), grad_k.to(dt), grad_v.to(dt)
+    # flash's backward answers each gradient with [B, L, H, D] memory
+    return tuple(_heads_inside(g.to(dt)) for g in (grad_q, grad_k, grad_v))
+
+
+def _heads_inside(t):
+    """``t`` [B, H, L, ...] as it is, held in [B, L, H, ...] memory (flash's layouts)."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def _widened(*ts):

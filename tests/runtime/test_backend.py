@@ -170,6 +170,46 @@ def test_small_attention_is_decomposed_and_matches_flash(mask):
     assert not any("flash_attention_for_cpu.default" in n for n in backend.FALLBACKS)
 
 
+def test_small_attention_decomposition_answers_flash_strides():
+    """The decomposition's results have flash's strides (the output in q's memory order, the
+    logsumexp and the gradients [B, L, H] in memory): a graph traced against flash, re-traced
+    per shape with the decomposition (option ``dynamic=False`` on a symbolic graph), views
+    them so -- GPT-2's attention failed there with 'view size is not compatible'."""
+    from stitch_ir.importer import _small_attention, _small_attention_backward
+
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+    flash_bw = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+    for q in (torch.randn(2, 3, 5, 4), torch.randn(2, 5, 3, 4).transpose(1, 2)):
+        k, v = torch.randn_like(q), torch.randn_like(q)
+        want, got = flash(q, k, v), _small_attention(q, k, v)
+        assert [t.stride() for t in got] == [t.stride() for t in want]
+        g = torch.randn_like(want[0])
+        want_bw = flash_bw(g, q, k, v, want[0], want[1], 0.0, False)
+        got_bw = _small_attention_backward(g, q, k, v, got[0], got[1], 0.0, False)
+        assert [t.stride() for t in got_bw] == [t.stride() for t in want_bw]
+        for a, b in zip((*got, *got_bw), (*want, *want_bw)):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+    class Heads(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = torch.nn.Linear(8, 24)
+
+        def forward(self, x):
+            b, s, _ = x.shape
+            q, k, v = self.qkv(x).view(b, s, 3, 2, 4).unbind(2)
+            y = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)))
+            return y.transpose(1, 2).view(b, s, 8)
+
+    torch._dynamo.reset()
+    m = Heads()
+    f = torch.compile(m, backend="stitch", dynamic=True, options={"dynamic": False})
+    with torch.no_grad():
+        for b in (2, 3):
+            x = torch.randn(b, 5, 8)
+            torch.testing.assert_close(f(x), m(x), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
 def test_small_half_attention_is_decomposed_in_float(dt):
     """Half-precision attention decomposes too, computed in float and rounded once as flash's
