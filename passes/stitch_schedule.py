@@ -99,7 +99,7 @@ def _streams(group: fusion.GroupOp, device) -> bool:
     l3 = getattr(device, "l3_bytes", 0)
     if device.kind != "cpu" or not l3:
         return False
-    return sum(r.type.numel() * r.type.dtype.itemsize for r in group.results) >= l3
+    return sum(r.type.nbytes() for r in group.results) >= l3
 
 
 @register_pass

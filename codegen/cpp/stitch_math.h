@@ -16,6 +16,14 @@
 #define ST_FMA(a, b, c) ((a) * (b) + (c))
 #endif
 
+// c0 x^n + c1 x^(n-1) + ... + cn by Horner's rule with ST_FMA, as one inlined expression (a
+// loop over a coefficient array keeps GCC from vectorising the caller's simd loop).
+static inline double st_horner(double, double c) { return c; }
+template <typename... C>
+static inline double st_horner(double x, double c0, double c1, C... rest) {
+  return st_horner(x, ST_FMA(c0, x, c1), rest...);
+}
+
 // exp(x) = 2^n * p(r), n = round(x / ln2), r = x - n ln2 (two-part ln2). The scale 2^n is added
 // to p's exponent bits, so the only selects are the two range ends: no clamps, which GCC turns
 // into chains of blends. NaN flows through the arithmetic. Results below exp(-86.98) = 1.8e-38
@@ -41,7 +49,7 @@ static inline float st_exp(float x) {
   return x < lo ? 0.0f : out;
 }
 
-// float64 exp, as the float one: 2^n * e^r with |r| <= ln2/2 (three-part ln2), e^r from Cephes'
+// float64 exp, as the float one: 2^n * e^r with |r| <= ln2/2 (two-part ln2), e^r from Cephes'
 // rational form 1 + 2 r P(r^2) / (Q(r^2) - r P(r^2)) (<= 1 ulp). Results that are subnormal
 // (x below -708.4) take their scale in two steps, so they round once, as libm's do.
 static inline double st_exp(double x) {
@@ -50,10 +58,10 @@ static inline double st_exp(double x) {
   double r = ST_FMA(n, -6.93145751953125e-1, x);
   r = ST_FMA(n, -1.42860682030941723212e-6, r);
   double r2 = r * r;
-  double p = ST_FMA(ST_FMA(1.26177193074810590878e-4, r2, 3.02994407707441961300e-2), r2,
-                    9.99999999999999999910e-1) * r;
-  double q = ST_FMA(ST_FMA(ST_FMA(3.00198505138664455042e-6, r2, 2.52448340349684104192e-3),
-                           r2, 2.27265548208155028766e-1), r2, 2.00000000000000000009e0);
+  double p = st_horner(r2, 1.26177193074810590878e-4, 3.02994407707441961300e-2,
+                       9.99999999999999999910e-1) * r;
+  double q = st_horner(r2, 3.00198505138664455042e-6, 2.52448340349684104192e-3,
+                       2.27265548208155028766e-1, 2.00000000000000000009e0);
   double y = 1.0 + 2.0 * (p / (q - p));
   int64_t k = (int64_t)n;
   bool tiny = k < -1020;
@@ -92,35 +100,23 @@ static inline float st_erf(float x) {
 static inline double st_erf(double x) {
   double a = x < 0.0 ? -x : x;
   double z = x * x;
-  double t = 9.60497373987051638749e0;
-  t = ST_FMA(t, z, 9.00260197203842689217e1);
-  t = ST_FMA(t, z, 2.23200534594684319226e3);
-  t = ST_FMA(t, z, 7.00332514112805075473e3);
-  t = ST_FMA(t, z, 5.55923013010394962768e4);
-  double u = z + 3.35617141647503099647e1;
-  u = ST_FMA(u, z, 5.21357949780152679795e2);
-  u = ST_FMA(u, z, 4.59432382970980127987e3);
-  u = ST_FMA(u, z, 2.26290000613890934246e4);
-  u = ST_FMA(u, z, 4.92673942608635921086e4);
+  double t = st_horner(z, 9.60497373987051638749e0, 9.00260197203842689217e1,
+                       2.23200534594684319226e3, 7.00332514112805075473e3,
+                       5.55923013010394962768e4);
+  double u = st_horner(z, 1.0, 3.35617141647503099647e1, 5.21357949780152679795e2,
+                       4.59432382970980127987e3, 2.26290000613890934246e4,
+                       4.92673942608635921086e4);
   double small = x * t / u;
   double b = a < 8.0 ? a : 8.0;
-  double p = 2.46196981473530512524e-10;
-  p = ST_FMA(p, b, 5.64189564831068821977e-1);
-  p = ST_FMA(p, b, 7.46321056442269912687e0);
-  p = ST_FMA(p, b, 4.86371970985681366614e1);
-  p = ST_FMA(p, b, 1.96520832956077098242e2);
-  p = ST_FMA(p, b, 5.26445194995477358631e2);
-  p = ST_FMA(p, b, 9.34528527171957607540e2);
-  p = ST_FMA(p, b, 1.02755188689515710272e3);
-  p = ST_FMA(p, b, 5.57535335369399327526e2);
-  double q = b + 1.32281951154744992508e1;
-  q = ST_FMA(q, b, 8.67072140885989742329e1);
-  q = ST_FMA(q, b, 3.54937778887819891062e2);
-  q = ST_FMA(q, b, 9.75708501743205489753e2);
-  q = ST_FMA(q, b, 1.82390916687909736289e3);
-  q = ST_FMA(q, b, 2.24633760818710981792e3);
-  q = ST_FMA(q, b, 1.65666309194161350182e3);
-  q = ST_FMA(q, b, 5.57535340817727675546e2);
+  double p = st_horner(b, 2.46196981473530512524e-10, 5.64189564831068821977e-1,
+                       7.46321056442269912687e0, 4.86371970985681366614e1,
+                       1.96520832956077098242e2, 5.26445194995477358631e2,
+                       9.34528527171957607540e2, 1.02755188689515710272e3,
+                       5.57535335369399327526e2);
+  double q = st_horner(b, 1.0, 1.32281951154744992508e1, 8.67072140885989742329e1,
+                       3.54937778887819891062e2, 9.75708501743205489753e2,
+                       1.82390916687909736289e3, 2.24633760818710981792e3,
+                       1.65666309194161350182e3, 5.57535340817727675546e2);
   double large = 1.0 - st_exp(-b * b) * p / q;
   large = x < 0.0 ? -large : large;
   double out = a < 1.0 ? small : large;
@@ -148,10 +144,10 @@ static inline double st_tanh(double x) {
   // |x| < 0.625: Cephes' rational form x + x z P(z) / Q(z), z = x^2; else 1 - 2 / (e^2|x| + 1).
   double a = x < 0.0 ? -x : x;
   double z = x * x;
-  double p = ST_FMA(ST_FMA(-9.64399179425052238628e-1, z, -9.92877231001918586564e1), z,
-                    -1.61468768441708447952e3);
-  double q = ST_FMA(ST_FMA(z + 1.12811678491632931402e2, z, 2.23548839060100448583e3), z,
-                    4.84406305325125486048e3);
+  double p = st_horner(z, -9.64399179425052238628e-1, -9.92877231001918586564e1,
+                       -1.61468768441708447952e3);
+  double q = st_horner(z, 1.0, 1.12811678491632931402e2, 2.23548839060100448583e3,
+                       4.84406305325125486048e3);
   double small = ST_FMA(x * z, p / q, x);
   double t = 1.0 - 2.0 / (st_exp(2.0 * a) + 1.0);
   t = x < 0.0 ? -t : t;
