@@ -326,18 +326,24 @@ class SinkPermutesPass(Pass):
         for block in list(blocks_of(module)):
             # the layout changes after channels-last convolutions and of permuted arguments
             # (``permute_arguments``), then those sunk from them
-            work = [op for op in block.ops if isinstance(op, st.PermuteOp) and
-                    _from_channels_last(op)]
-            while work:
-                perm_op = work.pop()
-                if perm_op.parent is None:
-                    continue
-                for user in list(dict.fromkeys(perm_op.result.users)):
-                    new = _sink_through(user, tuple(perm_op.attributes["perm"]))
-                    if new is not None:
-                        work.append(new)
-                        sunk += 1
+            sunk += sink_from([op for op in block.ops if isinstance(op, st.PermuteOp) and
+                               _from_channels_last(op)])
         ctx.bump("sink-permutes.sunk", sunk)
+
+
+def sink_from(work: list) -> int:
+    """Sink the permutes ``work`` down their users, and those sunk from them; how many moved."""
+    sunk = 0
+    while work:
+        perm_op = work.pop()
+        if perm_op.parent is None:
+            continue
+        for user in list(dict.fromkeys(perm_op.result.users)):
+            new = _sink_through(user, tuple(perm_op.attributes["perm"]))
+            if new is not None:
+                work.append(new)
+                sunk += 1
+    return sunk
 
 
 def permute_arguments(func, perms: dict[int, tuple[int, ...]]) -> None:
