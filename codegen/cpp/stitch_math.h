@@ -6,6 +6,7 @@
 #pragma once
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <cmath>
 
 // ST_FMA: one rounding where the target has fused multiply-add (explicit, so -ffp-contract=off
@@ -171,6 +172,25 @@ template <typename T> static inline T st_rsqrt(T x) { return T(1) / std::sqrt(x)
 template <typename T> static inline T st_relu(T x) { return x != x ? x : (x > T(0) ? x : T(0)); }
 template <typename T> static inline T st_max(T a, T b) { return a != a ? a : (b != b ? b : (a > b ? a : b)); }
 template <typename T> static inline T st_min(T a, T b) { return a != a ? a : (b != b ? b : (a < b ? a : b)); }
+// ``c ? a : b`` as a bit blend, for a condition that does not change in the vector loop (a
+// padded read's bounds test, hoisted above it): written as ``?:``, GCC unswitched or threaded
+// the loop on each such condition and vectorised nothing (a 3x3 max pool's nine padded taps:
+// 15 ms scalar and branching on the data, 1.3 ms blended).
+template <typename T> static inline T st_pick(bool c, T a, T b) {
+  if constexpr (sizeof(T) == 4 || sizeof(T) == 8) {
+    using U = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+    U ua, ub;
+    std::memcpy(&ua, &a, sizeof(T));
+    std::memcpy(&ub, &b, sizeof(T));
+    const U m = U(0) - U(c);
+    const U r = (ua & m) | (ub & ~m);
+    T out;
+    std::memcpy(&out, &r, sizeof(T));
+    return out;
+  } else {
+    return c ? a : b;
+  }
+}
 template <typename T> static inline T st_sign(T x) { return x > T(0) ? T(1) : (x < T(0) ? T(-1) : T(0)); }
 template <typename T> static inline T st_floordiv_f(T a, T b) { return std::floor(a / b); }
 template <typename T> static inline T st_remainder_f(T a, T b) { T r = std::fmod(a, b); return (r != 0 && ((r < 0) != (b < 0))) ? r + b : r; }
