@@ -558,24 +558,30 @@ class Emitter:
             return inner
         fill = literal(op.attributes["value"], op.result.type.dtype)
         inside = conds[0] if len(conds) == 1 else self.temp("bool", " && ".join(conds), "ok")
-        if self._home(self.deps[inside]) < len(self.scopes) - 1:  # invariant here: no branch
-            return self.temp(ct, f"st_pick<{ct}>({inside}, {inner}, ({ct}){fill})")
-        return self.temp(ct, f"({inside} ? {inner} : {fill})")
+        return self.select(inside, inner, f"({ct}){fill}", ct)
+
+    def select(self, cond: str, a: str, b: str, ct: str) -> str:
+        """``cond ? a : b`` as a temporary; a bit blend (``st_pick``) where ``cond`` (a
+        temporary) does not change in the current loop: written as ``?:`` there, GCC threaded or
+        unswitched the loop on it and vectorised nothing."""
+        if self._home(self.deps[cond]) < len(self.scopes) - 1:
+            return self.temp(ct, f"st_pick<{ct}>({cond}, {a}, {b})")
+        return self.temp(ct, f"({cond} ? {a} : {b})")
 
     def cat(self, op: st.CatOp, idx: list[str], ct: str) -> str:
         d = op.attributes["dim"]
         parts, start = [], 0
-        for o in op.operands:
+        for o in op.operands:  # each part's index, clamped (a temporary: see ``pad``)
             n = dims(o)[d]
             src = list(idx)
-            src[d] = f"({idx[d]} < {start} ? 0 : ({idx[d]} >= {start + n} ? {n - 1} : " \
-                     f"{idx[d]} - {start}))"
+            src[d] = self.temp("int64_t", f"({idx[d]} < {start} ? 0 : ({idx[d]} >= {start + n} ? "
+                                          f"{n - 1} : {idx[d]} - {start}))", "ix")
             parts.append((start, start + n, self.value(o, src)))
             start += n
         expr = parts[-1][2]
         for _lo, hi, e in reversed(parts[:-1]):
-            expr = f"({idx[d]} < {hi} ? {e} : {expr})"
-        return self.temp(ct, expr)
+            expr = self.select(self.temp("bool", f"({idx[d]} < {hi})", "ok"), e, expr, ct)
+        return expr
 
 
 def reshape_index(idx: list[str], out_shape: list[int], in_shape: list[int]) -> list[str]:

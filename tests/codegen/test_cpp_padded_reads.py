@@ -1,6 +1,7 @@
-"""Padded reads in cpu kernels: a bounds test that does not change in the vector loop is
-hoisted above it and selects by a bit blend (``st_pick``), so the loop vectorises; values
-against eager torch, NaN and infinities included."""
+"""Padded reads and concatenations in cpu kernels: a bounds test (which part, inside the
+padding or not) that does not change in the vector loop is hoisted above it and selects by a
+bit blend (``st_pick``), so the loop vectorises; values against eager torch, NaN and infinities
+included."""
 
 from __future__ import annotations
 
@@ -69,3 +70,31 @@ def test_padded_pool_taps_vectorise_and_match_eager(n, c, h, w, tmp_path):
     for k, source in enumerate(pooled):
         loops, vectorised = _vectorised_simd_loops(source, tmp_path / str(k))
         assert loops and vectorised == loops, (loops, vectorised)
+
+
+class CatOuter(torch.nn.Module):
+    """Concatenations along an outer dim (channels of NCHW, rows of a matrix), fused with
+    element-wise producers and a consumer: the vector loop runs along W, so which part an
+    element comes from does not change in it."""
+
+    def forward(self, a, b, c):
+        y = torch.cat([torch.tanh(a), b * 2, c + 1], 1)
+        return torch.relu(y) * 0.5 - 1, torch.cat([a.flatten(1), c.flatten(1)], 0).sigmoid()
+
+
+@pytest.mark.parametrize("n,h,w", [(2, 5, 33), (1, 1, 1), (3, 4, 64)])
+def test_outer_concatenations_vectorise_and_match_eager(n, h, w, tmp_path):
+    torch.manual_seed(0)
+    a, b, c = torch.randn(n, 3, h, w), torch.randn(n, 2, h, w), torch.randn(n, 3, h, w)
+    a[0, 0, 0, 0] = float("nan")
+    m = CatOuter()
+    g = compile_program(import_model(m, (a, b, c)), device_spec=cpu_spec(measure=False))
+    for got, ref in zip(g(a, b, c), m(a, b, c)):
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5, equal_nan=True)
+    cats = [s.source.source for s in g.steps
+            if s.kind == "kernel" and "st.cat" in s.source.source.splitlines()[1]]
+    assert cats
+    if w > 1:
+        for k, source in enumerate(cats):
+            loops, vectorised = _vectorised_simd_loops(source, tmp_path / str(k))
+            assert loops and vectorised == loops, (loops, vectorised)
