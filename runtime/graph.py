@@ -47,7 +47,14 @@ import torch
 from codegen.cpp.emit import ERRORS, Unsupported
 from codegen.cpp.kernel import KernelSource, render_group
 from runtime.build import load_built
-from runtime.convolution import _contiguous, convolution_run, permuted_call_run, takes_strided
+from runtime.convolution import (
+    _contiguous,
+    convolution_run,
+    half_convolution,
+    in_float,
+    permuted_call_run,
+    takes_strided,
+)
 from runtime.views import VIEW_OPS, ViewMemos, reshape_base, runs_as_views, view, view_fn, view_group_run
 from stitch_ir.core import BlockArgument, FuncOp, OpResult, Value
 from stitch_ir.dialects import fusion, st
@@ -294,6 +301,9 @@ class CompiledGraph(ViewMemos):
                 "torch", reads, writes)
         if isinstance(op, st.TorchCallOp):
             fn = resolve_torch_op(op.attributes["target"])
+            if op.attributes["target"] == "aten.convolution_backward.default" and \
+                    half_convolution(op):
+                fn = in_float(fn)
             spec = op.attributes["args"]
             keep = takes_strided(op.attributes["target"])
             decode = torch_args_decoder(spec)

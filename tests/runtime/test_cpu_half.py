@@ -224,3 +224,44 @@ def test_embedding_bag_sums_in_float(dt):
                               F.embedding_bag(i, w, o, mode="max")), [w, idx, off, psw])
     check(lambda w, i, o: F.embedding_bag(i, w, o, mode="mean"), [w, idx, off],
           ulps=0 if dt == torch.float16 else 1)
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 9, 7), (2, 3, 4, 4)])
+def test_float16_convolutions_compute_in_float32_where_onednn_cannot(shape):
+    """A small conv net's float16 training step (maps down to 1x1, strided, padded, a 1x1 and a
+    grouped convolution): where oneDNN has no float16 convolutions, each convolution and its
+    backward run in float32 and round once (``runtime.convolution.in_float``) instead of torch's
+    reference path -- no _slow_conv2d call -- and the output and every gradient are as close to
+    a float64 reference as eager's float16 ones are (a few float16 ulps)."""
+    import copy
+
+    from runtime.convolution import HALF_CONVOLUTIONS
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 16, 3, stride=2, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 16, 3, padding=1, groups=4), torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 8, 1), torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.Flatten())
+    ref = copy.deepcopy(net).double()
+    eager = copy.deepcopy(net).half()
+    net = net.half()
+    torch._dynamo.reset()
+    f = torch.compile(net, backend="stitch", dynamic=False)
+    x = torch.randn(*shape)
+    results = {}
+    for name, model, fn, dt in (("stitch", net, f, torch.float16), ("eager", eager, eager, torch.float16),
+                                ("ref", ref, ref, torch.float64)):
+        xi = x.to(dt).requires_grad_()
+        with torch.profiler.profile() as prof:
+            out = fn(xi)
+            out.float().square().sum().backward()
+        if name == "stitch" and not HALF_CONVOLUTIONS:
+            assert not [e.name for e in prof.events() if "slow_conv" in e.name]
+        results[name] = [out.double(), xi.grad.double(),
+                         *(p.grad.double() for p in model.parameters())]
+    for k, (got, base, want) in enumerate(zip(results["stitch"], results["eager"], results["ref"])):
+        scale = want.abs().max().clamp_min(1e-3)
+        err, eager_err = (got - want).abs().max() / scale, (base - want).abs().max() / scale
+        assert err <= max(2 * eager_err, 4e-3), (k, err.item(), eager_err.item())
