@@ -24,10 +24,11 @@ if TYPE_CHECKING:
     from runtime.graph import CallState
 
 
-# Whether oneDNN runs float16 convolutions on this cpu (AVX512-FP16 / AMX-FP16). Where it does
-# not, torch falls back to its reference path (_slow_conv2d): resnet18-tiny's float16 training
-# step spent 51 ms in it (a 3x3 backward over an 8x128x1x1 map: 9.9 ms, 0.15 in float32).
-HALF_CONVOLUTIONS = bool(getattr(getattr(torch.ops, "mkldnn", None), "_is_mkldnn_fp16_supported",
+# Whether oneDNN runs float16 convolutions and matrix products on this cpu (AVX512-FP16 /
+# AMX-FP16). Where it does not, torch falls back to reference paths: resnet18-tiny's float16
+# training step spent 51 ms in _slow_conv2d (a 3x3 backward over an 8x128x1x1 map: 9.9 ms, 0.15
+# in float32), and a 256x256x256 float16 mm takes 12.4 ms (0.2 ms in float32).
+ONEDNN_FLOAT16 = bool(getattr(getattr(torch.ops, "mkldnn", None), "_is_mkldnn_fp16_supported",
                                  lambda: False)())
 
 
@@ -46,12 +47,12 @@ def in_float(fn: Callable) -> Callable:
     return run
 
 
-def half_convolution(op) -> bool:
-    """Whether convolution (or convolution backward) ``op`` computes on float16 tensors that
-    oneDNN cannot run here (``HALF_CONVOLUTIONS``)."""
+def half_in_float(op) -> bool:
+    """Whether ``op`` (a convolution, its backward, a matrix product) computes on float16
+    tensors that oneDNN cannot run here (``ONEDNN_FLOAT16``): it then runs in float32."""
     from stitch_ir.types import DType
 
-    return not HALF_CONVOLUTIONS and any(
+    return not ONEDNN_FLOAT16 and any(
         getattr(v.type, "dtype", None) is DType.f16 for v in [*op.operands, *op.results])
 
 
@@ -61,7 +62,7 @@ def convolution_run(op, reads: list[int], writes: list[int], memo: int | None) -
     weight's channels-last copy (the step index, for a weight the caller passes); None copies
     every call (a weight the graph computes lives in an arena buffer rewritten in place)."""
     a = op.attributes
-    conv = in_float(torch.convolution) if half_convolution(op) else torch.convolution
+    conv = in_float(torch.convolution) if half_in_float(op) else torch.convolution
     args = (list(a["stride"]), list(a["padding"]), list(a["dilation"]), bool(a["transposed"]),
             list(a["output_padding"]), int(a["groups"]))
     if a.get("channels_last") and op.result.type.rank == 3:
@@ -109,7 +110,7 @@ def permuted_call_run(op, fn, reads: list[int], writes: list[int], key: int,
     backward faster than both (2x128x1024 -> 1024, k=1: 13.2 / 2.7 / 2.4 ms)."""
     from stitch_ir.interpreter import torch_args_decoder, torch_call_results
 
-    if op.attributes["target"] == "aten.convolution_backward.default" and half_convolution(op):
+    if op.attributes["target"] == "aten.convolution_backward.default" and half_in_float(op):
         fn = in_float(fn)
     spec = op.attributes["args"]
     ins = [st.inverse_perm(p) if p else None

@@ -9,6 +9,8 @@ Also here: round(x, decimals) bit for bit in every float type, rank-0 and zero-s
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -233,9 +235,7 @@ def test_float16_convolutions_compute_in_float32_where_onednn_cannot(shape):
     backward run in float32 and round once (``runtime.convolution.in_float``) instead of torch's
     reference path -- no _slow_conv2d call -- and the output and every gradient are as close to
     a float64 reference as eager's float16 ones are (a few float16 ulps)."""
-    import copy
-
-    from runtime.convolution import HALF_CONVOLUTIONS
+    from runtime.convolution import ONEDNN_FLOAT16
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(
@@ -257,7 +257,7 @@ def test_float16_convolutions_compute_in_float32_where_onednn_cannot(shape):
         with torch.profiler.profile() as prof:
             out = fn(xi)
             out.float().square().sum().backward()
-        if name == "stitch" and not HALF_CONVOLUTIONS:
+        if name == "stitch" and not ONEDNN_FLOAT16:
             assert not [e.name for e in prof.events() if "slow_conv" in e.name]
         results[name] = [out.double(), xi.grad.double(),
                          *(p.grad.double() for p in model.parameters())]
@@ -265,3 +265,55 @@ def test_float16_convolutions_compute_in_float32_where_onednn_cannot(shape):
         scale = want.abs().max().clamp_min(1e-3)
         err, eager_err = (got - want).abs().max() / scale, (base - want).abs().max() / scale
         assert err <= max(2 * eager_err, 4e-3), (k, err.item(), eager_err.item())
+
+
+def test_float16_matrix_products_compute_in_float32_where_onednn_cannot():
+    """mm, bmm, addmm and linear on float16 values (an attention-like block): where oneDNN has
+    no float16 matrix products, each runs in float32 and rounds once into the float16 result
+    -- no matrix product sees a float16 operand -- and the results are as close to float64 as
+    eager's float16 ones."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from runtime.convolution import ONEDNN_FLOAT16
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.o = torch.nn.Linear(24, 24), torch.nn.Linear(24, 24, bias=False)
+
+        def forward(self, x, w, c):
+            q = self.q(x)
+            s = torch.bmm(q, q.transpose(1, 2)).softmax(-1)
+            y = self.o(torch.bmm(s, x))
+            return torch.addmm(c, y.flatten(0, 1), w) * 0.5, torch.mm(y[0], w)
+
+    torch.manual_seed(0)
+    m = Block()
+    args = (torch.randn(3, 7, 24), torch.randn(24, 5), torch.randn(21, 5))
+    half = tuple(a.half() for a in args)
+    g = compile_program(import_model(copy_half(m), half), device_spec=cpu_spec(measure=False))
+    products = []
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, a=(), kw=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.bmm, torch.ops.aten.addmm):
+                products.append({t.dtype for t in a if isinstance(t, torch.Tensor)})
+            return func(*a, **(kw or {}))
+
+    with Spy():
+        got = g(*half)
+    assert products
+    if not ONEDNN_FLOAT16:
+        assert all(torch.float16 not in d for d in products), products
+    with torch.no_grad():
+        eager = copy_half(m)(*half)
+        ref = copy.deepcopy(m).double()(*(a.double() for a in args))
+    for k, (a, b, want) in enumerate(zip(got, eager, ref)):
+        scale = want.abs().max()
+        err = (a.double() - want).abs().max() / scale
+        eager_err = (b.double() - want).abs().max() / scale
+        assert a.dtype == torch.float16 and err <= max(2 * eager_err, 2e-3), (k, err, eager_err)
+
+
+def copy_half(m):
+    return copy.deepcopy(m).half()
