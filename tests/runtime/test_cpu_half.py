@@ -10,6 +10,7 @@ Also here: round(x, decimals) bit for bit in every float type, rank-0 and zero-s
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -317,3 +318,18 @@ def test_float16_matrix_products_compute_in_float32_where_onednn_cannot():
 
 def copy_half(m):
     return copy.deepcopy(m).half()
+
+
+@pytest.mark.parametrize("dt", HALF)
+def test_stores_narrow_without_rounding_first(dt):
+    """A half result stored to its own type is narrowed from the value before its rounding
+    (narrowing rounds the same way): no store narrows a rounding temporary, and the results are
+    eager's bit for bit -- overflow to inf, subnormals, NaN and ties included."""
+    x = torch.tensor([1.0, -2.5, 6.0e4, 7.0e4, 3e-6, -1e-7, float("nan"), float("inf"), 0.1,
+                      1 + 2 ** -11, 1 + 3 * 2 ** -11, -0.0] * 3).to(dt)
+    y = torch.randn(x.numel()).to(dt)
+    g = check(lambda x, y: (x * y + x, x / (y.abs() + 1) * 1.5, x * 2), [x, y])
+    src = "".join(s.source.source for s in g.steps if s.kind == "kernel")
+    rounded = set(re.findall(r"const float (t\d+) = st_round_(?:h|bf)\(", src))
+    stored = set(re.findall(r"= st_f2(?:h|bf)\((t\d+)\);", src))
+    assert stored and not stored & rounded, (stored, rounded)
