@@ -32,6 +32,7 @@ from codegen.cpp.emit import hint as size_hint
 from codegen.cpp.layout import buffer_bytes, transposed_dim
 from stitch_ir.core import Value
 from stitch_ir.dialects import fusion, st
+from stitch_ir.types import DType
 
 
 def _split(shape: list[int], rows: int) -> int | None:
@@ -123,10 +124,14 @@ class RowKernel:
         return [i for i, n in zip(idx, shape) if n != 1] == [i for i, n in zip(want, shape)
                                                              if n != 1]
 
-    def _register(self, v: Value, expr: str) -> None:
+    def _register(self, v: Value, expr: str, strict: bool = True) -> None:
+        """Reads of ``v`` at the current row and column become ``expr``; elsewhere they are not
+        possible (``strict``) or read ``v``'s buffer as usual."""
         def hook(idx, v=v, expr=expr):
             if self._same_position(idx, v):
                 return expr
+            if not strict:
+                return None
             raise RowsUnfit("a row value is read at another row or column")
 
         self.em.known[id(v)] = hook
@@ -183,6 +188,18 @@ class RowKernel:
             if math.prod(dims(a)) == full and size_hint(self.R) > 1:
                 em.line(f"st_prefetch_row({self.em.buffers[id(a)]} + (r + 1 < {self.R} ? r + 1 : r)"
                         f" * {self.L}, {self.L * a.type.dtype.itemsize});")
+        # float16 rows widened whole before the vector loops, and float16 results narrowed whole
+        # after them (st_h2f_row / st_f2h_row: the conversion instructions, which GCC does not
+        # vectorise itself); the loops read and write float
+        half_in = [a for a in self.group.body.args if math.prod(dims(a)) == full and
+                   a.type.dtype is DType.f16 and self.em.stored.get(self.em.buffers.get(id(a)))
+                   is DType.f16 and used_in.get(id(a))]
+        for k, a in enumerate(half_in):
+            em.line(f"st_h2f_row(hrow{k}, {self.em.buffers[id(a)]} + r * {self.L}, {self.L});")
+            self._register(a, f"hrow{k}[j]", strict=False)
+        half_out = {id(v): f"hout{k}" for k, v in enumerate(
+            v for v in outs_full if v.type.dtype is DType.f16 and id(v) not in streams and
+            self.em.stored.get(self.out_ptrs[id(v)]) is DType.f16)}
         means: dict[int, str] = {}
         done_row_outs: set[int] = set()
         for loop in range(n_loops):
@@ -190,6 +207,7 @@ class RowKernel:
             steps += [(r, "dev") for r in self.reduces
                       if isinstance(r, st.VarOp) and loop_of[id(r)] + 1 == loop]
             stores = [((streams[id(v)], "j") if id(v) in streams else
+                       (half_out[id(v)], "j") if id(v) in half_out else
                        (self.out_ptrs[id(v)], f"r * {self.L} + j"), v)
                       for v in outs_full if avail[id(v)] == loop]
             stores += [((bufs[id(v)], "j"), v) for v in regional if avail[id(v)] == loop]
@@ -219,12 +237,19 @@ class RowKernel:
                 x = em.value(r.operand(0), self.idx_of(r.operand(0)))
                 em.line(_acc_update(r, mode, acc, x, means.get(id(r))))
             for (ptr, lin), v in stores:
-                em.line(em.store(ptr, lin, v.type.dtype, em.value(v, self.idx_of(v))))
+                x = em.value(v, self.idx_of(v))
+                if id(v) in half_out:  # narrowed by st_f2h_row, which rounds: not rounded here
+                    em.line(f"{ptr}[{lin}] = {em.unrounded.get(x, (None, x))[1]};")
+                else:
+                    em.line(em.store(ptr, lin, v.type.dtype, x))
             em.pop()
             lines.extend("        " + d for d in self.col_decl)
             lines.extend(body)
             em.line("}")
             for _, v in stores:
+                if id(v) in half_out:
+                    em.line(f"st_f2h_row({self.out_ptrs[id(v)]} + r * {self.L}, "
+                            f"{half_out[id(v)]}, {self.L});")
                 if id(v) in streams:
                     em.line(f"st_stream_row({self.out_ptrs[id(v)]} + r * {self.L}, {streams[id(v)]}, "
                             f"{self.L * v.type.dtype.itemsize});")
@@ -252,6 +277,8 @@ class RowKernel:
         em.pop()
         return {"R": f"{self.R}", "L": f"{self.L}", "row_decl": self.row_decl, "lines": lines,
                 "row_buffers": [(bufs[id(v)], ctype(v.type.dtype)) for v in regional] +
+                [(f"hrow{k}", "float") for k in range(len(half_in))] +
+                [(name, "float") for name in half_out.values()] +
                 [(streams[id(v)], storage_ctype(v.type.dtype)) for v in outs_full
                  if id(v) in streams],
                 "streaming": bool(streams)}

@@ -4,6 +4,9 @@
 // tanh <= 4 ulp (Cephes polynomial below 0.625, through exp above), sigmoid <= 4 ulp.
 // NaN and inf propagate.
 #pragma once
+#if defined(__AVX__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -264,6 +267,41 @@ static inline uint16_t st_f2bf(float f) {
   const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
   const uint32_t m_nan = 0u - (uint32_t)((u & 0x7FFFFFFFu) > 0x7F800000u);
   return (uint16_t)((r & ~m_nan) | (((u >> 16) | 0x40u) & m_nan));
+}
+// A row of float16 widened to float, or a row of float narrowed to float16 (nearest even), by
+// the F16C / AVX-512 conversion instructions where the target has them: one instruction per 8
+// or 16 lanes, where st_h2f / st_f2h take 10-15 (GCC emits only the scalar form of these
+// instructions for _Float16, so the rows strategy converts whole rows with these before and
+// after its vector loops). Same values as st_h2f / st_f2h (a NaN stays a NaN, quieted).
+static inline void st_h2f_row(float* __restrict dst, const uint16_t* __restrict src, int64_t n) {
+  int64_t done = 0;
+#if defined(__AVX512F__)
+  done = n - n % 16;
+  for (int64_t i = 0; i < done; i += 16)
+    _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(src + i))));
+#elif defined(__F16C__)
+  done = n - n % 8;
+  for (int64_t i = 0; i < done; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(src + i))));
+#endif
+  for (int64_t i = done; i < n; ++i) dst[i] = st_h2f(src[i]);
+}
+static inline void st_f2h_row(uint16_t* __restrict dst, const float* __restrict src, int64_t n) {
+  int64_t done = 0;
+#if defined(__AVX512F__)
+  done = n - n % 16;
+  for (int64_t i = 0; i < done; i += 16)
+    _mm256_storeu_si256((__m256i*)(dst + i),
+                        _mm512_cvtps_ph(_mm512_loadu_ps(src + i),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#elif defined(__F16C__)
+  done = n - n % 8;
+  for (int64_t i = 0; i < done; i += 8)
+    _mm_storeu_si128((__m128i*)(dst + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#endif
+  for (int64_t i = done; i < n; ++i) dst[i] = st_f2h(src[i]);
 }
 // float16 rounding without the trip through 16 bits: a normal result keeps 10 mantissa bits
 // (the nearest-even carry, the low 13 bits cleared), below 2^-14 the result is a multiple of

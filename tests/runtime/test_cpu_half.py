@@ -333,3 +333,18 @@ def test_stores_narrow_without_rounding_first(dt):
     rounded = set(re.findall(r"const float (t\d+) = st_round_(?:h|bf)\(", src))
     stored = set(re.findall(r"= st_f2(?:h|bf)\((t\d+)\);", src))
     assert stored and not stored & rounded, (stored, rounded)
+
+
+@pytest.mark.parametrize("length", [1000, 16, 5])
+def test_float16_rows_convert_whole_rows(length):
+    """A rows kernel on float16 widens each input row and narrows each result row whole
+    (``st_h2f_row`` / ``st_f2h_row``: the conversion instructions), and stays eager's bit for
+    bit: subnormals, infinities, NaN, values that round to a tie, rows not a multiple of 16."""
+    torch.manual_seed(0)
+    x = torch.randn(37, length).to(torch.float16) * 4
+    x[0, : min(4, length)] = torch.tensor([6e-8, -3e-5, 1e-7, 2.0 ** -24])[: min(4, length)].half()
+    x[1, 0], x[2, length // 2], x[3, -1] = float("inf"), float("nan"), -float("inf")
+    x[4] = 65504.0  # max - max = 0; x * 1.5 overflows to inf
+    g = check(lambda x: (x - x.amax(-1, keepdim=True), x * 1.5 + x.sum(-1, keepdim=True)), [x])
+    src = "".join(s.source.source.split('extern "C"')[1] for s in g.steps if s.kind == "kernel")
+    assert "st_h2f_row(" in src and "st_f2h_row(" in src
