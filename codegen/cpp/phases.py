@@ -42,7 +42,7 @@ from codegen.cpp.layout import (
 from codegen.cpp.scatter import ScatterPhases
 from stitch_ir.core import Value
 from stitch_ir.dialects import fusion, st
-from stitch_ir.types import Sym
+from stitch_ir.types import DType, Sym
 
 
 def _acc_type(op: st.ReduceOp) -> str:
@@ -85,6 +85,11 @@ class PhaseKernel(ScatterPhases):
         self.scratch: list[int] = []
         self.n_loops = 0
         self.gathers = sets_err(self.body)  # the loops reduce the error flag
+        # float16 rows converted whole around a plain nest's vector loop (``_half_rows``):
+        # output pointer -> the float row buffer its stores go to, and the nest's index
+        self.half_out: dict[str, str] = {}
+        self.half_idx: list[str] = []
+        self.n_half = 0
 
     def materialised(self) -> list[Value]:
         """Values with a loop nest of their own, in an order producers-first. An output that is
@@ -211,9 +216,10 @@ class PhaseKernel(ScatterPhases):
 
     # one loop nest over ``shape``; ``emit(idx)`` writes the body
     def nest(self, shape: list[int], emit, reductions: str = "",
-             order: list[int] | None = None) -> None:
+             order: list[int] | None = None, half: list[tuple[Value, list[str]]] = ()) -> None:
         """One loop nest over ``shape``; ``emit(idx)`` writes the body. ``order``: the dims from
-        outermost to innermost (row-major by default; the innermost is always the last dim)."""
+        outermost to innermost (row-major by default; the innermost is always the last dim).
+        ``half``: the (value, output pointers) the body computes, for ``_half_rows``."""
         em = self.em
         self.n_loops += 1
         names = [f"i{self.n_loops}_{k}" for k in range(len(shape))]
@@ -239,7 +245,75 @@ class PhaseKernel(ScatterPhases):
         # Two scopes: what depends only on the collapsed (outer) loops -- a channel's scale, a
         # row's statistics -- is computed once per pass of the innermost loop, above it.
         with em.loop_body(names[:-1]):
+            post = self._half_rows(half, shape, names) if half and order == list(
+                range(len(shape))) else None
             self._simd_loop(names[-1], shape[-1], err, lambda: emit(names))
+            if post is not None:
+                post()
+
+    def _half_rows(self, half: list[tuple[Value, list[str]]], shape: list[int],
+                   names: list[str]):
+        """Before a plain nest's vector loop, widen the float16 input rows its values read at
+        their own position (through element-wise ops) whole into float row buffers, and send
+        its float16 stores to float row buffers narrowed whole after the loop (``st_h2f_row`` /
+        ``st_f2h_row``, the conversion instructions; as the rows strategy does). Returns what
+        to run after the loop, or None where nothing is converted."""
+        n = shape[-1]
+        if not isinstance(n, int) or not 16 <= n <= 4096:
+            return None
+        em = self.em
+        base = linearize(names[:-1] + ["0"], shape)
+        ins = self._direct_half_inputs([v for v, _ in half], shape)
+        outs = [t for v, ts in half if dims(v) == shape for t in ts
+                if em.stored.get(t) is DType.f16]
+        if not ins and not outs:
+            return None
+        saved = {}
+        for a in ins:
+            row = f"hin{self.n_half}"
+            self.n_half += 1
+            em.line(f"float {row}[{n}];")
+            em.line(f"st_h2f_row({row}, {em.buffers[id(a)]} + {base}, {n});")
+            saved[id(a)] = em.known.get(id(a))
+            em.known[id(a)] = lambda idx, row=row: f"{row}[{names[-1]}]" \
+                if list(idx) == names else None
+        for t in outs:
+            self.half_out[t] = f"hout{self.n_half}"
+            self.n_half += 1
+            em.line(f"float {self.half_out[t]}[{n}];")
+        self.half_idx = list(names)
+
+        def post():
+            for t in outs:
+                em.line(f"st_f2h_row({t} + {base}, {self.half_out.pop(t)}, {n});")
+            for k, hook in saved.items():
+                if hook is None:
+                    em.known.pop(k, None)
+                else:
+                    em.known[k] = hook
+            self.half_idx = []
+        return post
+
+    def _direct_half_inputs(self, values: list[Value], shape: list[int]) -> list[Value]:
+        """The float16 inputs of ``shape`` that ``values`` read at their own position: through
+        element-wise ops of that shape only, not through a materialised value."""
+        found, seen, todo = [], set(), list(values)
+        while todo:
+            v = todo.pop()
+            if id(v) in seen:
+                continue
+            seen.add(id(v))
+            if id(v) in self.em.buffers:
+                if v in self.group.body.args and dims(v) == shape and \
+                        self.em.stored.get(self.em.buffers[id(v)]) is DType.f16:
+                    found.append(v)
+                continue
+            op = getattr(v, "owner", None)
+            if op is None or op not in self.body or op.kind != st.ELEMENTWISE or \
+                    dims(v) != shape:
+                continue
+            todo.extend(o for o in op.operands if dims(o) == shape)
+        return found
 
     def _simd_loop(self, var: str, bound, err: str, body) -> None:
         """``#pragma omp simd`` over ``var`` in [0, ``bound``); ``body()`` writes the loop body,
@@ -255,7 +329,11 @@ class PhaseKernel(ScatterPhases):
     def store(self, targets: list[str], v: Value, idx: list[str], expr: str) -> None:
         lin = linearize(idx, dims(v))
         for t in targets:
-            self.em.line(self.em.store(t, lin, v.type.dtype, expr))
+            row = self.half_out.get(t)
+            if row is not None and list(idx) == self.half_idx:  # narrowed whole after the loop
+                self.em.line(f"{row}[{idx[-1]}] = {self.em.unrounded.get(expr, (None, expr))[1]};")
+            else:
+                self.em.line(self.em.store(t, lin, v.type.dtype, expr))
 
     def elementwise(self, v: Value, targets: list[str], others: list[Value] = ()) -> list[Value]:
         """``v``'s loop nest; returns those of ``others`` (outputs of ``v``'s shape that can be
@@ -297,7 +375,11 @@ class PhaseKernel(ScatterPhases):
             for w in plain:
                 self.store(self.out_names[id(w)], w, idx, self.em.value(w, idx))
 
-        self.merged_nest(dims(v), tail, emit_all)
+        if tail <= 1 and len(dims(v)) >= 2:
+            self.nest(dims(v), emit_all,
+                      half=[(v, targets), *((w, self.out_names[id(w)]) for w in plain)])
+        else:
+            self.merged_nest(dims(v), tail, emit_all)
         return plain
 
     def sibling_outputs(self, values: list[Value]) -> dict[int, list[Value]]:

@@ -354,3 +354,16 @@ def test_float16_rows_convert_whole_rows(length):
     g = check(lambda x: (x - x.amax(-1, keepdim=True), x * 1.5 + x.sum(-1, keepdim=True)), [x])
     src = "".join(s.source.source.split('extern "C"')[1] for s in g.steps if s.kind == "kernel")
     assert "st_h2f_row(" in src and "st_f2h_row(" in src
+
+
+@pytest.mark.parametrize("shape", [(37, 1000), (40, 3, 300), (2, 4097), (9, 15)])
+def test_float16_elementwise_rows_convert_whole_rows(shape):
+    """An element-wise float16 kernel widens the input rows it reads at its own position and
+    narrows its result rows whole around the vector loop (rows of 16 to 4096 elements), and
+    stays eager's bit for bit; rows outside that range convert per element, as before."""
+    torch.manual_seed(0)
+    x, y = torch.randn(*shape).half() * 3, torch.randn(*shape).half()
+    x.view(-1)[:3] = torch.tensor([float("nan"), float("inf"), 6e-8]).half()
+    g = check(lambda x, y: (F.silu(x) * y, x * 2 - y, (x + 1).float()), [x, y])
+    src = "".join(s.source.source.split('extern "C"')[1] for s in g.steps if s.kind == "kernel")
+    assert ("st_h2f_row(" in src and "st_f2h_row(" in src) == (16 <= shape[-1] <= 4096)
