@@ -197,6 +197,20 @@ class RowKernel:
         for k, a in enumerate(half_in):
             em.line(f"st_h2f_row(hrow{k}, {self.em.buffers[id(a)]} + r * {self.L}, {self.L});")
             self._register(a, f"hrow{k}[j]", strict=False)
+        # a float16 vector of one row's length read along the row (a norm's weight): widened
+        # once per thread, on its first row
+        half_vec = [a for a in self.group.body.args if dims(a) == [self.L] and
+                    isinstance(self.L, int) and size_hint(self.R) > 1 and
+                    a.type.dtype is DType.f16 and used_in.get(id(a)) and
+                    self.em.stored.get(self.em.buffers.get(id(a))) is DType.f16]
+        if half_vec:
+            em.line("if (!hvec_ready) {")
+            for k, a in enumerate(half_vec):
+                em.line(f"  st_h2f_row(hvec{k}, {self.em.buffers[id(a)]}, {self.L});")
+            em.line("  hvec_ready = true;")
+            em.line("}")
+        for k, a in enumerate(half_vec):
+            self.em.known[id(a)] = lambda idx, k=k: f"hvec{k}[j]" if list(idx) == ["j"] else None
         half_out = {id(v): f"hout{k}" for k, v in enumerate(
             v for v in outs_full if v.type.dtype is DType.f16 and id(v) not in streams and
             self.em.stored.get(self.out_ptrs[id(v)]) is DType.f16)}
@@ -278,10 +292,11 @@ class RowKernel:
         return {"R": f"{self.R}", "L": f"{self.L}", "row_decl": self.row_decl, "lines": lines,
                 "row_buffers": [(bufs[id(v)], ctype(v.type.dtype)) for v in regional] +
                 [(f"hrow{k}", "float") for k in range(len(half_in))] +
+                [(f"hvec{k}", "float") for k in range(len(half_vec))] +
                 [(name, "float") for name in half_out.values()] +
                 [(streams[id(v)], storage_ctype(v.type.dtype)) for v in outs_full
                  if id(v) in streams],
-                "streaming": bool(streams)}
+                "streaming": bool(streams), "half_vectors": bool(half_vec)}
 
     @property
     def em_has_gather(self) -> bool:

@@ -367,3 +367,14 @@ def test_float16_elementwise_rows_convert_whole_rows(shape):
     g = check(lambda x, y: (F.silu(x) * y, x * 2 - y, (x + 1).float()), [x, y])
     src = "".join(s.source.source.split('extern "C"')[1] for s in g.steps if s.kind == "kernel")
     assert ("st_h2f_row(" in src and "st_f2h_row(" in src) == (16 <= shape[-1] <= 4096)
+
+
+def test_float16_row_vectors_widen_once_per_thread():
+    """A float16 weight of one row's length that a rows kernel reads along every row (an RMS
+    norm's scale) is widened once per thread, not per element; results are eager's bits."""
+    torch.manual_seed(0)
+    x, w = torch.randn(33, 200).half(), torch.randn(200).half()
+    w[:2] = torch.tensor([float("inf"), 6e-8]).half()
+    g = check(lambda x, w: (x - x.mean(-1, keepdim=True)) * w, [x, w])
+    src = "".join(s.source.source.split('extern "C"')[1] for s in g.steps if s.kind == "kernel")
+    assert "hvec_ready" in src and "st_h2f(in1" not in src
