@@ -85,8 +85,6 @@ def choose(block, p: tuple[int, ...], layout_free: frozenset[int] = frozenset())
     rank = len(p)
     ops = [op for op in block.ops if _flexible(op, rank)]
     flex = set(ops)
-    g = nx.DiGraph()
-    S, T = "permuted", "logical"
     keep_cost = {op: 0.0 for op in ops}  # paid when the op keeps the logical order
     flip_cost = {op: TIE_BYTES for op in ops}  # paid when it computes permuted
     pair = {}
@@ -119,6 +117,8 @@ def choose(block, p: tuple[int, ...], layout_free: frozenset[int] = frozenset())
                 flip_cost[op] += b
     if not any(keep_cost.values()):
         return set()  # nothing here is held permuted: every op keeps its order
+    g = nx.DiGraph()
+    S, T = "permuted", "logical"
     for op in ops:
         g.add_edge(S, op, capacity=keep_cost[op])
         g.add_edge(op, T, capacity=flip_cost[op])

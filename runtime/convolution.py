@@ -56,6 +56,17 @@ def half_in_float(op) -> bool:
         getattr(v.type, "dtype", None) is DType.f16 for v in [*op.operands, *op.results])
 
 
+def torch_call_fn(op) -> Callable:
+    """The torch function an ``st.torch_call`` runs: its target, computing in float32 for a
+    float16 convolution backward where oneDNN has none (``half_in_float``)."""
+    from stitch_ir.interpreter import resolve_torch_op
+
+    fn = resolve_torch_op(op.attributes["target"])
+    if op.attributes["target"] == "aten.convolution_backward.default" and half_in_float(op):
+        return in_float(fn)
+    return fn
+
+
 def convolution_run(op, reads: list[int], writes: list[int], memo: int | None) -> Callable:
     """The run function ``(env, cs)`` of convolution ``op`` reading ``reads`` (input, weight,
     optional bias) into ``writes[0]``. ``memo``: the key under which the call state keeps the
@@ -110,8 +121,6 @@ def permuted_call_run(op, fn, reads: list[int], writes: list[int], key: int,
     backward faster than both (2x128x1024 -> 1024, k=1: 13.2 / 2.7 / 2.4 ms)."""
     from stitch_ir.interpreter import torch_args_decoder, torch_call_results
 
-    if op.attributes["target"] == "aten.convolution_backward.default" and half_in_float(op):
-        fn = in_float(fn)
     spec = op.attributes["args"]
     ins = [st.inverse_perm(p) if p else None
            for p in op.attr("operand_perms") or [()] * len(reads)]

@@ -51,15 +51,15 @@ from runtime.convolution import (
     _contiguous,
     convolution_run,
     half_in_float,
-    in_float,
     permuted_call_run,
     takes_strided,
+    torch_call_fn,
 )
 from runtime.views import VIEW_OPS, ViewMemos, reshape_base, runs_as_views, view, view_fn, view_group_run
 from stitch_ir.core import BlockArgument, FuncOp, OpResult, Value
 from stitch_ir.dialects import fusion, st
 from stitch_ir.importer import ImportedProgram, dtype_to_torch
-from stitch_ir.interpreter import IMPLS, resolve_torch_op, torch_args_decoder, torch_call_results
+from stitch_ir.interpreter import IMPLS, torch_args_decoder, torch_call_results
 from stitch_ir.types import Sym
 
 log = logging.getLogger("stitch.runtime")
@@ -295,15 +295,12 @@ class CompiledGraph(ViewMemos):
             return Step(op.name, self._library(op, reads, writes), "library", reads, writes)
         if isinstance(op, st.TorchCallOp) and (op.attr("operand_perms") or
                                                op.attr("result_perms")):
-            fn = resolve_torch_op(op.attributes["target"])
+            fn = torch_call_fn(op)
             return Step(op.attributes["target"], permuted_call_run(
                 op, fn, reads, writes, len(self.steps), set(self.prog.user_inputs)),
                 "torch", reads, writes)
         if isinstance(op, st.TorchCallOp):
-            fn = resolve_torch_op(op.attributes["target"])
-            if op.attributes["target"] == "aten.convolution_backward.default" and \
-                    half_in_float(op):
-                fn = in_float(fn)
+            fn = torch_call_fn(op)
             spec = op.attributes["args"]
             keep = takes_strided(op.attributes["target"])
             decode = torch_args_decoder(spec)
