@@ -14,6 +14,10 @@ groups run in the cpu emulation when interpreted), ``fusion`` (none | greedy | s
 ``time_limit`` (seconds the stitch planner may search per graph, default 10),
 ``cost_model`` (``analytic`` | ``learned`` | ``auto``, the default: the learned model where one
 trained on this machine won its held-out evaluation; see ``cost_model.learned``),
+``half_precision`` (cpu; also ``STITCH_HALF_PRECISION``: ``float32``, the default, keeps a
+kernel's float16 / bfloat16 values in float32 between its loads and stores, as Inductor does,
+rounding casts and what a discontinuous function reads; ``eager``: every op's result rounded,
+eager's bits; see ``codegen.cpp.emit``),
 ``channels_last`` (``True``, the cpu default: convolutions run channels-last, ``layout-channels-last``
 and ``sink-permutes``, the faster layout on every conv workload and client net measured in
 inference, see passes/layout.py -- except training graphs of small maps,
@@ -122,7 +126,7 @@ def compile_fx(gm: torch.fx.GraphModule, options: dict, example_inputs=None) -> 
     _dump(dump_dir, gid, "after_fusion.sir", print_module(module))
     _dump(dump_dir, gid, "plan.json", plan.dumps())
     if target == "cpu":
-        graph = CompiledGraph(prog)
+        graph = CompiledGraph(prog, half_precision=options.get("half_precision"))
         # dynamo's guards have checked every input's shape, strides and dtype (autograd, a
         # backward's gradients), and a per-shape specialisation is looked up by shape and dtype
         graph.check_inputs = False

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -44,7 +45,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from codegen.cpp.emit import ERRORS, Unsupported
+from codegen.cpp.emit import ERRORS, HALF_PRECISION, Unsupported
 from codegen.cpp.kernel import KernelSource, render_group
 from runtime.build import load_built
 from runtime.convolution import (
@@ -144,8 +145,15 @@ class Step:
 class CompiledGraph(ViewMemos):
     """Call with the model's user inputs (torch tensors); returns a list of output tensors."""
 
-    def __init__(self, prog: ImportedProgram, func: FuncOp | None = None):
+    def __init__(self, prog: ImportedProgram, func: FuncOp | None = None,
+                 half_precision: str | None = None):
         self.prog = prog
+        # which float16 / bfloat16 values the kernels round (codegen.cpp.emit.HALF_PRECISION):
+        # float32 between loads and stores (the default), or every op's result (eager's bits)
+        self.half_precision = half_precision or os.environ.get("STITCH_HALF_PRECISION", "float32")
+        if self.half_precision not in HALF_PRECISION:
+            raise ValueError(f"half_precision {self.half_precision!r} (STITCH_HALF_PRECISION?): "
+                             f"expected one of {', '.join(HALF_PRECISION)}")
         self.func = func or prog.module.func()
         # call states not in use (see CallState), by the symbolic sizes they were made for
         self._free_states: dict[tuple, list[CallState]] = {}
@@ -219,7 +227,7 @@ class CompiledGraph(ViewMemos):
             if isinstance(op, fusion.GroupOp) and op.kind != "view" and not _all_empty(op) \
                     and not runs_as_views(self.func, op):
                 try:  # named by kind and content: equal groups anywhere share one kernel
-                    sources[id(op)] = render_group(op, op.kind)
+                    sources[id(op)] = render_group(op, op.kind, self.half_precision)
                 except Unsupported as e:
                     sources[id(op)] = e
         todo = [(s.symbol, s.body) for s in sources.values() if isinstance(s, KernelSource)]
@@ -732,9 +740,11 @@ def _from_numpy(a: np.ndarray, v: Value) -> torch.Tensor:
 
 def compile_program(prog: ImportedProgram, target: str = "cpu", fusion: str = "stitch",
                     device_spec=None, channels_last: bool = False,
-                    cost_model: str | None = None) -> CompiledGraph:
+                    cost_model: str | None = None,
+                    half_precision: str | None = None) -> CompiledGraph:
     """Plan, fuse, schedule and build ``prog`` (already imported) for ``target`` (sm_80 / sm_90:
-    ``runtime.gpu_graph``). ``cost_model``: analytic | learned | auto (the planner's default)."""
+    ``runtime.gpu_graph``). ``cost_model``: analytic | learned | auto (the planner's default);
+    ``half_precision``: see ``CompiledGraph``."""
     from passes import PassContext, PassManager, pipeline
 
     if target != "cpu":  # Triton kernels: on a CUDA device, or under Triton's interpreter
@@ -744,7 +754,7 @@ def compile_program(prog: ImportedProgram, target: str = "cpu", fusion: str = "s
     ctx = PassContext(target=target, device_spec=device_spec)
     PassManager.parse(pipeline(fusion, channels_last=channels_last,
                                cost_model=cost_model)).run(prog.module, ctx)
-    g = CompiledGraph(prog)
+    g = CompiledGraph(prog, half_precision=half_precision)
     g.plan = ctx.results["plan"][prog.module.func().sym_name]
     return g
 

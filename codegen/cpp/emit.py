@@ -27,8 +27,16 @@ from stitch_ir.dialects import st
 from stitch_ir.types import DType, Sym
 
 # The C type a value is computed in. Half types (f16, bf16) are computed in float and stored as
-# their 16 bits (STORAGE): loads widen (``load``), every half-typed value is rounded to its type
-# (``round_to``), stores narrow (``store``) -- one rounding per op, as eager's cpu kernels do.
+# their 16 bits (STORAGE): loads widen (``load``), stores narrow (``store``). Between the two,
+# ``HALF_PRECISION`` says which values are rounded to their type (``round_to``):
+# - ``float32`` (the default; Inductor's rule): a kernel's half values stay float32 between its
+#   loads and stores -- casts to a half type included, which is how torch's decompositions
+#   spell eager's rounding of each op -- except iotas and the values a discontinuous function
+#   reads (rounding, comparisons, integer casts, floor division, isinf, arg-reductions:
+#   ``_DISCONTINUOUS``), which are rounded first: there a one-ulp difference could become a
+#   whole step, so a quantiser's buckets and a mask's comparisons match eager's;
+# - ``eager``: every half-typed result is rounded, one rounding per op as eager's cpu kernels
+#   do (eager's bits; a float16 rounding is about 14 vector instructions an element).
 CTYPE = {DType.f64: "double", DType.f32: "float", DType.f16: "float", DType.bf16: "float",
          DType.i64: "int64_t", DType.i32: "int32_t", DType.i16: "int16_t", DType.i8: "int8_t",
          DType.u8: "uint8_t", DType.i1: "bool"}
@@ -40,6 +48,7 @@ STORED = (*HALF, DType.i1)
 _WIDEN = {DType.f16: "st_h2f", DType.bf16: "st_bf2f"}
 _NARROW = {DType.f16: "st_f2h", DType.bf16: "st_f2bf"}
 _ROUND = {DType.f16: "st_round_h", DType.bf16: "st_round_bf"}
+HALF_PRECISION = ("float32", "eager")
 
 
 # A kernel returns a bit set of these (0: fine); the runtime turns them into the error eager raises.
@@ -272,8 +281,25 @@ _EXACT_ON_HALF = (st.NegOp, st.AbsOp, st.ReluOp, st.SignOp, st.FloorOp, st.CeilO
                   st.TruncOp, st.MaximumOp, st.MinimumOp, st.WhereOp, st.ClampOp)
 
 
+# Functions whose result can move a whole step when an operand moves by an ulp. Under
+# ``float32`` half precision every half value they read -- directly or through any chain of ops
+# (floor(a / 3) flips when a does) -- is rounded as eager rounds it.
+_DISCONTINUOUS = (st.FloorOp, st.CeilOp, st.RoundOp, st.TruncOp, st.SignOp, st.CompareOp,
+                  st.FloorDivOp, st.RemainderOp, st.IsInfOp, st.ArgReduceOp)
+
+
+def _discontinuous(op) -> bool:
+    return isinstance(op, _DISCONTINUOUS) or (
+        isinstance(op, st.CastOp) and not op.result.type.dtype.is_float)
+
+
 class Emitter:
-    def __init__(self, buffers: dict[int, str], stored: dict[str, DType] | None = None):
+    def __init__(self, buffers: dict[int, str], stored: dict[str, DType] | None = None,
+                 half_precision: str = "float32"):
+        if half_precision not in HALF_PRECISION:
+            raise ValueError(f"half_precision {half_precision!r}: expected one of {HALF_PRECISION}")
+        self.half_precision = half_precision
+        self._feeds_step: dict[int, bool] = {}  # id(value) -> whether a discontinuous op reads it
         # id(value) -> C pointer name, for block arguments and materialised values
         self.buffers = buffers
         # pointer name -> element type, for buffers that store it differently from how it is
@@ -423,10 +449,32 @@ class Emitter:
         if v.type.dtype in HALF and isinstance(op, _ROUNDED) and not isinstance(op, _EXACT_ON_HALF):
             if isinstance(op, st.CastOp) and op.operand(0).type.dtype is v.type.dtype:
                 return expr
+            if self.half_precision == "float32" and not isinstance(op, st.IotaOp) \
+                    and not self.feeds_discontinuous(v):
+                return expr
             rounded = self.temp("float", round_to(v.type.dtype, expr))
             self.unrounded[rounded] = (v.type.dtype, expr)
             return rounded
         return expr
+
+    def feeds_discontinuous(self, v: Value) -> bool:
+        """Whether a discontinuous function (``_DISCONTINUOUS``) of this kernel reads ``v``,
+        directly or through other ops (an iterative post-order walk: chains run long)."""
+        memo = self._feeds_step
+        stack = [v]
+        while stack:
+            u = stack[-1]
+            if id(u) in memo:
+                stack.pop()
+                continue
+            todo = [r for op in u.users for r in op.results if id(r) not in memo]
+            if todo:
+                stack.extend(todo)
+                continue
+            stack.pop()
+            memo[id(u)] = any(_discontinuous(op) or any(memo[id(r)] for r in op.results)
+                              for op in u.users)
+        return memo[id(v)]
 
     def _op_value(self, v: Value, idx: list[str]) -> str:
         op = v.owner

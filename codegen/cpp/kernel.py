@@ -63,9 +63,12 @@ class KernelSource:
 
 
 
-def render_group(group: fusion.GroupOp, name: str = "") -> KernelSource:
+def render_group(group: fusion.GroupOp, name: str = "",
+                 half_precision: str = "float32") -> KernelSource:
     """The C++ source of one kernel for ``group``; raises ``Unsupported`` when the cpp target
-    cannot compile it (the runtime then runs the group some other way)."""
+    cannot compile it (the runtime then runs the group some other way). ``half_precision``:
+    which float16 / bfloat16 values are rounded to their type (``codegen.cpp.emit``'s
+    ``HALF_PRECISION``)."""
     args = list(group.body.args)
     outputs = list(group.body.terminator.operands)
     for v in args + outputs:
@@ -99,7 +102,8 @@ def render_group(group: fusion.GroupOp, name: str = "") -> KernelSource:
         if len(set(map(id, outputs))) != len(outputs):
             raise RowsUnfit("an output yielded twice")
         try:
-            rk = RowKernel(group, dict(buffers), {k: v[0] for k, v in out_names.items()}, stored)
+            rk = RowKernel(group, dict(buffers), {k: v[0] for k, v in out_names.items()}, stored,
+                           half_precision)
             context.update(rk.render(), gathers=rk.em_has_gather)
         except TypeError as e:  # arithmetic a symbolic size does not have
             raise RowsUnfit(f"symbolic sizes: {e}") from None
@@ -107,7 +111,7 @@ def render_group(group: fusion.GroupOp, name: str = "") -> KernelSource:
     except RowsUnfit:
         strategy = "phases"
         try:
-            pk = PhaseKernel(group, dict(buffers), out_names, stored)
+            pk = PhaseKernel(group, dict(buffers), out_names, stored, half_precision)
             context.update(pk.render(len(args) + len(outputs)), gathers=pk.gathers)
         except TypeError as e:
             raise Unsupported(f"symbolic sizes: {e}") from None

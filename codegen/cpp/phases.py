@@ -77,10 +77,10 @@ class PhaseKernel(ScatterPhases):
     """The ``phases`` strategy (see the module docstring)."""
 
     def __init__(self, group: fusion.GroupOp, buffers: dict[int, str], out_names: dict[int, list],
-                 stored: dict[str, object] | None = None):
+                 stored: dict[str, object] | None = None, half_precision: str = "float32"):
         self.group = group
         self.body = group.body.ops[:-1]
-        self.em = Emitter(buffers, stored)
+        self.em = Emitter(buffers, stored, half_precision)
         self.out_names = out_names  # id(value) -> every output pointer it is written to
         self.scratch: list[int] = []
         self.n_loops = 0

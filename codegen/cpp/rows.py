@@ -55,7 +55,7 @@ class RowKernel:
     """The ``rows`` strategy (see the module docstring)."""
 
     def __init__(self, group: fusion.GroupOp, buffers: dict[int, str], out_ptrs: dict[int, str],
-                 stored: dict[str, object] | None = None):
+                 stored: dict[str, object] | None = None, half_precision: str = "float32"):
         self.group = group
         self.body = group.body.ops[:-1]
         self.outputs = list(dict.fromkeys(group.body.terminator.operands))
@@ -79,7 +79,7 @@ class RowKernel:
             raise RowsUnfit("the rows are strided in memory (the phases strategy runs along the "
                             "contiguous dim)")
         self.reduces = reduces
-        self.em = Emitter(buffers, stored)
+        self.em = Emitter(buffers, stored, half_precision)
         self.names: dict[tuple, list[str]] = {}
         self.row_decl: list[str] = []
         self.col_decl: list[str] = []

@@ -1,9 +1,15 @@
-"""float16 and bfloat16 on the cpu target: compiled, never interpreted, rounded where eager rounds.
+"""float16 and bfloat16 on the cpu target: compiled, never interpreted.
 
-Half values are stored as their 16 bits and computed in float; every half-typed value of the
-graph is rounded to its type (one rounding per op, as eager's cpu kernels do), reductions
-accumulate in float or wider. So element-wise chains and reductions match eager bit for bit;
-softmax may differ in the last half-precision bit (its reciprocal and exp), nothing more.
+Half values are stored as their 16 bits and computed in float; reductions accumulate in float
+or wider. Which values are rounded to their type is ``half_precision``
+(``codegen.cpp.emit.HALF_PRECISION``):
+- ``eager``: every half-typed value of the graph (one rounding per op, as eager's cpu kernels
+  do). Element-wise chains and reductions match eager bit for bit; softmax may differ in the
+  last half-precision bit (its reciprocal and exp), nothing more. Most tests here check this
+  mode, bit for bit (``compiled``'s default here).
+- ``float32`` (the default): a kernel keeps half values in float32 between its loads and
+  stores, rounding casts and what a discontinuous function reads (quantisers, comparisons,
+  integer casts match eager bit for bit): ``test_float32_half_precision_*``.
 Also here: round(x, decimals) bit for bit in every float type, rank-0 and zero-size results.
 """
 
@@ -37,18 +43,18 @@ class Fn(torch.nn.Module):
         return self.fn(*xs)
 
 
-def compiled(fn, inputs):
+def compiled(fn, inputs, half_precision: str = "eager"):
     g = compile_program(import_model(Fn(fn).eval(), tuple(inputs)),
-                        device_spec=cpu_spec(measure=False))
+                        device_spec=cpu_spec(measure=False), half_precision=half_precision)
     assert not g.fallbacks, g.fallbacks
     assert g.kernels >= 1
     return g
 
 
-def check(fn, inputs, ulps: int = 0):
+def check(fn, inputs, ulps: int = 0, half_precision: str = "eager"):
     """Run ``fn`` compiled and eagerly; results agree bit for bit, or within ``ulps`` units in
     the last place of the result type (relative to each element's magnitude)."""
-    g = compiled(fn, inputs)
+    g = compiled(fn, inputs, half_precision)
     with torch.no_grad():
         want = torch.utils._pytree.tree_leaves(fn(*inputs))
     got = g(*inputs)
@@ -152,7 +158,11 @@ def test_zero_size_groups_need_no_interpreter():
     assert not g.fallbacks
 
 
-def test_bf16_training_step_of_a_transformer_block_matches_eager():
+# float32 half precision is Inductor's rule, and gives Inductor's gradients here: both 0.071
+# from a float64 run in linear1.weight's gradient (relative L2), where eager's rounding of every
+# op gives 0.039 -- so 8% from eager's; the eager rule stays within 0.4% of eager
+@pytest.mark.parametrize("half_precision,tol", [("eager", 3e-2), ("float32", 1.2e-1)])
+def test_bf16_training_step_of_a_transformer_block_matches_eager(half_precision, tol):
     """A pre-norm transformer block in bfloat16 through torch.compile(backend="stitch"): the
     loss and every gradient within bf16 tolerance of eager, with no group interpreted."""
     from runtime import backend
@@ -162,7 +172,8 @@ def test_bf16_training_step_of_a_transformer_block_matches_eager():
                                              norm_first=True).to(torch.bfloat16)
     x = torch.randn(3, 9, 32, dtype=torch.bfloat16)
     before = {k: v for k, v in backend.FALLBACKS.items() if k.startswith("interpreter")}
-    compiled_layer = torch.compile(layer, backend="stitch")
+    compiled_layer = torch.compile(layer, backend="stitch",
+                                   options={"half_precision": half_precision})
     layer.zero_grad()
     want_loss = layer(x).float().pow(2).mean()
     want_loss.backward()
@@ -173,7 +184,7 @@ def test_bf16_training_step_of_a_transformer_block_matches_eager():
     assert abs(loss.item() - want_loss.item()) <= 2e-2 * abs(want_loss.item())
     for n, p in layer.named_parameters():
         err = (p.grad.float() - want[n].float()).norm() / want[n].float().norm().clamp_min(1e-6)
-        assert err < 3e-2, (n, err.item())
+        assert err < tol, (n, err.item())
     after = {k: v for k, v in backend.FALLBACKS.items() if k.startswith("interpreter")}
     assert after == before, after
 
@@ -378,3 +389,58 @@ def test_float16_row_vectors_widen_once_per_thread():
     g = check(lambda x, w: (x - x.mean(-1, keepdim=True)) * w, [x, w])
     src = "".join(s.source.source.split('extern "C"')[1] for s in g.steps if s.kind == "kernel")
     assert "hvec_ready" in src and "st_h2f(in1" not in src
+
+
+def _rounded(ref: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+    """float64 values rounded once to ``dt`` (the correctly rounded result)."""
+    return ref.to(dt).double()
+
+
+@settings(max_examples=4, deadline=None)
+@given(SIZES, SIZES, hs.sampled_from(HALF), hs.integers(0, 10**6))
+def test_float32_half_precision_rounds_only_at_stores(a, b, dt, seed):
+    """Under ``float32`` half precision a chain of continuous ops keeps its half values in
+    float32 (no rounding instruction in the kernel) and is rounded once, at its store: every
+    element within one ulp of the float64 result, and almost all of them that result
+    correctly rounded -- where eager, rounding each of the chain's ops, is further away."""
+    gen = torch.Generator().manual_seed(seed)
+    x, r, c = (torch.randn(a, b, generator=gen) * 3).to(dt), torch.randn(a, generator=gen).to(dt), \
+        torch.randn(b, generator=gen).to(dt)
+
+    def chain(x, r, c):
+        return ((x + r[:, None]) * c[None, :] - 1.5).relu() + x.sigmoid() * 0.3
+
+    g = compiled(chain, [x, r, c], "float32")
+    src = "".join(s.source.source.split('extern "C"')[1] for s in g.steps if s.kind == "kernel")
+    assert "st_round_" not in src
+    got = g(x, r, c)[0].double()
+    want = chain(*(t.double() for t in (x, r, c)))
+    ulp = ULP[dt] * want.abs().clamp_min(2.0 ** -14)
+    assert bool(((got - want).abs() <= ulp).all()), (got - want).abs().max()
+    assert (got == _rounded(want, dt)).double().mean() >= 0.99
+    if a * b >= 100:  # eager's roundings of every op move some elements further
+        eager = chain(x, r, c).double()
+        assert (eager - want).abs().max() >= (got - want).abs().max()
+
+
+@pytest.mark.parametrize("dt", HALF)
+def test_float32_half_precision_rounds_what_discontinuous_functions_read(dt):
+    """Under ``float32`` half precision every half value a rounding, comparison, integer cast,
+    floor division or isinf reads -- directly or through the chain computing it (floor(a / 3)
+    flips when a does) -- is rounded as eager rounds it, so a quantiser's buckets, a mask and
+    an overflow test are eager's bit for bit: an unrounded x * 3.7 sits on the other side of a
+    .5 boundary for some x (the test fails without the rounding)."""
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(4099, generator=gen) * 40).to(dt)
+    y = torch.randn(4099, generator=gen).to(dt)
+    s = torch.tensor(0.37).to(dt)
+
+    def quant(x, y, s):
+        q = torch.round(x / s).clamp(-128, 127)
+        return (q * s, (x * 3.7).to(torch.int32), torch.floor((x * y).relu() * 2.3),
+                x * y > 0.3, torch.isinf(x * 5000), torch.div(x * 1.9, 3, rounding_mode="floor"),
+                torch.sign(x * y - 1))
+
+    g = check(quant, [x, y, s], half_precision="float32")
+    src = "".join(s.source.source.split('extern "C"')[1] for s in g.steps if s.kind == "kernel")
+    assert "st_round_" in src
