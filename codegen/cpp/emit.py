@@ -239,6 +239,7 @@ class Scope:
     memo: dict[tuple, str] = field(default_factory=dict)
     loop_vars: set[str] = field(default_factory=set)  # variables this scope's loop defines
     hoist_at: int = 0  # where statements hoisted into this scope go (before the inner loop)
+    rows: dict = field(default_factory=dict)  # (buffer, base, n) -> its widened float16 row
 
 
 IDENT = re.compile(r"[A-Za-z_]\w*")
@@ -300,6 +301,8 @@ class Emitter:
             raise ValueError(f"half_precision {half_precision!r}: expected one of {HALF_PRECISION}")
         self.half_precision = half_precision
         self._feeds_step: dict[int, bool] = {}  # id(value) -> whether a discontinuous op reads it
+        # a vector loop's variable -> its extent, where float16 rows it reads may be widened whole
+        self.simd_rows: dict[str, int] = {}
         # id(value) -> C pointer name, for block arguments and materialised values
         self.buffers = buffers
         # pointer name -> element type, for buffers that store it differently from how it is
@@ -336,6 +339,19 @@ class Emitter:
             self.pop()
         self.scopes[-1].lines.extend(lines)
         self.line("}")
+
+    @contextmanager
+    def vector_rows(self, var: str, n) -> Iterator[None]:
+        """While a vector loop over ``var`` in [0, ``n``) is written: float16 rows it reads are
+        widened whole before it (``f16_row``), for rows of 16-4096 elements."""
+        if not isinstance(n, int) or not 16 <= n <= 4096:
+            yield
+            return
+        self.simd_rows[var] = n
+        try:
+            yield
+        finally:
+            self.simd_rows.pop(var, None)
 
     def mark(self) -> None:
         """Call before writing a loop header: hoisted statements go above it."""
@@ -413,8 +429,10 @@ class Emitter:
         if id(v) in self.buffers:
             name = self.buffers[id(v)]
             raw = f"{name}[{linearize(idx, dims(v))}]"
-            expr = self.temp(ctype(v.type.dtype), load(self.stored[name], raw) if name in self.stored
-                             else raw)
+            expr = self.f16_row(name, v, idx) if self.stored.get(name) is DType.f16 else None
+            if expr is None:
+                expr = self.temp(ctype(v.type.dtype), load(self.stored[name], raw)
+                                 if name in self.stored else raw)
         elif isinstance(v, BlockArgument):
             raise Unsupported("a block argument without a buffer")
         else:
@@ -456,6 +474,35 @@ class Emitter:
             self.unrounded[rounded] = (v.type.dtype, expr)
             return rounded
         return expr
+
+    def f16_row(self, name: str, v: Value, idx: list[str]) -> str | None:
+        """A float16 element of buffer ``name`` read along a vector loop (``simd_rows``: the
+        flat index is the loop's variable plus what does not depend on it), as an element of
+        the whole row widened before the loop (``st_h2f_row``: the conversion instructions,
+        where a per-element ``st_h2f`` is 10-15 vector instructions), placed as far out as the
+        row's start allows -- once per thread for a vector that every row reads. None where
+        the read is not such."""
+        lin = linearize(idx, dims(v))
+        tail = re.search(r" \+ (\(*)(\w+)(\)*)$", " + " + lin if "+" not in lin else lin)
+        if tail is None or len(tail.group(1)) != len(tail.group(3)):
+            return None
+        var, base = tail.group(2), lin[:tail.start()] or "0"
+        n = self.simd_rows.get(var)
+        if n is None or var not in self.scopes[-1].loop_vars or var in IDENT.findall(base):
+            return None
+        deps = self._deps(base)
+        home = self._home(deps)
+        if home == len(self.scopes) - 1:
+            return None
+        rows = self.scopes[home].rows
+        if (name, base, n) not in rows:
+            row = f"hrow{self.counter}"
+            self.counter += 1
+            self._put(home, f"float {row}[{n}];")
+            self._put(home, f"st_h2f_row({row}, {name} + {base}, {n});")
+            self.deps[row] = deps
+            rows[(name, base, n)] = row
+        return f"{rows[(name, base, n)]}[{var}]"
 
     def feeds_discontinuous(self, v: Value) -> bool:
         """Whether a discontinuous function (``_DISCONTINUOUS``) of this kernel reads ``v``,

@@ -6,6 +6,7 @@ producers are inlined into each loop."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 from codegen.cpp.accumulate import (
@@ -89,6 +90,7 @@ class PhaseKernel(ScatterPhases):
         # output pointer -> the float row buffer its stores go to, and the nest's index
         self.half_out: dict[str, str] = {}
         self.half_idx: list[str] = []
+        self.half_var = ""
         self.n_half = 0
 
     def materialised(self) -> list[Value]:
@@ -216,10 +218,13 @@ class PhaseKernel(ScatterPhases):
 
     # one loop nest over ``shape``; ``emit(idx)`` writes the body
     def nest(self, shape: list[int], emit, reductions: str = "",
-             order: list[int] | None = None, half: list[tuple[Value, list[str]]] = ()) -> None:
+             order: list[int] | None = None, half: list[tuple[Value, list[str]]] = (),
+             unmerge=None) -> None:
         """One loop nest over ``shape``; ``emit(idx)`` writes the body. ``order``: the dims from
         outermost to innermost (row-major by default; the innermost is always the last dim).
-        ``half``: the (value, output pointers) the body computes, for ``_half_rows``."""
+        ``half``: the (value, output pointers) the body computes, for ``_half_rows``;
+        ``unmerge``: where the nest's dims merge the values' trailing dims (``merged_nest``),
+        the values' shape and the map from the nest's indices to theirs."""
         em = self.em
         self.n_loops += 1
         names = [f"i{self.n_loops}_{k}" for k in range(len(shape))]
@@ -245,75 +250,40 @@ class PhaseKernel(ScatterPhases):
         # Two scopes: what depends only on the collapsed (outer) loops -- a channel's scale, a
         # row's statistics -- is computed once per pass of the innermost loop, above it.
         with em.loop_body(names[:-1]):
-            post = self._half_rows(half, shape, names) if half and order == list(
+            post = self._half_rows(half, shape, names, unmerge) if half and order == list(
                 range(len(shape))) else None
             self._simd_loop(names[-1], shape[-1], err, lambda: emit(names))
             if post is not None:
                 post()
 
     def _half_rows(self, half: list[tuple[Value, list[str]]], shape: list[int],
-                   names: list[str]):
-        """Before a plain nest's vector loop, widen the float16 input rows its values read at
-        their own position (through element-wise ops) whole into float row buffers, and send
-        its float16 stores to float row buffers narrowed whole after the loop (``st_h2f_row`` /
-        ``st_f2h_row``, the conversion instructions; as the rows strategy does). Returns what
-        to run after the loop, or None where nothing is converted."""
+                   names: list[str], unmerge=None):
+        """Send a plain nest's float16 stores to float row buffers narrowed whole after its
+        vector loop (``st_f2h_row``, the conversion instruction; as the rows strategy does;
+        the rows it reads are widened whole by ``Emitter.f16_row``). A merged nest's row
+        (``unmerge``) is its merged trailing dims, contiguous in row-major buffers. Returns
+        what to run after the loop, or None where nothing is converted."""
         n = shape[-1]
         if not isinstance(n, int) or not 16 <= n <= 4096:
             return None
         em = self.em
         base = linearize(names[:-1] + ["0"], shape)
-        ins = self._direct_half_inputs([v for v, _ in half], shape)
-        outs = [t for v, ts in half if dims(v) == shape for t in ts
+        vshape, at = (unmerge[0], unmerge[1](list(names))) if unmerge else (shape, list(names))
+        outs = [t for v, ts in half if dims(v) == vshape for t in ts
                 if em.stored.get(t) is DType.f16]
-        if not ins and not outs:
+        if not outs:
             return None
-        saved = {}
-        for a in ins:
-            row = f"hin{self.n_half}"
-            self.n_half += 1
-            em.line(f"float {row}[{n}];")
-            em.line(f"st_h2f_row({row}, {em.buffers[id(a)]} + {base}, {n});")
-            saved[id(a)] = em.known.get(id(a))
-            em.known[id(a)] = lambda idx, row=row: f"{row}[{names[-1]}]" \
-                if list(idx) == names else None
         for t in outs:
             self.half_out[t] = f"hout{self.n_half}"
             self.n_half += 1
             em.line(f"float {self.half_out[t]}[{n}];")
-        self.half_idx = list(names)
+        self.half_idx, self.half_var = list(at), names[-1]
 
         def post():
             for t in outs:
                 em.line(f"st_f2h_row({t} + {base}, {self.half_out.pop(t)}, {n});")
-            for k, hook in saved.items():
-                if hook is None:
-                    em.known.pop(k, None)
-                else:
-                    em.known[k] = hook
             self.half_idx = []
         return post
-
-    def _direct_half_inputs(self, values: list[Value], shape: list[int]) -> list[Value]:
-        """The float16 inputs of ``shape`` that ``values`` read at their own position: through
-        element-wise ops of that shape only, not through a materialised value."""
-        found, seen, todo = [], set(), list(values)
-        while todo:
-            v = todo.pop()
-            if id(v) in seen:
-                continue
-            seen.add(id(v))
-            if id(v) in self.em.buffers:
-                if v in self.group.body.args and dims(v) == shape and \
-                        self.em.stored.get(self.em.buffers[id(v)]) is DType.f16:
-                    found.append(v)
-                continue
-            op = getattr(v, "owner", None)
-            if op is None or op not in self.body or op.kind != st.ELEMENTWISE or \
-                    dims(v) != shape:
-                continue
-            todo.extend(o for o in op.operands if dims(o) == shape)
-        return found
 
     def _simd_loop(self, var: str, bound, err: str, body) -> None:
         """``#pragma omp simd`` over ``var`` in [0, ``bound``); ``body()`` writes the loop body,
@@ -323,7 +293,7 @@ class PhaseKernel(ScatterPhases):
         em.mark()
         em.scopes[-1].hoist_at -= 1
         em.line(f"for (int64_t {var} = 0; {var} < {bound}; ++{var}) {{")
-        with em.loop_body([var]):
+        with em.vector_rows(var, bound), em.loop_body([var]):
             body()
 
     def store(self, targets: list[str], v: Value, idx: list[str], expr: str) -> None:
@@ -331,7 +301,8 @@ class PhaseKernel(ScatterPhases):
         for t in targets:
             row = self.half_out.get(t)
             if row is not None and list(idx) == self.half_idx:  # narrowed whole after the loop
-                self.em.line(f"{row}[{idx[-1]}] = {self.em.unrounded.get(expr, (None, expr))[1]};")
+                self.em.line(f"{row}[{self.half_var}] = "
+                             f"{self.em.unrounded.get(expr, (None, expr))[1]};")
             else:
                 self.em.line(self.em.store(t, lin, v.type.dtype, expr))
 
@@ -375,11 +346,11 @@ class PhaseKernel(ScatterPhases):
             for w in plain:
                 self.store(self.out_names[id(w)], w, idx, self.em.value(w, idx))
 
+        half = [(v, targets), *((w, self.out_names[id(w)]) for w in plain)]
         if tail <= 1 and len(dims(v)) >= 2:
-            self.nest(dims(v), emit_all,
-                      half=[(v, targets), *((w, self.out_names[id(w)]) for w in plain)])
+            self.nest(dims(v), emit_all, half=half)
         else:
-            self.merged_nest(dims(v), tail, emit_all)
+            self.merged_nest(dims(v), tail, emit_all, half)
         return plain
 
     def sibling_outputs(self, values: list[Value]) -> dict[int, list[Value]]:
@@ -420,15 +391,20 @@ class PhaseKernel(ScatterPhases):
                 todo.extend(op.operands)
         return found
 
-    def merged_nest(self, shape: list[int], tail: int, emit) -> None:
+    def merged_nest(self, shape: list[int], tail: int, emit,
+                    half: list[tuple[Value, list[str]]] = ()) -> None:
         """``nest`` with the last ``tail`` dims run by its innermost loop (``merged_tail``):
-        [B, C, 64, 8] times a per-channel scale vectorises over 512 elements a pass, not 8."""
+        [B, C, 64, 8] times a per-channel scale vectorises over 512 elements a pass, not 8.
+        ``half``: as ``nest``'s (a merged nest of two or more dims converts whole rows too)."""
         if tail <= 1:
             self.nest(shape, emit)
             return
         k = len(shape) - tail
-        self.nest(shape[:k] + [math.prod(shape[k:])],
-                  lambda idx: emit(idx[:k] + delinearize(idx[k], shape[k:])))
+        unmerged = lambda idx: idx[:k] + delinearize(idx[k], shape[k:])  # noqa: E731
+        merged = shape[:k] + [math.prod(shape[k:])]
+        if len(merged) < 2:
+            half = ()
+        self.nest(merged, lambda idx: emit(unmerged(idx)), half=half, unmerge=(shape, unmerged))
 
     STAGE = 32  # a staged tile is STAGE x STAGE elements (4 KiB of float): L1-resident
 
@@ -530,20 +506,21 @@ class PhaseKernel(ScatterPhases):
                     for text in decl:
                         em.line(text)
                     clauses += more
-                em.mark()
-                for k, size in enumerate(red_shape):
-                    if k == len(red_shape) - 1:
-                        em.line(" ".join(["#pragma omp simd"] + clauses))
-                    em.line(f"for (int64_t {names[k]} = 0; {names[k]} < {size}; ++{names[k]}) {{")
-                inner: list[str] = []
-                em.push(inner, em.scopes[-1].indent + "  ", loop_vars=set(names))
-                x = em.value(op.operand(0), self._input_index(op, out_idx, names))
-                for r, mode, acc, mean in accs:
-                    em.line(_acc_update(r, mode, acc, x, mean))
-                em.pop()
-                em.scopes[-1].lines.extend(inner)
-                for _ in red_shape:
-                    em.line("}")
+                # a scope per reduced dim: what the innermost loop reads invariantly (a float16
+                # row widened whole) is placed above it, inside the outer ones
+                with contextlib.ExitStack() as outer:
+                    em.mark()
+                    for k, size in enumerate(red_shape[:-1]):
+                        em.line(f"for (int64_t {names[k]} = 0; {names[k]} < {size}; ++{names[k]}) {{")
+                        outer.enter_context(em.loop_body([names[k]]))
+                        em.mark()
+
+                    def update():
+                        x = em.value(op.operand(0), self._input_index(op, out_idx, names))
+                        for r, mode, acc, mean in accs:
+                            em.line(_acc_update(r, mode, acc, x, mean))
+                    self._simd_loop(names[-1], red_shape[-1], " " + " ".join(clauses)
+                                    if clauses else "", update)
 
             base = f"acc{self.n_loops}"
             accs = [f"{base}_{j}" if j else base for j in range(len(members))]

@@ -444,3 +444,41 @@ def test_float32_half_precision_rounds_what_discontinuous_functions_read(dt):
     g = check(quant, [x, y, s], half_precision="float32")
     src = "".join(s.source.source.split('extern "C"')[1] for s in g.steps if s.kind == "kernel")
     assert "st_round_" in src
+
+
+def _vector_loop_lines(src: str) -> list[str]:
+    """The lines inside the bodies of a kernel source's ``#pragma omp simd`` loops."""
+    out, depth, inside = [], 0, False
+    lines = src.splitlines()
+    for k, line in enumerate(lines):
+        if not inside and "#pragma omp" in line and "simd" in line and k + 1 < len(lines):
+            inside, depth = True, 0
+            continue
+        if inside:
+            depth += line.count("{") - line.count("}")
+            out.append(line)
+            if depth <= 0 and "}" in line:
+                inside = False
+    return out
+
+
+@pytest.mark.parametrize("shape", [(6, 8, 5, 7), (3, 4, 16, 9), (2, 12, 1, 33)])
+def test_float16_reads_along_vector_loops_widen_whole_rows(shape):
+    """Every float16 row a vector loop reads -- a group norm's statistics over merged dims, its
+    normalisation over [H, W] merged, a vector broadcast along every row -- is widened whole
+    before the loop (``st_h2f_row``), none element by element inside it; results are eager's
+    bits under eager half precision."""
+    n, c, h, w = shape
+    gen = torch.Generator().manual_seed(n * c + h)
+    x = (torch.randn(*shape, generator=gen) * 3).half()
+    special = x.clone()
+    special.view(-1)[:3] = torch.tensor([float("inf"), 6e-8, -0.0]).half()
+    wt, b = torch.randn(c, generator=gen).half(), torch.randn(c, generator=gen).half()
+    row = torch.randn(h * w, generator=gen).half()
+    for fn, args, ulps in [
+            (lambda x, wt, b: F.group_norm(x, c // 2 if c % 2 == 0 else 1, wt, b), [x, wt, b], 2),
+            (lambda x, r: (x.reshape(n, c, h * w) * r).sigmoid() + r, [special, row], 0)]:
+        g = check(fn, args, ulps=ulps)  # eager half precision: eager's bits, or 2 ulps
+        src = "".join(s.source.source.split('extern "C"')[1] for s in g.steps if s.kind == "kernel")
+        inner = "\n".join(_vector_loop_lines(src))
+        assert "st_h2f_row(" in src and "st_h2f(" not in inner, inner
