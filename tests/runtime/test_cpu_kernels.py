@@ -553,11 +553,14 @@ def test_transposing_kernels_stage_tiles(n, c, h, w, dt):
 
     old, layout.MIN_BYTES = layout.MIN_BYTES, 0  # stage at these small sizes too
     try:
+        torch.manual_seed(n * 1000 + c * 10 + h + w)
         xp = torch.randn(n, h, w, c).to(dt)
         res = torch.randn(n, c, h, w).to(dt)
         s, b = torch.randn(c, 1, 1).to(dt), torch.randn(c, 1, 1).to(dt)
+        # bfloat16: eager rounds each of the three ops (an ulp is 2^-5 between 4 and 8), the
+        # kernel only its result (float32 half precision): 4e-2 apart where they cancel
         g = run_both(lambda xp, res, s, b: torch.relu(xp.permute(0, 3, 1, 2) * s + b + res),
-                     [xp, res, s, b], atol=1e-2 if dt == torch.bfloat16 else 1e-5,
+                     [xp, res, s, b], atol=4e-2 if dt == torch.bfloat16 else 1e-5,
                      rtol=1e-2 if dt == torch.bfloat16 else 1e-5)
     finally:
         layout.MIN_BYTES = old
