@@ -106,6 +106,8 @@ def render_group(group: fusion.GroupOp, name: str = "",
                            half_precision)
             context.update(rk.render(), gathers=rk.em_has_gather)
         except TypeError as e:  # arithmetic a symbolic size does not have
+            if not symbols:  # no symbolic size: a bug in the generator, not a misfit
+                raise
             raise RowsUnfit(f"symbolic sizes: {e}") from None
         template = "rows.cpp.jinja"
     except RowsUnfit:
@@ -114,6 +116,8 @@ def render_group(group: fusion.GroupOp, name: str = "",
             pk = PhaseKernel(group, dict(buffers), out_names, stored, half_precision)
             context.update(pk.render(len(args) + len(outputs)), gathers=pk.gathers)
         except TypeError as e:
+            if not symbols:
+                raise
             raise Unsupported(f"symbolic sizes: {e}") from None
         scratch = pk.scratch
         template = "phases.cpp.jinja"

@@ -734,3 +734,21 @@ def test_values_several_element_wise_ops_read_are_computed_once_in_place():
         torch.tanh(x) * 2), [x])
     (k,) = [s for s in gm.steps if s.kind == "kernel"]
     assert not re.search(r"\bscr\d", k.source.source), k.source.source
+
+
+def test_a_generator_error_is_raised_not_hidden_as_a_symbolic_misfit(monkeypatch):
+    """A TypeError inside the cpp generator of a group without symbolic sizes is a bug: it is
+    raised, not taken for "symbolic sizes" and the group silently handed to the interpreter
+    (a mistyped property access once sent every half kernel there, the results still right)."""
+    from codegen.cpp.phases import PhaseKernel
+    from codegen.cpp.rows import RowKernel
+
+    def broken(self, *a, **k):
+        raise TypeError("'list' object is not callable")
+
+    monkeypatch.setattr(RowKernel, "render", broken)
+    monkeypatch.setattr(PhaseKernel, "render", broken)
+    x = torch.randn(5, 7)
+    with pytest.raises(TypeError, match="not callable"):
+        compile_program(import_model(Fn(lambda x: (x * 2).softmax(-1)).eval(), (x,)),
+                        device_spec=cpu_spec(measure=False))
