@@ -1,7 +1,8 @@
 """Scatters in a ``phases`` kernel (``ScatterPhases``, a mixin of ``PhaseKernel``): index_add
 along dim 0 with every thread owning destination rows (prefetching the random rows), and the
 other scatters (scatter_add, scatter_reduce, index_add along another dim) split across threads
-by the coordinates no two updates of one destination can differ in."""
+by the destination index along the scattered dim: each thread walks every update in order and
+applies those it owns."""
 
 from __future__ import annotations
 
@@ -97,12 +98,26 @@ class ScatterPhases:
             return
         if isinstance(op, st.ScatterReduceOp) and op.attributes["reduce"] == "mean":
             raise Unsupported("scatter_reduce 'mean' in the cpp target")
-        # scatter_add / scatter_reduce / index_add along another dim: serial, in index order
-        em.line("#pragma omp single")
-        em.line("{")
-        ishape = dims(idx) if not isinstance(op, st.IndexAddOp) else dims(src)
-        names = [f"s{k}" for k in range(len(ishape))]
+        # scatter_add / scatter_reduce / index_add along another dim: every thread walks the
+        # updates in index order and applies those whose destination index along ``dim`` it
+        # owns ([own_lo, own_hi)): each destination is updated by one thread, in the serial
+        # order -- the same bits for any thread count, no atomics
         dim = op.attributes["dim"]
+        ishape = dims(idx) if not isinstance(op, st.IndexAddOp) else dims(src)
+        self._owned = bool(ishape)  # one update (a rank-0 index): one thread applies it
+        if not self._owned:
+            em.line("#pragma omp single")
+        em.line("{")
+        if self._owned:
+            em.line("#if STITCH_OPENMP")
+            em.line("const int64_t own_nt = omp_get_num_threads(), "
+                    "own_t = omp_get_thread_num();")
+            em.line("#else")
+            em.line("const int64_t own_nt = 1, own_t = 0;")
+            em.line("#endif")
+            em.line(f"const int64_t own_lo = {xs[dim]} * own_t / own_nt, "
+                    f"own_hi = {xs[dim]} * (own_t + 1) / own_nt;")
+        names = [f"s{k}" for k in range(len(ishape))]
         if isinstance(op, st.ScatterReduceOp) and not op.attributes["include_self"]:
             self._reset_scattered(op, target, ishape, xs)
         self._open_serial(names, ishape)
@@ -110,6 +125,7 @@ class ScatterPhases:
             pos = em.checked_index(em.value(idx, [names[dim]]), xs[dim], op.attr("wrap", True))
         else:
             pos = em.checked_index(em.value(idx, names), xs[dim], op.attr("wrap", True))
+        self._skip_unowned(pos)
         dst = list(names)
         dst[dim] = pos
         val = em.value(src, names)
@@ -128,6 +144,21 @@ class ScatterPhases:
         em.line(em.update(target, lin, dt, fn))
         self._close_serial(len(ishape))
         em.line("}")
+        if self._owned:
+            em.line("#pragma omp barrier")
+
+    def _skip_unowned(self, pos: str) -> None:
+        """Skip the rest of the loop level that computes destination index ``pos`` (a loop
+        variable or a temporary) unless this thread owns it: placed with ``pos``, so an edge's
+        values are not computed by the threads that do not apply them."""
+        em = self.em
+        if not self._owned:
+            return
+        text = f"if ({pos} < own_lo || {pos} >= own_hi) continue;"
+        # in the scope that computes pos, but never above the outermost loop of the walk (a
+        # destination read once, the same for every update, is tested inside it)
+        outer = min(i for i, sc in enumerate(em.scopes) if self._walk[0] in sc.loop_vars)
+        em._put(max(em._home(em._deps(pos)), outer), text)
 
     def _index_add_rows(self, op, target: str, xs: list[int], ct: str) -> None:
         """index_add along dim 0, every thread owning the destination rows [lo, hi): a thread
@@ -238,6 +269,7 @@ class ScatterPhases:
         self._open_serial(names, ishape)
         pos = em.checked_index(em.value(op.operand(1), names), xs[op.attributes["dim"]],
                                op.attr("wrap", True))
+        self._skip_unowned(pos)
         dst = list(names)
         dst[op.attributes["dim"]] = pos
         em.line(em.store(target, linearize(dst, xs), t, ident))
@@ -249,6 +281,7 @@ class ScatterPhases:
         iteration, not once per element of the inner ones."""
         em = self.em
         self._serial = []
+        self._walk = list(names)
         em.mark()
         for name, n in zip(names, shape):
             em.line(f"for (int64_t {name} = 0; {name} < {n}; ++{name}) {{")

@@ -752,3 +752,38 @@ def test_a_generator_error_is_raised_not_hidden_as_a_symbolic_misfit(monkeypatch
     with pytest.raises(TypeError, match="not callable"):
         compile_program(import_model(Fn(lambda x: (x * 2).softmax(-1)).eval(), (x,)),
                         device_spec=cpu_spec(measure=False))
+
+
+@pytest.mark.parametrize("reduce", ["sum", "amax"])
+def test_scatters_split_destinations_across_threads(reduce):
+    """scatter_add / scatter_reduce along dim 0 with an index expanded over the features (a GAT
+    softmax's max and sum): every thread walks the updates in order and applies those whose
+    destination row it owns -- no single-thread section, and the same bits at 1 and 2 threads
+    (each destination still sums its updates in index order), matching eager."""
+    gen = torch.Generator().manual_seed(3)
+    nodes, edges, feat = 37, 301, 4
+    x = torch.randn(nodes, feat, generator=gen)
+    ei = torch.randint(0, nodes, (2, edges), generator=gen)
+
+    def fn(x, ei):
+        msg = torch.nn.functional.leaky_relu(x[ei[0]] + x[ei[1]], 0.2)
+        index = ei[1].view(-1, 1).expand_as(msg)
+        if reduce == "sum":
+            return torch.zeros_like(x).scatter_add(0, index, msg.exp())
+        return torch.zeros_like(x).scatter_reduce(0, index, msg, "amax", include_self=False)
+
+    prog = import_model(Fn(fn).eval(), (x, ei))
+    g = compile_program(prog, device_spec=cpu_spec(measure=False))
+    assert not g.fallbacks
+    src = "".join(s.source.source for s in g.steps if s.kind == "kernel")
+    assert "own_lo" in src and "omp single" not in src
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = g(x, ei)[0].clone()
+        torch.set_num_threads(2)
+        two = g(x, ei)[0].clone()
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+    torch.testing.assert_close(two, fn(x, ei), atol=1e-6, rtol=1e-6)
