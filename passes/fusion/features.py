@@ -12,7 +12,7 @@ target's shared memory, they are demoted to global memory: re-read instead of ca
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from cost_model import DeviceSpec, KernelDesc, ReduceDesc, latency, legal
 from passes.fusion.graph import PlanGraph, is_free_constant, members_of
@@ -86,7 +86,7 @@ class NodeFacts:
     # (user node, evaluations of this node's value per element of it for that user): a value
     # a user reads under an outer broadcast or a gather is computed again for every read
     # unless it is materialised (see ``_recompute``)
-    reads: list[tuple[int, float]] = None
+    reads: list[tuple[int, float]] = field(default_factory=list)
 
 
 def _outer_expansion(src: list, dst: list) -> int:
@@ -145,7 +145,7 @@ def _facts(g: PlanGraph) -> list[NodeFacts]:
             op, GATHERS) else None
         facts.append(NodeFacts(ins, outs, flops, trans,
                                reduce_desc(op) if isinstance(op, st.ReduceOp) else None, table,
-                               isinstance(op, SCATTERS), isinstance(op, st.ReshapeOp), []))
+                               isinstance(op, SCATTERS), isinstance(op, st.ReshapeOp)))
         for v in op.operands:
             j = g.node_of(v)
             if j is not None and j != len(facts) - 1:
