@@ -482,11 +482,11 @@ class Emitter:
         where a per-element ``st_h2f`` is 10-15 vector instructions), placed as far out as the
         row's start allows -- once per thread for a vector that every row reads. None where
         the read is not such."""
-        lin = linearize(idx, dims(v))
-        tail = re.search(r" \+ (\(*)(\w+)(\)*)$", " + " + lin if "+" not in lin else lin)
-        if tail is None or len(tail.group(1)) != len(tail.group(3)):
+        # the flat index is "<base> + (<var>)" or "<var>" (``linearize``'s forms)
+        m = re.fullmatch(r"(?:(.*) \+ )?(\(*)(\w+)(\)*)", linearize(idx, dims(v)))
+        if m is None or len(m.group(2)) != len(m.group(4)):
             return None
-        var, base = tail.group(2), lin[:tail.start()] or "0"
+        var, base = m.group(3), m.group(1) or "0"
         n = self.simd_rows.get(var)
         if n is None or var not in self.scopes[-1].loop_vars or var in IDENT.findall(base):
             return None
