@@ -35,6 +35,13 @@ PARTIAL_BYTES = 8  # fp32/fp64 partial results written and read back by a split 
 # quiet machine a few microseconds; when another process holds a core, the team waits for it
 # to be scheduled (milliseconds), which a kernel on the calling thread never does.
 TEAM_START_SECONDS = 5e-6
+# The calling thread alone only for kernels whose estimate is below this: where starting a team
+# is a sizeable share of the work. Past it, the estimate's own error (index arithmetic and
+# gathers are not costed; a probe on a noisy machine can measure one thread's copy bandwidth
+# as high as the team's) outweighs the start: on a 2-core EPYC whose probe read 47 GB/s for one
+# thread and for both at 8 MiB, charformer's training step ran 4 MiB window-merge gathers on
+# one thread (3.6 ms each).
+SERIAL_MAX_SECONDS = 4 * TEAM_START_SECONDS
 
 
 def cpu_schedule(desc: KernelDesc, spec: DeviceSpec) -> Schedule:
@@ -65,7 +72,7 @@ def cpu_schedule(desc: KernelDesc, spec: DeviceSpec) -> Schedule:
     mem, comp, bw, waves = body(threads)
     parallel = TEAM_START_SECONDS + max(mem, comp) + syncs * spec.barrier_base
     mem1, comp1, bw1, waves1 = body(1)
-    if threads > 1 and max(mem1, comp1) <= parallel:
+    if threads > 1 and max(mem1, comp1) <= min(parallel, SERIAL_MAX_SECONDS):
         threads, mem, comp, bw, waves = 1, mem1, comp1, bw1, waves1
         why += "; too little work for a team: the calling thread"
     sync = syncs * spec.barrier_base if threads > 1 else 0.0

@@ -11,6 +11,7 @@ from cost_model_cases import F32, elementwise, layernorm, row_reduce, softmax
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import cost_model.cpu as cpu
 import cost_model.cpu_probe as probe
 from cost_model import (
     CPU_FIXED,
@@ -157,6 +158,21 @@ def test_tiny_kernels_run_on_the_calling_thread():
     big = schedule(elementwise(1 << 22), CPU_FIXED)
     assert tiny.team == 1 and "calling thread" in tiny.why and tiny.sync_seconds == 0
     assert big.team == CPU_FIXED.cores
+
+
+def test_calling_thread_only_for_kernels_a_team_start_matters_to():
+    """A probe that measured one thread's copy bandwidth as high as the team's (a noisy
+    2-core machine did, up to 8 MiB) makes one thread as fast as two on paper for any cached
+    working set; the calling thread is still chosen only where the work is a few team starts
+    (``SERIAL_MAX_SECONDS``), since what the estimate leaves out -- index arithmetic, gathers --
+    is split across the team."""
+    flat = ((512 * KiB, 47e9), (8 * MiB, 47e9), (64 * MiB, 14e9), (256 * MiB, 13e9))
+    spec = dataclasses.replace(CPU_FIXED, copy_bw_1=flat, copy_bw_all=flat)
+    tiny = schedule(elementwise(1 << 10), spec)
+    mid = schedule(elementwise(1 << 20), spec)  # 8 MiB of traffic: 0.18 ms at 47 GB/s
+    assert tiny.team == 1
+    assert mid.team == spec.cores and "calling thread" not in mid.why
+    assert tiny.seconds < cpu.SERIAL_MAX_SECONDS < mid.seconds
 
 
 def test_few_tasks_lose_cores_on_cpu():
