@@ -177,7 +177,24 @@ def resnet_case(tiny: bool, batch: int, dtype: torch.dtype, train: bool):
     return make
 
 
-# -- PyG GIN and GAT -----------------------------------------------------------------------------
+# -- PyG GIN, GAT and EdgeConv ------------------------------------------------------------------
+class EdgeConvNet(nn.Module):
+    """DGCNN's block on a fixed graph: two EdgeConv layers (an MLP on [x_i, x_j - x_i] per edge,
+    max over each node's incoming edges), a gather, a per-edge MLP and a scatter-max each."""
+
+    def __init__(self, feat: int, hidden: int, out: int):
+        super().__init__()
+        from torch_geometric.nn import EdgeConv
+
+        self.c1 = EdgeConv(nn.Sequential(nn.Linear(2 * feat, hidden), nn.ReLU(),
+                                         nn.Linear(hidden, hidden)), aggr="max")
+        self.c2 = EdgeConv(nn.Sequential(nn.Linear(2 * hidden, hidden), nn.ReLU(),
+                                         nn.Linear(hidden, out)), aggr="max")
+
+    def forward(self, x, edge_index):
+        return self.c2(self.c1(x, edge_index).relu(), edge_index)
+
+
 def gnn_case(kind: str, nodes: int, edges: int, feat: int, dtype: torch.dtype, train: bool):
     def make():
         from torch_geometric.nn.models import GAT, GIN
@@ -185,6 +202,8 @@ def gnn_case(kind: str, nodes: int, edges: int, feat: int, dtype: torch.dtype, t
         torch.manual_seed(0)
         if kind == "gin":
             model = GIN(feat, 64, num_layers=3, out_channels=16)
+        elif kind == "edgeconv":
+            model = EdgeConvNet(feat, 64, 16)
         else:
             model = GAT(feat, 64, num_layers=2, out_channels=16, heads=4)
         model.train(False)
@@ -324,10 +343,15 @@ def all_cases() -> list[Case]:
                 "resnet18 widths, 224x224")
         add("resnet18-tiny/b8", "cnn", resnet_case(True, 8, DTYPES[dt], True), "train", dt, dt == "f32",
             "width 16, 32x32, batch-norm statistics")
-        for kind in ("gin", "gat"):
+        for kind in ("gin", "gat", "edgeconv"):
             add(f"{kind}/n100", "gnn", gnn_case(kind, 100, 400, 32, DTYPES[dt], False), "infer", dt,
                 True, "100 nodes, 400 edges, 32 features")
             add(f"{kind}/n20k", "gnn", gnn_case(kind, 20_000, 200_000, 64, DTYPES[dt], False), "infer",
+                dt, dt == "f32", "20k nodes, 200k edges, 64 features")
+        for kind in ("gin", "edgeconv"):  # a GNN training step: gathers' gradients are scatters
+            add(f"{kind}/n100", "gnn", gnn_case(kind, 100, 400, 32, DTYPES[dt], True), "train", dt,
+                dt == "f32", "100 nodes, 400 edges, 32 features")
+            add(f"{kind}/n20k", "gnn", gnn_case(kind, 20_000, 200_000, 64, DTYPES[dt], True), "train",
                 dt, dt == "f32", "20k nodes, 200k edges, 64 features")
         for b, w in ((32, 64), (1024, 256)):
             add(f"mlp/b{b}", "mlp", mlp_case(b, w, DTYPES[dt]), "train", dt, True,

@@ -36,14 +36,15 @@ import torch
 
 
 # -- stitch's time by step kind inside real calls -------------------------------------------------
-def profile_steps(graphs, call, calls: int | None = None, budget_s: float = 0.3) -> dict:
+def profile_steps(graphs, call, calls: int | None = None, budget_s: float = 0.3,
+                  top: int = 10) -> dict:
     """Runs ``call()`` with a timer around every step of ``graphs`` and around each
     ``CompiledGraph.__call__`` (``calls`` times, or as often as fills ``budget_s``). Returns ms per
     call, as medians over the calls (a loaded machine preempts a call now and then; the median is
     the typical call): total, outside the graphs (dynamo, AOTAutograd, autograd, the caller's own
     ops), the graphs' own Python (the step loop, argument checks: graph time minus its steps),
-    each step kind (the sum of its steps' medians), and the slowest steps with their input shapes
-    (``!`` marks a non-contiguous input)."""
+    each step kind (the sum of its steps' medians), and the ``top`` slowest steps with their input
+    shapes (``!`` marks a non-contiguous input)."""
     from runtime.graph import CompiledGraph
 
     per_step: dict[str, list[float]] = defaultdict(list)
@@ -108,11 +109,11 @@ def profile_steps(graphs, call, calls: int | None = None, budget_s: float = 0.3)
     by_kind: Counter = Counter()
     for k, ms in step_ms.items():
         by_kind[kinds[k]] += ms
-    top = sorted(step_ms.items(), key=lambda kv: -kv[1])[:10]
+    slowest = sorted(step_ms.items(), key=lambda kv: -kv[1])[:top]
     return {"calls": calls, "call_ms": med(totals), "outside_graphs_ms": med(totals) - med(inside),
             "graph_python_ms": med(inside) - sum(step_ms.values()),
             "inputs": sum(len(a) for a in last_args.values()),
-            "by_kind_ms": dict(by_kind), "top_steps_ms": [(n, ms, shapes.get(n, "")) for n, ms in top]}
+            "by_kind_ms": dict(by_kind), "top_steps_ms": [(n, ms, shapes.get(n, "")) for n, ms in slowest]}
 
 
 # -- the two graphs -------------------------------------------------------------------------------
