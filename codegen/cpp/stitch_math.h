@@ -67,7 +67,13 @@ static inline double st_exp(double x) {
   double q = st_horner(r2, 3.00198505138664455042e-6, 2.52448340349684104192e-3,
                        2.27265548208155028766e-1, 2.00000000000000000009e0);
   double y = 1.0 + 2.0 * (p / (q - p));
-  int64_t k = (int64_t)n;
+  // n's integer from its bits after adding 1.5 * 2^52 (exact for |n| < 2^51): a vector add and
+  // subtract where (int64_t)n needs AVX-512DQ's conversion (on AVX2, GCC vectorised no loop
+  // calling this function)
+  int64_t k;
+  const double shifted = n + 6755399441055744.0;
+  std::memcpy(&k, &shifted, 8);
+  k -= 0x4338000000000000LL;
   bool tiny = k < -1020;
   int64_t bits;
   std::memcpy(&bits, &y, 8);
