@@ -175,21 +175,20 @@ def sensitivity(case: Case, model, inputs, loss, want, nudges: int = 3) -> float
     largest of ``nudges`` random nudges. One nudge can miss a discontinuity that a different
     summation order hits: rcrn's L1 gradients (the sign of restored - clean) moved 2e-3 under
     inductor and stitch alike on one machine, where one nudge had moved them 3e-5."""
+    def nudge(t, gen):
+        eps = torch.finfo(t.dtype).eps
+        return t * (1 + eps * torch.randn(t.shape, generator=gen).sign().to(t.dtype))
+
     worst = 0.0
     for seed in range(1, nudges + 1):
         m = copy.deepcopy(model)
         gen = torch.Generator().manual_seed(seed)
-
-        def nudge(t, gen=gen):
-            eps = torch.finfo(t.dtype).eps
-            return t * (1 + eps * torch.randn(t.shape, generator=gen).sign().to(t.dtype))
-
         with torch.no_grad():
             for p in m.parameters():
                 if p.is_floating_point():
-                    p.copy_(nudge(p))
-        moved = tuple(nudge(t) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-                      for t in inputs)
+                    p.copy_(nudge(p, gen))
+        moved = tuple(nudge(t, gen) if isinstance(t, torch.Tensor) and t.is_floating_point()
+                      else t for t in inputs)
         c = Contender(case, "eager", m, moved, loss)
         c.opt = None
         worst = max(worst, rel_error(c(), want))
