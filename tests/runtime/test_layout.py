@@ -392,3 +392,25 @@ def test_matmul_transposes_of_kernel_results_are_views():
     assert len(k.writes) == 1
     assert [op.attributes["perm"] for op in g.func.body.ops if isinstance(op, st.PermuteOp)] \
         == [(1, 0)]
+
+
+def test_returned_transpose_of_an_argument_is_a_view():
+    """A function returning a transpose of its argument (a training forward saving a tied
+    embedding's ``w.t()`` for the backward) beside a kernel that reads the argument (the
+    gather): the result is a view of the argument, as eager returns it, not a transposed copy
+    the kernel writes as a second output."""
+    torch.manual_seed(0)
+    ids, w = torch.randint(0, 37, (3, 5)), torch.randn(37, 24)
+
+    def f(ids, w):
+        e = torch.nn.functional.layer_norm(torch.nn.functional.embedding(ids, w), (24,))
+        wt = w.t()
+        return e @ wt, wt
+
+    g = compile_program(import_model(_Fn(f).eval(), (ids, w)), device_spec=cpu_spec(measure=False))
+    got = g(ids, w)
+    for a, want in zip(got, f(ids, w)):
+        torch.testing.assert_close(a, want, atol=1e-4, rtol=1e-5)
+    assert got[1].untyped_storage().data_ptr() == w.untyped_storage().data_ptr()
+    (k,) = [s for s in g.steps if s.kind == "kernel"]
+    assert len(k.writes) == 1
