@@ -21,7 +21,7 @@ import os
 import uuid
 from pathlib import Path
 
-VERSION = 9  # bump when planning changes in a way the key does not see
+VERSION = 10  # bump when planning changes in a way the key does not see
 
 
 def _folder() -> Path | None:
