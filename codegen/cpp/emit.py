@@ -317,6 +317,9 @@ class Emitter:
         self.deps: dict[str, frozenset[str]] = {}  # temporary -> loop variables it depends on
         # a half value's rounding temporary -> (its type, the value before rounding)
         self.unrounded: dict[str, tuple[DType, str]] = {}
+        # indices read from tensors (``checked_index``): a float16 load at one that varies
+        # along the innermost loop is a gather, which GCC never vectorises (no 16-bit gather)
+        self.gathered: set[str] = set()
 
     # -- scopes --------------------------------------------------------------------------------
     def push(self, lines: list[str], indent: str, loop_vars=()) -> None:
@@ -430,7 +433,11 @@ class Emitter:
             name = self.buffers[id(v)]
             raw = f"{name}[{linearize(idx, dims(v))}]"
             expr = self.f16_row(name, v, idx) if self.stored.get(name) is DType.f16 else None
-            if expr is None:
+            if expr is None and self.stored.get(name) is DType.f16 and self._gathers(idx):
+                # the loop stays scalar: the conversion instruction (F16C) where the target has
+                # it, one instruction where st_h2f's selects are ten
+                expr = self.temp("float", f"st_h2f_s({raw})")
+            elif expr is None:
                 expr = self.temp(ctype(v.type.dtype), load(self.stored[name], raw)
                                  if name in self.stored else raw)
         elif isinstance(v, BlockArgument):
@@ -640,8 +647,17 @@ class Emitter:
         wrapped = self.temp("int64_t", f"({raw} < 0 ? {raw} + {size} : {raw})", "ix") if wrap \
             else raw
         self.stmt_with(wrapped, f"if ({wrapped} < 0 || {wrapped} >= {size}) err |= {ERR_INDEX};")
-        return self.temp("int64_t", f"(({wrapped} < 0 || {wrapped} >= {size}) ? 0 : {wrapped})",
-                         "ix")
+        out = self.temp("int64_t", f"(({wrapped} < 0 || {wrapped} >= {size}) ? 0 : {wrapped})",
+                        "ix")
+        self.gathered.add(out)
+        return out
+
+    def _gathers(self, idx: list[str]) -> bool:
+        """Whether an element index reads at an index from a tensor that varies along the
+        innermost loop (an element-wise gather, not a row gather)."""
+        inner = self.scopes[-1].loop_vars
+        return any(n in self.gathered and self.deps.get(n, frozenset()) & inner
+                   for n in IDENT.findall(" ".join(idx)))
 
     def pad(self, op: st.PadOp, idx: list[str], ct: str) -> str:
         src_shape = dims(op.operand(0))

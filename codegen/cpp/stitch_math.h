@@ -261,6 +261,15 @@ static inline float st_h2f(uint16_t h) {
   const uint32_t finite = (sub & m_sub) | (normal & ~m_sub);
   return st_bitsf(sign | (finite & ~m_inf) | (((em << 13) | 0x7F800000u) & m_inf));
 }
+// st_h2f where the loop around it stays scalar (a float16 gather): the scalar conversion
+// instruction where the target has it (same values, NaN quieted).
+static inline float st_h2f_s(uint16_t h) {
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
+  return st_h2f(h);
+#endif
+}
 static inline uint16_t st_f2h(float f) {
   uint32_t u = st_fbits(f);
   const uint32_t sign = (u >> 16) & 0x8000u;

@@ -482,3 +482,22 @@ def test_float16_reads_along_vector_loops_widen_whole_rows(shape):
         src = "".join(s.source.source.split('extern "C"')[1] for s in g.steps if s.kind == "kernel")
         inner = "\n".join(_vector_loop_lines(src))
         assert "st_h2f_row(" in src and "st_h2f(" not in inner, inner
+
+
+@pytest.mark.parametrize("rows, cols", [(7, 33), (64, 64), (1, 5)])
+def test_float16_elementwise_gathers_convert_with_the_scalar_instruction(rows, cols):
+    """A float16 gather whose index varies along the inner loop (``torch.gather`` with a 2-D
+    index, a scatter's expanded index) keeps that loop scalar (GCC has no 16-bit gather): its
+    loads widen with ``st_h2f_s`` (the F16C instruction where the target has it). A row gather
+    (``index_select``) keeps the vectorisable ``st_h2f``. Values are eager's bits, subnormals,
+    inf and NaN included."""
+    gen = torch.Generator().manual_seed(rows * cols)
+    x = (torch.randn(rows, cols, generator=gen) * 3).half()
+    x.view(-1)[:4] = torch.tensor([6e-8, -3e-6, float("inf"), float("nan")]).half()
+    idx = torch.randint(0, cols, (rows, cols), generator=gen)
+    sel = torch.randint(0, rows, (2 * rows + 1,), generator=gen)
+    g = check(lambda x, i, s: (torch.gather(x, 1, i) * 2, x.index_select(0, s) + 1), [x, idx, sel])
+    src = "".join(s.source.source.split('extern "C"')[1] for s in g.steps if s.kind == "kernel")
+    assert "st_h2f_s(" in src
+    gathered = [ln.strip() for ln in src.splitlines() if "st_h2f_s(" in ln]
+    assert len(gathered) == 1, gathered  # the element-wise gather's load, not the row gather's
