@@ -317,8 +317,9 @@ class Emitter:
         self.deps: dict[str, frozenset[str]] = {}  # temporary -> loop variables it depends on
         # a half value's rounding temporary -> (its type, the value before rounding)
         self.unrounded: dict[str, tuple[DType, str]] = {}
-        # indices read from tensors (``checked_index``): a float16 load at one that varies
-        # along the innermost loop is a gather, which GCC never vectorises (no 16-bit gather)
+        # computed indices (``ix`` temporaries: read from tensors by ``checked_index``, clamped
+        # by pads and cats): a float16 load at one that varies along the innermost loop is a
+        # gather, which GCC never vectorises (there is no 16-bit gather)
         self.gathered: set[str] = set()
 
     # -- scopes --------------------------------------------------------------------------------
@@ -400,6 +401,8 @@ class Emitter:
         self.counter += 1
         deps = self._deps(expr)
         self.deps[name] = deps
+        if prefix == "ix":
+            self.gathered.add(name)
         self._put(self._home(deps), f"const {c_type} {name} = {expr};")
         return name
 
@@ -647,14 +650,13 @@ class Emitter:
         wrapped = self.temp("int64_t", f"({raw} < 0 ? {raw} + {size} : {raw})", "ix") if wrap \
             else raw
         self.stmt_with(wrapped, f"if ({wrapped} < 0 || {wrapped} >= {size}) err |= {ERR_INDEX};")
-        out = self.temp("int64_t", f"(({wrapped} < 0 || {wrapped} >= {size}) ? 0 : {wrapped})",
-                        "ix")
-        self.gathered.add(out)
-        return out
+        return self.temp("int64_t", f"(({wrapped} < 0 || {wrapped} >= {size}) ? 0 : {wrapped})",
+                         "ix")
 
     def _gathers(self, idx: list[str]) -> bool:
-        """Whether an element index reads at an index from a tensor that varies along the
-        innermost loop (an element-wise gather, not a row gather)."""
+        """Whether an element index goes through a computed index (read from a tensor, or
+        clamped) that varies along the innermost loop: an element-wise gather, not a row
+        gather."""
         inner = self.scopes[-1].loop_vars
         return any(n in self.gathered and self.deps.get(n, frozenset()) & inner
                    for n in IDENT.findall(" ".join(idx)))

@@ -508,3 +508,16 @@ def test_float16_elementwise_gathers_convert_with_the_scalar_instruction(rows, c
     assert "st_h2f_s(" in src
     gathered = [ln.strip() for ln in src.splitlines() if "st_h2f_s(" in ln]
     assert len(gathered) == 1, gathered  # the element-wise gather's load, not the row gather's
+
+
+def test_float16_concatenated_gathers_convert_with_the_scalar_instruction():
+    """EdgeConv's message ``cat([x_i, x_j - x_i], 1)`` on float16: the cat's clamped column
+    index varies along the inner loop, so each gathered load is an element-wise one (no 16-bit
+    gather to vectorise with) and widens with ``st_h2f_s``; values are eager's bits."""
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(40, 24, generator=gen) * 2).half()
+    x.view(-1)[:3] = torch.tensor([6e-8, float("inf"), -0.0]).half()
+    src, dst = torch.randint(0, 40, (2, 90), generator=gen)
+    g = check(lambda x, s, d: torch.cat([x[d], x[s] - x[d]], 1) * 3, [x, src, dst])
+    src_text = "".join(s.source.source for s in g.steps if s.kind == "kernel")
+    assert "st_h2f_s(" in src_text and "st_h2f(in" not in src_text
