@@ -51,10 +51,14 @@ def half_in_float(op) -> bool:
     """Whether ``op`` (a convolution, a matrix product) computes on float16 tensors that oneDNN
     cannot run here (``ONEDNN_FLOAT16``): it then runs in float32. (A convolution backward
     always does: ``torch_call_fn``.)"""
+    return not ONEDNN_FLOAT16 and has_float16(op)
+
+
+def has_float16(op) -> bool:
+    """Whether an operand or result of ``op`` is float16."""
     from stitch_ir.types import DType
 
-    return not ONEDNN_FLOAT16 and any(
-        getattr(v.type, "dtype", None) is DType.f16 for v in [*op.operands, *op.results])
+    return any(getattr(v.type, "dtype", None) is DType.f16 for v in [*op.operands, *op.results])
 
 
 def torch_call_fn(op) -> Callable:
@@ -65,11 +69,9 @@ def torch_call_fn(op) -> Callable:
     ms against 0.64 in float32 (8x64x8x8: 63 against 0.53), and a float16 ResNet training step
     spent nearly all its 128 ms there, under eager and inductor alike."""
     from stitch_ir.interpreter import resolve_torch_op
-    from stitch_ir.types import DType
 
     fn = resolve_torch_op(op.attributes["target"])
-    if op.attributes["target"] == "aten.convolution_backward.default" and any(
-            getattr(v.type, "dtype", None) is DType.f16 for v in [*op.operands, *op.results]):
+    if op.attributes["target"] == "aten.convolution_backward.default" and has_float16(op):
         return in_float(fn)
     return fn
 

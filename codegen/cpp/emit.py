@@ -320,7 +320,7 @@ class Emitter:
         # computed indices (``ix`` temporaries: read from tensors by ``checked_index``, clamped
         # by pads and cats): a float16 load at one that varies along the innermost loop is a
         # gather, which GCC never vectorises (there is no 16-bit gather)
-        self.gathered: set[str] = set()
+        self.index_temps: set[str] = set()
 
     # -- scopes --------------------------------------------------------------------------------
     def push(self, lines: list[str], indent: str, loop_vars=()) -> None:
@@ -402,7 +402,7 @@ class Emitter:
         deps = self._deps(expr)
         self.deps[name] = deps
         if prefix == "ix":
-            self.gathered.add(name)
+            self.index_temps.add(name)
         self._put(self._home(deps), f"const {c_type} {name} = {expr};")
         return name
 
@@ -658,7 +658,7 @@ class Emitter:
         clamped) that varies along the innermost loop: an element-wise gather, not a row
         gather."""
         inner = self.scopes[-1].loop_vars
-        return any(n in self.gathered and self.deps.get(n, frozenset()) & inner
+        return any(n in self.index_temps and self.deps.get(n, frozenset()) & inner
                    for n in IDENT.findall(" ".join(idx)))
 
     def pad(self, op: st.PadOp, idx: list[str], ct: str) -> str:

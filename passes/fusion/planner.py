@@ -271,8 +271,7 @@ def solve_cpsat(g: PlanGraph, costs: Costs, cands: set[int], hint: list[int],
             groups, objective = picked, solver.ObjectiveValue() / SECONDS_TO_UNITS
             break
         fixed = break_cycles(g, costs, picked)
-        if costs.total(fixed) < repaired[0]:
-            repaired = (costs.total(fixed), fixed)
+        repaired = min(repaired, (costs.total(fixed), fixed))
         m.Add(sum(x[index[c]] for c in cycle) <= len(cycle) - 1)
         cuts += 1
         if cuts >= repair_after:

@@ -189,7 +189,8 @@ extern "C" int widen_daz(void* const* args) {
 """
 
 
-@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="MXCSR is x86's")
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"),
+                    reason="sets x86's denormals-are-zero flag (MXCSR); other CPUs have none")
 def test_float16_widening_does_no_arithmetic_on_denormals():
     """Every float16 widens exactly even with denormal operands read as zero (MXCSR DAZ): the
     widening never feeds a float denormal to an arithmetic instruction, which costs a microcode
