@@ -93,6 +93,8 @@ def render_group(group: fusion.GroupOp, name: str = "",
         # a kernel too small to feed a thread team runs on the calling thread (the schedule's
         # choice): the parallel region is serialised, no threads are woken
         "serial": group.attr("team", 0) == 1,
+        # a kernel worth a team is worth 512-bit vectors (_frame.cpp.jinja)
+        "wide_vectors": group.attr("team", 0) != 1,
     }
     symbols = symbols_of(args + [r for op in group.body.ops for r in op.results])
     context["symbols"] = symbols
