@@ -450,20 +450,23 @@ def _avx512() -> bool:
 
 
 def test_teamed_kernels_use_512_bit_vectors(tmp_path):
-    """A kernel with a thread team is compiled preferring 512-bit vectors (GCC's x86 default is
-    256 even with AVX-512; a float16 quantise round trip ran 1.4x faster at 16 lanes); a kernel
-    on the calling thread keeps the default. Both, batched into one translation unit, build and
-    give eager's results (the option push / pop pairs balance)."""
+    """A kernel with a thread team and long rows is compiled preferring 512-bit vectors (GCC's
+    x86 default is 256 even with AVX-512; a float16 quantise round trip ran 1.4x faster at 16
+    lanes); one on the calling thread, or with rows of 32, keeps the default. Batched into one
+    translation unit they build and give eager's results (the push / pop pairs balance)."""
     def quant(x):
         s = x.abs().amax(-1, keepdim=True).clamp_min(1e-6) / 127
         return torch.clamp(torch.round(x / s), -128, 127) * s
 
     large = run_both(quant, [torch.randn(512, 1024).half() * 2], atol=0, rtol=0)
     small = run_both(quant, [torch.randn(3, 37).half() * 2], atol=0, rtol=0)
+    short = run_both(quant, [torch.randn(16384, 32).half() * 2], atol=0, rtol=0)
     (kl,) = [s for s in large.steps if s.kind == "kernel"]
     (ks,) = [s for s in small.steps if s.kind == "kernel"]
+    (kr,) = [s for s in short.steps if s.kind == "kernel"]
     assert 'target("prefer-vector-width=512")' in kl.source.source
     assert "prefer-vector-width" not in ks.source.source
+    assert "omp parallel" in kr.source.source and "prefer-vector-width" not in kr.source.source
     body = ks.source.source + "\n" + kl.source.body + "\n" + ks.source.body.replace(
         ks.source.symbol, ks.source.symbol + "_again")
     src = tmp_path / "k.cpp"
