@@ -70,13 +70,28 @@ class KernelSource:
 # rows of 32 (three horizontal reductions a row, two vector iterations) ran 1.2x slower, 64-128
 # about even, 256 1.04x faster (this Xeon, 2 threads).
 WIDE_MIN_TRIP = 256
-_SIMD_LOOP = re.compile(r"#pragma omp simd[^\n]*\n\s*for \(int64_t (\w+) = 0; \1 < ([^;]+);")
+_SIMD_LOOP = re.compile(r"#pragma omp simd[^\n]*\n\s*for \(int64_t (\w+) = 0; \1 < ([^;]+);[^{\n]*\{")
+
+
+def _innermost_trips(source: str) -> list[int]:
+    """The constant trip counts of ``source``'s innermost ``#pragma omp simd`` loops (a simd
+    pragma on a loop around other loops vectorises nothing: the inner loops are the vectors)."""
+    trips = []
+    for m in _SIMD_LOOP.finditer(source):
+        depth, k = 1, m.end()
+        while depth and k < len(source):
+            depth += {"{": 1, "}": -1}.get(source[k], 0)
+            k += 1
+        bound = m.group(2).strip()
+        if "for (" not in source[m.end():k] and bound.isdigit():
+            trips.append(int(bound))
+    return trips
 
 
 def wide_loops(source: str) -> bool:
-    """Whether every ``#pragma omp simd`` loop of ``source`` whose trip count is a constant runs
-    at least ``WIDE_MIN_TRIP`` iterations (and there is such a loop)."""
-    trips = [int(b) for _, b in _SIMD_LOOP.findall(source) if b.strip().isdigit()]
+    """Whether every innermost ``#pragma omp simd`` loop of ``source`` whose trip count is a
+    constant runs at least ``WIDE_MIN_TRIP`` iterations (and there is such a loop)."""
+    trips = _innermost_trips(source)
     return bool(trips) and min(trips) >= WIDE_MIN_TRIP
 
 

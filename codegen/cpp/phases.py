@@ -524,13 +524,19 @@ class PhaseKernel(ScatterPhases):
 
             base = f"acc{self.n_loops}"
             accs = [f"{base}_{j}" if j else base for j in range(len(members))]
-            # the sums first (a variance's mean among them), then the deviations
+            # the sums first (a variance's mean among them), then the deviations; a variance
+            # whose sibling is a sum or mean of the same type takes that sum (a group norm's
+            # mean and variance: one accumulator, not two adding the same terms)
+            sums = {_acc_type(r): acc for (r, _), acc in zip(members, accs)
+                    if isinstance(r, st.SumOp | st.MeanOp)}
             loops([(r, "main", acc + ("s" if isinstance(r, st.VarOp) else ""), None)
-                   for (r, _), acc in zip(members, accs)])
+                   for (r, _), acc in zip(members, accs)
+                   if not (isinstance(r, st.VarOp) and _acc_type(r) in sums)])
             dev = []
             for (r, _), acc in zip(members, accs):
                 if isinstance(r, st.VarOp):
-                    em.line(f"const {_acc_type(r)} {acc}m = {acc}s / ({_acc_type(r)}){n};")
+                    total = sums.get(_acc_type(r), f"{acc}s")
+                    em.line(f"const {_acc_type(r)} {acc}m = {total} / ({_acc_type(r)}){n};")
                     dev.append((r, "dev", acc, f"{acc}m"))
             if dev:
                 loops(dev)
