@@ -177,11 +177,10 @@ static inline float st_sigmoid(float x) {
   return x >= 0.0f ? s : e * s;
 }
 
-static inline double st_sigmoid(double x) {
-  double e = st_exp(-(x < 0.0 ? -x : x));
-  double s = 1.0 / (1.0 + e);
-  return x >= 0.0 ? s : e * s;
-}
+// float64 sigmoid in eager's form (ATen's vectorised and scalar kernels): 1 / (1 + e^-x), so 0
+// below x = -709.78 where e^-x overflows, as eager (the e^-|x| form gave e^x's subnormals
+// there, and its select and multiply cost 10% of a float64 broadcast chain's kernel).
+static inline double st_sigmoid(double x) { return 1.0 / (1.0 + st_exp(-x)); }
 
 template <typename T> static inline T st_rsqrt(T x) { return T(1) / std::sqrt(x); }
 template <typename T> static inline T st_relu(T x) { return x != x ? x : (x > T(0) ? x : T(0)); }

@@ -504,6 +504,16 @@ def test_wide_vectors_look_at_innermost_loops_only():
     assert not wide_loops("#pragma omp simd\n for (int64_t j = 0; j < n; ++j) {}")
 
 
+def test_float64_sigmoid_is_eagers_form():
+    """float64 sigmoid is 1 / (1 + e^-x) as eager computes it: 0 below -709.78, where e^-x
+    overflows (the e^-|x| form gave subnormals there, which eager never does), and within a few
+    ulp elsewhere."""
+    x = torch.cat([torch.randn(997, dtype=torch.float64) * 40,
+                   torch.tensor([-720.0, -745.5, -709.9, -709.0, -1e4, -float("inf"),
+                                 float("inf"), float("nan"), 0.0, 36.0], dtype=torch.float64)])
+    run_both(lambda x: torch.sigmoid(x) * 2, [x], atol=0, rtol=1e-15)
+
+
 def test_bool_mask_softmax_vectorises(tmp_path):
     """A bool input is read as bytes: every row loop of a masked softmax vectorises (a ``bool``
     load made GCC give up on if-conversion: branchy scalar code, slower with random masks)."""
