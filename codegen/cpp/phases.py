@@ -70,6 +70,9 @@ def _plain_reduce(op) -> bool:
 # L1 accumulator row), and how the reduced index space is cut (at most COLUMN_CHUNKS chunks of
 # at least COLUMN_CHUNK_MIN terms; the partial rows go to scratch).
 COLUMN_BLOCK = 1024
+# A float32 variance over an innermost loop of at most this many terms adds its squared
+# deviations in float (16 lanes of at most 256 terms each with AVX-512), then in double.
+PARTIAL_MAX = 4096
 COLUMN_CHUNKS = 16
 COLUMN_CHUNK_MIN = 64
 
@@ -500,12 +503,25 @@ class PhaseKernel(ScatterPhases):
 
             def loops(accs: list[tuple[st.ReduceOp, str, str, str | None]]):
                 """One loop nest over the reduced dims updating every (op, mode, acc, mean)."""
-                clauses = []
                 for r, mode, acc, _ in accs:
-                    decl, more = acc_declaration(r, mode, acc, _acc_type(r))
+                    decl, _ = acc_declaration(r, mode, acc, _acc_type(r))
                     for text in decl:
                         em.line(text)
-                    clauses += more
+                # a float32 variance's squared deviations: a float partial sum per innermost
+                # loop (split over the vector lanes, as the rows strategy sums a row), added
+                # into the double accumulator once the loop ends. Sums stay double term by
+                # term: a float32 sum is correctly rounded (a later round(y / s) lands where
+                # eager's does; test_long_sum_feeding_round_is_correctly_rounded)
+                inner = red_shape[-1]
+                split = [mode == "dev" and _acc_type(r) == "double"
+                         and ctype(r.result.type.dtype) == "float"
+                         and isinstance(inner, int) and inner <= PARTIAL_MAX
+                         for r, mode, _, _ in accs]
+                for (_, _, _, mean), sp in zip(accs, split):
+                    if sp:
+                        em.line(f"const float {mean}f = (float){mean};")
+                inner_accs = [(r, mode, acc + "p", mean + "f") if sp else (r, mode, acc, mean)
+                              for (r, mode, acc, mean), sp in zip(accs, split)]
                 # a scope per reduced dim: what the innermost loop reads invariantly (a float16
                 # row widened whole) is placed above it, inside the outer ones
                 with contextlib.ExitStack() as outer:
@@ -515,12 +531,23 @@ class PhaseKernel(ScatterPhases):
                         outer.enter_context(em.loop_body([names[k]]))
                         em.mark()
 
+                    clauses = []
+                    for (r, mode, acc, _), sp in zip(inner_accs, split):
+                        decl, more = acc_declaration(r, mode, acc, "float" if sp else _acc_type(r))
+                        if sp:
+                            for text in decl:
+                                em.line(text)
+                        clauses += more
+
                     def update():
                         x = em.value(op.operand(0), self._input_index(op, out_idx, names))
-                        for r, mode, acc, mean in accs:
+                        for r, mode, acc, mean in inner_accs:
                             em.line(_acc_update(r, mode, acc, x, mean))
                     self._simd_loop(names[-1], red_shape[-1], " " + " ".join(clauses)
                                     if clauses else "", update)
+                    for (_, _, acc, _), sp in zip(accs, split):
+                        if sp:
+                            em.line(f"{acc} += {acc}p;")
 
             base = f"acc{self.n_loops}"
             accs = [f"{base}_{j}" if j else base for j in range(len(members))]

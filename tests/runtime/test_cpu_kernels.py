@@ -774,6 +774,9 @@ def test_group_norm_reads_its_input_once_for_both_statistics(n, g, h, w):
     if k.source.strategy == "phases":
         (acc,) = re.findall(r"#pragma omp simd reduction\(\+:(acc\d+_1)\)\n", src)
         assert f"m = {acc} / (double)" in src and not re.search(r"acc\d+s\b", src), src
+        # the squared deviations add in float within a loop, then in double (the sum does not)
+        (dev,) = re.findall(r"#pragma omp simd reduction\(\+:(acc\d+p)\)\n", src)
+        assert f"float {dev} = " in src and f"{dev[:-1]} += {dev};" in src, src
         if h * w > 1 and w > 1:
             assert re.search(rf"< {h * w}; \+\+i\d+_\d+\) {{", src), src
 
