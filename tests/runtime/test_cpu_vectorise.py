@@ -1,0 +1,173 @@
+"""The cpu target's instruction-level choices, end to end: loops GCC vectorises (and at which width),
+kernels on the calling thread, exact divisions and powers, float64 sigmoid in eager's form."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import torch
+from cpu_kernel_check import SIZES, Fn, _ln, run_both
+from hypothesis import given, settings
+from hypothesis import strategies as hs
+
+from cost_model import cpu_spec
+from runtime import build
+from runtime.graph import compile_program
+from stitch_ir.importer import import_model
+
+
+def test_generated_source_names_its_ops_and_vectorises(tmp_path):
+    model = Fn(_ln, torch.randn(64), torch.randn(64)).eval()
+    prog = import_model(model, (torch.randn(32, 64),))
+    g = compile_program(prog, device_spec=cpu_spec(measure=False))
+    (step,) = [s for s in g.steps if s.kind == "kernel"]
+    src = step.source.source
+    assert src.startswith("// stitch kernel") and "// from st ops: st.var" in src
+    assert src.count("#pragma omp simd reduction") >= 2
+    path = tmp_path / "k.cpp"
+    path.write_text(src)
+    flags = [f for f in build.default_flags() if f not in ("-shared",)]
+    r = subprocess.run([build.compiler(), *flags, "-c", str(path), "-o", str(tmp_path / "k.o"),
+                        "-fopt-info-vec-optimized"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("loop vectorized") >= 3, r.stderr
+
+
+@settings(max_examples=4, deadline=None)
+@given(SIZES, hs.sampled_from([5, 33, 1000]))
+def test_quotient_feeding_round_is_an_exact_division(a, c):
+    """Divisions stay IEEE divisions (no hoisted reciprocal): quantisation's round(x / s)
+    rounds exactly as eager, and so does softmax's x / sum."""
+    x = torch.randn(a, c) * 3
+
+    def quant(x):
+        s = x.abs().amax(-1, keepdim=True) / 127
+        return torch.round(x / s).clamp(-128, 127) * s
+
+    g = run_both(quant, [x], atol=0, rtol=0)
+    src = "".join(s.source.source for s in g.steps if s.kind == "kernel")
+    assert "st.round" in src and "(float)1 /" not in src
+    g = run_both(lambda x: (torch.exp(x) / torch.exp(x).sum(-1, keepdim=True), x / 8), [x])
+    src = "".join(s.source.source for s in g.steps if s.kind == "kernel")
+    assert "(float)1 /" not in src and "* (0.125f)" in src  # x / 8 is an exact multiply
+
+
+def test_tiny_kernels_run_on_the_calling_thread():
+    """The schedule gives a kernel too small to pay for a thread team the calling thread alone
+    (no parallel region at all: a serialised one costs ~0.45 us in libgomp, 100x the loop of a
+    tiny kernel); a large one gets the team."""
+    small = run_both(lambda x, y: torch.relu(x * y + 1), [torch.randn(4, 5), torch.randn(4, 5)])
+    large = run_both(lambda x, y: torch.relu(x * y + 1),
+                     [torch.randn(512, 1024), torch.randn(512, 1024)])
+    (ks,) = [s for s in small.steps if s.kind == "kernel"]
+    (kl,) = [s for s in large.steps if s.kind == "kernel"]
+    assert "#pragma omp parallel" not in ks.source.source and "on the calling thread" in \
+        ks.source.source
+    assert "#pragma omp parallel reduction(|:err)" in kl.source.source
+
+
+@pytest.mark.parametrize("e", [2, 3, 0.5, -1, -2, 1.5])
+def test_pow_by_a_constant_is_eager_bit_for_bit(e):
+    """The exponents eager special-cases (2, 3, 0.5, -1, -2) are multiplications, a square root
+    or a division, as eager computes them: the same bits, and a loop that vectorises (no powf)."""
+    x = torch.randn(33, 129) * 3
+    # torch's own sqrt (and powf) on this cpu is not correctly rounded: an ulp off numpy's
+    # IEEE square root on ~3% of values, which the kernel's vsqrtps matches
+    tol = 2.5e-7 if e in (0.5, 1.5) else 0
+    g = run_both(lambda x: torch.pow(x, e) + 1, [x], atol=tol, rtol=tol)
+    src = "".join(s.source.source for s in g.steps if s.kind == "kernel")
+    assert ("std::pow" in src) == (e == 1.5)
+
+
+def _avx512() -> bool:
+    """Whether the kernels' own flags (-march=native) target AVX-512: the compiler says."""
+    r = subprocess.run([build.compiler(), *build.default_flags(), "-dM", "-E", "-x", "c++", "-"],
+                       input="", capture_output=True, text=True)
+    return "__AVX512F__" in r.stdout
+
+
+def test_teamed_kernels_use_512_bit_vectors(tmp_path):
+    """A kernel with a thread team and long rows is compiled preferring 512-bit vectors (GCC's
+    x86 default is 256 even with AVX-512; a float16 quantise round trip ran 1.4x faster at 16
+    lanes); one on the calling thread, or with rows of 32, keeps the default. Batched into one
+    translation unit they build and give eager's results (the push / pop pairs balance)."""
+    def quant(x):
+        s = x.abs().amax(-1, keepdim=True).clamp_min(1e-6) / 127
+        return torch.clamp(torch.round(x / s), -128, 127) * s
+
+    large = run_both(quant, [torch.randn(512, 1024).half() * 2], atol=0, rtol=0)
+    small = run_both(quant, [torch.randn(3, 37).half() * 2], atol=0, rtol=0)
+    short = run_both(quant, [torch.randn(16384, 32).half() * 2], atol=0, rtol=0)
+    (kl,) = [s for s in large.steps if s.kind == "kernel"]
+    (ks,) = [s for s in small.steps if s.kind == "kernel"]
+    (kr,) = [s for s in short.steps if s.kind == "kernel"]
+    assert 'target("prefer-vector-width=512")' in kl.source.source
+    assert "prefer-vector-width" not in ks.source.source
+    assert "omp parallel" in kr.source.source and "prefer-vector-width" not in kr.source.source
+    body = ks.source.source + "\n" + kl.source.body + "\n" + ks.source.body.replace(
+        ks.source.symbol, ks.source.symbol + "_again")
+    src = tmp_path / "k.cpp"
+    src.write_text(body)
+    out = subprocess.run([build.compiler(), *build.default_flags(), "-fopt-info-vec",
+                          str(src), "-o", str(tmp_path / "k.so")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    if not _avx512() or "clang" in build.compiler():
+        pytest.skip("the 512-bit preference needs GCC on a cpu with AVX-512")
+    first = len(ks.source.source.splitlines()) + 1  # the large kernel's lines in k.cpp
+    last = first + len(kl.source.body.splitlines())
+    widths = {(first <= int(rep.split("k.cpp:")[1].split(":")[0]) < last, rep.split("using ")[1])
+              for rep in out.stderr.splitlines() if "loop vectorized using" in rep}
+    assert (True, "64 byte vectors") in widths, sorted(widths)
+    assert (False, "64 byte vectors") not in widths, sorted(widths)
+
+
+def test_wide_vectors_look_at_innermost_loops_only():
+    """The 512-bit choice reads the innermost simd loops' trip counts: a simd pragma on a loop
+    of 4 groups around loops of 512 (a group norm's statistics) does not keep it narrow."""
+    from codegen.cpp.kernel import _innermost_trips, wide_loops
+    src = """
+      #pragma omp simd
+      for (int64_t i1_1 = 0; i1_1 < 4; ++i1_1) {
+        for (int64_t k = 0; k < 4; ++k) {
+          #pragma omp simd reduction(+:a)
+          for (int64_t j = 0; j < 512; ++j) { a += x[j]; }
+        }
+      }
+      #pragma omp simd
+      for (int64_t j = 0; j < n; ++j) { y[j] = 0; }
+    """
+    assert _innermost_trips(src) == [512] and wide_loops(src)
+    assert not wide_loops(src + "#pragma omp simd\n for (int64_t j = 0; j < 32; ++j) {}")
+    assert not wide_loops("#pragma omp simd\n for (int64_t j = 0; j < n; ++j) {}")
+
+
+def test_float64_sigmoid_is_eagers_form():
+    """float64 sigmoid is 1 / (1 + e^-x) as eager computes it: 0 below -709.78, where e^-x
+    overflows (the e^-|x| form gave subnormals there, which eager never does), and within a few
+    ulp elsewhere."""
+    x = torch.cat([torch.randn(997, dtype=torch.float64) * 40,
+                   torch.tensor([-720.0, -745.5, -709.9, -709.0, -1e4, -float("inf"),
+                                 float("inf"), float("nan"), 0.0, 36.0], dtype=torch.float64)])
+    run_both(lambda x: torch.sigmoid(x) * 2, [x], atol=0, rtol=1e-15)
+
+
+def test_bool_mask_softmax_vectorises(tmp_path):
+    """A bool input is read as bytes: every row loop of a masked softmax vectorises (a ``bool``
+    load made GCC give up on if-conversion: branchy scalar code, slower with random masks)."""
+    x, m = torch.randn(7, 300), torch.rand(7, 300) < 0.3
+    g = run_both(lambda x, m: x.masked_fill(m, float("-inf")).softmax(-1), [x, m])
+    (k,) = [s for s in g.steps if s.kind == "kernel"]
+    assert "const uint8_t* __restrict in0" in k.source.source
+    src = tmp_path / "k.cpp"
+    src.write_text(k.source.source)
+    out = subprocess.run([build.compiler(), *build.default_flags(), "-fopt-info-vec-all",
+                          str(src), "-o", str(tmp_path / "k.so")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    lines = [n for n, text in enumerate(k.source.source.splitlines(), 1)
+             if "for (int64_t j = 0;" in text]
+    assert len(lines) >= 2
+    done = {int(rep.split("k.cpp:")[1].split(":")[0]) for rep in out.stderr.splitlines()
+            if "k.cpp:" in rep and "optimized: loop vectorized" in rep}
+    for n in lines:  # every row loop (GCC reports the pragma's, the loop's or the body's line)
+        assert done & {n - 1, n, n + 1}, (n, sorted(done))
