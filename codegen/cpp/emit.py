@@ -473,17 +473,27 @@ class Emitter:
 
     def op_value(self, v: Value, idx: list[str]) -> str:
         expr = self._op_value(v, idx)
-        op = v.owner
-        if v.type.dtype in HALF and isinstance(op, _ROUNDED) and not isinstance(op, _EXACT_ON_HALF):
-            if isinstance(op, st.CastOp) and op.operand(0).type.dtype is v.type.dtype:
-                return expr
-            if self.half_precision == "float32" and not isinstance(op, st.IotaOp) \
-                    and not self.feeds_discontinuous(v):
-                return expr
+        if self.rounds(v):
             rounded = self.temp("float", round_to(v.type.dtype, expr))
             self.unrounded[rounded] = (v.type.dtype, expr)
             return rounded
         return expr
+
+    def unrounded_value(self, v: Value, idx: list[str]) -> str:
+        """Op result ``v`` at ``idx`` before any rounding to its half type (whoever asks rounds
+        it another way: a row at a time). Not memoised: nothing else in this loop reads it."""
+        return self._op_value(v, idx)
+
+    def rounds(self, v: Value) -> bool:
+        """Whether computing op result ``v`` rounds it to its half type (``HALF_PRECISION``)."""
+        op = v.owner
+        if v.type.dtype not in HALF or not isinstance(op, _ROUNDED) or \
+                isinstance(op, _EXACT_ON_HALF):
+            return False
+        if isinstance(op, st.CastOp) and op.operand(0).type.dtype is v.type.dtype:
+            return False
+        return self.half_precision == "eager" or isinstance(op, st.IotaOp) or \
+            self.feeds_discontinuous(v)
 
     def f16_row(self, name: str, v: Value, idx: list[str]) -> str | None:
         """A float16 element of buffer ``name`` read along a vector loop (``simd_rows``: the

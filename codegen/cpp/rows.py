@@ -139,8 +139,13 @@ class RowKernel:
     # -- rendering -----------------------------------------------------------------------------
     def render(self) -> dict:
         em = self.em
+        full = self.R * self.L
         avail: dict[int, int] = {id(a): 0 for a in self.group.body.args}
         loop_of: dict[int, int] = {}
+        # float16 values rounded along the row (what a discontinuous function reads) end their
+        # loop: stored unrounded to a row buffer, rounded whole (st_round_h_row), read by the
+        # next loop
+        rounded: list[Value] = []
         for op in self.body:
             p = max([avail.get(id(o), 0) for o in op.operands] or [0])
             if isinstance(op, st.ReduceOp):
@@ -149,15 +154,20 @@ class RowKernel:
             else:
                 for r in op.results:
                     avail[id(r)] = p
-        full = self.R * self.L
+                    if self._rounds_along_row(r, full):
+                        rounded.append(r)
+                        avail[id(r)] = p + 1
         outs_full = [v for v in self.outputs if math.prod(dims(v)) == full]
         outs_row = [v for v in self.outputs if v not in outs_full]
         if any(math.prod(dims(v)) != self.R for v in outs_row):
             raise RowsUnfit("an output is neither a row nor a row scalar")
         # Row values read in more than one loop are kept in per-thread row buffers.
         used_in: dict[int, set[int]] = {}
+        rounded_ids = {id(v) for v in rounded}
         for op in self.body:
             where = loop_of.get(id(op), avail[id(op.results[0])] if op.results else 0)
+            if op.results and id(op.results[0]) in rounded_ids:
+                where -= 1  # computed in the loop before the one it is available in
             for o in op.operands:
                 used_in.setdefault(id(o), set()).add(where)
         for v in outs_full:
@@ -165,14 +175,15 @@ class RowKernel:
         cheap = (st.ReduceOp, st.ReshapeOp, st.BroadcastOp, st.ConstantOp, st.IotaOp)
         regional: list[Value] = []
         for op in self.body:
-            if isinstance(op, cheap) or len(op.results) != 1 or \
+            if isinstance(op, cheap) or len(op.results) != 1 or id(op.result) in rounded_ids or \
                     math.prod(dims(op.result)) != full or len(used_in.get(id(op.result), ())) < 2:
                 continue
             if _recompute_cost(op.result, {id(v) for v in regional}) > RECOMPUTE_LIMIT:
                 regional.append(op.result)
         bufs = {id(v): f"rowbuf{k}" for k, v in enumerate(regional)}
+        hround = {id(v): f"hround{k}" for k, v in enumerate(rounded)}
         ends = [loop_of[id(r)] + (1 if isinstance(r, st.VarOp) else 0) for r in self.reduces]
-        n_loops = 1 + max(ends + [avail[id(v)] for v in outs_full + regional])
+        n_loops = 1 + max(ends + [avail[id(v)] for v in outs_full + regional + rounded])
         # Large outputs are written row by row from an L1 row buffer with streaming stores: no
         # read-for-ownership of the destination, and 32 MiB of results do not evict the inputs.
         out_bytes = sum(size_hint(full) * v.type.dtype.itemsize for v in outs_full)
@@ -225,6 +236,7 @@ class RowKernel:
                        (self.out_ptrs[id(v)], f"r * {self.L} + j"), v)
                       for v in outs_full if avail[id(v)] == loop]
             stores += [((bufs[id(v)], "j"), v) for v in regional if avail[id(v)] == loop]
+            stores += [((hround[id(v)], "j"), v) for v in rounded if avail[id(v)] == loop + 1]
             if not steps and not stores:
                 continue
             accs = []
@@ -251,6 +263,9 @@ class RowKernel:
                 x = em.value(r.operand(0), self.idx_of(r.operand(0)))
                 em.line(_acc_update(r, mode, acc, x, means.get(id(r))))
             for (ptr, lin), v in stores:
+                if id(v) in hround and ptr == hround[id(v)]:  # rounded by st_round_h_row
+                    em.line(f"{ptr}[{lin}] = {em.unrounded_value(v, self.idx_of(v))};")
+                    continue
                 x = em.value(v, self.idx_of(v))
                 if id(v) in half_out:  # narrowed by st_f2h_row, which rounds: not rounded here
                     em.line(f"{ptr}[{lin}] = {em.unrounded.get(x, (None, x))[1]};")
@@ -270,6 +285,10 @@ class RowKernel:
             for v in regional:
                 if avail[id(v)] == loop:
                     self._register(v, f"{bufs[id(v)]}[j]")
+            for v in rounded:
+                if avail[id(v)] == loop + 1:
+                    em.line(f"st_round_h_row({hround[id(v)]}, {self.L});")
+                    self._register(v, f"{hround[id(v)]}[j]")
             for r, mode, acc in accs:
                 name = f"red{loop}_{accs.index((r, mode, acc))}"
                 if isinstance(r, st.VarOp) and mode == "main":
@@ -292,11 +311,19 @@ class RowKernel:
         return {"R": f"{self.R}", "L": f"{self.L}", "row_decl": self.row_decl, "lines": lines,
                 "row_buffers": [(bufs[id(v)], ctype(v.type.dtype)) for v in regional] +
                 [(f"hrow{k}", "float") for k in range(len(half_in))] +
+                [(name, "float") for name in hround.values()] +
                 [(f"hvec{k}", "float") for k in range(len(half_vec))] +
                 [(name, "float") for name in half_out.values()] +
                 [(streams[id(v)], storage_ctype(v.type.dtype)) for v in outs_full
                  if id(v) in streams],
                 "streaming": bool(streams), "half_vectors": bool(half_vec)}
+
+    def _rounds_along_row(self, v: Value, full) -> bool:
+        """Whether ``v`` is a float16 value of the whole row that the loops would round element
+        by element (``Emitter.rounds``), in rows long enough to round with the row conversion
+        (``ROUND_ROW_MIN``)."""
+        return (v.type.dtype is DType.f16 and isinstance(self.L, int) and
+                self.L >= ROUND_ROW_MIN and math.prod(dims(v)) == full and self.em.rounds(v))
 
     @property
     def em_has_gather(self) -> bool:
@@ -309,6 +336,9 @@ class RowKernel:
 # store and loads cost as much as the ops, and the buffer competes for L1. Anything with a
 # transcendental, a division or a gather is buffered.
 RECOMPUTE_LIMIT = 4
+# Rows from this length round their float16 values whole (``RowKernel._rounds_along_row``): a
+# loop boundary and a row buffer cost less than 8 vector instructions per 16 elements there.
+ROUND_ROW_MIN = 32
 # Outputs of a rows kernel are written with streaming stores where the schedule says so
 # (``stream_stores``: at least the device's last-level cache, whose results leave the cache
 # before a consumer reads them anyway), or from this size whatever the device (tests force it).

@@ -453,6 +453,35 @@ def test_float32_half_precision_rounds_what_discontinuous_functions_read(dt):
     assert "st_round_" in src
 
 
+@pytest.mark.parametrize("shape", [(37, 1000), (5, 67), (3, 32), (6, 31), (2, 1, 129)])
+def test_float16_rounding_before_a_quantiser_rounds_whole_rows(shape):
+    """A float16 rows kernel that rounds a value along the row before a discontinuous function
+    (quantise / dequantise: round(x / scale) with a per-row scale) computes it unrounded into a
+    row buffer and rounds the row whole (``st_round_h_row``: the conversion instructions) for
+    rows of ``ROUND_ROW_MIN`` and longer, shorter rows per element; the quantiser's buckets are
+    eager's bit for bit: ties of x / scale, subnormal quotients, inf and NaN rows."""
+    from codegen.cpp.rows import ROUND_ROW_MIN
+
+    gen = torch.Generator().manual_seed(shape[-1])
+    x = (torch.randn(*shape, generator=gen) * 3).half()
+    flat = x.view(-1, shape[-1])
+    flat[0, :4] = torch.tensor([127.0, 63.5, -0.5, 1.5]).half()  # ties of x / (127 / 127)
+    flat[1, :3] = torch.tensor([6e-8, -3e-5, 2.0 ** -24]).half()
+    flat[-1, -1] = float("inf") if flat.shape[0] > 2 else flat[-1, -1]
+    flat[min(2, flat.shape[0] - 1), 0] = float("nan")
+
+    def quant_dequant(x):
+        scale = x.abs().amax(-1, keepdim=True).clamp_min(1e-6) / 127
+        return torch.clamp(torch.round(x / scale), -128, 127) * scale
+
+    g = check(quant_dequant, [x], half_precision="float32")
+    src = "".join(s.source.source.split('extern "C"')[1] for s in g.steps if s.kind == "kernel")
+    whole = shape[-1] >= ROUND_ROW_MIN
+    assert ("st_round_h_row(" in src) == whole
+    in_loops = any("st_round_h(" in line for line in _vector_loop_lines(src))
+    assert in_loops != whole
+
+
 def _vector_loop_lines(src: str) -> list[str]:
     """The lines inside the bodies of a kernel source's ``#pragma omp simd`` loops."""
     out, depth, inside = [], 0, False
