@@ -65,7 +65,8 @@ class KernelSource:
 
 
 # 512-bit vectors (``_frame.cpp.jinja``) for a kernel with a thread team whose vector loops all
-# run at least this many iterations. GCC prefers 256 bits on every x86 core; at 16 lanes a
+# run at least this many iterations. GCC 12 prefers 256 bits on Intel cores (znver3 tuning:
+# 512 everywhere, so there the pragma changes nothing); at 16 lanes a
 # float16 quantise round trip over rows of 1024 ran 1.4x faster, but a softmax-like kernel over
 # rows of 32 (three horizontal reductions a row, two vector iterations) ran 1.2x slower, 64-128
 # about even, 256 1.04x faster (this Xeon, 2 threads).
