@@ -289,6 +289,18 @@ _DISCONTINUOUS = (st.FloorOp, st.CeilOp, st.RoundOp, st.TruncOp, st.SignOp, st.C
                   st.FloorDivOp, st.RemainderOp, st.IsInfOp, st.ArgReduceOp)
 
 
+def _number_bound(v: Value) -> bool:
+    """Whether ``v`` is a splat constant other than NaN (through broadcasts, reshapes and
+    casts): a clamp bound that ``st_max_c`` / ``st_min_c`` take."""
+    op = getattr(v, "owner", None)
+    while isinstance(op, st.BroadcastOp | st.ReshapeOp | st.CastOp):
+        op = getattr(op.operand(0), "owner", None)
+    if not (isinstance(op, st.ConstantOp) and op.is_splat):
+        return False
+    value = op.attributes["value"]
+    return isinstance(value, bool | int) or (isinstance(value, float) and value == value)
+
+
 def _discontinuous(op) -> bool:
     return isinstance(op, _DISCONTINUOUS) or (
         isinstance(op, st.CastOp) and not op.result.type.dtype.is_float)
@@ -596,7 +608,9 @@ class Emitter:
             return self.temp(ct, f"({c} ? {a} : {b})")
         if isinstance(op, st.ClampOp):
             x, lo, hi = (self.value(o, idx) for o in op.operands)
-            return self.temp(ct, f"st_min(st_max({x}, {lo}), {hi})")
+            up = "st_max_c" if _number_bound(op.operand(1)) else "st_max"
+            down = "st_min_c" if _number_bound(op.operand(2)) else "st_min"
+            return self.temp(ct, f"{down}({up}({x}, {lo}), {hi})")
         if isinstance(op, st.CastOp):
             x = self.value(op.operand(0), idx)
             if t.dtype.is_bool:

@@ -186,6 +186,13 @@ template <typename T> static inline T st_rsqrt(T x) { return T(1) / std::sqrt(x)
 template <typename T> static inline T st_relu(T x) { return x != x ? x : (x > T(0) ? x : T(0)); }
 template <typename T> static inline T st_max(T a, T b) { return a != a ? a : (b != b ? b : (a > b ? a : b)); }
 template <typename T> static inline T st_min(T a, T b) { return a != a ? a : (b != b ? b : (a < b ? a : b)); }
+// torch.clamp's bounds when they are constants other than NaN: a NaN value stays NaN, and a
+// bound equal to the value (0 against -0) gives the value, as eager's clamp does; one max /
+// min instruction (``b > a ? b : a`` is x86's maxps with the value second), where st_max /
+// st_min's NaN tests took mask arithmetic through general registers (quant_dequant's bf16
+// kernel: 19 mask moves and ors per 32 elements).
+template <typename T> static inline T st_max_c(T a, T b) { return b > a ? b : a; }
+template <typename T> static inline T st_min_c(T a, T b) { return b < a ? b : a; }
 // ``c ? a : b`` as a bit blend, for a condition that does not change in the vector loop (a
 // padded read's bounds test, hoisted above it): written as ``?:``, GCC unswitched or threaded
 // the loop on each such condition and vectorised nothing (a 3x3 max pool's nine padded taps:
