@@ -527,3 +527,47 @@ def test_training_graphs_of_small_maps_keep_nchw(monkeypatch, size, train, want)
             torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-3, msg=n)
     assert seen and set(seen) == {want}, seen
     assert len(seen) == (2 if train else 1)
+
+
+class Chain(torch.nn.Module):
+    """Element-wise ops after a parameter: what the backward reads is cheap to recompute."""
+
+    def __init__(self, n=33):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(n))
+
+    def forward(self, x):
+        return torch.tanh(torch.sigmoid(x * self.w) * x).exp()
+
+
+def test_training_forward_saves_less_under_the_min_cut_partition(monkeypatch):
+    """AOTAutograd's min-cut partitioner (the default ``partition``) recomputes cheap
+    element-wise ops in the backward instead of saving them: the forward of an element-wise
+    chain hands its backward only its input and result (the default partition also saves the
+    sigmoid, the product and the tanh), and both match eager's gradients. An unknown partition
+    is an error that names the option."""
+    torch.manual_seed(0)
+    model = Chain()
+    x = torch.randn(7, 33)
+    want = torch.autograd.grad(model(x).sum(), model.w)[0]
+    original = backend.compile_fx
+    outputs = {}
+    for partition in ("min_cut", "default"):
+        graphs = []
+
+        def compile_fx(gm, options, *args, graphs=graphs, **kwargs):
+            run = original(gm, options, *args, **kwargs)
+            graphs.append(run.stitch_graph)
+            return run
+
+        monkeypatch.setattr(backend, "compile_fx", compile_fx)
+        torch._dynamo.reset()
+        m = copy.deepcopy(model)
+        compiled = torch.compile(m, backend="stitch", options={"partition": partition})
+        compiled(x).sum().backward()
+        torch.testing.assert_close(m.w.grad, want, atol=1e-5, rtol=1e-5)
+        outputs[partition] = len(graphs[0].outputs)  # the forward: its result and what it saves
+    assert outputs["min_cut"] < outputs["default"], outputs
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="partition='fastest'"):
+        torch.compile(copy.deepcopy(model), backend="stitch", options={"partition": "fastest"})(x)
