@@ -321,9 +321,12 @@ class RowKernel:
     def _rounds_along_row(self, v: Value, full) -> bool:
         """Whether ``v`` is a float16 value of the whole row that the loops would round element
         by element (``Emitter.rounds``), in rows long enough to round with the row conversion
-        (``ROUND_ROW_MIN``)."""
-        return (v.type.dtype is DType.f16 and isinstance(self.L, int) and
-                self.L >= ROUND_ROW_MIN and math.prod(dims(v)) == full and self.em.rounds(v))
+        (``ROUND_ROW_MIN``). Under ``float32`` half precision only, where such values are few
+        (what discontinuous functions read); ``eager`` rounds every op's result, and a loop per
+        op was not measured."""
+        return (v.type.dtype is DType.f16 and self.em.half_precision == "float32" and
+                isinstance(self.L, int) and self.L >= ROUND_ROW_MIN and
+                math.prod(dims(v)) == full and self.em.rounds(v))
 
     @property
     def em_has_gather(self) -> bool:
