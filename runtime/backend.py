@@ -27,8 +27,8 @@ run measures it;
 two and the faster serves from then on), ``dump_dir``
 (also ``STITCH_DUMP_DIR``): each compiled graph's IR before and after fusion, its plan and its
 kernel sources; ``aot_wrapper`` (``True``: keep AOTAutograd's runtime wrapper around an
-inference graph that needs none, see ``stitch_backend``); ``partition`` (``min_cut``, the
-default, or ``default``: what a training graph's forward saves for its backward, see
+inference graph that needs none, see ``stitch_backend``); ``partition`` (``default``, the
+default, or ``min_cut``: what a training graph's forward saves for its backward, see
 ``_partitioner``).
 
 Shapes: a graph whose inputs carry symbolic sizes (``dynamic=True``, or dynamo's automatic
@@ -532,22 +532,26 @@ def _unwrapped(fn, grad_enabled: bool):
     return call
 
 
-PARTITIONS = ("min_cut", "default")
+PARTITIONS = ("default", "min_cut")
 
 
 def _partitioner(opts: dict):
     """How AOTAutograd splits a training graph into forward and backward (option ``partition``):
-    ``min_cut`` (the default; inductor's partitioner) saves the fewest bytes for the backward
-    and recomputes cheap element-wise ops there, where they fuse into the backward's kernels;
-    ``default`` saves every value the backward reads. Measured (``bench.clients``, alternating,
-    2 runs each): bert-tiny/b8 training 0.96-0.98x -> 1.00-1.03x of inductor, gin/n100 training
-    1.39-1.43x -> 1.53-1.57x; the workloads' training steps within the noise either way."""
+    ``default`` (the default) saves every value the backward reads; ``min_cut`` (inductor's
+    partitioner) saves the fewest bytes and recomputes cheap element-wise ops in the backward,
+    where they fuse into its kernels. Measured (``bench.clients``, alternating the two, two runs
+    each, a 2-core EPYC): ``min_cut`` made the training steps of 24 small clients 1.53x -> 1.60x
+    of inductor in geometric mean (bert-tiny/b8/f32 0.90-0.95x -> 0.97-1.03x, gin/n100
+    1.40x -> 1.58x) but adder_quant's 35-37 -> 48-50 ms, attention_round's 32-37 -> 38-40 ms
+    and rcrn's 0.98-1.00x -> 0.95x; rffs_net, bert, charformer, rzcr, visual_lexical and molcpt
+    within the noise. Until a plan-level choice between the two exists, the default keeps
+    the workloads' times."""
     from torch._functorch.partitioners import (
         default_partition,
         min_cut_rematerialization_partition,
     )
 
-    which = opts.get("partition", "min_cut")
+    which = opts.get("partition", "default")
     if which not in PARTITIONS:
         raise ValueError(f"stitch option partition={which!r}: expected one of {PARTITIONS}")
     return min_cut_rematerialization_partition if which == "min_cut" else default_partition

@@ -541,18 +541,18 @@ class Chain(torch.nn.Module):
 
 
 def test_training_forward_saves_less_under_the_min_cut_partition(monkeypatch):
-    """AOTAutograd's min-cut partitioner (the default ``partition``) recomputes cheap
+    """Option ``partition="min_cut"``: AOTAutograd's min-cut partitioner recomputes cheap
     element-wise ops in the backward instead of saving them: the forward of an element-wise
-    chain hands its backward only its input and result (the default partition also saves the
-    sigmoid, the product and the tanh), and both match eager's gradients. An unknown partition
-    is an error that names the option."""
+    chain hands its backward only its input and result (the default partition, the default,
+    also saves the sigmoid, the product and the tanh), and both match eager's gradients. An
+    unknown partition is an error that names the option."""
     torch.manual_seed(0)
     model = Chain()
     x = torch.randn(7, 33)
     want = torch.autograd.grad(model(x).sum(), model.w)[0]
     original = backend.compile_fx
     outputs = {}
-    for partition in ("min_cut", "default"):
+    for partition in ("min_cut", "default", None):
         graphs = []
 
         def compile_fx(gm, options, *args, graphs=graphs, **kwargs):
@@ -563,11 +563,12 @@ def test_training_forward_saves_less_under_the_min_cut_partition(monkeypatch):
         monkeypatch.setattr(backend, "compile_fx", compile_fx)
         torch._dynamo.reset()
         m = copy.deepcopy(model)
-        compiled = torch.compile(m, backend="stitch", options={"partition": partition})
+        compiled = torch.compile(m, backend="stitch",
+                                 options={"partition": partition} if partition else {})
         compiled(x).sum().backward()
         torch.testing.assert_close(m.w.grad, want, atol=1e-5, rtol=1e-5)
         outputs[partition] = len(graphs[0].outputs)  # the forward: its result and what it saves
-    assert outputs["min_cut"] < outputs["default"], outputs
+    assert outputs["min_cut"] < outputs["default"] == outputs[None], outputs
     torch._dynamo.reset()
     with pytest.raises(Exception, match="partition='fastest'"):
         torch.compile(copy.deepcopy(model), backend="stitch", options={"partition": "fastest"})(x)
