@@ -154,19 +154,19 @@ class RowKernel:
             else:
                 for r in op.results:
                     avail[id(r)] = p
-                    if self._rounds_along_row(r, full):
+                    if self._rounds_along_row(r):
                         rounded.append(r)
                         avail[id(r)] = p + 1
+        hround = {id(v): f"hround{k}" for k, v in enumerate(rounded)}
         outs_full = [v for v in self.outputs if math.prod(dims(v)) == full]
         outs_row = [v for v in self.outputs if v not in outs_full]
         if any(math.prod(dims(v)) != self.R for v in outs_row):
             raise RowsUnfit("an output is neither a row nor a row scalar")
         # Row values read in more than one loop are kept in per-thread row buffers.
         used_in: dict[int, set[int]] = {}
-        rounded_ids = {id(v) for v in rounded}
         for op in self.body:
             where = loop_of.get(id(op), avail[id(op.results[0])] if op.results else 0)
-            if op.results and id(op.results[0]) in rounded_ids:
+            if op.results and id(op.results[0]) in hround:
                 where -= 1  # computed in the loop before the one it is available in
             for o in op.operands:
                 used_in.setdefault(id(o), set()).add(where)
@@ -175,13 +175,12 @@ class RowKernel:
         cheap = (st.ReduceOp, st.ReshapeOp, st.BroadcastOp, st.ConstantOp, st.IotaOp)
         regional: list[Value] = []
         for op in self.body:
-            if isinstance(op, cheap) or len(op.results) != 1 or id(op.result) in rounded_ids or \
+            if isinstance(op, cheap) or len(op.results) != 1 or id(op.result) in hround or \
                     math.prod(dims(op.result)) != full or len(used_in.get(id(op.result), ())) < 2:
                 continue
             if _recompute_cost(op.result, {id(v) for v in regional}) > RECOMPUTE_LIMIT:
                 regional.append(op.result)
         bufs = {id(v): f"rowbuf{k}" for k, v in enumerate(regional)}
-        hround = {id(v): f"hround{k}" for k, v in enumerate(rounded)}
         ends = [loop_of[id(r)] + (1 if isinstance(r, st.VarOp) else 0) for r in self.reduces]
         n_loops = 1 + max(ends + [avail[id(v)] for v in outs_full + regional + rounded])
         # Large outputs are written row by row from an L1 row buffer with streaming stores: no
@@ -318,7 +317,7 @@ class RowKernel:
                  if id(v) in streams],
                 "streaming": bool(streams), "half_vectors": bool(half_vec)}
 
-    def _rounds_along_row(self, v: Value, full) -> bool:
+    def _rounds_along_row(self, v: Value) -> bool:
         """Whether ``v`` is a float16 value of the whole row that the loops would round element
         by element (``Emitter.rounds``), in rows long enough to round with the row conversion
         (``ROUND_ROW_MIN``). Under ``float32`` half precision only, where such values are few
@@ -326,7 +325,7 @@ class RowKernel:
         op was not measured."""
         return (v.type.dtype is DType.f16 and self.em.half_precision == "float32" and
                 isinstance(self.L, int) and self.L >= ROUND_ROW_MIN and
-                math.prod(dims(v)) == full and self.em.rounds(v))
+                math.prod(dims(v)) == self.R * self.L and self.em.rounds(v))
 
     @property
     def em_has_gather(self) -> bool:
