@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import platform
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -274,7 +275,6 @@ def test_float64_math_against_libm(tmp_path_factory, name, max_ulp):
     subnormal results included; sigmoid in eager's form, 1 / (1 + e^-x)), special values as
     libm's, and vectorised by GCC."""
     import os
-    import subprocess
 
     os.environ.setdefault("STITCH_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
     k = build.load_kernel(DOUBLE_SOURCE, "eval64", name="stitch_math_eval64")
@@ -338,3 +338,32 @@ def test_float64_exp_of_what_ends_zero_or_inf_makes_no_denormals():
     with np.errstate(over="ignore", under="ignore"):
         want = np.exp(xs)
     np.testing.assert_allclose(out, want, rtol=1e-15, atol=0)
+
+
+ERF_LOOP_SOURCE = MATH_H + r"""
+extern "C" void erf_loop(const float* __restrict x, float* __restrict out, int64_t n) {
+  #pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = st_erf(x[i]);
+}
+"""
+
+
+def test_float_polynomials_are_fused_multiply_adds(tmp_path):
+    """Kernels build with ``-ffp-contract=off`` (a product and a sum round twice, as eager's
+    do), so a polynomial step written ``p * x + c`` is a multiply and an add: st_erf(float)'s
+    eleven Horner steps were, which made it 40% slower than with ST_FMA (a GELU kernel 0.49 ->
+    0.33 ms on 1M floats, one thread). Every step in the header is written with ST_FMA, and
+    st_erf's loop compiles to fused multiply-adds where the target has them."""
+    unfused = re.findall(r"^\s*(\w+) = \1 \* \w+ \+ [-\w.]+;", MATH_H, flags=re.M)
+    assert not unfused, f"Horner steps without ST_FMA in stitch_math.h: {unfused}"
+    cpu = Path("/proc/cpuinfo")
+    if not cpu.exists() or " fma " not in cpu.read_text() or build.compiler() is None:
+        pytest.skip("needs an x86 target with FMA")
+    path = tmp_path / "erf.cpp"
+    path.write_text(ERF_LOOP_SOURCE)
+    flags = [f for f in build.default_flags() if f != "-shared"]
+    r = subprocess.run([build.compiler(), *flags, "-S", str(path), "-o", str(tmp_path / "erf.s")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    asm = (tmp_path / "erf.s").read_text()
+    assert len(re.findall(r"\bvfn?m(add|sub)\d+ps\b", asm)) >= 10, "st_erf's steps are not fused"
