@@ -415,9 +415,10 @@ class PhaseKernel(ScatterPhases):
         """A loop nest over ``shape`` in tiles of dims ``p`` and the last one, for a value that
         reads each of ``us`` -- buffers contiguous along ``p`` but strided along the last dim
         (transposes). Each tile first copies each of ``us`` into a small buffer in the output's
-        order, reading the input contiguously (a scalar transpose, in L1); the computation then
-        runs vectorised over contiguous tile rows. GCC vectorises no strided load: this kernel
-        ran scalar and branchy at 0.65 GB/s before."""
+        order, reading the input contiguously (4-byte values: a vector loop into a tile in input
+        order, transposed in registers by ``st_tile_t``; others: a scalar transpose, in L1); the
+        computation then runs vectorised over contiguous tile rows. GCC vectorises no strided
+        load: this kernel ran scalar and branchy at 0.65 GB/s before."""
         em = self.em
         self.n_loops += 1
         L, B = self.n_loops, self.STAGE
@@ -444,13 +445,31 @@ class PhaseKernel(ScatterPhases):
             em.line(f"{ctype(u.type.dtype)} {buf}[{B}][{B}];")
         idx = list(names)
         idx[p], idx[last] = f"({pt} * {B} + {pl})", f"({lt} * {B} + {ll})"
-        # 1. the tiles of us, read along p (contiguous), written to the buffers in output order
+        # 1. the tiles of us, read along p (contiguous), written to the buffers in output order:
+        # 4-byte values by a vector loop into a tile in input order, then st_tile_t (AVX-512
+        # register transposes); others by a scalar loop storing across the buffer
+        four = [ctype(u.type.dtype) in ("float", "int32_t") for u in us]
+        for u, buf, f in zip(us, bufs, four):
+            if f:
+                em.line(f"{ctype(u.type.dtype)} {buf}_in[{B}][{B}];")
         em.mark()
-        em.line(f"for (int64_t {ll} = 0; {ll} < {ll}_n; ++{ll})")
-        em.line(f"for (int64_t {pl} = 0; {pl} < {pl}_n; ++{pl}) {{")
-        with em.loop_body([ll, pl]):
-            for u, buf in zip(us, bufs):
-                em.line(f"{buf}[{pl}][{ll}] = {em.value(u, idx)};")
+        if any(four):
+            em.line(f"for (int64_t {ll} = 0; {ll} < {ll}_n; ++{ll}) {{")
+            with em.loop_body([ll]):
+                self._simd_loop(pl, f"{pl}_n", err, lambda: [
+                    em.line(f"{buf}_in[{ll}][{pl}] = {em.value(u, idx)};")
+                    for u, buf, f in zip(us, bufs, four) if f])
+            for buf, f in zip(bufs, four):
+                if f:
+                    em.line(f"st_tile_t({buf}, {buf}_in, {ll}_n, {pl}_n);")
+        if not all(four):
+            em.mark()
+            em.line(f"for (int64_t {ll} = 0; {ll} < {ll}_n; ++{ll})")
+            em.line(f"for (int64_t {pl} = 0; {pl} < {pl}_n; ++{pl}) {{")
+            with em.loop_body([ll, pl]):
+                for u, buf, f in zip(us, bufs, four):
+                    if not f:
+                        em.line(f"{buf}[{pl}][{ll}] = {em.value(u, idx)};")
         # 2. the value, over contiguous rows of the tiles
         for u, buf in zip(us, bufs):
             em.known[id(u)] = lambda at, want=list(idx), buf=buf: \

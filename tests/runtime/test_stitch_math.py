@@ -367,3 +367,35 @@ def test_float_polynomials_are_fused_multiply_adds(tmp_path):
     assert r.returncode == 0, r.stderr
     asm = (tmp_path / "erf.s").read_text()
     assert len(re.findall(r"\bvfn?m(add|sub)\d+ps\b", asm)) >= 10, "st_erf's steps are not fused"
+
+
+TILE_SOURCE = MATH_H + r"""
+extern "C" int tile_t(void* const* args) {
+  float (*dst)[32] = (float (*)[32])args[0];
+  const float (*src)[32] = (const float (*)[32])args[1];
+  int32_t (*idst)[32] = (int32_t (*)[32])args[2];
+  const int32_t (*isrc)[32] = (const int32_t (*)[32])args[3];
+  const int64_t rows = *(const int64_t*)args[4], cols = *(const int64_t*)args[5];
+  st_tile_t(dst, src, rows, cols);
+  st_tile_t(idst, isrc, rows, cols);
+  return 0;
+}
+"""
+
+
+@pytest.mark.parametrize("rows,cols", [(32, 32), (32, 17), (5, 32), (1, 1), (31, 31)])
+def test_tile_transpose(rows, cols):
+    """st_tile_t (staged tiles' transpose; 16 x 16 register blocks on AVX-512 for full tiles of
+    4-byte values) writes dst[j][i] = src[i][j] inside rows x cols and nothing outside it."""
+    fn = build.load_kernel(TILE_SOURCE, "tile_t", name="stitch_tile_t")
+    rng = np.random.default_rng(rows * 100 + cols)
+    src = rng.standard_normal((32, 32)).astype(np.float32)
+    isrc = rng.integers(-2**31, 2**31 - 1, (32, 32), dtype=np.int32)
+    dst, idst = np.full((32, 32), 7.0, np.float32), np.full((32, 32), 7, np.int32)
+    r, c = np.array([rows], np.int64), np.array([cols], np.int64)
+    fn.call_list([dst.ctypes.data, src.ctypes.data, idst.ctypes.data, isrc.ctypes.data,
+                  r.ctypes.data, c.ctypes.data])
+    for got, x, fill in ((dst, src, 7.0), (idst, isrc, 7)):
+        want = np.full((32, 32), fill, x.dtype)
+        want[:cols, :rows] = x[:rows, :cols].T
+        assert np.array_equal(got, want)
