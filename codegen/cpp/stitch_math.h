@@ -256,8 +256,8 @@ static inline void st_stream_fence() {
 template <typename T>
 static inline void st_tile_t(T (*__restrict dst)[32], const T (*__restrict src)[32], int64_t rows,
                              int64_t cols) {
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t j = 0; j < cols; ++j) dst[j][i] = src[i][j];
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c][r] = src[r][c];
 }
 #if defined(__AVX512F__)
 static inline void st_t16x16(float* __restrict dst, const float* __restrict src) {
@@ -291,8 +291,8 @@ template <>
 inline void st_tile_t<float>(float (*__restrict dst)[32], const float (*__restrict src)[32],
                              int64_t rows, int64_t cols) {
   if (rows != 32 || cols != 32) {
-    for (int64_t i = 0; i < rows; ++i)
-      for (int64_t j = 0; j < cols; ++j) dst[j][i] = src[i][j];
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) dst[c][r] = src[r][c];
     return;
   }
   for (int bi = 0; bi < 32; bi += 16)
@@ -322,8 +322,8 @@ template <>
 inline void st_tile_t<float>(float (*__restrict dst)[32], const float (*__restrict src)[32],
                              int64_t rows, int64_t cols) {
   if (rows != 32 || cols != 32) {
-    for (int64_t i = 0; i < rows; ++i)
-      for (int64_t j = 0; j < cols; ++j) dst[j][i] = src[i][j];
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) dst[c][r] = src[r][c];
     return;
   }
   for (int bi = 0; bi < 32; bi += 8)
