@@ -454,11 +454,14 @@ class PhaseKernel(ScatterPhases):
                 em.line(f"{ctype(u.type.dtype)} {buf}_in[{B}][{B}];")
         em.mark()
         if any(four):
+            def copy_rows() -> None:
+                for u, buf, f in zip(us, bufs, four):
+                    if f:
+                        em.line(f"{buf}_in[{ll}][{pl}] = {em.value(u, idx)};")
+
             em.line(f"for (int64_t {ll} = 0; {ll} < {ll}_n; ++{ll}) {{")
             with em.loop_body([ll]):
-                self._simd_loop(pl, f"{pl}_n", err, lambda: [
-                    em.line(f"{buf}_in[{ll}][{pl}] = {em.value(u, idx)};")
-                    for u, buf, f in zip(us, bufs, four) if f])
+                self._simd_loop(pl, f"{pl}_n", err, copy_rows)
             for buf, f in zip(bufs, four):
                 if f:
                     em.line(f"st_tile_t({buf}, {buf}_in, {ll}_n, {pl}_n);")
