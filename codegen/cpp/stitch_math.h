@@ -287,17 +287,8 @@ static inline void st_t16x16(float* __restrict dst, const float* __restrict src)
     _mm512_storeu_ps(dst + 32 * (12 + c), _mm512_shuffle_f32x4(v1, w1, 0xDD));
   }
 }
-template <>
-inline void st_tile_t<float>(float (*__restrict dst)[32], const float (*__restrict src)[32],
-                             int64_t rows, int64_t cols) {
-  if (rows != 32 || cols != 32) {
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t c = 0; c < cols; ++c) dst[c][r] = src[r][c];
-    return;
-  }
-  for (int bi = 0; bi < 32; bi += 16)
-    for (int bj = 0; bj < 32; bj += 16) st_t16x16(&dst[bj][bi], &src[bi][bj]);
-}
+#define ST_TILE_BLOCK 16
+#define ST_TILE_BLOCK_T st_t16x16
 #elif defined(__AVX__)
 static inline void st_t8x8(float* __restrict dst, const float* __restrict src) {
   // rows of 32 floats; 32-bit pairs, then 64-bit pairs, then the 128-bit halves
@@ -318,6 +309,10 @@ static inline void st_t8x8(float* __restrict dst, const float* __restrict src) {
     _mm256_storeu_ps(dst + 32 * (4 + c), _mm256_permute2f128_ps(r[c], r[4 + c], 0x31));
   }
 }
+#define ST_TILE_BLOCK 8
+#define ST_TILE_BLOCK_T st_t8x8
+#endif
+#if defined(ST_TILE_BLOCK)
 template <>
 inline void st_tile_t<float>(float (*__restrict dst)[32], const float (*__restrict src)[32],
                              int64_t rows, int64_t cols) {
@@ -326,11 +321,9 @@ inline void st_tile_t<float>(float (*__restrict dst)[32], const float (*__restri
       for (int64_t c = 0; c < cols; ++c) dst[c][r] = src[r][c];
     return;
   }
-  for (int bi = 0; bi < 32; bi += 8)
-    for (int bj = 0; bj < 32; bj += 8) st_t8x8(&dst[bj][bi], &src[bi][bj]);
+  for (int bi = 0; bi < 32; bi += ST_TILE_BLOCK)
+    for (int bj = 0; bj < 32; bj += ST_TILE_BLOCK) ST_TILE_BLOCK_T(&dst[bj][bi], &src[bi][bj]);
 }
-#endif
-#if defined(__AVX__)
 template <>
 inline void st_tile_t<int32_t>(int32_t (*__restrict dst)[32], const int32_t (*__restrict src)[32],
                                int64_t rows, int64_t cols) {
