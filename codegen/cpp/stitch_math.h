@@ -249,10 +249,11 @@ static inline void st_stream_fence() {
 
 // The transpose of a staged tile (codegen.cpp.phases.nest_staged): dst[j][i] = src[i][j] for
 // i < rows, j < cols, both 32 x 32 arrays in L1. The tile's values were written to src along
-// the input's contiguous dim (a vector loop); a full tile of 4-byte values is transposed here
-// as four 16 x 16 blocks in AVX-512 registers (64 shuffles a block; sixteen 8 x 8 blocks with
-// AVX), where a scalar loop with a strided store took ~1 ns an element (bert's key permute,
-// 2x128x4x64 -> 2x4x64x128: 22.5 -> 10 us).
+// the input's contiguous dim (a vector loop); a tile of 4-byte values is transposed here in
+// 16 x 16 blocks in AVX-512 registers (64 shuffles a block; 8 x 8 blocks with AVX), what no
+// whole block of a partial tile covers by a scalar loop. The staging loop before, scalar with
+// a strided store, took ~1 ns an element (bert's key permute, 2x128x4x64 -> 2x4x64x128: 22.5
+// -> 10 us).
 template <typename T>
 static inline void st_tile_t(T (*__restrict dst)[32], const T (*__restrict src)[32], int64_t rows,
                              int64_t cols) {
@@ -316,13 +317,17 @@ static inline void st_t8x8(float* __restrict dst, const float* __restrict src) {
 template <>
 inline void st_tile_t<float>(float (*__restrict dst)[32], const float (*__restrict src)[32],
                              int64_t rows, int64_t cols) {
-  if (rows != 32 || cols != 32) {
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t c = 0; c < cols; ++c) dst[c][r] = src[r][c];
-    return;
-  }
-  for (int bi = 0; bi < 32; bi += ST_TILE_BLOCK)
-    for (int bj = 0; bj < 32; bj += ST_TILE_BLOCK) ST_TILE_BLOCK_T(&dst[bj][bi], &src[bi][bj]);
+  const int64_t B = ST_TILE_BLOCK;
+  for (int64_t bi = 0; bi < rows; bi += B)
+    for (int64_t bj = 0; bj < cols; bj += B) {
+      if (bi + B <= rows && bj + B <= cols) {  // a whole register block
+        ST_TILE_BLOCK_T(&dst[bj][bi], &src[bi][bj]);
+        continue;
+      }
+      const int64_t re = bi + B < rows ? bi + B : rows, ce = bj + B < cols ? bj + B : cols;
+      for (int64_t r = bi; r < re; ++r)
+        for (int64_t c = bj; c < ce; ++c) dst[c][r] = src[r][c];
+    }
 }
 template <>
 inline void st_tile_t<int32_t>(int32_t (*__restrict dst)[32], const int32_t (*__restrict src)[32],

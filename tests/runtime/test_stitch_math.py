@@ -384,11 +384,12 @@ extern "C" int tile_t(void* const* args) {
 
 
 @pytest.mark.parametrize("isa", ["native", "avx2"])
-@pytest.mark.parametrize("rows,cols", [(32, 32), (32, 17), (5, 32), (1, 1), (31, 31)])
+@pytest.mark.parametrize("rows,cols", [(32, 32), (32, 17), (5, 32), (1, 1), (31, 31),
+                                       (16, 24), (24, 9), (17, 16)])
 def test_tile_transpose(rows, cols, isa):
-    """st_tile_t (staged tiles' transpose; for full tiles of 4-byte values 16 x 16 register
-    blocks on AVX-512, 8 x 8 on AVX: ``avx2`` builds without AVX-512) writes dst[j][i] =
-    src[i][j] inside rows x cols and nothing outside it."""
+    """st_tile_t (staged tiles' transpose; for 4-byte values 16 x 16 register blocks on
+    AVX-512, 8 x 8 on AVX (``avx2`` builds without AVX-512), the rest of a partial tile scalar)
+    writes dst[j][i] = src[i][j] inside rows x cols and nothing outside it."""
     flags = None
     if isa == "avx2":
         if platform.machine() not in ("x86_64", "AMD64"):
