@@ -314,14 +314,17 @@ static inline void st_t8x8(float* __restrict dst, const float* __restrict src) {
 #define ST_TILE_BLOCK_T st_t8x8
 #endif
 #if defined(ST_TILE_BLOCK)
-template <>
-inline void st_tile_t<float>(float (*__restrict dst)[32], const float (*__restrict src)[32],
-                             int64_t rows, int64_t cols) {
+// 4-byte values of any type: the register blocks move bits (the intrinsics' loads and stores may
+// alias any type), the rest of a partial tile is copied as T -- no float access to int32 memory.
+template <typename T>
+static inline void st_tile_t_blocks(T (*__restrict dst)[32], const T (*__restrict src)[32],
+                                    int64_t rows, int64_t cols) {
+  static_assert(sizeof(T) == 4, "register blocks of 4-byte values");
   const int64_t B = ST_TILE_BLOCK;
   for (int64_t bi = 0; bi < rows; bi += B)
     for (int64_t bj = 0; bj < cols; bj += B) {
       if (bi + B <= rows && bj + B <= cols) {  // a whole register block
-        ST_TILE_BLOCK_T(&dst[bj][bi], &src[bi][bj]);
+        ST_TILE_BLOCK_T((float*)&dst[bj][bi], (const float*)&src[bi][bj]);
         continue;
       }
       const int64_t re = bi + B < rows ? bi + B : rows, ce = bj + B < cols ? bj + B : cols;
@@ -330,9 +333,14 @@ inline void st_tile_t<float>(float (*__restrict dst)[32], const float (*__restri
     }
 }
 template <>
+inline void st_tile_t<float>(float (*__restrict dst)[32], const float (*__restrict src)[32],
+                             int64_t rows, int64_t cols) {
+  st_tile_t_blocks(dst, src, rows, cols);
+}
+template <>
 inline void st_tile_t<int32_t>(int32_t (*__restrict dst)[32], const int32_t (*__restrict src)[32],
                                int64_t rows, int64_t cols) {
-  st_tile_t<float>((float (*)[32])dst, (const float (*)[32])src, rows, cols);
+  st_tile_t_blocks(dst, src, rows, cols);
 }
 #endif
 

@@ -491,7 +491,7 @@ def test_staged_tiles_transpose_in_registers(dt, rows, cols):
     """A transposing copy (attention's key permute, a weight transpose a training graph saves)
     stages its tiles: 4-byte values (float32, int32, and float16 computed in float) are copied
     into a tile in input order by a vector loop and transposed by ``st_tile_t`` (16 x 16
-    register blocks on AVX-512: bert's 256 x 256 copy 22.5 -> 10 us); float64 keeps the scalar
+    register blocks on AVX-512: bert's key permute 22.5 -> 10 us); float64 keeps the scalar
     staging loop. Full tiles, partial ones and size-1 dims, eager's values bit for bit."""
     import codegen.cpp.layout as layout
 
