@@ -240,9 +240,16 @@ class Scope:
     loop_vars: set[str] = field(default_factory=set)  # variables this scope's loop defines
     hoist_at: int = 0  # where statements hoisted into this scope go (before the inner loop)
     rows: dict = field(default_factory=dict)  # (buffer, base, n) -> its widened float16 row
+    strides: dict = field(default_factory=dict)  # stride -> the opaque variable holding it
 
 
 IDENT = re.compile(r"[A-Za-z_]\w*")
+# GCC 12 vectorises no loop that loads with a constant power-of-two stride of 64 bytes or more
+# (``in[j * 16]`` in float: "no vectype for stmt", it takes the load for an interleaving group
+# as wide as the stride); the same load with the stride in a register vectorises, as element
+# loads put together into vectors. Such a transposed read kept a whole loop scalar, its exps
+# with it (bert's attention backward: 44 us for 4096 elements, 7 us with the stride opaque).
+OPAQUE_STRIDE_BYTES = 64
 # Ops that compute a new value (as opposed to layout ops, gathers and constants, which pass an
 # already rounded value through): their half-typed results are rounded.
 _ROUNDED = (*UNARY_C, *BINARY_C, st.DivOp, st.FloorDivOp, st.RemainderOp, st.CastOp, st.IotaOp)
@@ -446,7 +453,8 @@ class Emitter:
                 return got
         if id(v) in self.buffers:
             name = self.buffers[id(v)]
-            raw = f"{name}[{linearize(idx, dims(v))}]"
+            stored = self.stored.get(name, v.type.dtype)
+            raw = f"{name}[{self.load_index(idx, dims(v), stored.itemsize)}]"
             expr = self.f16_row(name, v, idx) if self.stored.get(name) is DType.f16 else None
             if expr is None and self.stored.get(name) is DType.f16 and self._gathers(idx):
                 # the loop stays scalar: the conversion instruction (F16C) where the target has
@@ -461,6 +469,39 @@ class Emitter:
             expr = self.op_value(v, idx)
         memo[key] = expr
         return expr
+
+    def load_index(self, idx: list[str], shape: list, itemsize: int) -> str:
+        """The flat index of a load at ``idx`` of a row-major buffer of ``shape``: ``linearize``,
+        except that a stride along the innermost loop that GCC would not vectorise (a constant
+        power of two of ``OPAQUE_STRIDE_BYTES`` or more) is read from an opaque variable."""
+        lin = linearize(idx, shape)
+        inner = self.scopes[-1].loop_vars if self.scopes else set()
+        along = [k for k, e in enumerate(idx) if self._deps(e) & inner]
+        if len(along) != 1:
+            return lin
+        k = along[0]
+        var = idx[k].strip("()")
+        tail = shape[k + 1:]
+        if var not in inner or shape[k] == 1 or not all(isinstance(n, int) for n in tail):
+            return lin
+        stride = math.prod(tail)
+        if stride & (stride - 1) or stride * itemsize < OPAQUE_STRIDE_BYTES:
+            return lin
+        base = linearize(idx[:k] + ["0"] + idx[k + 1:], shape)
+        term = f"({var})*{self._opaque_stride(stride)}"
+        return term if base == "0" else f"{base} + {term}"
+
+    def _opaque_stride(self, stride: int) -> str:
+        """A variable holding ``stride`` that the compiler cannot see through (declared once in
+        the outermost scope: once per phase, or per row)."""
+        top = self.scopes[0]
+        name = top.strides.get(stride)
+        if name is None:
+            name = top.strides[stride] = f"sv{self.counter}"
+            self.counter += 1
+            self.deps[name] = frozenset()
+            self._put(0, f"const int64_t {name} = st_opaque({stride});")
+        return name
 
     def store(self, ptr: str, lin: str, dt: DType, expr: str) -> str:
         """The statement writing computed value ``expr`` of ``dt`` to ``ptr[lin]``. A half value

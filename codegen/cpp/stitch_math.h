@@ -218,6 +218,16 @@ template <typename T> static inline T st_remainder_f(T a, T b) { T r = std::fmod
 static inline int64_t st_floordiv_i(int64_t a, int64_t b) { int64_t q = a / b; return (a % b != 0 && ((a < 0) != (b < 0))) ? q - 1 : q; }
 static inline int64_t st_remainder_i(int64_t a, int64_t b) { int64_t r = a % b; return (r != 0 && ((r < 0) != (b < 0))) ? r + b : r; }
 
+// A value the optimiser cannot see through (an empty asm that "changes" it): a load's stride
+// GCC 12 would not vectorise as a constant (a power of two of 64 bytes or more) but does from a
+// register (``Emitter.load_index``).
+static inline int64_t st_opaque(int64_t v) {
+#if defined(__GNUC__)
+  __asm__("" : "+r"(v));
+#endif
+  return v;
+}
+
 // Row movement for the rows strategy. st_prefetch_row asks for the cache lines of the next
 // row; st_stream_row copies a finished row from its L1 buffer to memory with streaming stores
 // (no read-for-ownership of the destination); a kernel that used it ends with st_stream_fence.
