@@ -237,9 +237,31 @@ def _report_output_strides(func, flat: list, numbers: dict, sym_outs: dict) -> N
                 op.operand(0).type.is_static:
             base = torch.empty(op.operand(0).type.shape, device="meta")
             strides.append(tuple(base.permute(op.attributes["perm"]).stride()))
+        elif v.type.is_static and _written_contiguous(func, v):
+            strides.append(tuple(torch.empty(v.type.shape, device="meta").stride()))
         else:
             strides.append(None)
     tc.output_strides.extend(strides)
+
+
+def _written_contiguous(func, v) -> bool:
+    """Whether the graph returns ``v`` as a contiguous tensor it wrote: a kernel's result, a
+    matrix product's (``out=``), or a reshape of one. The traced strides may say otherwise: an
+    attention's head split, traced as a permuted view of its projection, is returned as the
+    contiguous copy the kernel wrote for the bmm -- a backward compiled for the traced strides
+    took that copy permuted back, copied it contiguous and permuted it again (bert-tiny: six
+    such copies a training step)."""
+    from passes.rewrite import defining_op
+    from runtime.views import runs_as_views
+    from stitch_ir.dialects import fusion, st
+
+    op = defining_op(v)
+    while isinstance(op, st.ReshapeOp):
+        op = defining_op(op.operand(0))
+    if isinstance(op, st.MatmulOp | st.BatchMatmulOp | st.AddmmOp):
+        return True
+    return isinstance(op, fusion.GroupOp) and op.kind != "view" and \
+        not runs_as_views(func, op)
 
 
 def _static(example_inputs) -> bool:

@@ -130,6 +130,48 @@ def test_attention_layouts_keep_heads_inside_tokens(monkeypatch):
     assert not copies
 
 
+def test_saved_activations_arrive_in_the_layout_the_backward_was_compiled_for(monkeypatch):
+    """Training through decomposed (small) attention, odd sizes: the forward returns the head
+    splits it copied for its bmms as those contiguous copies, and reports their strides, so
+    every saved activation reaches the backward in the memory order the backward was compiled
+    for (``arg_perms``). Traced, a head split is a permuted view of its projection; a backward
+    compiled for that got the contiguous copy permuted back, copied it contiguous and permuted
+    it again. The gradients match eager."""
+    from runtime.graph import CompiledGraph
+
+    torch.manual_seed(0)
+    m = _Attention(d=12, heads=3)
+    x = torch.randn(3, 7, 12)
+    m(x).pow(2).mean().backward()
+    want = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    graphs, returned, received = [], {}, []
+    call = CompiledGraph.__call__
+
+    def grab(self, *a):
+        if self not in graphs:
+            graphs.append(self)
+        if len(graphs) == 2 and self is graphs[1]:  # the backward: its inputs as they come
+            received.extend(a)
+        out = call(self, *a)
+        if self is graphs[0]:
+            returned.update({(t.data_ptr(), t.shape): t for t in out
+                             if isinstance(t, torch.Tensor)})
+        return out
+
+    monkeypatch.setattr(CompiledGraph, "__call__", grab)
+    torch.compile(m, backend="stitch")(x).pow(2).mean().backward()
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, want[n], atol=1e-5, rtol=1e-4, msg=n)
+    fwd, bwd = graphs
+    perms = list(bwd.func.attr("arg_perms", ())) or [()] * len(received)
+    saved = [(t, tuple(p)) for t, p in zip(received, perms)
+             if (t.data_ptr(), t.shape) in returned and t.dim() >= 3]
+    assert len(saved) >= 3  # q, k, v or their copies, at least
+    for t, p in saved:
+        assert (t.permute(p) if p else t).is_contiguous(), (t.shape, t.stride(), p)
+
+
 @pytest.mark.parametrize("mask", ["none", "causal", "float", "bool", "masked_rows"])
 def test_small_attention_is_decomposed_and_matches_flash(mask):
     """Attention with small scores runs as matmuls around a fused softmax, and its backward as
