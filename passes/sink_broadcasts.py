@@ -14,11 +14,19 @@ instead of a kernel writing a transposed copy for the return. A returned value t
 permuted channels-last (the padded input of a convolution) is returned as the permute back of
 that channels-last value.
 
+And a batch of matrices transposed for a bmm (an attention's K^T, [B, H, D, S] from a
+projection's [B, S, H, D] view) is read as the transposed view of the head split beside it
+([B, H, S, D], which the function copies anyway, for another bmm or to return it): the bmm
+takes the transpose as its BLAS flag (``passes.fusion.graph``), where the permute had made a
+second, transposed copy of the same values -- in a training step's forward for the bmm, and in
+its backward for both (bert-tiny: two copy kernels a layer).
+
 Input: any module. Output: the same computation, each broadcast result used exactly once.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from passes.pass_manager import Pass, PassContext, register_pass
@@ -46,8 +54,54 @@ class SinkBroadcastsPass(Pass):
                     user.set_operand(i, clone.result)
                     cloned += 1
         for f in module.funcs:
+            ctx.bump("sink-broadcasts.blas-transposes", _transposes_as_blas_flags(f))
             cloned += _clone_returned_permutes(f)
         ctx.bump("sink-broadcasts.cloned", cloned)
+
+
+def _transposes_as_blas_flags(func) -> int:
+    """Read each batch of transposed matrices that only bmms read, ``reshape(permute(x, p))``
+    with ``p`` swapping the last two dims of ``x`` or of a sibling ``permute(x, a)``, as
+    ``permute(reshape(w), (0, 2, 1))`` of the untransposed ``w`` (``x``, or that sibling):
+    a view the bmm takes as a flag. Returns how many reshapes were rewritten."""
+    body = func.body
+    order = {id(op): k for k, op in enumerate(body.ops)}
+    done = 0
+    for op in list(body.ops):
+        if not isinstance(op, st.PermuteOp) or op.parent is not body:
+            continue
+        r = op.result.type.rank
+        p = tuple(op.attributes["perm"])
+        if r < 3 or not op.result.type.is_static or not op.result.users:
+            continue
+        swap = tuple(range(r - 2)) + (r - 1, r - 2)
+        x = op.operand(0)
+        if p == swap:
+            base = x
+        else:  # a sibling permute whose last two dims this one swaps
+            base = next((u.result for u in x.users if isinstance(u, st.PermuteOp) and u is not op
+                         and u.parent is body and order[id(u)] < order[id(op)] and
+                         tuple(u.attributes["perm"][s] for s in swap) == p), None)
+        shape = tuple(op.result.type.shape)
+        batch = math.prod(shape[:-2])
+        readers = list(op.result.users)
+        if base is None or not all(
+                isinstance(u, st.ReshapeOp) and tuple(u.result.type.shape) == (batch, *shape[-2:])
+                and u.result.users and all(isinstance(m, st.BatchMatmulOp) for m in u.result.users)
+                for u in readers):
+            continue
+        rows = st.ReshapeOp([base], [op.result.type.with_shape((batch, shape[-1], shape[-2]))],
+                            {"shape": (batch, shape[-1], shape[-2])}, loc=op.loc)
+        body.insert_before(op, rows)
+        flag = st.PermuteOp([rows.result], [readers[0].result.type], {"perm": (0, 2, 1)},
+                            loc=op.loc)
+        body.insert_before(op, flag)
+        for u in readers:
+            u.result.replace_all_uses_with(flag.result)
+            u.erase()
+            done += 1
+        op.erase()
+    return done
 
 
 def _copied(op: st.PermuteOp) -> bool:

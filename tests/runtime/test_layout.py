@@ -416,3 +416,35 @@ def test_returned_transpose_of_an_argument_is_a_view():
     assert got[1].untyped_storage().data_ptr() == w.untyped_storage().data_ptr()
     (k,) = [s for s in g.steps if s.kind == "kernel"]
     assert len(k.writes) == 1
+
+
+def test_transposed_head_splits_are_blas_flags():
+    """A key read both as [B, H, S, D] (by one bmm) and transposed, [B, H, D, S] (by another:
+    q k^T), from one projection: one copy kernel writes the head split, and the second bmm
+    reads its transposed view (the BLAS flag), not a second, transposed copy. The same for a
+    contiguous argument read transposed only. Odd sizes: S = 7, D = 5, H = 3."""
+    torch.manual_seed(0)
+    b, s, h, d = 2, 7, 3, 5
+    x, wk, p, q = (torch.randn(b * s, 11), torch.randn(11, h * d), torch.randn(b * h, s, s),
+                   torch.randn(b * h, s, d))
+
+    def f(x, wk, p, q):
+        k = (x @ wk).view(b, s, h, d)
+        kt = k.permute(0, 2, 3, 1).reshape(b * h, d, s)
+        kk = k.permute(0, 2, 1, 3).reshape(b * h, s, d)
+        return torch.bmm(q, kt).tanh(), torch.bmm(p, kk).relu()
+
+    def g(q, k):  # k a contiguous [B, H, S, D] argument, read only transposed
+        return torch.bmm(q, k.permute(0, 1, 3, 2).reshape(b * h, d, s)).sigmoid()
+
+    cg = compile_program(import_model(_Fn(f).eval(), (x, wk, p, q)),
+                         device_spec=cpu_spec(measure=False))
+    for got, want in zip(cg(x, wk, p, q), f(x, wk, p, q)):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+    copies = [s for s in cg.steps if s.kind == "kernel" and set(s.source.source.split(
+        "from st ops: ")[1].split("\n")[0].split(", ")) <= {"st.permute", "st.reshape"}]
+    assert len(copies) == 1 and len(copies[0].writes) == 1, [s.source.source[:300] for s in copies]
+    k4 = torch.randn(b, h, s, d)
+    cg = compile_program(import_model(_Fn(g).eval(), (q, k4)), device_spec=cpu_spec(measure=False))
+    torch.testing.assert_close(cg(q, k4)[0], g(q, k4), atol=1e-5, rtol=1e-5)
+    assert [s.kind for s in cg.steps if s.kind not in ("view", "dead")] == ["library", "kernel"]
