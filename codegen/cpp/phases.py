@@ -370,10 +370,39 @@ class PhaseKernel(ScatterPhases):
                 if id(w) in taken or not _elementwise_value(w) or dims(w) != dims(v) or \
                         id(w) not in self.out_names:
                     continue
-                if all(at[r] < k for r in self._materialised_reads(w, at)):
+                if all(at[r] < k or (r == id(v) and self._in_place(w, v, at))
+                       for r in self._materialised_reads(w, at)):
                     out.setdefault(id(v), []).append(w)
                     taken.add(id(w))
         return out
+
+    def _in_place(self, w: Value, v: Value, at: dict[int, int]) -> bool:
+        """Whether ``w`` reads ``v`` only at its own index, through element-wise ops (other
+        materialised values, ids in ``at``, are read from their buffers): in ``v``'s nest the
+        value is then in a register (a bias add saved for the backward and the GELU of it: one
+        pass over the rows, not a second one reading the first's output back). Not for half
+        types, whose stored value is rounded and the register's is not."""
+        if v.type.dtype in HALF:
+            return False
+        memo: dict[int, tuple[bool, bool]] = {}
+
+        def walk(x) -> tuple[bool, bool]:  # (reaches v, every path to v element-wise)
+            if x is v:
+                return True, True
+            if id(x) in memo:
+                return memo[id(x)]
+            op = getattr(x, "owner", None)
+            if op is None or op not in self.body or id(x) in at or id(reshape_root(x)) in at:
+                return False, True
+            reaches, ok = False, True
+            for y in op.operands:
+                r, o = walk(y)
+                reaches |= r
+                ok &= o and not (r and (op.kind != st.ELEMENTWISE or dims(x) != dims(v)))
+            memo[id(x)] = (reaches, ok)
+            return reaches, ok
+
+        return all(walk(x)[1] for x in w.owner.operands)
 
     def _materialised_reads(self, w: Value, at: dict[int, int]) -> set[int]:
         """The materialised values (ids in ``at``) that computing ``w`` reads."""
