@@ -27,9 +27,9 @@ run measures it;
 two and the faster serves from then on), ``dump_dir``
 (also ``STITCH_DUMP_DIR``): each compiled graph's IR before and after fusion, its plan and its
 kernel sources; ``aot_wrapper`` (``True``: keep AOTAutograd's runtime wrapper around an
-inference graph that needs none, see ``stitch_backend``); ``partition`` (``default``, the
-default, or ``min_cut``: what a training graph's forward saves for its backward, see
-``_partitioner``).
+inference graph that needs none, see ``stitch_backend``); ``partition`` (``auto``, the
+default: ``min_cut`` for graphs that save little, else ``default``; or either of those: what a
+training graph's forward saves for its backward, see ``_partitioner``).
 
 Shapes: a graph whose inputs carry symbolic sizes (``dynamic=True``, or dynamo's automatic
 dynamic shapes after a second input shape) is compiled once for every size: sizes of the form
@@ -554,29 +554,64 @@ def _unwrapped(fn, grad_enabled: bool):
     return call
 
 
-PARTITIONS = ("default", "min_cut")
+PARTITIONS = ("auto", "default", "min_cut")
+# ``partition="auto"``: a training graph whose default partition saves at most this many bytes
+# for its backward is split by the min-cut partitioner instead (see ``_partitioner``).
+MIN_CUT_MAX_SAVED_BYTES = 2 << 20
 
 
 def _partitioner(opts: dict):
     """How AOTAutograd splits a training graph into forward and backward (option ``partition``):
-    ``default`` (the default) saves every value the backward reads; ``min_cut`` (inductor's
-    partitioner) saves the fewest bytes and recomputes cheap element-wise ops in the backward,
-    where they fuse into its kernels. Measured (``bench.clients``, alternating the two, two runs
-    each, a 2-core EPYC): ``min_cut`` made the training steps of 24 small clients 1.53x -> 1.60x
-    of inductor in geometric mean (bert-tiny/b8/f32 0.90-0.95x -> 0.97-1.03x, gin/n100
-    1.40x -> 1.58x) but adder_quant's 35-37 -> 48-50 ms, attention_round's 32-37 -> 38-40 ms
-    and rcrn's 0.98-1.00x -> 0.95x; rffs_net, bert, charformer, rzcr, visual_lexical and molcpt
-    within the noise. Until a plan-level choice between the two exists, the default keeps
-    the workloads' times."""
+    ``default`` saves every value the backward reads; ``min_cut`` (inductor's partitioner)
+    saves the fewest bytes and recomputes cheap element-wise ops in the backward, where they
+    fuse into its kernels; ``auto`` (the default) is ``min_cut`` where the default partition
+    saves at most ``MIN_CUT_MAX_SAVED_BYTES``, else ``default``.
+
+    Why the split by size: a small graph's step is mostly per-tensor costs (each saved tensor is
+    a forward output: an allocation, AOTAutograd's bookkeeping, a backward input), which
+    min-cut cuts; a large one's is memory traffic, where recomputing in the backward can cost
+    more than it saves. Measured (``bench.clients``, alternating the two, two runs each, a 2-core
+    EPYC): ``min_cut`` made the training steps of 24 small clients 1.53x -> 1.60x of inductor in
+    geometric mean (bert-tiny/b8/f32 0.90-0.95x -> 0.97-1.03x, gin/n100 1.40x -> 1.58x) but
+    adder_quant's 35-37 -> 48-50 ms, attention_round's 32-37 -> 38-40 ms and rcrn's
+    0.98-1.00x -> 0.95x, all of which save tens of MiB; rffs_net, bert, charformer, rzcr,
+    visual_lexical and molcpt within the noise."""
     from torch._functorch.partitioners import (
         default_partition,
         min_cut_rematerialization_partition,
     )
 
-    which = opts.get("partition", "default")
+    which = opts.get("partition", "auto")
     if which not in PARTITIONS:
         raise ValueError(f"stitch option partition={which!r}: expected one of {PARTITIONS}")
-    return min_cut_rematerialization_partition if which == "min_cut" else default_partition
+    if which != "auto":
+        return min_cut_rematerialization_partition if which == "min_cut" else default_partition
+
+    def auto(joint_module, joint_inputs, **kwargs):
+        fw, bw = default_partition(joint_module, joint_inputs, **kwargs)
+        saved = _saved_bytes(fw, kwargs["num_fwd_outputs"])
+        if saved is None or saved > MIN_CUT_MAX_SAVED_BYTES:
+            return fw, bw
+        keep = ("num_fwd_outputs", "static_lifetime_input_indices")
+        return min_cut_rematerialization_partition(
+            joint_module, joint_inputs, **{k: v for k, v in kwargs.items() if k in keep})
+
+    return auto
+
+
+def _saved_bytes(fw: torch.fx.GraphModule, num_fwd_outputs: int) -> int | None:
+    """Bytes of the tensors forward graph ``fw`` saves for its backward (its outputs after the
+    first ``num_fwd_outputs``); None where a size is symbolic."""
+    out = next(n for n in fw.graph.nodes if n.op == "output").args[0]
+    total = 0
+    for node in out[num_fwd_outputs:]:
+        val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+        if isinstance(val, torch.Tensor):
+            try:
+                total += int(val.numel()) * val.element_size()
+            except (TypeError, RuntimeError):  # a symbolic size
+                return None
+    return total
 
 
 def stitch_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None,

@@ -585,17 +585,21 @@ class Chain(torch.nn.Module):
 def test_training_forward_saves_less_under_the_min_cut_partition(monkeypatch):
     """Option ``partition="min_cut"``: AOTAutograd's min-cut partitioner recomputes cheap
     element-wise ops in the backward instead of saving them: the forward of an element-wise
-    chain hands its backward only its input and result (the default partition, the default,
-    also saves the sigmoid, the product and the tanh), and both match eager's gradients. An
-    unknown partition is an error that names the option."""
+    chain hands its backward only its input and result (``partition="default"`` also saves the
+    sigmoid, the product and the tanh), and both match eager's gradients. ``auto``, the
+    default, takes min-cut's split for a graph whose default partition saves at most
+    ``MIN_CUT_MAX_SAVED_BYTES`` (this one) and the default's above it. An unknown partition is
+    an error that names the option."""
     torch.manual_seed(0)
     model = Chain()
     x = torch.randn(7, 33)
     want = torch.autograd.grad(model(x).sum(), model.w)[0]
     original = backend.compile_fx
     outputs = {}
-    for partition in ("min_cut", "default", None):
+    for partition in ("min_cut", "default", None, "auto above the limit"):
         graphs = []
+        monkeypatch.setattr(backend, "MIN_CUT_MAX_SAVED_BYTES",
+                            0 if partition == "auto above the limit" else 2 << 20)
 
         def compile_fx(gm, options, *args, graphs=graphs, **kwargs):
             run = original(gm, options, *args, **kwargs)
@@ -606,11 +610,13 @@ def test_training_forward_saves_less_under_the_min_cut_partition(monkeypatch):
         torch._dynamo.reset()
         m = copy.deepcopy(model)
         compiled = torch.compile(m, backend="stitch",
-                                 options={"partition": partition} if partition else {})
+                                 options={"partition": partition} if partition in
+                                 ("min_cut", "default") else {})
         compiled(x).sum().backward()
         torch.testing.assert_close(m.w.grad, want, atol=1e-5, rtol=1e-5)
         outputs[partition] = len(graphs[0].outputs)  # the forward: its result and what it saves
-    assert outputs["min_cut"] < outputs["default"] == outputs[None], outputs
+    assert outputs["min_cut"] == outputs[None] < outputs["default"] == \
+        outputs["auto above the limit"], outputs
     torch._dynamo.reset()
     with pytest.raises(Exception, match="partition='fastest'"):
         torch.compile(copy.deepcopy(model), backend="stitch", options={"partition": "fastest"})(x)
