@@ -565,7 +565,8 @@ def _partitioner(opts: dict):
     ``default`` saves every value the backward reads; ``min_cut`` (inductor's partitioner)
     saves the fewest bytes and recomputes cheap element-wise ops in the backward, where they
     fuse into its kernels; ``auto`` (the default) is ``min_cut`` where the default partition
-    saves at most ``MIN_CUT_MAX_SAVED_BYTES``, else ``default``.
+    saves at most ``MIN_CUT_MAX_SAVED_BYTES``, else ``default`` (and for symbolic sizes, whose
+    bytes are not known without guarding on them).
 
     Why the split by size: a small graph's step is mostly per-tensor costs (each saved tensor is
     a forward output: an allocation, AOTAutograd's bookkeeping, a backward input), which
@@ -607,10 +608,10 @@ def _saved_bytes(fw: torch.fx.GraphModule, num_fwd_outputs: int) -> int | None:
     for node in out[num_fwd_outputs:]:
         val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
         if isinstance(val, torch.Tensor):
-            try:
-                total += int(val.numel()) * val.element_size()
-            except (TypeError, RuntimeError):  # a symbolic size
+            n = val.numel()
+            if not isinstance(n, int):  # a symbolic size (int() of it would guard on its hint)
                 return None
+            total += n * val.element_size()
     return total
 
 
