@@ -13,13 +13,12 @@ from codegen.cpp.accumulate import (
     LAYOUT_OPS,
     SCATTERS,
     _acc_final,
-    _acc_init,
     _acc_update,
-    _combine,
     acc_declaration,
     at_least_1,
     reshape_root,
 )
+from codegen.cpp.columns import ColumnPhases
 from codegen.cpp.emit import (
     HALF,
     Emitter,
@@ -31,7 +30,6 @@ from codegen.cpp.emit import (
     round_to,
     sets_err,
 )
-from codegen.cpp.emit import hint as size_hint
 from codegen.cpp.layout import (
     buffer_bytes,
     interchange,
@@ -43,7 +41,7 @@ from codegen.cpp.layout import (
 from codegen.cpp.scatter import ScatterPhases
 from stitch_ir.core import Value
 from stitch_ir.dialects import fusion, st
-from stitch_ir.types import DType, Sym
+from stitch_ir.types import DType
 
 
 def _acc_type(op: st.ReduceOp) -> str:
@@ -66,18 +64,12 @@ def _plain_reduce(op) -> bool:
     return isinstance(op, st.ReduceOp) and not isinstance(op, st.ArgReduceOp)
 
 
-# Reductions that keep the innermost dim (column sums: weight gradients): outputs per task (an
-# L1 accumulator row), and how the reduced index space is cut (at most COLUMN_CHUNKS chunks of
-# at least COLUMN_CHUNK_MIN terms; the partial rows go to scratch).
-COLUMN_BLOCK = 1024
 # A float32 variance over an innermost loop of at most this many terms adds its squared
 # deviations in float (16 lanes of at most 256 terms each with AVX-512), then in double.
 PARTIAL_MAX = 4096
-COLUMN_CHUNKS = 16
-COLUMN_CHUNK_MIN = 64
 
 
-class PhaseKernel(ScatterPhases):
+class PhaseKernel(ColumnPhases, ScatterPhases):
     """The ``phases`` strategy (see the module docstring)."""
 
     def __init__(self, group: fusion.GroupOp, buffers: dict[int, str], out_names: dict[int, list],
@@ -642,152 +634,6 @@ class PhaseKernel(ScatterPhases):
                     out.setdefault(id(v), []).append(w)
                     taken.add(id(w))
         return out
-
-    def _column_dim(self, op: st.ReduceOp) -> int | None:
-        """The dim of ``op``'s result to run as a column (``_column_reduce``): the innermost, when
-        the reduction keeps it (column sums: weight gradients); or the kept dim along which the
-        largest buffer the input reads is contiguous, when the reduced innermost dim is strided
-        in memory -- a max over the neighbours of a channels-last [N, P, K, C] buffer seen as
-        [N, C, P, K] (rffs_net's edge convolutions) otherwise reads one element per cache line.
-        None: reduce along the input's innermost dim. Never for a variance (two passes)."""
-        shape, out = dims(op.operand(0)), dims(op.result)
-        if isinstance(op, st.VarOp) or not out:
-            return None
-        if len(shape) - 1 not in op.dims:
-            return len(out) - 1 if out[-1] > 1 else None
-        sizes = buffer_bytes(self.values_in_buffers(), self.em.buffers)
-        # any size: a reduction along a strided dim vectorises across its terms with gathers
-        # even in cache (a channels-last batch norm backward's [2, 8, 8, 128] sums over
-        # N, H, W: 96 us against 12 us along C)
-        found = transposed_dim(op.operand(0), self.em.buffers, sizes, min_bytes=0)
-        if found is None or found[1] in op.dims:
-            return None
-        d = found[1]
-        return d if op.keepdim else d - sum(1 for r in op.dims if r < d)
-
-    def _column_reduce(self, op: st.ReduceOp, targets: list[str], at: str, col: int) -> None:
-        """A reduction run along result dim ``col``, contiguous in the input (the innermost
-        when the reduction keeps it: column sums, weight gradients). Walking an output's terms
-        would stride through the input a line per step, so the reduced index space is cut into
-        a fixed number of chunks (not one per thread: the answer must not depend on the thread
-        count); a task takes one chunk and a block of up to COLUMN_BLOCK outputs along ``col``
-        and reads its rows contiguously into an L1 accumulator row, then writes that partial
-        row to scratch; after the barrier each output combines its chunks in order."""
-        em = self.em
-        shape = dims(op.operand(0))
-        out_shape = dims(op.result)
-        red_shape = [shape[d] for d in op.dims]
-        n = math.prod(red_shape)  # 0 for an empty reduction: its mean is 0 / 0 = NaN, as eager
-        J = out_shape[col]
-        rest = out_shape[:col] + out_shape[col + 1:]  # the other result dims, one task index
-        O = at_least_1(math.prod(rest))
-        B = COLUMN_BLOCK if isinstance(J, Sym) else min(J, COLUMN_BLOCK)
-        # tasks without chunking; chunk only to reach COLUMN_CHUNKS (a symbolic size: decided
-        # at its hint; the chunk bounds below hold for any size)
-        blocks = size_hint(O) * -(-size_hint(J) // B)
-        chunks = max(1, min(-(-COLUMN_CHUNKS // blocks), size_hint(n) // COLUMN_CHUNK_MIN))
-        self.n_loops += 1
-        L = self.n_loops
-        o, c, jb, jj, kk = f"o{L}", f"c{L}", f"jb{L}", f"j{L}", f"kk{L}"
-        cnt, acc, nan = f"n{L}", f"cacc{L}", f"cnan{L}"
-        minmax = isinstance(op, st.MaxOp | st.MinOp)
-        err = " reduction(|:err)" if self.gathers else ""
-        init, clause = _acc_init(op, "main")
-        # partial rows [O, chunks, J] (and their NaN flags) in scratch; with one chunk each
-        # task finishes its outputs itself
-        part = f"part{L}"
-        if chunks > 1:
-            k = len(self.scratch)
-            self.scratch.append(O * chunks * J * (8 if at == "double" else
-                                                  compute_itemsize(op.result.type.dtype)))
-            em.line(f"{at}* __restrict {part} = ({at}*)args[{self.first_scratch + k}];")
-            if minmax:
-                self.scratch.append(O * chunks * J * 4)
-                em.line(f"int* __restrict {part}_nan = (int*)args[{self.first_scratch + k + 1}];")
-        onames = delinearize(o, rest) if rest else []
-
-        def at_col(others: list[str], j: str) -> list[str]:
-            return others[:col] + [j] + others[col:]
-        em.mark()
-        em.line("#pragma omp for collapse(3) schedule(static)")
-        em.line(f"for (int64_t {o} = 0; {o} < {O}; ++{o})")
-        em.line(f"for (int64_t {c} = 0; {c} < {chunks}; ++{c})")
-        em.line(f"for (int64_t {jb} = 0; {jb} < {J}; {jb} += {B})")
-        em.line("{")
-        outer: list[str] = []
-        em.push(outer, em.scopes[-1].indent + "  ", loop_vars={o, c, jb})
-        em.line(f"const int64_t {cnt} = {J} - {jb} < {B} ? {J} - {jb} : {B};")
-        em.line(f"{at} {acc}[{B}];")
-        if minmax:
-            em.line(f"int {nan}[{B}];")
-        em.line(f"for (int64_t {jj} = 0; {jj} < {B}; ++{jj}) {{ {acc}[{jj}] = {init};"
-                + (f" {nan}[{jj}] = 0;" if minmax else "") + " }")
-        em.mark()
-        em.line(f"for (int64_t {kk} = {n} * {c} / {chunks}; {kk} < {n} * ({c} + 1) / {chunks}; "
-                f"++{kk}) {{")
-        knames = delinearize(kk, red_shape)
-        em.line(f"#pragma omp simd{err}")
-        em.line(f"for (int64_t {jj} = 0; {jj} < {cnt}; ++{jj}) {{")
-        inner: list[str] = []
-        em.push(inner, em.scopes[-1].indent + "  ", loop_vars={kk, jj})
-        out_idx = at_col(onames, f"({jb} + {jj})")
-        x = em.value(op.operand(0), self._input_index(op, out_idx, knames))
-        em.line(_acc_update(op, "main", "ACC", x, None).replace("ACC_nan", f"{nan}[{jj}]")
-                .replace("ACC", f"{acc}[{jj}]"))
-        em.pop()
-        em.scopes[-1].lines.extend(inner)
-        em.line("}")
-        em.line("}")
-        if chunks == 1:
-            em.line(f"#pragma omp simd{err}")
-            em.line(f"for (int64_t {jj} = 0; {jj} < {cnt}; ++{jj}) {{")
-            em.line(f"  {at} a = {acc}[{jj}];" + (f" int a_nan = {nan}[{jj}];" if minmax else ""))
-            self._finish(op, targets, at_col(onames, f"({jb} + {jj})"), n, {o, jb, jj})
-            em.pop()
-            em.scopes[-1].lines.extend(outer)
-            em.line("}")
-            return
-        slot = f"({o} * {chunks} + {c}) * {J} + {jb}"
-        em.line("#pragma omp simd")
-        em.line(f"for (int64_t {jj} = 0; {jj} < {cnt}; ++{jj}) {{ {part}[{slot} + {jj}] = "
-                f"{acc}[{jj}];" + (f" {part}_nan[{slot} + {jj}] = {nan}[{jj}];" if minmax else "")
-                + " }")
-        em.pop()
-        em.scopes[-1].lines.extend(outer)
-        em.line("}")
-        # combine each output's chunks in chunk order
-        em.mark()
-        em.line("#pragma omp for schedule(static)")
-        em.line(f"for (int64_t {o} = 0; {o} < {O}; ++{o})")
-        em.line("{")
-        comb: list[str] = []
-        em.push(comb, em.scopes[-1].indent + "  ", loop_vars={o})
-        em.line(f"#pragma omp simd{err}")
-        em.line(f"for (int64_t {jj} = 0; {jj} < {J}; ++{jj}) {{")
-        em.line(f"  {at} a = {part}[{o} * {chunks} * {J} + {jj}];")
-        if minmax:
-            em.line(f"  int a_nan = {part}_nan[{o} * {chunks} * {J} + {jj}];")
-        em.line(f"  for (int64_t {c} = 1; {c} < {chunks}; ++{c}) {{")
-        p = f"{part}[({o} * {chunks} + {c}) * {J} + {jj}]"
-        if minmax:
-            em.line(f"    a_nan |= {part}_nan[({o} * {chunks} + {c}) * {J} + {jj}];")
-        em.line(f"    {_combine(clause, 'a', p)}")
-        em.line("  }")
-        self._finish(op, targets, at_col(onames, jj), n, {jj})
-        em.pop()
-        em.scopes[-1].lines.extend(comb)
-        em.line("}")
-
-    def _finish(self, op: st.ReduceOp, targets: list[str], idx: list[str], n, loop_vars) -> None:
-        """The body's tail of a column reduction's store loop: ``a`` (and ``a_nan``) finished
-        and stored at ``idx``; closes the loop."""
-        em = self.em
-        body: list[str] = []
-        em.push(body, em.scopes[-1].indent + "  ", loop_vars=loop_vars)
-        self.store(targets, op.result, idx, round_to(op.result.type.dtype, _acc_final(op, "a", n)))
-        em.pop()
-        em.scopes[-1].lines.extend(body)
-        em.line("}")
 
     def arg_reduce(self, op: st.ArgReduceOp, targets: list[str]) -> None:
         em = self.em

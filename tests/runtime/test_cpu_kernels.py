@@ -355,7 +355,7 @@ def test_long_sum_feeding_round_is_correctly_rounded(a, n, b, seed):
 def test_column_reductions_chunked(a, b, c, how, keepdim):
     """Reductions that keep the innermost dim run chunked over the reduced index space (partial
     rows in scratch, combined in chunk order); NaN propagates through max / min."""
-    import codegen.cpp.phases as phases
+    import codegen.cpp.columns as columns
 
     x = torch.randn(a, b, c)
     if how == "prod":
@@ -371,12 +371,12 @@ def test_column_reductions_chunked(a, b, c, how, keepdim):
             return torch.prod(x, dims[0], keepdim=keepdim)
         return getattr(torch, how)(x, dims, keepdim=keepdim)
 
-    old = phases.COLUMN_CHUNK_MIN, phases.COLUMN_BLOCK
-    phases.COLUMN_CHUNK_MIN, phases.COLUMN_BLOCK = 4, 16  # many chunks and blocks, odd tails
+    old = columns.COLUMN_CHUNK_MIN, columns.COLUMN_BLOCK
+    columns.COLUMN_CHUNK_MIN, columns.COLUMN_BLOCK = 4, 16  # many chunks and blocks, odd tails
     try:
         run_both(fn, [x], atol=1e-5, rtol=1e-4)
     finally:
-        phases.COLUMN_CHUNK_MIN, phases.COLUMN_BLOCK = old
+        columns.COLUMN_CHUNK_MIN, columns.COLUMN_BLOCK = old
 
 
 def test_layout_only_groups_read_by_library_calls_are_views():
