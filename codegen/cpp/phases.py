@@ -60,6 +60,15 @@ def _elementwise_value(v: Value) -> bool:
     return op is not None and not isinstance(op, (st.ReduceOp, *SCATTERS))
 
 
+def _merges_innermost(shape: list, inner_shape: list) -> bool:
+    """Whether a reshape from ``inner_shape`` to ``shape`` merges the former's innermost dim, a
+    vector loop's worth (16 or more), with others into the latter's innermost dim."""
+    if not shape or not inner_shape or not all(isinstance(n, int) for n in (*shape, *inner_shape)):
+        return False
+    return inner_shape[-1] >= 16 and shape[-1] > inner_shape[-1] and \
+        shape[-1] % inner_shape[-1] == 0
+
+
 def _plain_reduce(op) -> bool:
     return isinstance(op, st.ReduceOp) and not isinstance(op, st.ArgReduceOp)
 
@@ -325,6 +334,17 @@ class PhaseKernel(ColumnPhases, ScatterPhases):
                 self.nest_staged(dims(u), found[1], [u],
                                  lambda idx: self.store(targets, u, idx, self.em.value(u, idx)))
                 return []
+        # A value computed by a layout op, reshaped so that the nest's innermost dim would merge
+        # several of that op's dims (a head merge, [B, S, H, D] -> [B*S, H*D], of a gradient
+        # read head-major): loop over the unreshaped value instead, the same flat index into the
+        # output, so the inner loop runs along its innermost dim without a / and % of the loop
+        # variable in every load (bert's backward, a 256 KiB head merge and its bias gradient:
+        # 50-57 us in place, 31-39 us so).
+        if u is not v and isinstance(getattr(u, "owner", None), LAYOUT_OPS) and \
+                u.owner in self.body and id(u) not in self.em.buffers and \
+                _merges_innermost(dims(v), dims(u)):
+            self.nest(dims(u), lambda idx: self.store(targets, u, idx, self.em.value(u, idx)))
+            return []
         inner = interchange(v, self.em.buffers, sizes)
         if inner is not None:
             self.nest(dims(v), emit, order=loop_order(dims(v), inner))

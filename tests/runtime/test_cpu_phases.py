@@ -45,3 +45,24 @@ def test_outputs_read_elsewhere_or_rounded_keep_their_own_nest():
     g = run_both(lambda x, b: ((x + b), torch.tanh(x + b).float()), [x.half(), b.half()],
                  atol=1e-3, rtol=1e-3)
     assert _nests(g) == [2]
+
+
+@pytest.mark.parametrize("b,h,s,d", [(2, 4, 16, 64), (1, 3, 5, 16), (3, 2, 7, 33)])
+def test_head_merges_loop_over_the_unmerged_heads(b, h, s, d):
+    """A head merge ([B, H, S, D] read as [B*S, H*D]) written out beside a reduction of it (a
+    bias gradient): the nest runs over the permuted [B, S, H, D] value, its inner loop along D,
+    so no load divides the vector loop's variable; odd sizes and D below a vector loop's worth
+    (then the merged nest, as before) give eager's values."""
+    torch.manual_seed(0)
+    x = torch.randn(b * h, s, d)
+
+    def f(x):
+        m = x.view(b, h, s, d).permute(0, 2, 1, 3).reshape(b * s, h * d)
+        return m, m.sum(0)
+
+    g = run_both(f, [x])
+    (k,) = [st for st in g.steps if st.kind == "kernel"]
+    loads = [line for line in k.source.source.splitlines() if "= in0[" in line]
+    assert loads
+    if d >= 16:
+        assert not any(f"/ {d})" in line or f"% {d})" in line for line in loads), loads
