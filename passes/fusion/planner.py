@@ -90,7 +90,9 @@ def reduction_broadcast_back(g: PlanGraph, group: int, u: int, v: int) -> bool:
 
 def plan_greedy(g: PlanGraph, costs: Costs) -> list[int]:
     """Pairwise producer -> consumer fusion in program order, whenever the merged group stays
-    convex and legal, never across a reduction whose result is broadcast back."""
+    convex and legal, never across a reduction whose result is broadcast back. Two groups can
+    each be convex and still close a cycle together (one reads the other directly, the other
+    reads the first through a library call): such a plan is repaired (``break_cycles``)."""
     group_of = {i: 1 << i for i in g.fusible()}
     for v in g.fusible():
         for u in g.preds[v]:
@@ -104,7 +106,7 @@ def plan_greedy(g: PlanGraph, costs: Costs) -> list[int]:
                 continue
             for i in members_of(merged):
                 group_of[i] = merged
-    return sorted(set(group_of.values()))
+    return sorted(break_cycles(g, costs, sorted(set(group_of.values()))))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -98,6 +98,27 @@ def test_stitch_never_costs_more_than_greedy(m):
     assert costs["stitch"] <= costs["none"] + 1e-12
 
 
+def test_greedy_plan_never_cyclic():
+    """Found by ``test_stitch_never_costs_more_than_greedy``: greedy fusion made {exp_a, add_1}
+    and {exp_b, add_2}, each convex, but exp_b feeds add_1 through a matmul and exp_a feeds
+    add_2: a cycle between the two kernels (every planner starts from the greedy plan). The
+    greedy plan is repaired, and every planner's plan is acyclic."""
+    t = TensorType((1, 1), DType.f32)
+    f = FuncOp.create("forward", [t, t])
+    b = Builder(f.body)
+    x, w = f.args
+    ea, eb = b.create(st.ExpOp, x), b.create(st.ExpOp, x)
+    b.create(st.AddOp, ea, b.create(st.MatmulOp, eb, w))
+    b.create(st.AddOp, eb, ea)
+    b.insert(ReturnOp([ea]))
+    for planner in ("none", "greedy", "stitch"):
+        ctx = PassContext(device_spec=DEVICES["cpu"])
+        PassManager.parse(f"fusion-plan{{planner={planner} time_limit=2}}").run(Module([f]), ctx)
+        plan = ctx.results["plan"]["forward"]  # (make_plan asserted it acyclic, and failed)
+        bits = [sum(1 << i for i in gi.members) for gi in plan.groups]
+        assert is_acyclic(plan.graph, bits), planner
+
+
 def test_beam_search_never_returns_a_cyclic_plan():
     """Two groups, each convex, can close a cycle together: with x2 = x1 + y1 and y2 = y1 * x1,
     every plan of two pairs ({x1, x2} with {y1, y2}, or {x1, y2} with {y1, x2}) is cyclic. A
