@@ -61,9 +61,11 @@ class SinkBroadcastsPass(Pass):
 
 def _transposes_as_blas_flags(func) -> int:
     """Read each batch of transposed matrices that only bmms read, ``reshape(permute(x, p))``
-    with ``p`` swapping the last two dims of ``x`` or of a sibling ``permute(x, a)``, as
-    ``permute(reshape(w), (0, 2, 1))`` of the untransposed ``w`` (``x``, or that sibling):
-    a view the bmm takes as a flag. Returns how many reshapes were rewritten."""
+    with ``p`` swapping the last two dims of ``x`` or of ``permute(x, a)``, as
+    ``permute(reshape(w), (0, 2, 1))`` of the untransposed ``w``: ``x``, a sibling
+    ``permute(x, a)``, or a new one where ``a`` keeps ``x``'s innermost dim innermost (a head
+    split: its copy moves whole rows, where the transposed copy moved single elements). The bmm
+    takes the transposed view as a flag. Returns how many reshapes were rewritten."""
     body = func.body
     order = {id(op): k for k, op in enumerate(body.ops)}
     done = 0
@@ -76,19 +78,30 @@ def _transposes_as_blas_flags(func) -> int:
             continue
         swap = tuple(range(r - 2)) + (r - 1, r - 2)
         x = op.operand(0)
-        if p == swap:
-            base = x
-        else:  # a sibling permute whose last two dims this one swaps
-            base = next((u.result for u in x.users if isinstance(u, st.PermuteOp) and u is not op
-                         and u.parent is body and order[id(u)] < order[id(op)] and
-                         tuple(u.attributes["perm"][s] for s in swap) == p), None)
         shape = tuple(op.result.type.shape)
         batch = math.prod(shape[:-2])
         readers = list(op.result.users)
-        if base is None or not all(
-                isinstance(u, st.ReshapeOp) and tuple(u.result.type.shape) == (batch, *shape[-2:])
-                and u.result.users and all(isinstance(m, st.BatchMatmulOp) for m in u.result.users)
-                for u in readers):
+        if not all(isinstance(u, st.ReshapeOp) and tuple(u.result.type.shape) == (
+                batch, *shape[-2:]) and u.result.users and
+                all(isinstance(m, st.BatchMatmulOp) for m in u.result.users) for u in readers):
+            continue
+        a = tuple(p[s] for s in swap)  # p is permute(x, a), then the swap
+        if p == swap:
+            base = x
+        else:  # a sibling permute(x, a), else a new one: a copy of whole rows of x
+            sib = next((u for u in x.users if isinstance(u, st.PermuteOp) and u is not op
+                        and u.parent is body and tuple(u.attributes["perm"]) == a), None)
+            if sib is not None and order[id(sib)] > order[id(op)]:  # it reads only x: move it up
+                body.ops.remove(sib)
+                body.insert_before(op, sib)
+                order[id(sib)] = order[id(op)]
+            if sib is None and a[-1] == r - 1:
+                sib = st.PermuteOp([x], [x.type.with_shape(tuple(x.type.shape[i] for i in a))],
+                                   {"perm": a}, loc=op.loc)
+                body.insert_before(op, sib)
+                order[id(sib)] = order[id(op)]
+            base = sib.result if sib is not None else None
+        if base is None:
             continue
         rows = st.ReshapeOp([base], [op.result.type.with_shape((batch, shape[-1], shape[-2]))],
                             {"shape": (batch, shape[-1], shape[-2])}, loc=op.loc)

@@ -448,3 +448,14 @@ def test_transposed_head_splits_are_blas_flags():
     cg = compile_program(import_model(_Fn(g).eval(), (q, k4)), device_spec=cpu_spec(measure=False))
     torch.testing.assert_close(cg(q, k4)[0], g(q, k4), atol=1e-5, rtol=1e-5)
     assert [s.kind for s in cg.steps if s.kind not in ("view", "dead")] == ["library", "kernel"]
+
+    def only_kt(x, wk, q):  # the key read transposed only: its copy is the head split, rows of D
+        kt = (x @ wk).view(b, s, h, d).permute(0, 2, 3, 1).reshape(b * h, d, s)
+        return torch.bmm(q, kt).tanh()
+
+    cg = compile_program(import_model(_Fn(only_kt).eval(), (x, wk, q)),
+                         device_spec=cpu_spec(measure=False))
+    torch.testing.assert_close(cg(x, wk, q)[0], only_kt(x, wk, q), atol=1e-4, rtol=1e-5)
+    copies = [s for s in cg.steps if s.kind == "kernel" and
+              "// from st ops: st.permute\n" in s.source.source]
+    assert len(copies) == 1 and f"out0: tensor<{b}x{h}x{s}x{d}xf32>" in copies[0].source.source
