@@ -65,9 +65,17 @@ def _transposes_as_blas_flags(func) -> int:
     ``permute(reshape(w), (0, 2, 1))`` of the untransposed ``w``: ``x``, a sibling
     ``permute(x, a)``, or a new one where ``a`` keeps ``x``'s innermost dim innermost (a head
     split: its copy moves whole rows, where the transposed copy moved single elements). The bmm
-    takes the transposed view as a flag. Returns how many reshapes were rewritten."""
+    takes the transposed view as a flag; a training forward that saves the transposed batch for
+    its backward (``layout_free_results``) returns that view. Returns how many reshapes were
+    rewritten."""
     body = func.body
     order = {id(op): k for k, op in enumerate(body.ops)}
+    ret = func.return_op
+    free = set(func.attr("layout_free_results", ()))
+
+    def returned_free(v) -> bool:  # returned where any memory order will do (saved for backward)
+        return all(k in free for k, w in enumerate(ret.operands) if w is v)
+
     done = 0
     for op in list(body.ops):
         if not isinstance(op, st.PermuteOp) or op.parent is not body:
@@ -82,8 +90,10 @@ def _transposes_as_blas_flags(func) -> int:
         batch = math.prod(shape[:-2])
         readers = list(op.result.users)
         if not all(isinstance(u, st.ReshapeOp) and tuple(u.result.type.shape) == (
-                batch, *shape[-2:]) and u.result.users and
-                all(isinstance(m, st.BatchMatmulOp) for m in u.result.users) for u in readers):
+                batch, *shape[-2:]) and any(isinstance(m, st.BatchMatmulOp)
+                                            for m in u.result.users) and
+                all(isinstance(m, st.BatchMatmulOp) or (m is ret and returned_free(u.result))
+                    for m in u.result.users) for u in readers):
             continue
         a = tuple(p[s] for s in swap)  # p is permute(x, a), then the swap
         if p == swap:
