@@ -86,21 +86,12 @@ class _Attention(torch.nn.Module):
         return self.o(y.transpose(1, 2).reshape(b, s, d)).tanh()
 
 
-def test_attention_layouts_keep_heads_inside_tokens(monkeypatch):
-    """Training through cpu flash attention (odd sizes: 3 x 7 tokens, 2 heads of 5): the
-    gradients match eager; the forward returns q, k and v for the backward as views of their
-    projections (no kernel copies them head-major), and the backward holds flash's q, k and v
-    gradients in the [B, S, H, D] memory torch answers in (``result_perms``), so the kernel
-    summing the projections' bias gradients reads them as they are (attention this small is
-    decomposed unless told not to: ``SMALL_ATTENTION_BYTES``)."""
+def _train_like_eager(monkeypatch, m, x, options=None) -> list:
+    """One training step of ``m`` on ``x`` compiled by stitch, its gradients checked against
+    eager's; returns the CompiledGraphs it called (forward, backward), each with ``calls``: the
+    (inputs, outputs) of every call."""
     from runtime.graph import CompiledGraph
-    from stitch_ir import importer
-    from stitch_ir.dialects import st
 
-    monkeypatch.setattr(importer, "SMALL_ATTENTION_BYTES", 0)
-    torch.manual_seed(0)
-    m = _Attention()
-    x = torch.randn(3, 7, 10)
     m(x).pow(2).mean().backward()
     want = {n: p.grad.clone() for n, p in m.named_parameters()}
     m.zero_grad()
@@ -110,13 +101,31 @@ def test_attention_layouts_keep_heads_inside_tokens(monkeypatch):
     def grab(self, *a):
         if self not in graphs:
             graphs.append(self)
-        return call(self, *a)
+            self.calls = []
+        out = call(self, *a)
+        self.calls.append((a, out))
+        return out
 
     monkeypatch.setattr(CompiledGraph, "__call__", grab)
-    torch.compile(m, backend="stitch")(x).pow(2).mean().backward()
+    torch.compile(m, backend="stitch", options=options or {})(x).pow(2).mean().backward()
     for n, p in m.named_parameters():
         torch.testing.assert_close(p.grad, want[n], atol=1e-5, rtol=1e-4, msg=n)
-    fwd, bwd = graphs
+    return graphs
+
+
+def test_attention_layouts_keep_heads_inside_tokens(monkeypatch):
+    """Training through cpu flash attention (odd sizes: 3 x 7 tokens, 2 heads of 5): the
+    gradients match eager; the forward returns q, k and v for the backward as views of their
+    projections (no kernel copies them head-major), and the backward holds flash's q, k and v
+    gradients in the [B, S, H, D] memory torch answers in (``result_perms``), so the kernel
+    summing the projections' bias gradients reads them as they are (attention this small is
+    decomposed unless told not to: ``SMALL_ATTENTION_BYTES``)."""
+    from stitch_ir import importer
+    from stitch_ir.dialects import st
+
+    monkeypatch.setattr(importer, "SMALL_ATTENTION_BYTES", 0)
+    torch.manual_seed(0)
+    fwd, bwd = _train_like_eager(monkeypatch, _Attention(), torch.randn(3, 7, 10))
     flash = [op for op in bwd.func.body.ops if isinstance(op, st.TorchCallOp)]
     assert [op.attr("result_perms") for op in flash] == [((0, 2, 1, 3),) * 3]
     # q, k, v (and flash's output) reach the backward as the views they were returned as
@@ -137,33 +146,11 @@ def test_saved_activations_arrive_in_the_layout_the_backward_was_compiled_for(mo
     for (``arg_perms``). Traced, a head split is a permuted view of its projection; a backward
     compiled for that got the contiguous copy permuted back, copied it contiguous and permuted
     it again. The gradients match eager."""
-    from runtime.graph import CompiledGraph
-
     torch.manual_seed(0)
-    m = _Attention(d=12, heads=3)
-    x = torch.randn(3, 7, 12)
-    m(x).pow(2).mean().backward()
-    want = {n: p.grad.clone() for n, p in m.named_parameters()}
-    m.zero_grad()
-    graphs, returned, received = [], {}, []
-    call = CompiledGraph.__call__
-
-    def grab(self, *a):
-        if self not in graphs:
-            graphs.append(self)
-        if len(graphs) == 2 and self is graphs[1]:  # the backward: its inputs as they come
-            received.extend(a)
-        out = call(self, *a)
-        if self is graphs[0]:
-            returned.update({(t.data_ptr(), t.shape): t for t in out
-                             if isinstance(t, torch.Tensor)})
-        return out
-
-    monkeypatch.setattr(CompiledGraph, "__call__", grab)
-    torch.compile(m, backend="stitch")(x).pow(2).mean().backward()
-    for n, p in m.named_parameters():
-        torch.testing.assert_close(p.grad, want[n], atol=1e-5, rtol=1e-4, msg=n)
-    fwd, bwd = graphs
+    fwd, bwd = _train_like_eager(monkeypatch, _Attention(d=12, heads=3), torch.randn(3, 7, 12))
+    ((_, out),) = fwd.calls
+    returned = {(t.data_ptr(), t.shape) for t in out if isinstance(t, torch.Tensor)}
+    ((received, _),) = bwd.calls  # the backward's inputs as they came
     perms = list(bwd.func.attr("arg_perms", ())) or [()] * len(received)
     saved = [(t, tuple(p)) for t, p in zip(received, perms)
              if (t.data_ptr(), t.shape) in returned and t.dim() >= 3]
@@ -188,27 +175,9 @@ def test_saved_key_transpose_is_a_view_of_the_head_split(monkeypatch):
     copies the key head-major, [B, H, S, D], a row at a time, and both its q k^T bmm and what it
     saves for the backward read that copy transposed (views), where it had copied k^T element by
     element, [B, H, D, S]. The gradients match eager."""
-    from runtime.graph import CompiledGraph
-
     torch.manual_seed(0)
-    m = _EagerAttention(d=12, heads=3)
-    x = torch.randn(3, 7, 12)
-    m(x).pow(2).mean().backward()
-    want = {n: p.grad.clone() for n, p in m.named_parameters()}
-    m.zero_grad()
-    graphs = []
-    call = CompiledGraph.__call__
-
-    def grab(self, *a):
-        if self not in graphs:
-            graphs.append(self)
-        return call(self, *a)
-
-    monkeypatch.setattr(CompiledGraph, "__call__", grab)
-    torch.compile(m, backend="stitch", options={"partition": "default"})(x).pow(2).mean().backward()
-    for n, p in m.named_parameters():
-        torch.testing.assert_close(p.grad, want[n], atol=1e-5, rtol=1e-4, msg=n)
-    fwd = graphs[0]
+    fwd, _ = _train_like_eager(monkeypatch, _EagerAttention(d=12, heads=3),
+                               torch.randn(3, 7, 12), {"partition": "default"})
     copies = [s.source.source for s in fwd.steps if s.kind == "kernel" and
               "// from st ops: st.permute\n" in s.source.source]
     assert sum("out0: tensor<3x3x7x4xf32>" in c for c in copies) >= 2  # q, k head-major
