@@ -8,6 +8,7 @@ from passes import (  # noqa: F401
     layout,
     layout_assign,
     sink_broadcasts,
+    split_variance,
     stitch_schedule,
 )
 from passes.pass_manager import Pass, PassContext, PassManager, parse_pipeline, register_pass
@@ -18,14 +19,16 @@ def pipeline(planner: str = "stitch", time_limit: float | None = None, channels_
     """The compile pipeline every entry point runs (``stitchc``, ``compile_program``, the
     ``torch.compile`` backend, the GPU graph): canonicalise, turn 1x1 convolutions over 1x1 maps
     into ``linear`` (``pooled-conv-linear``), hold cpu flash attention's results in the memory
-    order torch answers in (``attention-layouts``), optionally run convolutions channels-last
+    order torch answers in (``attention-layouts``), split variances that keep the innermost dim
+    into two column reductions (``split-column-variance``), optionally run convolutions channels-last
     (``layout-channels-last``, then ``sink-permutes`` and ``layout-assign``), plan
     (``cost_model``: analytic | learned | auto, the planner's default), apply, schedule
     (``schedule``: options of ``stitch-schedule``, e.g. ``gpu_codegen``)."""
     plan = f"planner={planner}" + (f" time_limit={time_limit}" if time_limit is not None else "")
     plan += f" cost_model={cost_model}" if cost_model else ""
     opts = " ".join(f"{k}={v}" for k, v in schedule.items())
-    return ",".join(["canonicalize,cse,dce,pooled-conv-linear,attention-layouts,canonicalize",
+    return ",".join(["canonicalize,cse,dce,pooled-conv-linear,attention-layouts,"
+                     "split-column-variance,canonicalize,cse",
                      *(["layout-channels-last,sink-permutes,canonicalize,layout-assign,"
                         "canonicalize,cse,dce"] if channels_last else []),
                      "sink-broadcasts", f"fusion-plan{{{plan}}}", "fusion-apply",

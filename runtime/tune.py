@@ -35,7 +35,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-PRE_PASSES = "canonicalize,cse,dce,sink-broadcasts"
+PRE_PASSES = "canonicalize,cse,dce,split-column-variance,canonicalize,cse,sink-broadcasts"
 MIN_SAMPLE_SECONDS = 2e-4  # a sample repeats a kernel until it lasts this long
 SAMPLES = 21
 BATCH = 12  # candidates per job: built together, timed alternating, stored in one transaction
