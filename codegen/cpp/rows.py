@@ -106,6 +106,12 @@ class RowKernel:
         if key not in self.names:
             if len(nz) <= 1:
                 self.names[key] = [base] * len(nz)
+            elif base == "j":
+                # the vector loop's own index split inline, not into temporaries: a load
+                # through all of them (a row over [32, 32] of a [C, 32, 32] map) is then
+                # ``linearize``d back to ``j`` itself, one contiguous load, where
+                # ``(j1_0)*32 + (j1_1)`` kept a ``/`` and a ``%`` per element
+                self.names[key] = delinearize(base, list(nz))
             else:
                 names = []
                 for k, part in enumerate(delinearize(base, list(nz))):

@@ -210,3 +210,23 @@ def test_power_of_two_strided_reads_vectorise(tmp_path, dtype, n):
     assert lines, k.source.source
     scalar = _scalar_loops(tmp_path, k.source.source, lines)  # of every simd loop
     assert not scalar, (scalar, k.source.source[-1500:])
+
+
+@pytest.mark.parametrize("shape, dims", [((1, 6, 5, 7), (0, 2, 3)), ((6, 8, 16), (1, 2)),
+                                         ((1, 3, 4, 33), (0, 2, 3))])
+def test_rows_over_merged_dims_load_contiguously(tmp_path, shape, dims):
+    """A row that spans several contiguous dims (a batch norm's statistics of one image: each
+    channel's [H, W] plane) is read through the vector loop's own index: no ``/`` or ``%`` per
+    element, and every simd loop vectorises. The row's split indices had been temporaries the
+    read re-linearised as ``(j1_0)*W + (j1_1)``: rcrn's var over [1, 128, 32, 32] ran 232 us
+    where inductor takes 38."""
+    x = torch.randn(*shape) * 2 + 1
+    g = run_both(lambda x: torch.var(x, dim=dims, correction=0) + x.sum(dims), [x])
+    (k,) = [s for s in g.steps if s.kind == "kernel"]
+    src = k.source.source.splitlines()
+    lines = [n for n, text in enumerate(src, 1)
+             if re.search(r"for \(int64_t j = 0; j < \d+; ", text) and "omp simd" in src[n - 2]]
+    assert lines, k.source.source
+    bodies = "\n".join("\n".join(src[n:n + 4]) for n in lines)
+    assert " % " not in bodies and "j1_" not in bodies, bodies
+    assert not _scalar_loops(tmp_path, k.source.source, lines), k.source.source
