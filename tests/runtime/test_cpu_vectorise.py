@@ -3,6 +3,7 @@ kernels on the calling thread, exact divisions and powers, float64 sigmoid in ea
 
 from __future__ import annotations
 
+import math
 import re
 import subprocess
 
@@ -230,3 +231,19 @@ def test_rows_over_merged_dims_load_contiguously(tmp_path, shape, dims):
     bodies = "\n".join("\n".join(src[n:n + 4]) for n in lines)
     assert " % " not in bodies and "j1_" not in bodies, bodies
     assert not _scalar_loops(tmp_path, k.source.source, lines), k.source.source
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 37, 1), (3, 5, 1, 1), (1, 1, 1)])
+def test_trailing_unit_dims_leave_the_vector_loop_to_the_last_real_dim(tmp_path, shape):
+    """A result with trailing dims of 1 (rffs_net's points as a 1-wide image, [2, 320, 256, 1],
+    a concatenation then unsqueezed) loops over its last dim that has a length: a loop of one
+    had left the row scalar (659 us where 26 were due)."""
+    a, b = torch.randn(*shape), torch.randn(*shape)
+    g = run_both(lambda a, b: torch.cat([a, b * 2], 1).unsqueeze(-1) * 3, [a, b])
+    (k,) = [s for s in g.steps if s.kind == "kernel"]
+    src = k.source.source.splitlines()
+    lines = [n for n, text in enumerate(src, 1) if "#pragma omp simd" in src[n - 2]
+             and text.lstrip().startswith("for (")]
+    assert lines and not any(re.search(r"< 1; \+\+", src[n - 1]) for n in lines), k.source.source
+    if math.prod(shape) > 8:
+        assert not _scalar_loops(tmp_path, k.source.source, lines), k.source.source
