@@ -265,6 +265,37 @@ def held_out_kernels(records: list, feats: list[dict], fingerprint: str, threads
     return pred
 
 
+def codegen_leads(records: list, feats: list[dict], factor: float = 4.0,
+                  min_seconds: float = 1.5e-5, limit: int = 12) -> list[str]:
+    """The kernels measured at over ``factor`` times their analytic estimate (and at least
+    ``min_seconds``), worst first, one line per distinct op sequence of a workload: where the
+    generated code, not the cost model, is usually what is wrong (a loop GCC left scalar, a
+    row read with a stride). Stop 31's records named three such bugs, each 5-14x."""
+    from runtime.tune import prepare
+
+    found = sorted(((measured(r) / f["analytic_s"], k) for k, (r, f) in
+                    enumerate(zip(records, feats)) if measured(r) >= min_seconds and
+                    measured(r) > factor * f["analytic_s"]), reverse=True)
+    out, seen = [], set()
+    for ratio, k in found:
+        r = records[k]
+        g = prepare(r.workload).graph
+        ops = []
+        for i in sorted(r.members):
+            op = g.ops[i]
+            shape = "x".join(map(str, op.operands[0].type.shape)) if op.operands else ""
+            ops.append(f"{op.name.removeprefix('st.')}({shape})")
+        key = (r.workload, tuple(o.split("(")[0] for o in ops))
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append(f"{ratio:5.1f}x {measured(r) * 1e6:8.1f} us  {r.workload} {r.symbol} "
+                   f"[{r.mapping} {r.strategy}]: {' '.join(ops)}")
+        if len(out) >= limit:
+            break
+    return out
+
+
 def format_table(rows: list[Row]) -> str:
     lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(r.cells()) + " |" for r in rows]
@@ -330,6 +361,12 @@ def train_command(store_path: str, threads: int = 1, out: str = "", log=print,
         log(format_table(rows))
         default = wins(rows)
         evaluation = {"held_out_workloads": [r.__dict__ for r in rows], "wins": default}
+    lead = codegen_leads(records, feats)
+    if lead:
+        log("kernels measured at over 4x their analytic estimate (codegen leads; the learned "
+            "model learns them, a fix removes them):")
+        for line in lead:
+            log("  " + line)
     from runtime.tune import step_seconds
 
     model = train(feats, [measured(r) for r in records], device.fingerprint, threads)

@@ -74,3 +74,27 @@ def test_an_interrupted_tune_resumes_without_loss(tmp_path):
         after = {r.key: (r.created, r.min_seconds) for r in s.records()}
     assert len(after) == total
     assert all(after[k] == v for k, v in first.items())  # nothing measured before was lost or redone
+
+
+def test_kernels_far_over_their_estimate_are_named_as_codegen_leads(tmp_path):
+    """``stitchc tune --train`` lists the kernels measured at over 4x their analytic estimate,
+    by workload and ops: stop 31's records named three code generation bugs that way."""
+    from dataclasses import replace
+
+    from runtime import tune_eval
+
+    store = tmp_path / "r.sqlite"
+    tune.tune([WL], store, per_model=2, samples=3, batch=6, progress=False, learned=False,
+              log=quiet)
+    with RecordStore(store) as s:
+        recs = list(s.records())
+    feats = [r.features for r in recs]
+    slow = max(range(len(recs)), key=lambda k: len(recs[k].members))
+    recs[slow] = replace(recs[slow], min_seconds=10 * recs[slow].analytic_seconds + 1e-4)
+    fast = [replace(r, min_seconds=r.analytic_seconds) if k != slow else r
+            for k, r in enumerate(recs)]
+    (line,) = tune_eval.codegen_leads(fast, feats)
+    assert WL in line and recs[slow].symbol in line
+    assert re.search(r"\b(exp|max|sum)\(16x1024\)", line), line
+    assert tune_eval.codegen_leads([replace(r, min_seconds=r.analytic_seconds) for r in recs],
+                                   feats) == []
