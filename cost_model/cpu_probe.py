@@ -3,8 +3,8 @@
 Invariants:
 - `cpu_spec(measure=False)` is `CPU_FIXED`: identical on every machine, for tests and for
   deterministic plans.
-- `cpu_spec(measure=True)` measures at most once per machine fingerprint (cpu model name +
-  usable core count): the result lives in `$STITCH_CACHE_DIR/devices/cpu-<hash>.json`
+- `cpu_spec(measure=True)` measures at most once per machine fingerprint (cpu model name,
+  widest vector extension, usable core count): the result lives in `$STITCH_CACHE_DIR/devices/cpu-<hash>.json`
   (default `~/.cache/stitch`), written atomically; a file with the same fingerprint and
   format version is reused as is, anything else is measured again and overwritten.
 - Measured bandwidth tables are cleaned so that bandwidth never rises with working-set
@@ -102,8 +102,29 @@ def cpu_model_name() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
-def fingerprint(model: str, cores: int) -> str:
-    return f"{model}|{cores} cores"
+def vector_isa() -> str:
+    """The widest vector extension the generated code can use (``-march=native``): a VM's model
+    name is often generic ("AMD EPYC"), while its kernels, and so its timings, differ with it."""
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    for isa, needs in (("avx512", {"avx512f", "avx512vl", "avx512bw"}), ("avx2", {"avx2", "fma"}),
+                       ("sve", {"sve"}), ("neon", {"asimd"})):
+        if needs <= flags:
+            return isa
+    import platform
+
+    return platform.machine() or "unknown"
+
+
+def fingerprint(model: str, cores: int, isa: str | None = None) -> str:
+    """``model|isa|N cores``: what a measured spec, a record or a learned model is valid for."""
+    return f"{model}|{vector_isa() if isa is None else isa}|{cores} cores"
 
 
 def cache_dir_default() -> Path:

@@ -43,7 +43,8 @@ DATA_DIR = Path(__file__).parent / "data"
 MAPPINGS = ("cpu_elementwise", "cpu_rows", "cpu_split", "cpu_columns")
 ELEMENT_KINDS = ("el_cheap", "el_div", "el_int", "el_round", "el_exp", "el_log", "el_erf",
                  "el_sqrt", "el_pow", "el_trig", "el_cast", "el_rand", "el_bool", "el_broadcast",
-                 "el_permute", "el_slice", "el_reshape", "el_reduce", "el_gather", "el_scatter")
+                 "el_permute", "el_slice", "el_reshape", "el_reduce", "el_gather", "el_scatter",
+                 "el_permute_rows")
 IR_FEATURES = ("elementwise", "broadcast", "reduce", "layout", "gather", "scatter", "cast",
                "compare_select", "permute", "slice_cat_pad", "arg_reduce", "rand", "half_ops",
                "row_reduce", "column_reduce", "all_reduce", "bool_ops", "max_elems", "min_elems",
@@ -59,6 +60,7 @@ SCHEDULE_FEATURES = ("mapping", "tasks", "split", "team", "waves", "extra_bytes"
 # What the analytic model leaves out, per nanosecond it predicts: the target is a ratio to the
 # analytic estimate, so the work it does not see enters as a ratio to it too (log2(1 + x / ns)).
 DENSITY = ("el_cheap", "el_div", "el_int", "el_round", "el_exp", "el_broadcast", "el_permute",
+           "el_permute_rows",
            "el_slice", "el_reduce", "el_gather", "el_scatter", "strided_reduce", "outer_iters",
            "dom_rows", "max_elems")
 DENSITY_FEATURES = tuple(f"{k}_per_ns" for k in DENSITY)

@@ -322,7 +322,8 @@ LEARN_COUNTS = ("elementwise", "broadcast", "reduce", "layout", "gather", "scatt
                 "row_reduce", "column_reduce", "all_reduce", "bool_ops")
 ELEMENT_KINDS = ("el_cheap", "el_div", "el_int", "el_round", "el_exp", "el_log", "el_erf",
                  "el_sqrt", "el_pow", "el_trig", "el_cast", "el_rand", "el_bool", "el_broadcast",
-                 "el_permute", "el_slice", "el_reshape", "el_reduce", "el_gather", "el_scatter")
+                 "el_permute", "el_slice", "el_reshape", "el_reduce", "el_gather", "el_scatter",
+                 "el_permute_rows")
 _BY_NAME = {
     **dict.fromkeys(("st.div", "st.reciprocal", "st.remainder", "st.floor_div"), "el_div"),
     **dict.fromkeys(("st.round", "st.floor", "st.ceil", "st.trunc"), "el_round"),
@@ -353,6 +354,15 @@ class LearnFacts:
     user_bits: int = 0  # nodes using any result
 
 
+def _moves_rows(op: st.PermuteOp) -> bool:
+    """A permute that keeps the innermost dim innermost (a head split or merge): it copies rows
+    of contiguous elements, a vector loop over each, where a transpose of the innermost dim
+    gathers one element per stride."""
+    perm = tuple(op.attr("perm"))
+    shape = op.operand(0).type.shape
+    return bool(perm) and perm[-1] == len(perm) - 1 and isinstance(shape[-1], int) and shape[-1] >= 8
+
+
 def _element_kind(op) -> str:
     if isinstance(op, st.ReduceOp):
         return "el_reduce"
@@ -360,6 +370,8 @@ def _element_kind(op) -> str:
         return "el_gather"
     if isinstance(op, SCATTERS):
         return "el_scatter"
+    if isinstance(op, st.PermuteOp) and _moves_rows(op):
+        return "el_permute_rows"
     if op.name in _BY_NAME:
         return _BY_NAME[op.name]
     res = op.results[0] if op.results else None

@@ -137,6 +137,19 @@ def test_cpu_cache_keyed_by_fingerprint(quick_probe, monkeypatch, _private_cache
     assert len(list((_private_cache / "devices").glob("cpu-*.json"))) == 2
 
 
+def test_cpu_fingerprint_tells_vector_extensions_apart(quick_probe, monkeypatch, _private_cache):
+    """Two VMs both named "AMD EPYC", one with AVX-512 and one without, run different kernels:
+    their specs, records and learned models must not be taken for each other's."""
+    monkeypatch.setattr(probe, "cpu_model_name", lambda: "AMD EPYC")
+    monkeypatch.setattr(probe, "vector_isa", lambda: "avx512")
+    wide = get_device("cpu")
+    monkeypatch.setattr(probe, "vector_isa", lambda: "avx2")
+    narrow = get_device("cpu")
+    assert len(quick_probe) == 2
+    assert wide.fingerprint == f"AMD EPYC|avx512|{wide.cores} cores"
+    assert narrow.fingerprint == f"AMD EPYC|avx2|{narrow.cores} cores"
+
+
 @pytest.mark.parametrize(
     "content",
     [

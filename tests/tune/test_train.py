@@ -64,3 +64,16 @@ def test_generated_trees_match_lightgbm(monkeypatch):
     got = [model.log_ratio(list(r)) for r in x]
     assert max(abs(a - b) for a, b in zip(want, got)) < 1e-9
     assert not math.isnan(sum(got))
+
+
+def test_the_learned_model_is_the_default_only_where_it_also_picks_no_slower():
+    """``wins``: ranking every held-out group better and predicting closer is not enough; what
+    the model picks among a candidate set's alternatives must run no slower either."""
+    from runtime.tune_eval import Row, wins
+
+    better = Row("w", 10, 5, 0.7, 0.8, 0.5, 1.0, 0.8, 0.8, 1.05, 1.04)
+    assert wins([better])
+    assert not wins([better, replace(better, group="v", regret_learned=1.10)])
+    assert not wins([replace(better, tau_learned=0.6)])
+    assert not wins([replace(better, ratio_learned=2.5)])
+    assert not wins([])
