@@ -666,8 +666,8 @@ class Emitter:
         wrapped = self.temp("int64_t", f"({raw} < 0 ? {raw} + {size} : {raw})", "ix") if wrap \
             else raw
         self.stmt_with(wrapped, f"if ({wrapped} < 0 || {wrapped} >= {size}) err |= {ERR_INDEX};")
-        return self.temp("int64_t", f"(({wrapped} < 0 || {wrapped} >= {size}) ? 0 : {wrapped})",
-                         "ix")
+        return self.temp(index_type(size),
+                         f"(({wrapped} < 0 || {wrapped} >= {size}) ? 0 : {wrapped})", "ix")
 
     def _gathers(self, idx: list[str]) -> bool:
         """Whether an element index goes through a computed index (read from a tensor, or
@@ -690,7 +690,7 @@ class Emitter:
             # loop's index hoist above it (and the select below becomes a blend, ``st_pick``:
             # a 3x3 max pool's nine padded taps after a batch norm ran scalar, 15 ms)
             conds.append(self.temp("bool", f"({j} >= 0 && {j} < {n})", "ok"))
-            src.append(self.temp("int64_t", f"({j} < 0 ? 0 : ({j} >= {n} ? {n - 1} : {j}))",
+            src.append(self.temp(index_type(n), f"({j} < 0 ? 0 : ({j} >= {n} ? {n - 1} : {j}))",
                                  "ix"))
         inner = self.value(op.operand(0), src)
         if not conds:
@@ -721,6 +721,14 @@ class Emitter:
         for _lo, hi, e in reversed(parts[:-1]):
             expr = self.select(self.temp("bool", f"({idx[d]} < {hi})", "ok"), e, expr, ct)
         return expr
+
+
+def index_type(size) -> str:
+    """The C type of an index clamped into [0, ``size``): 32-bit where it fits. The reshapes
+    after a gather divide it by constants (an im2col's ``(ix / 34) % 34``), and a 64-bit
+    division by a constant has no vector form (no 64-bit multiply-high): AdderNet's unfolded
+    convolutions ran their gathers at 6 ns an element."""
+    return "int32_t" if isinstance(size, int) and size < 2 ** 31 else "int64_t"
 
 
 def reshape_index(idx: list[str], out_shape: list[int], in_shape: list[int]) -> list[str]:

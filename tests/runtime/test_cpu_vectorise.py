@@ -9,6 +9,7 @@ import subprocess
 
 import pytest
 import torch
+import torch.nn.functional as F
 from cpu_kernel_check import SIZES, Fn, _ln, run_both
 from hypothesis import given, settings
 from hypothesis import strategies as hs
@@ -247,3 +248,25 @@ def test_trailing_unit_dims_leave_the_vector_loop_to_the_last_real_dim(tmp_path,
     assert lines and not any(re.search(r"< 1; \+\+", src[n - 1]) for n in lines), k.source.source
     if math.prod(shape) > 8:
         assert not _scalar_loops(tmp_path, k.source.source, lines), k.source.source
+
+
+def test_gathered_indices_divide_in_32_bits(tmp_path):
+    """An index read from a tensor and clamped into a small range is a 32-bit temporary, so the
+    reshape after the gather divides it by constants in vector registers (AdderNet's unfolded
+    convolution: a padded map flattened, gathered by an im2col index, ``(ix / 34) % 34``); with
+    64-bit indices GCC has no vector multiply-high for the division. Values as eager, including
+    the padded border."""
+    x = torch.randn(2, 3, 7, 9)
+    idx = torch.randint(0, 3 * 9 * 11, (5, 40))
+
+    def unfold(x, idx):
+        flat = F.pad(x, (1, 1, 1, 1)).reshape(2, -1)
+        return flat.index_select(1, idx.reshape(-1)).reshape(2, 5, 40) * 1.5
+
+    g = run_both(unfold, [x, idx])
+    (k,) = [s for s in g.steps if s.kind == "kernel"]
+    src = k.source.source
+    assert re.search(r"const int32_t ix\d+ = \(\(ix\d+ < 0 \|\| ix\d+ >= 297\)", src), src
+    lines = [n for n, text in enumerate(src.splitlines(), 1)
+             if "#pragma omp simd" in src.splitlines()[n - 2] and text.lstrip().startswith("for (")]
+    assert lines and not _scalar_loops(tmp_path, src, lines), src
