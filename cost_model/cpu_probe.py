@@ -4,9 +4,10 @@ Invariants:
 - `cpu_spec(measure=False)` is `CPU_FIXED`: identical on every machine, for tests and for
   deterministic plans.
 - `cpu_spec(measure=True)` measures at most once per machine fingerprint (cpu model name,
-  widest vector extension, usable core count): the result lives in `$STITCH_CACHE_DIR/devices/cpu-<hash>.json`
-  (default `~/.cache/stitch`), written atomically; a file with the same fingerprint and
-  format version is reused as is, anything else is measured again and overwritten.
+  widest vector extension, usable core count): the result lives in
+  `$STITCH_CACHE_DIR/devices/cpu-<hash>.json` (default `~/.cache/stitch`), written
+  atomically; a file with the same fingerprint and format version is reused as is, anything
+  else is measured again and overwritten.
 - Measured bandwidth tables are cleaned so that bandwidth never rises with working-set
   size and the all-core table is never below the one-thread table (noise must not make
   the model non-monotone).

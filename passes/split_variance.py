@@ -58,7 +58,7 @@ class SplitColumnVariancePass(Pass):
                 x = op.operand(0)
                 dims = tuple(d % x.type.rank for d in op.attr("dims"))
                 n = math.prod(x.type.shape[d] for d in dims)
-                divisor = max(0.0, float(n - (op.attr("correction", 1))))
+                divisor = max(0.0, float(n - op.attr("correction", 1)))
                 b = Builder(block, before=op)
                 mean = b.create(st.MeanOp, x, dims=dims, keepdim=True, loc=op.loc)
                 spread = b.create(st.BroadcastOp, mean, shape=tuple(x.type.shape), loc=op.loc)
