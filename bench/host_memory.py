@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cases", default=DEFAULT_CASES, help="comma-separated case names")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--seconds", type=float, default=3.0, help="timed calls fill this long")
+    ap.add_argument("--seconds", type=float, default=2.0, help="timed calls fill this long")
     ap.add_argument("--out", default="bench/results/host_memory")
     ap.add_argument("--child", nargs=3, metavar=("CASE", "CONTENDER", "MALLOC"),
                     help=argparse.SUPPRESS)

@@ -1,15 +1,18 @@
 """Host memory: glibc's malloc in its steady state from the first call.
 
 A compiled graph's large buffers (its outputs, what its library calls and torch fallbacks
-allocate, the gradients autograd sums) are freed and allocated again on every call. glibc serves
-a request of ``M_MMAP_THRESHOLD`` bytes or more (128 KiB at start) with a fresh ``mmap`` and
-returns it on ``free``, so each call faults every page of those buffers in again: about a
-quarter of a microsecond a 4 KiB page, a millisecond for every 16 MB touched. glibc raises the
-threshold by itself, to the size of the largest mapped chunk freed so far (up to 32 MiB), but a
-buffer of exactly that size is still mapped (the test is ``>=``), and trimming the heap above
-twice the threshold hands pages back that the next call faults in again. Measured on a 2-core
-EPYC, one model a process (`bench.host_memory`): charformer's training step went from 7-9
-thousand page faults and 98-116 ms to none and 64-91 ms, under inductor as under stitch.
+allocate, the gradients autograd sums) are freed and allocated again on every call. glibc
+serves a request of ``M_MMAP_THRESHOLD`` bytes or more (128 KiB at start) with a fresh ``mmap``
+and returns it on ``free``, so each call faults every page of those buffers in again: about a
+microsecond a 4 KiB page here, zeroing included (a oneDNN convolution backward writing 4 MiB:
+0.47 ms a call settled, 2.6 ms not). glibc raises the threshold by itself, but only to the
+largest mapped chunk freed so far (at most 32 MiB), and it trims the top of the heap above
+twice that, handing back pages the next call faults in again: a process whose buffers vary in
+size call to call keeps faulting (eager charformer alone: 8 thousand faults a call, step after
+step). Measured with one model a process on a 2-core EPYC (`bench/results/host_memory`):
+resnet18/b8 inference under stitch took 13-14 thousand page faults a call and 101-103 ms,
+settled 0.2 thousand and 74-76 ms (inductor: 75-78); charformer's training step 75-83 -> 65-69
+ms; eager alone, rffs_net 54-55 -> 34 ms and charformer inference 42-45 -> 30 ms.
 
 ``settle_malloc`` sets both thresholds once, to the values glibc's own adaptation ends at in a
 long-running process (mapped above 32 MiB, trimmed above 64 MiB), so that the first calls of a
