@@ -21,7 +21,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as hs
 
 from cost_model import cpu_spec
@@ -53,19 +53,27 @@ def compiled(fn, inputs, half_precision: str = "eager"):
 
 def check(fn, inputs, ulps: int = 0, half_precision: str = "eager"):
     """Run ``fn`` compiled and eagerly; results agree bit for bit, or within ``ulps`` units in
-    the last place of the result type (relative to each element's magnitude)."""
+    the last place of the result type (relative to each element's magnitude), or are no further
+    than eager's from ``fn`` computed in float64 (eager's half layer norm of a single column is
+    ``x * a + c``, off its exact result ``b`` by 3 ulps for |x| near 3; stitch gives ``b``)."""
     g = compiled(fn, inputs, half_precision)
     with torch.no_grad():
         want = torch.utils._pytree.tree_leaves(fn(*inputs))
+        exact = torch.utils._pytree.tree_leaves(
+            fn(*[t.double() if t.is_floating_point() else t for t in inputs]))
     got = g(*inputs)
-    for a, b in zip(got, want):
+    for a, b, r in zip(got, want, exact):
         assert a.dtype == b.dtype and a.shape == b.shape, (a.dtype, a.shape, b.dtype, b.shape)
         if ulps == 0 or not b.dtype.is_floating_point:
             assert torch.equal(a, b) or torch.equal(a.isnan(), b.isnan()) and torch.equal(
                 a[~a.isnan()], b[~b.isnan()]), (a - b).abs().max()
         else:
-            tol = ulps * ULP[b.dtype] * b.double().abs().clamp_min(1e-3)
-            assert bool(((a.double() - b.double()).abs() <= tol).all()), (a - b).abs().max()
+            ulp = ULP[b.dtype]
+            a, b, r = a.double(), b.double(), r.double()
+            tol = ulps * ulp * b.abs().clamp_min(1e-3)
+            near_eager = (a - b).abs() <= tol
+            no_worse = (a - r).abs() <= (b - r).abs() + tol
+            assert bool((near_eager | no_worse).all()), (a - b).abs().max()
     return g
 
 
@@ -81,6 +89,7 @@ def test_elementwise_chain_is_eager_bit_for_bit(a, b, dt, seed):
 
 @settings(max_examples=4, deadline=None)
 @given(SIZES, SIZES, hs.sampled_from(HALF), hs.integers(0, 10**6))
+@example(16, 1, torch.float16, 17)  # a single column: eager's x * a + c misses b by 3 ulps
 def test_norms_and_row_reductions(a, c, dt, seed):
     """Normalisations compute their statistics in float in a different order than eager's
     native kernels, so a result may sit on the other side of a half rounding: 2 ulps."""
