@@ -47,21 +47,32 @@ PROBE = textwrap.dedent("""
 
 def _faults_per_call(mode: str, env=None) -> float:
     out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True,
-                         env=dict(os.environ, **(env or {})), check=True, cwd=ROOT)
+                         env={**{k: v for k, v in os.environ.items() if k != "STITCH_MALLOC"},
+                              **(env or {})}, check=True, cwd=ROOT)
     return float(out.stdout.split()[-1])
+
+
+def _faulting_by_default() -> float:
+    """The probe's faults per call under glibc's defaults; skips where this glibc (or oneDNN)
+    does not fault there, which leaves nothing to settle."""
+    plain = _faults_per_call("none")
+    if plain < 100:
+        pytest.skip(f"the probe faults {plain:.0f} pages a call by default here")
+    return plain
 
 
 @glibc_only
 def test_settled_malloc_reuses_freed_buffers_without_faulting_them_in():
-    # glibc 2.36's default faults its 4 MiB output and more in on every call (2144 pages);
+    # glibc 2.36's default faults the 4 MiB output and more in on every call (2144 pages);
     # settled, the freed chunks come back from the heap as they are
-    assert _faults_per_call("none") > 1000
+    _faulting_by_default()
     assert _faults_per_call("settle") < 10
 
 
 @glibc_only
 def test_stitch_malloc_default_leaves_malloc_alone():
-    assert _faults_per_call("settle", {"STITCH_MALLOC": "default"}) > 1000
+    plain = _faulting_by_default()
+    assert _faults_per_call("settle", {"STITCH_MALLOC": "default"}) > plain / 2
 
 
 def test_compiling_a_graph_settles_malloc(monkeypatch):
