@@ -18,7 +18,9 @@ ms; eager alone, rffs_net 54-55 -> 34 ms and charformer inference 42-45 -> 30 ms
 long-running process (mapped above 32 MiB, trimmed above 64 MiB), so that the first calls of a
 fresh process run as fast as the thousandth. It changes the whole process's allocator (eager
 and inductor code in the same process run faster too), holds at most 64 MiB of free heap above
-what glibc would, and does nothing off glibc. ``STITCH_MALLOC=default`` leaves malloc alone.
+what glibc would, and does nothing off glibc. ``STITCH_MALLOC=default`` leaves malloc alone, as
+does any threshold the environment sets for glibc (``MALLOC_MMAP_THRESHOLD_``,
+``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_``, ``GLIBC_TUNABLES``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 32 << 20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: the most it adapts to
 TRIM_THRESHOLD = 2 * MMAP_THRESHOLD  # what glibc's adaptation sets beside it
+
+# the user's own malloc settings (glibc reads them at start): where any is set, it stays theirs
+USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+USER_TUNABLES = ("glibc.malloc.mmap_threshold", "glibc.malloc.trim_threshold")
 
 _lock = threading.Lock()
 _settled: bool | None = None  # None: not tried yet
@@ -46,16 +52,25 @@ def _libc():
         return None
 
 
+def _left_alone() -> bool:
+    """Whether malloc is the user's to tune: ``STITCH_MALLOC=default``, or glibc's own
+    environment settings of the thresholds."""
+    env = os.environ
+    return env.get("STITCH_MALLOC", "") == "default" or any(k in env for k in USER_SETTINGS) \
+        or any(t in env.get("GLIBC_TUNABLES", "") for t in USER_TUNABLES)
+
+
 def settle_malloc() -> bool:
     """Set glibc's mmap and trim thresholds to their steady-state values, once a process;
-    returns whether they are set (False off glibc or under ``STITCH_MALLOC=default``)."""
+    returns whether they are set (False off glibc, under ``STITCH_MALLOC=default``, or where
+    the environment already sets them for glibc)."""
     global _settled
     if _settled is not None:
         return _settled
     with _lock:
         if _settled is None:
             _settled = False
-            libc = None if os.environ.get("STITCH_MALLOC", "") == "default" else _libc()
+            libc = None if _left_alone() else _libc()
             if libc is not None:
                 libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
                 _settled = bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)

@@ -75,6 +75,19 @@ def test_stitch_malloc_default_leaves_malloc_alone():
     assert _faults_per_call("settle", {"STITCH_MALLOC": "default"}) > plain / 2
 
 
+@glibc_only
+@pytest.mark.parametrize("setting", [("MALLOC_TRIM_THRESHOLD_", "1000000"),
+                                     ("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=65536"),
+                                     ("STITCH_MALLOC", "default")])
+def test_the_users_own_malloc_settings_are_left_alone(setting):
+    probe = "from runtime.host_memory import settle_malloc; print(settle_malloc())"
+    run = lambda env: subprocess.run(  # noqa: E731
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT,
+        env={**{k: v for k, v in os.environ.items() if k != "STITCH_MALLOC"}, **env}).stdout
+    assert run({}).split() == ["True"]
+    assert run(dict([setting])).split() == ["False"]
+
+
 def test_compiling_a_graph_settles_malloc(monkeypatch):
     calls = []
     monkeypatch.setattr(runtime.graph, "settle_malloc", lambda: calls.append(1) or True)
