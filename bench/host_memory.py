@@ -2,7 +2,7 @@
 process, with glibc's malloc as it starts and as ``runtime.host_memory`` settles it.
 
     python -m bench.host_memory [--cases 'wl.charformer/f32/train,wl.bert/f32/*'] [--rounds 2]
-                                [--threads 2] [--seconds 3] [--out bench/results/host_memory]
+                                [--threads 2] [--seconds 2] [--out bench/results/host_memory]
 
 ``bench.clients`` runs every contender in one process, where whichever ran first has already
 left malloc's thresholds high for the rest; a process that runs only one model starts from
@@ -53,7 +53,7 @@ def child(case_name: str, kind: str, mode: str, threads: int, seconds: float) ->
     c.compile()
     for _ in range(3):
         c()
-    times, f0, t_end = [], resource.getrusage(resource.RUSAGE_SELF).ru_minflt, None
+    times, f0 = [], resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t_end = time.perf_counter() + seconds
     while time.perf_counter() < t_end or len(times) < 10:
         t = time.perf_counter()
