@@ -4,7 +4,30 @@ contiguous index, not a ``/`` and ``%`` per dim that keeps it from vectorising."
 
 from __future__ import annotations
 
+import ast
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+# Loop variables whose range the writer of a loop nest declared (name -> exclusive upper bound;
+# every loop variable starts at 0): ``delinearize`` divides an index that is an affine sum of
+# them exactly, instead of writing a ``/`` and ``%`` (``bounded``).
+_BOUNDS: ContextVar[dict[str, int] | None] = ContextVar("stitch_index_bounds", default=None)
+
+
+@contextmanager
+def bounded(**names: int) -> Iterator[None]:
+    """While a loop nest over ``names`` (each in [0, bound)) is written: ``delinearize`` of an
+    index that is a sum of those variables times constants (a tile's ``pt * 32 + ph * 8 + pq``)
+    splits it by constants exactly -- ``(pt * 32 + ph * 8 + pq) / 8`` is ``pt * 4 + ph`` and
+    ``% 8`` is ``pq`` -- so a loop over ``pq`` reads contiguously, where ``(pt * 32 + pl) / 8``
+    made every load of it a gather."""
+    token = _BOUNDS.set({**(_BOUNDS.get() or {}), **names})
+    try:
+        yield
+    finally:
+        _BOUNDS.reset(token)
 
 
 def linearize(idx: list[str], shape: list[int]) -> str:
@@ -41,13 +64,17 @@ def delinearize(lin: str, shape: list[int]) -> list[str]:
     """The multi-index of flat index ``lin`` in ``shape``, for ``lin`` in [0, prod(shape)) (every
     caller's case): the outermost dim needs no ``% n`` -- an integer modulo in an index defeats
     contiguous vector loads (GPT-2's q/k/v split read ``(i1*64 + i3) % 768``)."""
+    exact = _affine(lin)
     out = []
     stride = 1
     outer = next((k for k, n in enumerate(shape) if n != 1), None)
     for k in range(len(shape) - 1, -1, -1):
         n = shape[k]
+        split = _split(exact, stride, n if k != outer else None) if exact else None
         if n == 1:
             out.append("0")
+        elif split is not None:
+            out.append(split)
         elif k == outer:
             out.append(f"({lin}) / {stride}" if stride != 1 else f"({lin})")
         else:
@@ -55,3 +82,66 @@ def delinearize(lin: str, shape: list[int]) -> list[str]:
         stride = stride * n
     out.reverse()
     return out
+
+
+Affine = tuple[dict[str, int], int]  # (variable -> coefficient, constant)
+
+
+def _affine(expr: str) -> Affine | None:
+    """``expr`` as a sum of bounded loop variables (``bounded``) times non-negative constants,
+    plus a constant; None for anything else (the caller then writes ``/`` and ``%``). Parsed,
+    never evaluated."""
+    bounds = _BOUNDS.get()
+    if not bounds or not any(name in expr for name in bounds):
+        return None
+    try:
+        tree = ast.parse(expr, mode="eval").body
+    except SyntaxError:  # a C conditional, a cast: not affine
+        return None
+
+    def walk(node) -> Affine | None:
+        if isinstance(node, ast.Constant) and type(node.value) is int and node.value >= 0:
+            return {}, node.value
+        if isinstance(node, ast.Name) and node.id in bounds:
+            return {node.id: 1}, 0
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+            a, b = walk(node.left), walk(node.right)
+            if a is None or b is None:
+                return None
+            terms = dict(a[0])
+            for name, c in b[0].items():
+                terms[name] = terms.get(name, 0) + c
+            return terms, a[1] + b[1]
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mult):
+            a, b = walk(node.left), walk(node.right)
+            if a is None or b is None:
+                return None
+            if a[0] and b[0]:
+                return None  # a product of two variables
+            (terms, c0), k = (a, b[1]) if not b[0] else (b, a[1])
+            return {name: c * k for name, c in terms.items()}, c0 * k
+        return None
+
+    return walk(tree)
+
+
+def _split(a: Affine, stride: int, n: int | None) -> str | None:
+    """``(a / stride) % n`` (no ``% n`` when n is None) as an affine expression, when it is one
+    exactly: the terms of ``a`` below ``stride`` never sum to ``stride`` over the variables'
+    ranges, and those of the quotient that ``n`` does not divide stay below ``n``."""
+    bounds = _BOUNDS.get()
+    terms, c0 = a
+    rest = sum(c % stride * (bounds[name] - 1) for name, c in terms.items()) + c0 % stride
+    if rest >= stride:
+        return None
+    q = {name: c // stride for name, c in terms.items() if c // stride}
+    q0 = c0 // stride
+    if n is not None:
+        q = {name: c for name, c in q.items() if c % n}
+        q0 %= n
+        if sum(c * (bounds[name] - 1) for name, c in q.items()) + q0 >= n:
+            return None
+    parts = [name if c == 1 else f"{name} * {c}" for name, c in q.items()]
+    if q0 or not parts:
+        parts.append(str(q0))
+    return parts[0] if len(parts) == 1 else f"({' + '.join(parts)})"

@@ -290,3 +290,44 @@ def _transposed_along(v: Value, buffers: dict[int, str], sizes: dict[str, int], 
     min_bytes = MIN_BYTES if min_bytes is None else min_bytes
     return {name for name, s in strides(v, buffers).items()
             if sizes.get(name, 0) >= min_bytes and abs(s[-1]) not in (0, 1) and s[p] == 1}
+
+
+def contiguous_run(us: list[Value], p: int, buffers: dict[int, str], tile: int) -> int | None:
+    """The longest run ``f`` (a divisor of ``tile`` and of dim ``p``, below ``tile``, 4 or more)
+    over which every buffer each of ``us`` reads that starts contiguous (or constant) along dim
+    ``p`` stays so, from every multiple of ``f`` (one strided along ``p`` is a gather either
+    way). A staged tile's copy loop split at ``f`` reads those runs with vector loads:
+    charformer's head-permuted cat read a [256, 16, 128] buffer whose rows hold 8 x 8 blocks,
+    and ``(pt * 32 + pl) / 8`` in every load had made the copy loop a gather. None when the
+    whole tile row is contiguous or no such run exists."""
+    shape = dims(us[0])
+    if any(_symbolic(u) for u in us):
+        return None
+    span = min(shape[p], 2 * tile)
+    samples = [tuple(0 for _ in shape), tuple(n - 1 for n in shape), tuple(n // 2 for n in shape)]
+
+    walks = []  # for each of us and each sample: the buffers' flat indices along dim p
+    for u in us:
+        for base in samples:
+            walks.append([reads(u, base[:p] + (j,) + base[p + 1:], buffers) for j in range(span)])
+
+    def run_ok(f: int) -> bool:
+        for rows in walks:
+            for start in range(0, span, f):
+                block = rows[start:start + f]
+                for name, flat in block[0].items():
+                    steps = [r.get(name, -1) - flat for r in block]
+                    if len(steps) > 1 and steps[1] not in (0, 1):
+                        continue  # strided along p from the start: a gather either way
+                    if steps != [0] * len(block) and steps != list(range(len(block))):
+                        return False
+        return True
+
+    if run_ok(tile):
+        return None
+    f = tile // 2
+    while f >= 4:
+        if shape[p] % f == 0 and run_ok(f):
+            return f
+        f //= 2
+    return None

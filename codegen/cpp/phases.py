@@ -30,8 +30,10 @@ from codegen.cpp.emit import (
     round_to,
     sets_err,
 )
+from codegen.cpp.index import bounded
 from codegen.cpp.layout import (
     buffer_bytes,
+    contiguous_run,
     interchange,
     loop_order,
     merged_tail,
@@ -515,14 +517,29 @@ class PhaseKernel(ColumnPhases, ScatterPhases):
                 em.line(f"{ctype(u.type.dtype)} {buf}_in[{B}][{B}];")
         em.mark()
         if any(four):
-            def copy_rows() -> None:
+            def copy_rows(at: list[str], col: str) -> None:
                 for u, buf, f in zip(us, bufs, four):
                     if f:
-                        em.line(f"{buf}_in[{ll}][{pl}] = {em.value(u, idx)};")
+                        em.line(f"{buf}_in[{ll}][{col}] = {em.value(u, at)};")
 
+            # where the inputs are contiguous along p only in runs shorter than the tile (a
+            # reshape split p), the row copy runs over those runs: ph picks one, pq reads along
+            # it, and the index is exact without a / or % of the vector loop's variable
+            run = contiguous_run([u for u, f in zip(us, four) if f], p, em.buffers, B)
             em.line(f"for (int64_t {ll} = 0; {ll} < {ll}_n; ++{ll}) {{")
             with em.loop_body([ll]):
-                self._simd_loop(pl, f"{pl}_n", err, copy_rows)
+                if run is None:
+                    self._simd_loop(pl, f"{pl}_n", err, lambda: copy_rows(idx, pl))
+                else:
+                    ph, pq = f"ph{L}", f"pq{L}"
+                    at = list(idx)
+                    at[p] = f"({pt} * {B} + {ph} * {run} + {pq})"
+                    em.mark()
+                    em.line(f"for (int64_t {ph} = 0; {ph} < {pl}_n / {run}; ++{ph}) {{")
+                    with em.loop_body([ph]), bounded(**{pt: -(-shape[p] // B), ph: B // run,
+                                                        pq: run}):
+                        self._simd_loop(pq, run, err,
+                                        lambda: copy_rows(at, f"{ph} * {run} + {pq}"))
             for buf, f in zip(bufs, four):
                 if f:
                     em.line(f"st_tile_t({buf}, {buf}_in, {ll}_n, {pl}_n);")

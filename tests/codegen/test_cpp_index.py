@@ -4,6 +4,7 @@ either way."""
 
 from __future__ import annotations
 
+import math
 import re
 
 from hypothesis import given, settings
@@ -58,3 +59,46 @@ def test_a_reshape_read_from_its_operand_buffer_is_contiguous():
     assert "%" not in expr and "/" not in expr, expr
     for i, g, c, j in [(0, 0, 0, 0), (2, 3, 1, 511), (1, 2, 3, 77)]:
         assert _eval(expr, {"i": i, "g": g, "c": c, "j": j}) == ((i * 4 + g) * 4 + c) * 512 + j
+
+
+def test_bounded_tile_variables_split_exactly():
+    """A tile's ``pt * 32 + ph * 8 + pq`` split by a reshape into [8, 8]: with the loop
+    variables' ranges declared (``bounded``), the quotient and remainder are affine -- no ``/`` or
+    ``%`` -- and without them, or where the ranges do not allow it, the plain form stays."""
+    from codegen.cpp.index import bounded
+
+    lin = "(pt * 32 + ph * 8 + pq)"
+    assert delinearize(lin, [8, 8])[1] == f"({lin}) % 8"  # nothing declared
+    with bounded(pt=2, ph=4, pq=8):
+        assert delinearize(lin, [8, 8]) == ["(pt * 4 + ph)", "pq"]
+        assert delinearize(lin, [2, 4, 8]) == ["pt", "ph", "pq"]
+        assert delinearize(lin, [16, 4]) == [f"({lin}) / 4", f"({lin}) % 4"]  # pq spans 2 rows
+        assert delinearize("(i * 32 + pq)", [8, 8])[1] == "((i * 32 + pq)) % 8"  # i unbounded
+        assert delinearize("(pt ? 1 : 2)", [2]) == ["((pt ? 1 : 2))"]  # not Python: as before
+
+
+@settings(max_examples=60, deadline=None)
+@given(hs.lists(hs.tuples(hs.integers(1, 6), hs.sampled_from([1, 2, 3, 4, 8, 16, 32])),
+                min_size=1, max_size=3),
+       hs.integers(0, 5), hs.lists(hs.sampled_from([1, 2, 3, 4, 8]), min_size=1, max_size=4),
+       hs.data())
+def test_bounded_splits_are_exact(terms, const, shape, data):
+    """Whatever the declared ranges, coefficients and split: every dim's expression (simplified
+    or not) gives the plain row-major division and remainder at every point in range."""
+    from codegen.cpp.index import bounded
+
+    names = [f"v{k}" for k in range(len(terms))]
+    lin = " + ".join(f"{n} * {c}" for n, (_, c) in zip(names, terms)) + f" + {const}"
+    total = math.prod(shape)
+    if sum((b - 1) * c for b, c in terms) + const >= total:
+        return  # out of the reshaped dim's range: not a case delinearize is given
+    with bounded(**{n: b for n, (b, _) in zip(names, terms)}):
+        parts = delinearize(f"({lin})", shape)
+    for _ in range(8):
+        point = {n: data.draw(hs.integers(0, b - 1)) for n, (b, _) in zip(names, terms)}
+        flat = sum(point[n] * c for n, (_, c) in zip(names, terms)) + const
+        want, rest = [], flat
+        for n in reversed(shape):
+            want.append(rest % n)
+            rest //= n
+        assert [_eval(p, point) for p in parts] == want[::-1], (lin, shape, parts)
