@@ -325,9 +325,19 @@ def contiguous_run(us: list[Value], p: int, buffers: dict[int, str], tile: int) 
 
     if run_ok(tile):
         return None
-    f = tile // 2
-    while f >= 4:
-        if shape[p] % f == 0 and run_ok(f):
-            return f
-        f //= 2
-    return None
+    return next((f for f in range(tile // 2, 3, -1)
+                 if tile % f == 0 and shape[p] % f == 0 and run_ok(f)), None)
+
+
+def broken_inner_run(v: Value, buffers: dict[int, str]) -> bool:
+    """Whether some buffer ``v`` reads starts contiguous along ``v``'s innermost dim but is not
+    contiguous over all of it (a reshape split that dim from another): two reads a buffer, the
+    cheap test before ``contiguous_run`` walks the dim."""
+    shape = dims(v)
+    if _symbolic(v) or len(shape) < 1 or not isinstance(shape[-1], int) or shape[-1] < 8:
+        return False
+    s = strides(v, buffers)
+    base = reads(v, (0,) * len(shape), buffers)
+    end = reads(v, (0,) * (len(shape) - 1) + (shape[-1] - 1,), buffers)
+    return any(d[-1] == 1 and end.get(name) != base[name] + shape[-1] - 1
+               for name, d in s.items())

@@ -32,6 +32,7 @@ from codegen.cpp.emit import (
 )
 from codegen.cpp.index import bounded
 from codegen.cpp.layout import (
+    broken_inner_run,
     buffer_bytes,
     contiguous_run,
     interchange,
@@ -233,12 +234,14 @@ class PhaseKernel(ColumnPhases, ScatterPhases):
     # one loop nest over ``shape``; ``emit(idx)`` writes the body
     def nest(self, shape: list[int], emit, reductions: str = "",
              order: list[int] | None = None, half: list[tuple[Value, list[str]]] = (),
-             unmerge=None) -> None:
+             unmerge=None, run: int | None = None) -> None:
         """One loop nest over ``shape``; ``emit(idx)`` writes the body. ``order``: the dims from
         outermost to innermost (row-major by default; the innermost is always the last dim).
         ``half``: the (value, output pointers) the body computes, for ``_half_rows``;
         ``unmerge``: where the nest's dims merge the values' trailing dims (``merged_nest``),
-        the values' shape and the map from the nest's indices to theirs."""
+        the values' shape and the map from the nest's indices to theirs; ``run``: the length
+        of the contiguous runs the innermost dim's reads come in (``contiguous_run``), where the
+        vector loop runs over one run at a time."""
         ones = len(shape) - len(_without_trailing_ones(shape))
         if ones and len(shape) - ones >= 2 and unmerge is None and \
                 (order is None or order == list(range(len(shape)))):
@@ -278,7 +281,18 @@ class PhaseKernel(ColumnPhases, ScatterPhases):
         with em.loop_body(names[:-1]):
             post = self._half_rows(half, shape, names, unmerge) if half and order == list(
                 range(len(shape))) else None
-            self._simd_loop(names[-1], shape[-1], err, lambda: emit(names))
+            if run is None or post is not None:
+                self._simd_loop(names[-1], shape[-1], err, lambda: emit(names))
+            else:
+                # runs of the innermost dim a reshape split from another: the vector loop reads
+                # one run, its index exact without a / or % of the loop's variable
+                # (charformer's head split: [256, 64, 16] read as [2, 64, 64, 32], 16-float runs)
+                h, q = f"{names[-1]}h", f"{names[-1]}q"
+                at = names[:-1] + [f"({h} * {run} + {q})"]
+                em.mark()
+                em.line(f"for (int64_t {h} = 0; {h} < {shape[-1] // run}; ++{h}) {{")
+                with em.loop_body([h]), bounded(**{h: shape[-1] // run, q: run}):
+                    self._simd_loop(q, run, err, lambda: emit(at))
             if post is not None:
                 post()
 
@@ -385,7 +399,11 @@ class PhaseKernel(ColumnPhases, ScatterPhases):
 
         half = [(v, targets), *((w, self.out_names[id(w)]) for w in plain)]
         if tail <= 1 and len(dims(v)) >= 2:
-            self.nest(dims(v), emit_all, half=half)
+            run = None
+            if any(broken_inner_run(w, self.em.buffers) for w in [v, *plain]):
+                run = contiguous_run([v, *plain], len(dims(v)) - 1, self.em.buffers,
+                                     dims(v)[-1])
+            self.nest(dims(v), emit_all, half=half, run=run)
         else:
             self.merged_nest(dims(v), tail, emit_all, half)
         return plain

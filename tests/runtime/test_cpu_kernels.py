@@ -548,6 +548,32 @@ def test_staged_copies_read_runs_split_by_a_reshape(a, c1, c2, d, add):
         assert loads and not any(re.search(rf"[/%] {c2}\b", ln) for ln in loads), loads
 
 
+@pytest.mark.parametrize("b,h,s,d", [
+    (2, 2, 64, 16), (1, 3, 5, 8), (2, 4, 7, 4), (3, 2, 9, 33), (1, 1, 5, 16), (2, 2, 3, 2)])
+def test_vector_loops_read_runs_split_by_a_reshape(b, h, s, d):
+    """A plain nest whose innermost dim a reshape merged from two dims that are not adjacent in
+    the buffer (a head merge [B, H, S, D] -> [B, S, H * D] read in the output's order): the
+    vector loop runs over one contiguous run of D at a time, no / or % of its variable in a
+    load (charformer's [256, 64, 16] -> [2, 64, 64, 32] head copy had gathered every 16-float
+    run); a whole contiguous row (one head) or rows under 8 keep the one loop. Eager's values
+    bit for bit, odd sizes included."""
+    torch.manual_seed(b * 1000 + h * 100 + s * 10 + d)
+    x, y = torch.randn(b, h, s, d), torch.randn(s, h * d)
+
+    def fn(x, y):
+        return x.permute(0, 2, 1, 3).reshape(b, s, h * d) * y + 1
+
+    g = compile_program(import_model(Fn(fn).eval(), (x, y)), device_spec=cpu_spec(measure=False))
+    (got,) = g(x, y)
+    assert torch.equal(got, fn(x, y))
+    src = "".join(k.source.source for k in g.steps if k.kind == "kernel")
+    split = h > 1 and h * d >= 8 and d >= 4
+    assert bool(re.search(r"for \(int64_t i\d+_\d+h = 0", src)) == split, src[-2000:]
+    if split:
+        loads = [ln for ln in src.splitlines() if re.search(r"_\d+q\b", ln) and "in0[" in ln]
+        assert loads and not any(re.search(rf"[/%] {d}\b", ln) for ln in loads), loads
+
+
 @settings(max_examples=4, deadline=None)
 @given(hs.sampled_from([1, 2]), hs.sampled_from([5, 33, 64]), hs.sampled_from([1, 7, 16]),
        hs.sampled_from([1, 9, 32]))
