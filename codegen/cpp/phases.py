@@ -289,10 +289,7 @@ class PhaseKernel(ColumnPhases, ScatterPhases):
                 # (charformer's head split: [256, 64, 16] read as [2, 64, 64, 32], 16-float runs)
                 h, q = f"{names[-1]}h", f"{names[-1]}q"
                 at = names[:-1] + [f"({h} * {run} + {q})"]
-                em.mark()
-                em.line(f"for (int64_t {h} = 0; {h} < {shape[-1] // run}; ++{h}) {{")
-                with em.loop_body([h]), bounded(**{h: shape[-1] // run, q: run}):
-                    self._simd_loop(q, run, err, lambda: emit(at))
+                self._run_loops(h, q, shape[-1] // run, run, err, lambda: emit(at))
             if post is not None:
                 post()
 
@@ -335,6 +332,17 @@ class PhaseKernel(ColumnPhases, ScatterPhases):
         em.line(f"for (int64_t {var} = 0; {var} < {bound}; ++{var}) {{")
         with em.vector_rows(var, bound), em.loop_body([var]):
             body()
+
+    def _run_loops(self, h: str, q: str, count, run: int, err: str, body,
+                   bound: int | None = None) -> None:
+        """A loop over ``count`` contiguous runs (``h``, at most ``bound``, default ``count``)
+        and the vector loop along one run (``q``, ``run`` long), their ranges declared
+        (``bounded``) so that the body's indices split exactly, without a / or % of ``q``."""
+        em = self.em
+        em.mark()
+        em.line(f"for (int64_t {h} = 0; {h} < {count}; ++{h}) {{")
+        with em.loop_body([h]), bounded(**{h: count if bound is None else bound, q: run}):
+            self._simd_loop(q, run, err, body)
 
     def store(self, targets: list[str], v: Value, idx: list[str], expr: str) -> None:
         lin = linearize(idx, dims(v))
@@ -552,12 +560,10 @@ class PhaseKernel(ColumnPhases, ScatterPhases):
                     ph, pq = f"ph{L}", f"pq{L}"
                     at = list(idx)
                     at[p] = f"({pt} * {B} + {ph} * {run} + {pq})"
-                    em.mark()
-                    em.line(f"for (int64_t {ph} = 0; {ph} < {pl}_n / {run}; ++{ph}) {{")
-                    with em.loop_body([ph]), bounded(**{pt: -(-shape[p] // B), ph: B // run,
-                                                        pq: run}):
-                        self._simd_loop(pq, run, err,
-                                        lambda: copy_rows(at, f"{ph} * {run} + {pq}"))
+                    with bounded(**{pt: -(-shape[p] // B)}):
+                        self._run_loops(ph, pq, f"{pl}_n / {run}", run, err,
+                                        lambda: copy_rows(at, f"{ph} * {run} + {pq}"),
+                                        bound=B // run)
             for buf, f in zip(bufs, four):
                 if f:
                     em.line(f"st_tile_t({buf}, {buf}_in, {ll}_n, {pl}_n);")
