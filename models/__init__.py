@@ -22,14 +22,15 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-__all__ = ["Workload", "get", "names", "run"]
+__all__ = ["Workload", "batchnorm_statistics", "get", "names", "run"]
 
 
 @dataclass
@@ -95,3 +96,26 @@ def run(name: str) -> tuple[Any, torch.Tensor]:
     w = get(name)
     out = w.forward()
     return out, w.loss_fn(out, w)
+
+
+@contextlib.contextmanager
+def batchnorm_statistics(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Calibrates `module`'s BatchNorm running statistics: the train-mode passes run inside
+    this block set them to the cumulative average over those passes (momentum None), and on
+    leaving, every BatchNorm gets its own momentum back and `module` is in eval mode.
+
+    The momentum must come back: a BatchNorm left with momentum None reads
+    `num_batches_tracked` as a Python float in every training step, which torch.compile
+    cannot trace, so a compiled training step would break its graph at every BatchNorm."""
+    bns = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    saved = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.momentum = None
+    module.train()
+    try:
+        with torch.no_grad():
+            yield module
+    finally:
+        for bn, momentum in zip(bns, saved, strict=True):
+            bn.momentum = momentum
+        module.eval()

@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import Workload
+from models import Workload, batchnorm_statistics
 
 PAPER = "Redistribution of Weights and Activations for AdderNet Quantization (arXiv 2212.10200)"
 CHAINS = [
@@ -303,13 +303,9 @@ def synthetic_images(n: int, generator: torch.Generator) -> torch.Tensor:
 @torch.no_grad()
 def calibrate(model: AdderResNet20, images: torch.Tensor) -> None:
     """BN statistics, then activation ranges (eager), then k-means + scales (frozen)."""
-    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    for bn in bns:
-        bn.momentum = None
-    model.train()
-    for chunk in images.split(4):
-        model(chunk)
-    model.eval()
+    with batchnorm_statistics(model):
+        for chunk in images.split(4):
+            model(chunk)
     for layer in model.adders():
         layer.mode = "calibrate"
     for chunk in images.split(4):

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import Workload
+from models import Workload, batchnorm_statistics
 
 PAPER = "Attention Round for Post-Training Quantization (arXiv 2207.03088)"
 CHAINS = [
@@ -257,12 +257,8 @@ class AttentionRoundConfig:
 def make_quantised(cfg: AttentionRoundConfig, g: torch.Generator) -> QResNet18:
     fp = ResNet18(cfg.widths, cfg.num_classes)
     calib = synthetic_images(cfg.calibration_images, g)
-    for m in fp.modules():  # BN statistics, then fold
-        if isinstance(m, nn.BatchNorm2d):
-            m.momentum = None
-    fp.train()
-    fp(calib)
-    fp.eval()
+    with batchnorm_statistics(fp):  # then fold
+        fp(calib)
     q = QResNet18(fp).eval()
     layers = q.ar_layers()
     scores = [coding_length(lay.layer.weight) / lay.layer.weight.numel() for lay in layers]

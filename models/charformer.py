@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import Workload, glyphs
+from models import Workload, batchnorm_statistics, glyphs
 
 PAPER = (
     "CharFormer: A Glyph Fusion based Attentive Framework for High-precision Character "
@@ -277,13 +277,8 @@ def build(cfg: CharFormerConfig | None = None, seed: int = 0) -> Workload:
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     model = CharFormer(cfg)
-    with torch.no_grad():  # BatchNorm statistics from degraded glyphs
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.momentum = None
-        model.train()
+    with batchnorm_statistics(model):  # from degraded glyphs
         model(glyphs.glyph_batch(4, cfg.size, g)[0])
-    model.eval()
     noisy, clean, skeleton = glyphs.glyph_batch(2, cfg.size, g)
     return Workload(
         name="charformer",

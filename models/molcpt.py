@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import Workload
+from models import Workload, batchnorm_statistics
 
 PAPER = (
     "MolCPT: Molecule Continuous Prompt Tuning to Generalize Molecular Representation "
@@ -384,12 +384,9 @@ def _calibrate_and_init(model: MolCPT, table: dict) -> None:
     """BN running stats from the shipped molecules; motif embeddings from their subgraphs."""
     mols = table["molecules"]
     x, ei, ea, batch = batch_graphs(mols)
-    model.gnn.train()
-    for bn in model.gnn.norms:
-        bn.momentum = None  # cumulative average over the passes
-    for _ in range(2):
-        model.gnn(x, ei, ea)
-    model.gnn.eval()
+    with batchnorm_statistics(model.gnn):  # the cumulative average over two passes
+        for _ in range(2):
+            model.gnn(x, ei, ea)
     reps = table["representative"]
     subs = [mols[mi]["cliques"][ci] for mi, ci in reps]
     x, ei, ea, batch = batch_graphs([mols[mi] for mi, _ in reps], subs)

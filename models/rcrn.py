@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import Workload, glyphs
+from models import Workload, batchnorm_statistics, glyphs
 
 PAPER = "RCRN: Real-world Character Image Restoration Network via Skeleton Extraction (arXiv 2207.07795)"
 CHAINS = [
@@ -200,13 +200,8 @@ def loss_fn(outputs, w: Workload) -> torch.Tensor:
 
 
 def _bn_statistics(module: nn.Module, *batches) -> None:
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.momentum = None
-        module.train()
+    with batchnorm_statistics(module):
         module(*batches)
-        module.eval()
 
 
 def build(cfg: RCRNConfig | None = None, seed: int = 0) -> Workload:

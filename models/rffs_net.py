@@ -67,7 +67,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import Workload
+from models import Workload, batchnorm_statistics
 
 PAPER = (
     "Beyond single receptive field: A receptive field fusion-and-stratification network "
@@ -536,15 +536,10 @@ def build(cfg: RFFSConfig | None = None, seed: int = 0) -> Workload:
     inputs = (points, *(idx[k].contiguous() for k in INPUT_ORDER))
     torch.manual_seed(seed)
     model = RFFSNet(cfg)
-    with torch.no_grad():  # BatchNorm statistics from train-mode passes over the scene
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.momentum = None
-        model.train()
+    with batchnorm_statistics(model):  # from train-mode passes over the scene
         model(*inputs)
         other_points, _, other_idx = make_batch(cfg, seeds=(2, 3))
         model(other_points, *(other_idx[k].contiguous() for k in INPUT_ORDER))
-    model.eval()
     l1 = labels.gather(1, idx["fps1"])
     l2 = l1.gather(1, idx["fps2"])
     l3 = l2.gather(1, idx["fps3"])

@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import Workload, glyphs
+from models import Workload, batchnorm_statistics, glyphs
 
 PAPER = "RZCR: Zero-shot Character Recognition via Radical-based Reasoning (arXiv 2207.05842)"
 CHAINS = [
@@ -301,13 +301,8 @@ def build(cfg: RZCRConfig | None = None, seed: int = 0) -> Workload:
             boxes.append(bx)
         return torch.stack(imgs), boxes
 
-    with torch.no_grad():  # BatchNorm statistics from a batch of characters
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.momentum = None
-        model.train()
+    with batchnorm_statistics(model):  # from a batch of characters
         model(render(list(range(0, cfg.num_characters, 15)))[0])
-    model.eval()
     chars = [7, 42]
     images, boxes = render(chars)
     grid = cfg.size // 32

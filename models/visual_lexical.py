@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import Workload
+from models import Workload, batchnorm_statistics
 
 PAPER = "Aligning Visual and Lexical Semantics (arXiv 2212.06629)"
 CHAINS = [
@@ -149,13 +149,8 @@ def build(seed: int = 0) -> Workload:
     g = torch.Generator().manual_seed(seed)
     parent = torch.tensor([genus for _, genus in LEAVES])
     model = VisualLexicalNet(parent, len(GENERA))
-    with torch.no_grad():  # BatchNorm statistics from a batch of synthetic images
-        for bn in model.modules():
-            if isinstance(bn, nn.BatchNorm2d):
-                bn.momentum = None
-        model.train()
+    with batchnorm_statistics(model):  # from a batch of synthetic images
         model(synthetic_images(list(range(12)) * 2, g))
-    model.eval()
     leaves = torch.tensor([4, 10])  # guitar (string), saxophone (wind)
     return Workload(
         name="visual_lexical",

@@ -99,3 +99,29 @@ def test_workload_exports_to_core_aten(name, workload, exported):
     assert len(got) == len(want)
     for g, e in zip(got, want):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", models.names())
+def test_training_step_is_one_graph(name, workload):
+    # Calibration sets momentum None (a cumulative average); one left in place makes every
+    # compiled training step break its graph at each BatchNorm (float(num_batches_tracked)).
+    w = workload(name)
+    bns = [m for m in w.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert all(bn.momentum is not None for bn in bns), name
+
+
+def test_batchnorm_statistics_calibrates_then_restores():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4, momentum=0.3))
+    x = torch.randn(5, 3, 2, 3) * 4 + 1
+    with models.batchnorm_statistics(net) as m:
+        assert m is net and net.training and net[1].momentum is None
+        net(x)
+    bn = net[1]
+    assert bn.momentum == 0.3 and not net.training
+    y = net[0](x)
+    torch.testing.assert_close(bn.running_mean, y.mean((0, 2, 3)))
+    torch.testing.assert_close(bn.running_var, y.var((0, 2, 3), unbiased=True))
+    with pytest.raises(RuntimeError, match="boom"), models.batchnorm_statistics(net):
+        raise RuntimeError("boom")
+    assert bn.momentum == 0.3 and not net.training
