@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 from codegen.cpp.accumulate import _acc_final, _acc_init, _acc_update, _combine, at_least_1
-from codegen.cpp.emit import compute_itemsize, delinearize, dims, round_to
+from codegen.cpp.emit import compute_itemsize, ctype, delinearize, dims, round_to
 from codegen.cpp.emit import hint as size_hint
 from codegen.cpp.layout import buffer_bytes, transposed_dim
 from stitch_ir.dialects import st
@@ -34,9 +34,9 @@ class ColumnPhases:
         largest buffer the input reads is contiguous, when the reduced innermost dim is strided
         in memory -- a max over the neighbours of a channels-last [N, P, K, C] buffer seen as
         [N, C, P, K] (rffs_net's edge convolutions) otherwise reads one element per cache line.
-        None: reduce along the input's innermost dim. Never for a variance (two passes)."""
+        None: reduce along the input's innermost dim."""
         shape, out = dims(op.operand(0)), dims(op.result)
-        if isinstance(op, st.VarOp) or not out:
+        if not out:
             return None
         if len(shape) - 1 not in op.dims:
             return len(out) - 1 if out[-1] > 1 else None
@@ -57,7 +57,42 @@ class ColumnPhases:
         a fixed number of chunks (not one per thread: the answer must not depend on the thread
         count); a task takes one chunk and a block of up to COLUMN_BLOCK outputs along ``col``
         and reads its rows contiguously into an L1 accumulator row, then writes that partial
-        row to scratch; after the barrier each output combines its chunks in order."""
+        row to scratch; after the barrier each output combines its chunks in order. A variance
+        takes two such passes, as the row loops do: the means (to scratch), then the squared
+        deviations from them (a channels-last batch norm's statistics in training)."""
+        out_shape = dims(op.result)
+        n = math.prod(dims(op.operand(0))[d] for d in op.dims)
+        if not isinstance(op, st.VarOp):
+            self._column_pass(op, at, col, "main", None,
+                              lambda idx, lv: self._finish(op, targets, idx, n, lv))
+            return
+        # the means in scratch [O, J], as the output's rest x col index
+        k = len(self.scratch)
+        self.scratch.append(at_least_1(math.prod(out_shape)) * (8 if at == "double" else
+                                                              compute_itemsize(op.result.type.dtype)))
+        mean = f"mean{self.n_loops + 1}"
+        self.em.line(f"{at}* __restrict {mean} = ({at}*)args[{self.first_scratch + k}];")
+        J = out_shape[col]
+
+        def slot(idx: list[str]) -> str:  # idx: the result index, col included
+            rest = idx[:col] + idx[col + 1:]
+            flat = "0"
+            for i, size in zip(rest, out_shape[:col] + out_shape[col + 1:]):
+                flat = f"({flat}) * {size} + ({i})"
+            return f"({flat}) * {J} + ({idx[col]})"
+
+        def keep_mean(idx: list[str], lv) -> None:
+            self.em.line(f"  {mean}[{slot(idx)}] = a / ({at}){n};")
+            self.em.line("}")
+        self._column_pass(op, at, col, "main", None, keep_mean)
+        t = ctype(op.result.type.dtype)
+        self._column_pass(op, at, col, "dev", lambda idx: f"({t}){mean}[{slot(idx)}]",
+                          lambda idx, lv: self._finish(op, targets, idx, n, lv))
+
+    def _column_pass(self, op: st.ReduceOp, at: str, col: int, mode: str, mean, finish) -> None:
+        """One pass of ``_column_reduce``: accumulates ``op``'s terms (``mode`` "main") or their
+        squared deviations from ``mean(result index)`` ("dev") into ``a`` for each output, and
+        calls ``finish(result index, loop variables)`` to use ``a`` and close its loop."""
         em = self.em
         shape = dims(op.operand(0))
         out_shape = dims(op.result)
@@ -117,8 +152,8 @@ class ColumnPhases:
         em.push(inner, em.scopes[-1].indent + "  ", loop_vars={kk, jj})
         out_idx = at_col(onames, f"({jb} + {jj})")
         x = em.value(op.operand(0), self._input_index(op, out_idx, knames))
-        em.line(_acc_update(op, "main", "ACC", x, None).replace("ACC_nan", f"{nan}[{jj}]")
-                .replace("ACC", f"{acc}[{jj}]"))
+        update = _acc_update(op, mode, "ACC", x, mean(out_idx) if mean else None)
+        em.line(update.replace("ACC_nan", f"{nan}[{jj}]").replace("ACC", f"{acc}[{jj}]"))
         em.pop()
         em.scopes[-1].lines.extend(inner)
         em.line("}")
@@ -127,7 +162,7 @@ class ColumnPhases:
             em.line(f"#pragma omp simd{err}")
             em.line(f"for (int64_t {jj} = 0; {jj} < {cnt}; ++{jj}) {{")
             em.line(f"  {at} a = {acc}[{jj}];" + (f" int a_nan = {nan}[{jj}];" if minmax else ""))
-            self._finish(op, targets, at_col(onames, f"({jb} + {jj})"), n, {o, jb, jj})
+            finish(at_col(onames, f"({jb} + {jj})"), {o, jb, jj})
             em.pop()
             em.scopes[-1].lines.extend(outer)
             em.line("}")
@@ -158,7 +193,7 @@ class ColumnPhases:
             em.line(f"    a_nan |= {part}_nan[({o} * {chunks} + {c}) * {J} + {jj}];")
         em.line(f"    {_combine(clause, 'a', p)}")
         em.line("  }")
-        self._finish(op, targets, at_col(onames, jj), n, {jj})
+        finish(at_col(onames, jj), {jj})
         em.pop()
         em.scopes[-1].lines.extend(comb)
         em.line("}")

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from cpu_kernel_check import SIZES, Fn, _ln, run_both
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as hs
 
 from cost_model import cpu_spec
@@ -631,7 +631,7 @@ def test_transpose_after_elementwise_then_merged_dims_stage_tiles(n, c, h, w):
 
 @settings(max_examples=5, deadline=None)
 @given(hs.sampled_from([1, 2]), hs.sampled_from([1, 5, 64]), hs.sampled_from([1, 3, 16]),
-       hs.sampled_from([3, 33, 64]), hs.sampled_from(["amax", "sum", "mean", "amin"]),
+       hs.sampled_from([3, 33, 64]), hs.sampled_from(["amax", "sum", "mean", "amin", "var"]),
        hs.booleans())
 def test_reductions_over_a_strided_dim_run_along_the_contiguous_one(n, p, k, c, how, keep):
     """Reducing the innermost dim of a channels-last buffer seen as [N, C, P, K] (a max over
@@ -643,7 +643,8 @@ def test_reductions_over_a_strided_dim_run_along_the_contiguous_one(n, p, k, c, 
     try:
         x = torch.randn(n, p, k, c)
         s = torch.rand(c, 1, 1) + 0.5
-        fn = {"amax": torch.amax, "amin": torch.amin, "sum": torch.sum, "mean": torch.mean}[how]
+        fn = {"amax": torch.amax, "amin": torch.amin, "sum": torch.sum, "mean": torch.mean,
+              "var": torch.var}[how]
         g = run_both(lambda x, s: fn(torch.relu(x.permute(0, 3, 1, 2) * s), -1, keepdim=keep),
                      [x, s], atol=1e-4, rtol=1e-5)
     finally:
@@ -651,6 +652,33 @@ def test_reductions_over_a_strided_dim_run_along_the_contiguous_one(n, p, k, c, 
     src = "".join(st.source.source for st in g.steps if st.kind == "kernel")
     if k > 1 and c > 1:
         assert "cacc" in src
+
+
+@settings(max_examples=6, deadline=None)
+@given(hs.sampled_from([1, 2, 3]), hs.sampled_from([1, 5, 16]), hs.sampled_from([1, 7]),
+       hs.sampled_from([3, 33, 64]), hs.sampled_from([0, 1]), hs.sampled_from([3.0, 1e3]))
+@example(2, 16, 7, 64, 1, 1e3)
+def test_channels_last_variance_runs_as_two_column_passes(n, h, w, c, correction, offset):
+    """A training batch norm's statistics over a channels-last activation seen as NCHW: the
+    variance over N, H, W runs along C in two column passes (the means, then the squared
+    deviations from them), not one strided walk per channel; it agrees with eager, also on
+    values far from zero (a one-pass sum of squares would lose them) and with one term."""
+    import codegen.cpp.layout as layout
+
+    old, layout.MIN_BYTES = layout.MIN_BYTES, 0
+    try:
+        x = torch.randn(n, h, w, c) + offset * torch.rand(c)
+
+        def fn(x):
+            t = x.permute(0, 3, 1, 2)
+            return torch.var(t, (0, 2, 3), correction=correction), t.mean((0, 2, 3))
+
+        g = run_both(fn, [x], atol=1e-4, rtol=1e-4)
+    finally:
+        layout.MIN_BYTES = old
+    (k,) = [st for st in g.steps if st.kind == "kernel"]
+    if k.source.strategy == "phases" and w > 1 and c > 1:  # rows: a few tiny channels
+        assert re.search(r"\bmean\d+\[", k.source.source) and k.source.source.count("cacc") >= 2
 
 
 def test_values_read_through_many_windows_are_materialised_once():
