@@ -291,6 +291,9 @@ class Emitter:
         # by pads and cats): a float16 load at one that varies along the innermost loop is a
         # gather, which GCC never vectorises (there is no 16-bit gather)
         self.index_temps: set[str] = set()
+        # index expression -> the range [lo, hi) it stays in where the code is being written
+        # (a staged tile inside one operand of a cat: ``PhaseKernel.nest_staged``)
+        self.ranges: dict[str, tuple[int, int]] = {}
 
     # -- scopes --------------------------------------------------------------------------------
     def push(self, lines: list[str], indent: str, loop_vars=()) -> None:
@@ -709,6 +712,12 @@ class Emitter:
 
     def cat(self, op: st.CatOp, idx: list[str], ct: str) -> str:
         d = op.attributes["dim"]
+        lo, hi = self.ranges.get(idx[d], (None, None))
+        start = 0
+        for o in op.operands:  # an index known to stay in one part reads only that part
+            if lo is not None and start <= lo and hi <= start + dims(o)[d]:
+                return self.value(o, idx[:d] + [f"({idx[d]} - {start})"] + idx[d + 1:])
+            start += dims(o)[d]
         parts, start = [], 0
         for o in op.operands:  # each part's index, clamped (a temporary: see ``pad``)
             n = dims(o)[d]

@@ -89,8 +89,9 @@ Affine = tuple[dict[str, int], int]  # (variable -> coefficient, constant)
 
 def _affine(expr: str) -> Affine | None:
     """``expr`` as a sum of bounded loop variables (``bounded``) times non-negative constants,
-    plus a constant; None for anything else (the caller then writes ``/`` and ``%``). Parsed,
-    never evaluated."""
+    plus a constant (negative after ``- c``: ``delinearize``'s index is never negative, so the
+    floor divisions ``_split`` writes are C's); None for anything else (the caller then writes
+    ``/`` and ``%``). Parsed, never evaluated."""
     bounds = _BOUNDS.get()
     if not bounds or not any(name in expr for name in bounds):
         return None
@@ -120,6 +121,10 @@ def _affine(expr: str) -> Affine | None:
                 return None  # a product of two variables
             (terms, c0), k = (a, b[1]) if not b[0] else (b, a[1])
             return {name: c * k for name, c in terms.items()}, c0 * k
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Sub) and \
+                isinstance(node.right, ast.Constant) and type(node.right.value) is int:
+            a = walk(node.left)  # an offset into a part of a cat: the index stays >= 0
+            return None if a is None else (a[0], a[1] - node.right.value)
         return None
 
     return walk(tree)

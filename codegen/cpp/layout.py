@@ -16,6 +16,7 @@ Gathered reads are data-dependent and are not reported.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 from codegen.cpp.emit import dims
@@ -232,14 +233,16 @@ def transposed_dim(v: Value, buffers: dict[int, str], sizes: dict[str, int],
     return None if best is None else best[:2]
 
 
-def transposed_view(v: Value, buffers: dict[int, str], sizes: dict[str, int]):
+def transposed_view(v: Value, buffers: dict[int, str], sizes: dict[str, int], tile: int = 32):
     """(us, p): the values ``us`` of ``v``'s shape that ``v``'s element reads at its own index
     (through element-wise ops only), each a large buffer seen through layout ops so that it is
     contiguous along dim ``p`` and strided along ``v``'s innermost dim -- transposes, which a
     vectorising compiler will not vectorise (GCC 12 has no strided vector loads). The kernel
     stages each in tiles (``PhaseKernel.nest_staged``); the largest such buffer picks ``p``, and
     every other one transposed along the same ``p`` is staged with it (charformer's CBAM
-    backward read two NHWC buffers in an NCHW loop: staging one left the other a gather).
+    backward read two NHWC buffers in an NCHW loop: staging one left the other a gather), and
+    so is a cat along the innermost dim of such buffers and others whose parts start at
+    multiples of ``tile`` (each staged tile then reads one part: ``cat_segments``).
     None when there is none."""
     shape = dims(v)
     best = transposed_dim(v, buffers, sizes)
@@ -263,9 +266,24 @@ def transposed_view(v: Value, buffers: dict[int, str], sizes: dict[str, int]):
                     _computed_transpose(w, buffers, sizes, p):
                 found.append(w)
             continue
+        if _staged_cat(op, buffers, names, tile):
+            found.append(w)
+            continue
         if op.kind == st.ELEMENTWISE:
             todo.extend(op.operands)
     return (found, p) if found else None
+
+
+def _staged_cat(op, buffers: dict[int, str], names, tile: int) -> bool:
+    """Whether ``op`` is a cat along its innermost dim of buffers seen through layout ops, one of
+    them among ``names`` (transposed), whose parts start at multiples of ``tile``."""
+    if not isinstance(op, st.CatOp) or op.attributes["dim"] != op.result.type.rank - 1:
+        return False
+    starts = itertools.accumulate([dims(o)[-1] for o in op.operands[:-1]])
+    layout_only = [next((b for b in set(buffers.values()) if _reads_only(o, buffers, b)), None)
+                   for o in op.operands]
+    return all(b is not None for b in layout_only) and any(b in names for b in layout_only) \
+        and all(isinstance(s, int) and s % tile == 0 for s in starts)
 
 
 def _computed_transpose(w: Value, buffers: dict[int, str], sizes: dict[str, int],
@@ -292,24 +310,27 @@ def _transposed_along(v: Value, buffers: dict[int, str], sizes: dict[str, int], 
             if sizes.get(name, 0) >= min_bytes and abs(s[-1]) not in (0, 1) and s[p] == 1}
 
 
-def contiguous_run(us: list[Value], p: int, buffers: dict[int, str], tile: int) -> int | None:
+def contiguous_run(us: list[Value], p: int, buffers: dict[int, str], tile: int,
+                   lo: int = 0) -> int | None:
     """The longest run ``f`` (a divisor of ``tile`` and of dim ``p``, below ``tile``, 4 or more)
     over which every buffer each of ``us`` reads that starts contiguous (or constant) along dim
     ``p`` stays so, from every multiple of ``f`` (one strided along ``p`` is a gather either
     way). A staged tile's copy loop split at ``f`` reads those runs with vector loads:
     charformer's head-permuted cat read a [256, 16, 128] buffer whose rows hold 8 x 8 blocks,
-    and ``(pt * 32 + pl) / 8`` in every load had made the copy loop a gather. None when the
-    whole tile row is contiguous or no such run exists."""
+    and ``(pt * 32 + pl) / 8`` in every load had made the copy loop a gather. Sampled from
+    index ``lo`` of dim ``p`` on (a tile-aligned part of a cat). None when the whole tile row
+    is contiguous or no such run exists."""
     shape = dims(us[0])
     if any(_symbolic(u) for u in us):
         return None
-    span = min(shape[p], 2 * tile)
+    span = min(shape[p] - lo, 2 * tile)
     samples = [tuple(0 for _ in shape), tuple(n - 1 for n in shape), tuple(n // 2 for n in shape)]
 
-    walks = []  # for each of us and each sample: the buffers' flat indices along dim p
+    walks = []  # for each of us and each sample: the buffers' flat indices along dim p from lo
     for u in us:
         for base in samples:
-            walks.append([reads(u, base[:p] + (j,) + base[p + 1:], buffers) for j in range(span)])
+            walks.append([reads(u, base[:p] + (lo + j,) + base[p + 1:], buffers)
+                          for j in range(span)])
 
     def run_ok(f: int) -> bool:
         for rows in walks:
@@ -327,6 +348,51 @@ def contiguous_run(us: list[Value], p: int, buffers: dict[int, str], tile: int) 
         return None
     return next((f for f in range(tile // 2, 3, -1)
                  if tile % f == 0 and shape[p] % f == 0 and run_ok(f)), None)
+
+
+def cat_segments(us: list[Value], p: int, buffers: dict[int, str],
+                 tile: int) -> list[tuple[int, int, bool]] | None:
+    """The ranges ``(lo, hi, along_rows)`` of the innermost dim of ``us`` (values staged along
+    dim ``p``) over each of which they read the same buffers -- the parts of a cat along that
+    dim -- and whether a range reads every buffer contiguously along the innermost dim instead
+    of along ``p`` (a part that is not transposed: its tile is copied along rows, not gathered).
+    Only where every range starts at a multiple of ``tile``, so that each tile lies in one;
+    None where there is one range. charformer's head-permuted cat read one transposed and one
+    plain buffer for every element, the plain one with a stride-16 gather."""
+    shape = dims(us[0])
+    last = len(shape) - 1
+    if p == last or any(_symbolic(u) for u in us) or shape[last] > 1 << 14:
+        return None
+
+    def at(j: int, q: int = 0) -> tuple[int, ...]:
+        idx = [n // 2 for n in shape]
+        idx[p], idx[last] = q, j
+        return tuple(idx)
+
+    def names(j: int) -> tuple[frozenset[str], ...]:
+        return tuple(frozenset(reads(u, at(j), buffers)) for u in us)
+
+    cuts, prev = [0], names(0)
+    for j in range(1, shape[last]):
+        cur = names(j)
+        if cur != prev:
+            cuts.append(j)
+        prev = cur
+    if len(cuts) == 1 or any(c % tile for c in cuts):
+        return None
+    cuts.append(shape[last])
+
+    def along_rows(lo: int, hi: int) -> bool:
+        if hi - lo < 2 or shape[p] < 2:
+            return False
+        steps = []
+        for u in us:
+            base, nxt, down = (reads(u, i, buffers) for i in (at(lo), at(lo + 1), at(lo, 1)))
+            steps += [(nxt[b] - f, down[b] - f) for b, f in base.items()]
+        return bool(steps) and all(s in (0, 1) and d != 1 for s, d in steps) and \
+            any(s == 1 for s, _ in steps)
+
+    return [(lo, hi, along_rows(lo, hi)) for lo, hi in zip(cuts, cuts[1:])]
 
 
 def broken_inner_run(v: Value, buffers: dict[int, str]) -> bool:

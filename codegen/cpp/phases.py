@@ -34,6 +34,7 @@ from codegen.cpp.index import bounded
 from codegen.cpp.layout import (
     broken_inner_run,
     buffer_bytes,
+    cat_segments,
     contiguous_run,
     interchange,
     loop_order,
@@ -541,29 +542,66 @@ class PhaseKernel(ColumnPhases, ScatterPhases):
         for u, buf, f in zip(us, bufs, four):
             if f:
                 em.line(f"{ctype(u.type.dtype)} {buf}_in[{B}][{B}];")
-        em.mark()
         if any(four):
-            def copy_rows(at: list[str], col: str) -> None:
+            fours = [u for u, f in zip(us, four) if f]
+
+            def copy_rows(at: list[str], row: str, col: str) -> None:
                 for u, buf, f in zip(us, bufs, four):
                     if f:
-                        em.line(f"{buf}_in[{ll}][{col}] = {em.value(u, at)};")
+                        em.line(f"{buf}_in[{row}][{col}] = {em.value(u, at)};")
 
-            # where the inputs are contiguous along p only in runs shorter than the tile (a
-            # reshape split p), the row copy runs over those runs: ph picks one, pq reads along
-            # it, and the index is exact without a / or % of the vector loop's variable
-            run = contiguous_run([u for u, f in zip(us, four) if f], p, em.buffers, B)
-            em.line(f"for (int64_t {ll} = 0; {ll} < {ll}_n; ++{ll}) {{")
-            with em.loop_body([ll]):
-                if run is None:
-                    self._simd_loop(pl, f"{pl}_n", err, lambda: copy_rows(idx, pl))
-                else:
-                    ph, pq = f"ph{L}", f"pq{L}"
+            def along_p() -> None:
+                # where the inputs are contiguous along p only in runs shorter than the tile (a
+                # reshape split p), the row copy runs over those runs: ph picks one, pq reads
+                # along it, and the index is exact without a / or % of the vector loop's variable
+                run = contiguous_run(fours, p, em.buffers, B)
+                em.mark()
+                em.line(f"for (int64_t {ll} = 0; {ll} < {ll}_n; ++{ll}) {{")
+                with em.loop_body([ll]):
+                    if run is None:
+                        self._simd_loop(pl, f"{pl}_n", err, lambda: copy_rows(idx, ll, pl))
+                    else:
+                        ph, pq = f"ph{L}", f"pq{L}"
+                        at = list(idx)
+                        at[p] = f"({pt} * {B} + {ph} * {run} + {pq})"
+                        with bounded(**{pt: -(-shape[p] // B)}):
+                            self._run_loops(ph, pq, f"{pl}_n / {run}", run, err,
+                                            lambda: copy_rows(at, ll, f"{ph} * {run} + {pq}"),
+                                            bound=B // run)
+
+            def along_rows(lo: int, hi: int) -> None:
+                # a part of a cat that is not transposed: read along the tile's rows (in runs,
+                # as above) into the tile in input order, which st_tile_t turns back, in L1
+                run = contiguous_run(fours, last, em.buffers, B, lo)
+                em.mark()
+                em.line(f"for (int64_t {pl} = 0; {pl} < {pl}_n; ++{pl}) {{")
+                with em.loop_body([pl]):
+                    if run is None:
+                        self._simd_loop(ll, f"{ll}_n", err, lambda: copy_rows(idx, ll, pl))
+                        return
+                    lh, lq = f"lh{L}", f"lq{L}"
                     at = list(idx)
-                    at[p] = f"({pt} * {B} + {ph} * {run} + {pq})"
-                    with bounded(**{pt: -(-shape[p] // B)}):
-                        self._run_loops(ph, pq, f"{pl}_n / {run}", run, err,
-                                        lambda: copy_rows(at, f"{ph} * {run} + {pq}"),
+                    at[last] = f"({lt} * {B} + {lh} * {run} + {lq})"
+                    em.ranges[at[last]] = (lo, hi)
+                    with bounded(**{lt: -(-shape[last] // B)}):
+                        self._run_loops(lh, lq, f"{ll}_n / {run}", run, err,
+                                        lambda: copy_rows(at, f"{lh} * {run} + {lq}", pl),
                                         bound=B // run)
+                    del em.ranges[at[last]]
+
+            # a cat along the last dim whose parts start at tile boundaries: a tile reads one
+            # part, resolved statically (em.ranges), by the loop that part is contiguous along
+            segments = cat_segments(fours, p, em.buffers, B)
+            for lo, hi, rows in segments or [(None, None, False)]:
+                if lo is None:
+                    along_p()
+                    continue
+                em.mark()
+                em.line(f"if ({lt} * {B} >= {lo} && {lt} * {B} < {hi}) {{")
+                with em.loop_body([lt]):
+                    em.ranges[idx[last]] = (lo, hi)
+                    along_rows(lo, hi) if rows else along_p()
+                    del em.ranges[idx[last]]
             for buf, f in zip(bufs, four):
                 if f:
                     em.line(f"st_tile_t({buf}, {buf}_in, {ll}_n, {pl}_n);")

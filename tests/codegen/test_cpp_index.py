@@ -14,8 +14,9 @@ from codegen.cpp.emit import delinearize, linearize, reshape_index
 
 
 def _eval(expr: str, env: dict[str, int]) -> int:
-    """A C index expression over non-negative ints (``/`` truncates, as ``//`` does there)."""
-    assert re.fullmatch(r"[\w\s()+*/%]*", expr), expr
+    """A C index expression whose divisions are of non-negative ints (``/`` truncates, as ``//``
+    does there)."""
+    assert re.fullmatch(r"[\w\s()+*/%-]*", expr), expr
     return eval(expr.replace("/", "//"), {}, dict(env))  # noqa: S307 - our own C index text
 
 
@@ -102,3 +103,38 @@ def test_bounded_splits_are_exact(terms, const, shape, data):
             want.append(rest % n)
             rest //= n
         assert [_eval(p, point) for p in parts] == want[::-1], (lin, shape, parts)
+
+
+@settings(max_examples=60, deadline=None)
+@given(hs.lists(hs.tuples(hs.integers(1, 6), hs.sampled_from([1, 2, 4, 8, 16, 32])),
+                min_size=1, max_size=3),
+       hs.integers(0, 64), hs.lists(hs.sampled_from([1, 2, 3, 4, 8]), min_size=1, max_size=3),
+       hs.data())
+def test_bounded_splits_of_an_offset_index_are_exact(terms, offset, shape, data):
+    """An index into a part of a cat, ``(tile index) - start``, read where it is in range (a
+    tile inside that part): its split is the plain row-major division and remainder there."""
+    from codegen.cpp.index import bounded
+
+    names = [f"v{k}" for k in range(len(terms))]
+    lin = "(" + " + ".join(f"{n} * {c}" for n, (_, c) in zip(names, terms)) + f") - {offset}"
+    total = math.prod(shape)
+    with bounded(**{n: b for n, (b, _) in zip(names, terms)}):
+        parts = delinearize(f"({lin})", shape)
+    for _ in range(8):
+        point = {n: data.draw(hs.integers(0, b - 1)) for n, (b, _) in zip(names, terms)}
+        flat = sum(point[n] * c for n, (_, c) in zip(names, terms)) - offset
+        if not 0 <= flat < total:
+            continue  # not a point the kernel reads this part at
+        want, rest = [], flat
+        for n in reversed(shape):
+            want.append(rest % n)
+            rest //= n
+        assert [_eval(p, point) for p in parts] == want[::-1], (lin, shape, parts)
+
+
+def test_an_offset_tile_index_splits_without_division():
+    from codegen.cpp.index import bounded
+
+    with bounded(lt=3, lh=2, lq=16):
+        assert delinearize("((lt * 32 + lh * 16 + lq) - 32)", [4, 16]) == \
+            ["(lt * 2 + lh + -2)", "lq"]

@@ -548,6 +548,44 @@ def test_staged_copies_read_runs_split_by_a_reshape(a, c1, c2, d, add):
         assert loads and not any(re.search(rf"[/%] {c2}\b", ln) for ln in loads), loads
 
 
+@pytest.mark.parametrize("b,p,l1,h,d,first", [
+    (2, 64, 32, 2, 16, True), (3, 5, 64, 2, 16, True), (1, 33, 32, 3, 5, True),
+    (2, 37, 32, 4, 2, True), (1, 64, 16, 2, 8, True), (2, 64, 32, 2, 16, False)])
+def test_staged_cat_tiles_read_one_part_each(b, p, l1, h, d, first):
+    """A cat along the innermost dim of a transposed buffer and a head merge (charformer's
+    head-permuted cat): where the parts start at multiples of the tile, each staged tile reads
+    one part, the cat resolved (no select of both parts' loads), the transposed part along p
+    and the other along the tile's rows in its contiguous runs (no / or % of the vector loop's
+    variable); other cats keep the select. Partial tiles and odd sizes; eager's values bit for
+    bit."""
+    import codegen.cpp.layout as layout
+
+    torch.manual_seed(b * 1000 + p * 10 + l1 + h + d)
+    x, z = torch.randn(b, l1, p), torch.randn(b, h, p, d)
+
+    def fn(x, z):
+        t, m = x.transpose(1, 2), z.permute(0, 2, 1, 3).reshape(b, p, h * d)
+        return torch.cat([t, m] if first else [m, t], 2) * 2
+
+    old, layout.MIN_BYTES = layout.MIN_BYTES, 0
+    try:
+        g = compile_program(import_model(Fn(fn).eval(), (x, z)),
+                            device_spec=cpu_spec(measure=False))
+        (got,) = g(x, z)
+    finally:
+        layout.MIN_BYTES = old
+    assert torch.equal(got, fn(x, z))
+    (k,) = [s for s in g.steps if s.kind == "kernel"]
+    body = k.source.source[k.source.source.index('extern "C"'):]
+    segmented = first and l1 % 32 == 0
+    assert bool(re.search(rf"if \(lt\d+ \* 32 >= {l1} ", body)) == segmented, body
+    if segmented:
+        assert "st_pick" not in body and not re.search(r"\bok\d+\b", body), body
+        if d in (4, 8, 16) and h > 1:  # runs that divide the tile
+            loads = [ln for ln in body.splitlines() if re.search(r"\blq\d+\b", ln) and "in1[" in ln]
+            assert loads and not any(re.search(rf"[/%] {d}\b", ln) for ln in loads), loads
+
+
 @pytest.mark.parametrize("b,h,s,d", [
     (2, 2, 64, 16), (1, 3, 5, 8), (2, 4, 7, 4), (3, 2, 9, 33), (1, 1, 5, 16), (2, 2, 3, 2)])
 def test_vector_loops_read_runs_split_by_a_reshape(b, h, s, d):
