@@ -202,6 +202,7 @@ class ViewMemos:
     steps: list
     outputs: list[int]
     prog: object
+    func: FuncOp
     _escaping: frozenset[int] | None
 
     def _memo_geometry(self, run, reads: list[int], writes: list[int]):
@@ -241,6 +242,7 @@ class ViewMemos:
         state, stays visible to anything keyed on versions."""
         escaping = self._escaping_views()
         inputs = set(self.prog.user_inputs)
+        shared = self._shared_bases()
         storages = [b.untyped_storage().data_ptr() for b in bases]
         geo = []
         for w, t in zip(writes, results):
@@ -250,19 +252,41 @@ class ViewMemos:
             k = storages.index(ptr)
             geo.append((w, k, tuple(t.shape), t.stride(),
                         t.storage_offset() - bases[k].storage_offset(),
-                        w in escaping or reads[k] in inputs))
+                        w in escaping or reads[k] in inputs or reads[k] in shared))
         return geo
 
     def _escaping_views(self) -> frozenset[int]:
-        """Slots whose tensor may leave the graph's own kernel and library calls: outputs,
-        and what a torch op, the interpreter or a view step reads (each may hand it on)."""
+        """Slots whose tensor may leave the graph's own kernel and library calls: outputs the
+        caller sees, and what a torch op, the interpreter or a view step reads (each may hand
+        it on). Not the activations a training forward only saves for its backward
+        (``layout_free_results``): autograd keeps those away from the user, and only stitch's
+        backward reads them (charformer's forward made 188 such views a step, each an
+        ``as_strided`` at 2-10 us, for nothing its aliases would not do)."""
         if self._escaping is None:
-            out = set(self.outputs)
+            out = set(self.outputs) - self._saved_only()
             for s in self.steps:
                 if s.kind not in ("kernel", "library", "dead"):
                     out.update(s.reads)
             self._escaping = frozenset(out)
         return self._escaping
+
+    def _saved_only(self) -> set[int]:
+        """Output slots returned only as activations saved for the backward."""
+        free = set(self.func.attr("layout_free_results", ()) or ())
+        seen = {w for j, w in enumerate(self.outputs) if j not in free}
+        return {w for j, w in enumerate(self.outputs) if j in free} - seen
+
+    def _shared_bases(self) -> frozenset[int]:
+        """Slots whose views must be real views even where the view is only saved for the
+        backward: a tensor the caller can reach (an output it sees, or the base of a view that
+        escapes) may be changed in place, and autograd finds that out from the version
+        counter a real view shares with its base."""
+        escaping = self._escaping_views()
+        out = set(self.outputs) - self._saved_only()
+        for s in self.steps:
+            if s.kind == "view" and any(w in escaping for w in s.writes):
+                out.update(s.reads)
+        return frozenset(out)
 
     def _memo_views(self, run, reads: list[int], writes: list[int]):
         """Views of parameters are made once per call state, not per call. Under

@@ -5,6 +5,7 @@ kernels and library calls."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -86,3 +87,76 @@ def test_views_of_parameters_see_in_place_updates_in_every_call_state(monkeypatc
         torch.testing.assert_close(f(x), m(x))
         m.w.mul_(-2)  # an optimizer step's in-place update
         torch.testing.assert_close(f(x), m(x))
+
+
+class _ChannelsLastNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.c3 = torch.nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x))
+        y = self.c3(torch.tanh(self.c2(h)) * h)
+        return y.square().mean(), h
+
+
+def test_views_only_saved_for_the_backward_are_aliases(monkeypatch):
+    """A channels-last training forward saves permuted views of its activations for the
+    backward: those only saved are aliases of the kernels' buffers (no ``as_strided`` per
+    step), while a view the caller gets stays a real view, so that changing it in place before
+    the backward is caught by autograd as in eager; the gradients match eager's."""
+    from runtime import backend
+
+    torch._dynamo.reset()
+    graphs: list = []
+    compile_fx = backend.compile_fx
+
+    def grab(*a, **k):
+        fn = compile_fx(*a, **k)
+        graphs.append(fn.stitch_graph)
+        return fn
+
+    monkeypatch.setattr(backend, "compile_fx", grab)
+    torch.manual_seed(0)
+    m = _ChannelsLastNet()
+    ref = _ChannelsLastNet()
+    ref.load_state_dict(m.state_dict())
+    x = torch.randn(2, 3, 32, 33)
+    f = torch.compile(m, backend="stitch", options={"channels_last": True})
+    for _ in range(2):  # the second call runs the memoised geometry
+        loss, h = f(x)
+        loss.backward()
+        want, h_ref = ref(x)
+        want.backward()
+        torch.testing.assert_close(loss, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(h, h_ref)
+        for p, q in zip(m.parameters(), ref.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4)
+            p.grad = q.grad = None
+    def as_strided_calls(fn) -> int:
+        with torch.profiler.profile() as prof:
+            fn(x)
+        return sum(e.count for e in prof.key_averages() if e.key == "aten::as_strided")
+
+    # against the same graph with every view a real one: the saved views are aliases
+    from runtime.views import ViewMemos
+
+    fw = graphs[0]
+    aliased = sum(s.kind == "view" and set(s.writes) <= fw._saved_only() for s in fw.steps)
+    real = as_strided_calls(f)
+    torch._dynamo.reset()
+    monkeypatch.setattr(ViewMemos, "_saved_only", lambda self: set())
+    g = torch.compile(_ChannelsLastNet(), backend="stitch", options={"channels_last": True})
+    for _ in range(2):
+        g(x)
+    assert aliased >= 1 and as_strided_calls(g) - real >= aliased, (aliased, real)
+    loss, h = f(x)
+    want, h_ref = ref(x)
+    h_ref.mul_(2)
+    h.mul_(2)  # the caller's view of a saved activation, changed in place
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        want.backward()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
