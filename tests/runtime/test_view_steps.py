@@ -160,3 +160,50 @@ def test_views_only_saved_for_the_backward_are_aliases(monkeypatch):
         want.backward()
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+class _TapConv(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(96, 80, 3, padding=1)  # a tap of 30 KiB: a view
+
+    def forward(self, x):  # over a 1x1 map only the centre tap meets the input: a linear
+        return self.conv(x).relu()
+
+
+def test_a_linear_over_a_weight_tap_keeps_one_contiguous_copy_per_version(monkeypatch):
+    """A 3x3 convolution over 1x1 maps runs as a linear over the weight's centre tap, a view
+    with no unit stride that BLAS cannot read: the copy is made once and reused while the
+    parameter is unchanged, and made again after an in-place update; values match eager."""
+    from runtime import backend
+
+    torch._dynamo.reset()
+    graphs: list = []
+    compile_fx = backend.compile_fx
+
+    def grab(*a, **k):
+        fn = compile_fx(*a, **k)
+        graphs.append(fn.stitch_graph)
+        return fn
+
+    monkeypatch.setattr(backend, "compile_fx", grab)
+    torch.manual_seed(0)
+    m = _TapConv()
+    x = torch.randn(5, 96, 1, 1)
+    f = torch.compile(m, backend="stitch")
+    with torch.no_grad():
+        torch.testing.assert_close(f(x), m(x), atol=1e-5, rtol=1e-5)
+        (g,) = graphs
+        assert any(s.kind == "library" and s.name == "st.linear" for s in g.steps)
+
+        def copies():
+            return [hit[2] for states in g._free_states.values() for cs in states
+                    for hit in cs.weight_memo.values()]
+
+        first = copies()
+        assert len(first) == 1 and first[0].is_contiguous()
+        torch.testing.assert_close(f(x), m(x), atol=1e-5, rtol=1e-5)
+        assert copies()[0] is first[0]  # reused
+        m.conv.weight.mul_(-2)  # an optimizer step's in-place update
+        torch.testing.assert_close(f(x), m(x), atol=1e-5, rtol=1e-5)
+        assert copies()[0] is not first[0]
