@@ -32,6 +32,9 @@ def _cases():
         "cat(x^T, y) * 2 [16,64,512] + [16,512,64] -> [16,512,128]": (
             lambda x, y: torch.cat([x.transpose(1, 2), y], 2) * 2,
             (torch.randn(16, 64, 512), torch.randn(16, 512, 64))),
+        "cat(y, x^T) * 2 [16,512,64] + [16,64,512] -> [16,512,128]": (
+            lambda y, x: torch.cat([y, x.transpose(1, 2)], 2) * 2,
+            (torch.randn(16, 512, 64), torch.randn(16, 64, 512))),
         "cat(x1^T, x2^T) [16,32,512] x 2 -> [16,512,64]": (
             lambda x1, x2: torch.cat([x1.transpose(1, 2), x2.transpose(1, 2)], 2) + 0,
             (torch.randn(16, 32, 512), torch.randn(16, 32, 512))),

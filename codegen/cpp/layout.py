@@ -99,17 +99,19 @@ def reads(v: Value, idx: tuple[int, ...], buffers: dict[int, str],
     return out
 
 
-def strides(v: Value, buffers: dict[int, str]) -> dict[str, list[int]]:
+def strides(v: Value, buffers: dict[int, str], last: int = 0) -> dict[str, list[int]]:
     """Buffer name -> its flat-index step per unit step of each dim of ``v`` (0 where the buffer
-    does not depend on that dim or the dim has size 1)."""
+    does not depend on that dim or the dim has size 1), read at index ``last`` of the innermost
+    dim (a part of a cat there) and 0 elsewhere."""
     shape = dims(v)
     if _symbolic(v):
         return {}
-    base = reads(v, (0,) * len(shape), buffers)
+    at = (0,) * (len(shape) - 1) + (last,) if shape else ()
+    base = reads(v, at, buffers)
     out = {name: [0] * len(shape) for name in base}
     for k, n in enumerate(shape):
-        if n > 1:
-            step = tuple(1 if j == k else 0 for j in range(len(shape)))
+        if at[k] + 1 < n:
+            step = tuple(i + (j == k) for j, i in enumerate(at))
             for name, flat in reads(v, step, buffers).items():
                 if name in out:
                     out[name][k] = flat - base[name]
@@ -215,16 +217,17 @@ def _reads_only(v: Value, buffers: dict[int, str], name: str) -> bool:
 
 
 def transposed_dim(v: Value, buffers: dict[int, str], sizes: dict[str, int],
-                   min_bytes: int | None = None):
-    """(buffer, p): the largest buffer ``v`` reads (of at least ``min_bytes``) that is contiguous
-    along dim ``p`` of ``v`` and strided along its innermost dim (a transpose); None when there
-    is none. ``min_bytes`` defaults to ``MIN_BYTES``."""
+                   min_bytes: int | None = None, last: int = 0):
+    """(buffer, p): the largest buffer ``v`` reads (of at least ``min_bytes``; at index ``last``
+    of its innermost dim) that is contiguous along dim ``p`` of ``v`` and strided along its
+    innermost dim (a transpose); None when there is none. ``min_bytes`` defaults to
+    ``MIN_BYTES``."""
     shape = dims(v)
     if _symbolic(v) or len(shape) < 2 or shape[-1] < 2:
         return None
     min_bytes = MIN_BYTES if min_bytes is None else min_bytes
     best = None
-    for name, s in strides(v, buffers).items():
+    for name, s in strides(v, buffers, last).items():
         if sizes.get(name, 0) < min_bytes or abs(s[-1]) in (0, 1):
             continue
         unit = [k for k in range(len(shape) - 1) if s[k] == 1 and shape[k] >= 2]
@@ -245,11 +248,13 @@ def transposed_view(v: Value, buffers: dict[int, str], sizes: dict[str, int], ti
     multiples of ``tile`` (each staged tile then reads one part: ``cat_segments``).
     None when there is none."""
     shape = dims(v)
-    best = transposed_dim(v, buffers, sizes)
+    starts = [0] + _cat_starts(v)  # a cat's transposed part need not be its first
+    best = next((b for b in (transposed_dim(v, buffers, sizes, last=s) for s in starts) if b),
+                None)
     if best is None:
         return None
     _, p = best
-    names = _transposed_along(v, buffers, sizes, p)
+    names = set().union(*(_transposed_along(v, buffers, sizes, p, last=s) for s in starts))
     found: list[Value] = []
     seen: set[int] = set()
     todo = [v]
@@ -272,6 +277,27 @@ def transposed_view(v: Value, buffers: dict[int, str], sizes: dict[str, int], ti
         if op.kind == st.ELEMENTWISE:
             todo.extend(op.operands)
     return (found, p) if found else None
+
+
+def _cat_starts(v: Value) -> list[int]:
+    """Where the parts after the first start, of each cat along the innermost dim that ``v``
+    reads at its own index through element-wise ops."""
+    if _symbolic(v) or not dims(v):
+        return []
+    shape, last = dims(v), len(dims(v)) - 1
+    out: set[int] = set()
+    todo, seen = [v], set()
+    while todo:
+        w = todo.pop()
+        if id(w) in seen or dims(w) != shape:
+            continue
+        seen.add(id(w))
+        op = getattr(w, "owner", None)
+        if isinstance(op, st.CatOp) and op.attributes["dim"] == last:
+            out.update(itertools.accumulate(dims(o)[last] for o in op.operands[:-1]))
+        elif op is not None and not isinstance(w, BlockArgument) and op.kind == st.ELEMENTWISE:
+            todo.extend(op.operands)
+    return sorted(s for s in out if isinstance(s, int) and 0 < s < shape[last])
 
 
 def _staged_cat(op, buffers: dict[int, str], names, tile: int) -> bool:
@@ -302,11 +328,11 @@ def _computed_transpose(w: Value, buffers: dict[int, str], sizes: dict[str, int]
 
 
 def _transposed_along(v: Value, buffers: dict[int, str], sizes: dict[str, int], p: int,
-                      min_bytes: int | None = None) -> set[str]:
-    """The buffers ``v`` reads (of at least ``min_bytes``) contiguous along dim ``p`` of ``v``
-    and strided along its innermost dim."""
+                      min_bytes: int | None = None, last: int = 0) -> set[str]:
+    """The buffers ``v`` reads (of at least ``min_bytes``; at index ``last`` of its innermost
+    dim) contiguous along dim ``p`` of ``v`` and strided along its innermost dim."""
     min_bytes = MIN_BYTES if min_bytes is None else min_bytes
-    return {name for name, s in strides(v, buffers).items()
+    return {name for name, s in strides(v, buffers, last).items()
             if sizes.get(name, 0) >= min_bytes and abs(s[-1]) not in (0, 1) and s[p] == 1}
 
 

@@ -550,14 +550,15 @@ def test_staged_copies_read_runs_split_by_a_reshape(a, c1, c2, d, add):
 
 @pytest.mark.parametrize("b,p,l1,h,d,first", [
     (2, 64, 32, 2, 16, True), (3, 5, 64, 2, 16, True), (1, 33, 32, 3, 5, True),
-    (2, 37, 32, 4, 2, True), (1, 64, 16, 2, 8, True), (2, 64, 32, 2, 16, False)])
+    (2, 37, 32, 4, 2, True), (1, 64, 16, 2, 8, True), (2, 64, 32, 2, 16, False),
+    (1, 33, 64, 3, 8, False)])
 def test_staged_cat_tiles_read_one_part_each(b, p, l1, h, d, first):
     """A cat along the innermost dim of a transposed buffer and a head merge (charformer's
     head-permuted cat): where the parts start at multiples of the tile, each staged tile reads
     one part, the cat resolved (no select of both parts' loads), the transposed part along p
     and the other along the tile's rows in its contiguous runs (no / or % of the vector loop's
-    variable); other cats keep the select. Partial tiles and odd sizes; eager's values bit for
-    bit."""
+    variable), whichever part comes first; other cats keep the select. Partial tiles and odd
+    sizes; eager's values bit for bit."""
     import codegen.cpp.layout as layout
 
     torch.manual_seed(b * 1000 + p * 10 + l1 + h + d)
@@ -577,8 +578,9 @@ def test_staged_cat_tiles_read_one_part_each(b, p, l1, h, d, first):
     assert torch.equal(got, fn(x, z))
     (k,) = [s for s in g.steps if s.kind == "kernel"]
     body = k.source.source[k.source.source.index('extern "C"'):]
-    segmented = first and l1 % 32 == 0
-    assert bool(re.search(rf"if \(lt\d+ \* 32 >= {l1} ", body)) == segmented, body
+    cut = l1 if first else h * d
+    segmented = cut % 32 == 0  # the transposed part first or second
+    assert bool(re.search(rf"if \(lt\d+ \* 32 >= {cut} ", body)) == segmented, body
     if segmented:
         assert "st_pick" not in body and not re.search(r"\bok\d+\b", body), body
         if d in (4, 8, 16) and h > 1:  # runs that divide the tile
