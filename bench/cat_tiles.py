@@ -43,7 +43,7 @@ def _cases():
 
 def _stitch(fn, args, tiles: bool):
     import codegen.cpp.layout as layout
-    import codegen.cpp.phases as phases
+    import codegen.cpp.staged as staged
     from cost_model import cpu_spec
     from runtime.graph import compile_program
     from stitch_ir.importer import import_model
@@ -52,14 +52,14 @@ def _stitch(fn, args, tiles: bool):
         def forward(self, *a):
             return fn(*a)
 
-    keep = phases.cat_segments, layout._staged_cat
+    keep = staged.cat_segments, layout._staged_cat
     if not tiles:
-        phases.cat_segments = lambda *a, **k: None
+        staged.cat_segments = lambda *a, **k: None
         layout._staged_cat = lambda *a, **k: False
     try:
         g = compile_program(import_model(Fn().eval(), args), device_spec=cpu_spec(measure=False))
     finally:
-        phases.cat_segments, layout._staged_cat = keep
+        staged.cat_segments, layout._staged_cat = keep
     return lambda *a: g(*a)[0]
 
 

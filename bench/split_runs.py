@@ -41,6 +41,7 @@ def _cases():
 
 def _stitch(fn, args, split: bool):
     import codegen.cpp.phases as phases
+    import codegen.cpp.staged as staged
     from cost_model import cpu_spec
     from runtime.graph import compile_program
     from stitch_ir.importer import import_model
@@ -50,12 +51,12 @@ def _stitch(fn, args, split: bool):
             return fn(*a)
 
     keep = phases.contiguous_run
-    if not split:
-        phases.contiguous_run = lambda *a, **k: None
+    if not split:  # the plain nests' split and the staged copies'
+        phases.contiguous_run = staged.contiguous_run = lambda *a, **k: None
     try:
         g = compile_program(import_model(Fn().eval(), args), device_spec=cpu_spec(measure=False))
     finally:
-        phases.contiguous_run = keep
+        phases.contiguous_run = staged.contiguous_run = keep
     return lambda *a: g(*a)[0]
 
 

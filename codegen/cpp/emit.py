@@ -292,7 +292,7 @@ class Emitter:
         # gather, which GCC never vectorises (there is no 16-bit gather)
         self.index_temps: set[str] = set()
         # index expression -> the range [lo, hi) it stays in where the code is being written
-        # (a staged tile inside one operand of a cat: ``PhaseKernel.nest_staged``)
+        # (a staged tile inside one operand of a cat: ``StagedPhases.nest_staged``)
         self.ranges: dict[str, tuple[int, int]] = {}
 
     # -- scopes --------------------------------------------------------------------------------

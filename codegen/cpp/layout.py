@@ -241,7 +241,7 @@ def transposed_view(v: Value, buffers: dict[int, str], sizes: dict[str, int], ti
     (through element-wise ops only), each a large buffer seen through layout ops so that it is
     contiguous along dim ``p`` and strided along ``v``'s innermost dim -- transposes, which a
     vectorising compiler will not vectorise (GCC 12 has no strided vector loads). The kernel
-    stages each in tiles (``PhaseKernel.nest_staged``); the largest such buffer picks ``p``, and
+    stages each in tiles (``StagedPhases.nest_staged``); the largest such buffer picks ``p``, and
     every other one transposed along the same ``p`` is staged with it (charformer's CBAM
     backward read two NHWC buffers in an NCHW loop: staging one left the other a gather), and
     so is a cat along the innermost dim of such buffers and others whose parts start at
