@@ -12,12 +12,10 @@ over ``--rounds`` samples of 20 calls each.
 
 from __future__ import annotations
 
-import argparse
-import statistics
-import time
-import warnings
-
 import torch
+
+from bench import ab
+from bench.ab import stitch_compiled
 
 
 def _cases():
@@ -41,66 +39,18 @@ def _cases():
     }
 
 
-def _stitch(fn, args, tiles: bool):
+def _before(fn, args):
     import codegen.cpp.layout as layout
     import codegen.cpp.staged as staged
-    from cost_model import cpu_spec
-    from runtime.graph import compile_program
-    from stitch_ir.importer import import_model
 
-    class Fn(torch.nn.Module):
-        def forward(self, *a):
-            return fn(*a)
-
-    keep = staged.cat_segments, layout._staged_cat
-    if not tiles:
-        staged.cat_segments = lambda *a, **k: None
-        layout._staged_cat = lambda *a, **k: False
-    try:
-        g = compile_program(import_model(Fn().eval(), args), device_spec=cpu_spec(measure=False))
-    finally:
-        staged.cat_segments, layout._staged_cat = keep
-    return lambda *a: g(*a)[0]
+    return stitch_compiled(fn, args, [(staged, "cat_segments", lambda *a, **k: None),
+                                      (layout, "_staged_cat", lambda *a, **k: False)])
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=30)
-    ap.add_argument("--out", default=None, help="also write the table to this markdown file")
-    a = ap.parse_args(argv)
-    torch.set_num_threads(a.threads)
-    warnings.filterwarnings("ignore")
-    lines = [f"`python -m bench.cat_tiles --threads {a.threads} --rounds {a.rounds}` — "
-             f"{time.strftime('%Y-%m-%d %H:%M')}, torch {torch.__version__}, {a.threads} "
-             "thread(s); us per call, median of the rounds (each 20 calls), contenders "
-             "alternating.", "",
-             "| case | eager | inductor | stitch, before | stitch, a part per tile "
-             "| tiles / before | stitch (tiles) / inductor |", "|---|---|---|---|---|---|---|"]
-    for name, (fn, args) in _cases().items():
-        torch.manual_seed(0)
-        with torch.no_grad():
-            want = fn(*args)
-            run = {"eager": fn, "inductor": torch.compile(fn, backend="inductor"),
-                   "before": _stitch(fn, args, tiles=False), "tiles": _stitch(fn, args, True)}
-            for label, f in run.items():
-                if not torch.equal(f(*args), want):
-                    raise SystemExit(f"{name}: {label} differs from eager")
-            times = {k: [] for k in run}
-            for _ in range(a.rounds):
-                for k, f in run.items():
-                    t = time.perf_counter()
-                    for _ in range(20):
-                        f(*args)
-                    times[k].append((time.perf_counter() - t) / 20 * 1e6)
-        m = {k: statistics.median(v) for k, v in times.items()}
-        lines.append(f"| {name} | {m['eager']:.1f} | {m['inductor']:.1f} | {m['before']:.1f} "
-                     f"| {m['tiles']:.1f} | {m['before'] / m['tiles']:.2f}x "
-                     f"| {m['inductor'] / m['tiles']:.2f}x |")
-        print(lines[-1], flush=True)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write("# Staged cats: a part per tile\n\n" + "\n".join(lines) + "\n")
+    ab.main(argv, prog="bench.cat_tiles", doc=__doc__, title="Staged cats: a part per tile",
+            cases=_cases(), off=_before, on=stitch_compiled,
+            labels=("before", "before", "tiles", "a part per tile"))
 
 
 if __name__ == "__main__":

@@ -14,12 +14,10 @@ calls each.
 
 from __future__ import annotations
 
-import argparse
-import statistics
-import time
-import warnings
-
 import torch
+
+from bench import ab
+from bench.ab import stitch_compiled
 
 
 def _cases():
@@ -39,65 +37,22 @@ def _cases():
     }
 
 
-def _stitch(fn, args, split: bool):
+def _one_loop(fn, args):
     import codegen.cpp.phases as phases
     import codegen.cpp.staged as staged
-    from cost_model import cpu_spec
-    from runtime.graph import compile_program
-    from stitch_ir.importer import import_model
 
-    class Fn(torch.nn.Module):
-        def forward(self, *a):
-            return fn(*a)
+    def none(*a, **k):
+        return None
 
-    keep = phases.contiguous_run
-    if not split:  # the plain nests' split and the staged copies'
-        phases.contiguous_run = staged.contiguous_run = lambda *a, **k: None
-    try:
-        g = compile_program(import_model(Fn().eval(), args), device_spec=cpu_spec(measure=False))
-    finally:
-        phases.contiguous_run = staged.contiguous_run = keep
-    return lambda *a: g(*a)[0]
+    # the plain nests' split and the staged copies'
+    return stitch_compiled(fn, args, [(phases, "contiguous_run", none),
+                                      (staged, "contiguous_run", none)])
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=30)
-    ap.add_argument("--out", default=None, help="also write the table to this markdown file")
-    a = ap.parse_args(argv)
-    torch.set_num_threads(a.threads)
-    warnings.filterwarnings("ignore")
-    lines = [f"`python -m bench.split_runs --threads {a.threads} --rounds {a.rounds}` — "
-             f"{time.strftime('%Y-%m-%d %H:%M')}, torch {torch.__version__}, {a.threads} "
-             "thread(s); us per call, median of the rounds (each 20 calls), contenders "
-             "alternating.", "",
-             "| case | eager | inductor | stitch, one vector loop | stitch, split at the runs "
-             "| split / one loop | stitch (split) / inductor |", "|---|---|---|---|---|---|---|"]
-    for name, (fn, args) in _cases().items():
-        torch.manual_seed(0)
-        with torch.no_grad():
-            want = fn(*args)
-            run = {"eager": fn, "inductor": torch.compile(fn, backend="inductor"),
-                   "one loop": _stitch(fn, args, split=False), "split": _stitch(fn, args, True)}
-            for label, f in run.items():
-                if not torch.equal(f(*args), want):
-                    raise SystemExit(f"{name}: {label} differs from eager")
-            times = {k: [] for k in run}
-            for _ in range(a.rounds):
-                for k, f in run.items():
-                    t = time.perf_counter()
-                    for _ in range(20):
-                        f(*args)
-                    times[k].append((time.perf_counter() - t) / 20 * 1e6)
-        m = {k: statistics.median(v) for k, v in times.items()}
-        lines.append(f"| {name} | {m['eager']:.1f} | {m['inductor']:.1f} | {m['one loop']:.1f} "
-                     f"| {m['split']:.1f} | {m['one loop'] / m['split']:.2f}x "
-                     f"| {m['inductor'] / m['split']:.2f}x |")
-        print(lines[-1], flush=True)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write("# Loop nests split at the runs a reshape made\n\n" + "\n".join(lines) + "\n")
+    ab.main(argv, prog="bench.split_runs", doc=__doc__,
+            title="Loop nests split at the runs a reshape made", cases=_cases(), off=_one_loop,
+            on=stitch_compiled, labels=("one loop", "one vector loop", "split", "split at the runs"))
 
 
 if __name__ == "__main__":

@@ -247,45 +247,28 @@ def transposed_view(v: Value, buffers: dict[int, str], sizes: dict[str, int], ti
     so is a cat along the innermost dim of such buffers and others whose parts start at
     multiples of ``tile`` (each staged tile then reads one part: ``cat_segments``).
     None when there is none."""
-    shape = dims(v)
-    starts = [0] + _cat_starts(v)  # a cat's transposed part need not be its first
+    starts = [0] + _cat_starts(v, buffers)  # a cat's transposed part need not be its first
     best = next((b for b in (transposed_dim(v, buffers, sizes, last=s) for s in starts) if b),
                 None)
     if best is None:
         return None
     _, p = best
     names = set().union(*(_transposed_along(v, buffers, sizes, p, last=s) for s in starts))
-    found: list[Value] = []
-    seen: set[int] = set()
-    todo = [v]
-    while todo:
-        w = todo.pop()
-        if id(w) in seen or dims(w) != shape:
-            continue
-        seen.add(id(w))
-        op = getattr(w, "owner", None)
-        if op is None or id(w) in buffers:
-            continue
-        if isinstance(op, LAYOUT):
-            if any(_reads_only(w, buffers, name) for name in names) or \
-                    _computed_transpose(w, buffers, sizes, p):
-                found.append(w)
-            continue
-        if _staged_cat(op, buffers, names, tile):
-            found.append(w)
-            continue
-        if op.kind == st.ELEMENTWISE:
-            todo.extend(op.operands)
+
+    def staged(w: Value) -> bool:
+        if isinstance(w.owner, LAYOUT):
+            return any(_reads_only(w, buffers, name) for name in names) or \
+                _computed_transpose(w, buffers, sizes, p)
+        return _staged_cat(w.owner, buffers, names, tile)
+
+    found = [w for w in _read_at_own_index(v, buffers) if staged(w)]
     return (found, p) if found else None
 
 
-def _cat_starts(v: Value) -> list[int]:
-    """Where the parts after the first start, of each cat along the innermost dim that ``v``
-    reads at its own index through element-wise ops."""
-    if _symbolic(v) or not dims(v):
-        return []
-    shape, last = dims(v), len(dims(v)) - 1
-    out: set[int] = set()
+def _read_at_own_index(v: Value, buffers: dict[int, str]):
+    """The values of ``v``'s shape, computed in the kernel, that ``v``'s element reads at its own
+    index through element-wise ops: each path's first op that is not element-wise, once."""
+    shape = dims(v)
     todo, seen = [v], set()
     while todo:
         w = todo.pop()
@@ -293,10 +276,24 @@ def _cat_starts(v: Value) -> list[int]:
             continue
         seen.add(id(w))
         op = getattr(w, "owner", None)
-        if isinstance(op, st.CatOp) and op.attributes["dim"] == last:
-            out.update(itertools.accumulate(dims(o)[last] for o in op.operands[:-1]))
-        elif op is not None and not isinstance(w, BlockArgument) and op.kind == st.ELEMENTWISE:
+        if op is None or isinstance(w, BlockArgument) or id(w) in buffers:
+            continue
+        if op.kind == st.ELEMENTWISE:
             todo.extend(op.operands)
+        else:
+            yield w
+
+
+def _cat_starts(v: Value, buffers: dict[int, str]) -> list[int]:
+    """Where the parts after the first start, of each cat along the innermost dim that ``v``
+    reads at its own index through element-wise ops."""
+    if _symbolic(v) or not dims(v):
+        return []
+    shape, last = dims(v), len(dims(v)) - 1
+    out: set[int] = set()
+    for w in _read_at_own_index(v, buffers):
+        if isinstance(w.owner, st.CatOp) and w.owner.attributes["dim"] == last:
+            out.update(itertools.accumulate(dims(o)[last] for o in w.owner.operands[:-1]))
     return sorted(s for s in out if isinstance(s, int) and 0 < s < shape[last])
 
 
