@@ -14,6 +14,25 @@ from runtime.graph import compile_program
 from stitch_ir.importer import import_model
 
 
+@pytest.fixture
+def graphs(monkeypatch) -> list:
+    """The ``CompiledGraph`` of each graph ``torch.compile(..., backend="stitch")`` compiles in
+    the test, in order (dynamo's caches reset first)."""
+    from runtime import backend
+
+    torch._dynamo.reset()
+    got: list = []
+    compile_fx = backend.compile_fx
+
+    def grab(*a, **k):
+        fn = compile_fx(*a, **k)
+        got.append(fn.stitch_graph)
+        return fn
+
+    monkeypatch.setattr(backend, "compile_fx", grab)
+    return got
+
+
 class _Attention(torch.nn.Module):
     def __init__(self, k: int, n: int):
         super().__init__()
@@ -58,23 +77,11 @@ class _FlatWeightConv(torch.nn.Module):
         return F.conv2d(x, self.w.view(6, 3, 3, 3), padding=1).relu()
 
 
-def test_views_of_parameters_see_in_place_updates_in_every_call_state(monkeypatch):
+def test_views_of_parameters_see_in_place_updates_in_every_call_state(graphs):
     """A convolution weight that is a view of a parameter: the channels-last weight copy is
     redone after an in-place update (it reads the view's version counter, shared with the
     parameter only by a real view), in a second call state too (made once the geometry memo
     exists, as concurrent callers make them)."""
-    from runtime import backend
-
-    torch._dynamo.reset()
-    graphs: list = []
-    compile_fx = backend.compile_fx
-
-    def grab(*a, **k):
-        fn = compile_fx(*a, **k)
-        graphs.append(fn.stitch_graph)
-        return fn
-
-    monkeypatch.setattr(backend, "compile_fx", grab)
     torch.manual_seed(0)
     m = _FlatWeightConv()
     x = torch.randn(2, 3, 5, 7)
@@ -102,23 +109,11 @@ class _ChannelsLastNet(torch.nn.Module):
         return y.square().mean(), h
 
 
-def test_views_only_saved_for_the_backward_are_aliases(monkeypatch):
+def test_views_only_saved_for_the_backward_are_aliases(graphs, monkeypatch):
     """A channels-last training forward saves permuted views of its activations for the
     backward: those only saved are aliases of the kernels' buffers (no ``as_strided`` per
     step), while a view the caller gets stays a real view, so that changing it in place before
     the backward is caught by autograd as in eager; the gradients match eager's."""
-    from runtime import backend
-
-    torch._dynamo.reset()
-    graphs: list = []
-    compile_fx = backend.compile_fx
-
-    def grab(*a, **k):
-        fn = compile_fx(*a, **k)
-        graphs.append(fn.stitch_graph)
-        return fn
-
-    monkeypatch.setattr(backend, "compile_fx", grab)
     torch.manual_seed(0)
     m = _ChannelsLastNet()
     ref = _ChannelsLastNet()
@@ -171,22 +166,10 @@ class _TapConv(torch.nn.Module):
         return self.conv(x).relu()
 
 
-def test_a_linear_over_a_weight_tap_keeps_one_contiguous_copy_per_version(monkeypatch):
+def test_a_linear_over_a_weight_tap_keeps_one_contiguous_copy_per_version(graphs):
     """A 3x3 convolution over 1x1 maps runs as a linear over the weight's centre tap, a view
     with no unit stride that BLAS cannot read: the copy is made once and reused while the
     parameter is unchanged, and made again after an in-place update; values match eager."""
-    from runtime import backend
-
-    torch._dynamo.reset()
-    graphs: list = []
-    compile_fx = backend.compile_fx
-
-    def grab(*a, **k):
-        fn = compile_fx(*a, **k)
-        graphs.append(fn.stitch_graph)
-        return fn
-
-    monkeypatch.setattr(backend, "compile_fx", grab)
     torch.manual_seed(0)
     m = _TapConv()
     x = torch.randn(5, 96, 1, 1)
