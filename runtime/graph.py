@@ -182,6 +182,7 @@ class CompiledGraph(ViewMemos):
         self.outputs = [self._slot(v) for v in self.func.return_op.operands]
         self._drop_dead_views()
         self._escaping: frozenset[int] | None = None
+        self._shared: frozenset[int] | None = None
         self._plan_lifetimes()
         self.consts = {i: self._place(t.detach().contiguous()) for i, t in prog.constants.items()}
         self._arg_types = [(i, self.func.args[i].type) for i in prog.user_inputs]

@@ -204,6 +204,7 @@ class ViewMemos:
     prog: object
     func: FuncOp
     _escaping: frozenset[int] | None
+    _shared: frozenset[int] | None
 
     def _memo_geometry(self, run, reads: list[int], writes: list[int]):
         """A static view step as one tensor per result, made from its base's storage at the
@@ -280,13 +281,15 @@ class ViewMemos:
         """Slots whose views must be real views even where the view is only saved for the
         backward: a tensor the caller can reach (an output it sees, or the base of a view that
         escapes) may be changed in place, and autograd finds that out from the version
-        counter a real view shares with its base."""
-        escaping = self._escaping_views()
-        out = set(self.outputs) - self._saved_only()
-        for s in self.steps:
-            if s.kind == "view" and any(w in escaping for w in s.writes):
-                out.update(s.reads)
-        return frozenset(out)
+        counter a real view shares with its base. Made once per graph, as ``_escaping``."""
+        if self._shared is None:
+            escaping = self._escaping_views()
+            out = set(self.outputs) - self._saved_only()
+            for s in self.steps:
+                if s.kind == "view" and any(w in escaping for w in s.writes):
+                    out.update(s.reads)
+            self._shared = frozenset(out)
+        return self._shared
 
     def _memo_views(self, run, reads: list[int], writes: list[int]):
         """Views of parameters are made once per call state, not per call. Under
