@@ -421,6 +421,10 @@ def _sink_through(e, p: tuple[int, ...]):
         else:
             a["dim"] = p[e.attributes["dim"]]
         new = [type(e)([first, *e.operands[1:]], [type_q], a, loc=e.loc)]
+    elif isinstance(e, st.BroadcastOp) and first is not None and e.operand(0).type.rank == out.rank:
+        # the same unit dims stretched, along the unpermuted value's own dims (a nearest
+        # upsampling's [.., H, 1, W, 1] -> [.., H, kh, W, kw])
+        new = [st.BroadcastOp([first], [type_q], {"shape": tuple(type_q.shape)}, loc=e.loc)]
     elif isinstance(e, st.CatOp):
         parts = []
         for o in e.operands:

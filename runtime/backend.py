@@ -622,7 +622,7 @@ def stitch_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | Non
     is (``_plain_inference``; option ``aot_wrapper=True`` keeps the wrapper)."""
     from torch._dynamo.backends.common import aot_autograd
 
-    from stitch_ir.importer import decomposition_table
+    from stitch_ir.importer import decomposition_table, whole_factor_upsampling
 
     opts = {**(options or {}), **kwargs}
     _rank_preserving_instance_norm(gm)
@@ -635,9 +635,10 @@ def stitch_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | Non
         plain.append(fn if fn is not None and _plain_inference(fx, len(example_inputs)) else None)
         return boxed
 
-    compiled = aot_autograd(fw_compiler=compile_graph, bw_compiler=compile_graph,
-                            inference_compiler=inference, partition_fn=_partitioner(opts),
-                            decompositions=decomposition_table())(gm, example_inputs)
+    with whole_factor_upsampling():
+        compiled = aot_autograd(fw_compiler=compile_graph, bw_compiler=compile_graph,
+                                inference_compiler=inference, partition_fn=_partitioner(opts),
+                                decompositions=decomposition_table())(gm, example_inputs)
     if len(plain) == 1 and plain[0] is not None and not opts.get("aot_wrapper") and \
             not any(True for _ in gm.parameters()) and not any(True for _ in gm.buffers()) and \
             all(isinstance(x, torch.Tensor | int | torch.SymInt) for x in example_inputs):

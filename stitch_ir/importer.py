@@ -26,7 +26,8 @@ import json
 import math
 import operator
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -150,6 +151,11 @@ def decomposition_table() -> dict:
         for name in packet.overloads():
             table.pop(getattr(packet, name), None)
     table[aten.silu.default] = _silu
+    for nd, packet in UPSAMPLE_NEAREST:  # see whole_factor_upsampling
+        fwd, bwd = packet.default, getattr(aten, f"{packet.__name__}_backward").default
+        table[fwd] = _repeat_upsample(nd, table.get(fwd))
+        table[packet.vec] = _repeat_upsample_vec(nd, table.get(packet.vec, packet.vec.decompose))
+        table[bwd] = _repeat_upsample_backward(nd, table.get(bwd))
     table[aten._scaled_dot_product_flash_attention_for_cpu.default] = _small_attention
     table[aten._scaled_dot_product_flash_attention_for_cpu_backward.default] = \
         _small_attention_backward
@@ -252,6 +258,116 @@ def _silu(x):
     return (xf / (1 + torch.exp(-xf))).to(x.dtype)
 
 
+def _repeat_factors(in_sp, out_sp, scales) -> list[int] | None:
+    """Per spatial dim, the k with which nearest upsampling from ``in_sp`` to ``out_sp`` reads
+    input index i // k at output index i -- checked against the index eager's cpu kernel
+    computes (``nearest_idx``: float32 floor(i * scale), scale 1/scales[d] when given, else
+    in/out) at every output index -- or None where some dim is not such a repeat (or a size is
+    symbolic)."""
+    ks = []
+    for d, (n_in, n_out) in enumerate(zip(in_sp, out_sp)):
+        if not (isinstance(n_in, int) and isinstance(n_out, int)) or n_in <= 0 or n_out % n_in:
+            return None
+        k = n_out // n_in
+        s = scales[d] if scales and scales[d] is not None and scales[d] > 0 else None
+        if n_out not in (n_in, 2 * n_in):  # eager's kernel takes those two exactly
+            scale = np.float32(1.0 / s) if s is not None else np.float32(n_in) / np.float32(n_out)
+            i = np.arange(n_out, dtype=np.float32)
+            got = np.minimum(np.floor(i * scale).astype(np.int64), n_in - 1)
+            if not np.array_equal(got, np.arange(n_out) // k):
+                return None
+        ks.append(k)
+    return ks
+
+
+def _repeat_upsample(nd: int, fallback):
+    """Nearest upsampling by whole factors as a broadcast and a reshape ([.., H, W] -> [.., H,
+    1, W, 1] -> [.., H, kh, W, kw] -> [.., H*kh, W*kw]): fusable layout ops read at an affine
+    index, where the decomposition gathers through an index table (and its backward scatters).
+    Any other size goes to torch's decomposition."""
+
+    def upsample(x, output_size, *scales, **kwargs):
+        ks = _repeat_factors(list(x.shape[-nd:]), list(output_size), scales)
+        if ks is None or kwargs:
+            return fallback(x, output_size, *scales, **kwargs) if fallback else NotImplemented
+        lead = list(x.shape[:-nd])
+        sp = list(x.shape[-nd:])
+        spread = [s for n in sp for s in (n, 1)]
+        wide = [s for n, k in zip(sp, ks) for s in (n, k)]
+        return x.reshape(lead + spread).expand(lead + wide).reshape(lead + list(output_size))
+
+    return upsample
+
+
+def _repeat_upsample_vec(nd: int, fallback):
+    """``_repeat_upsample`` for the ``.vec`` overload (an output size, or scale factors from
+    which torch floors it)."""
+
+    def upsample_vec(x, output_size, scale_factors):
+        sp = list(x.shape[-nd:])
+        if output_size is not None:
+            out, scales = list(output_size), [None] * nd
+        elif scale_factors is not None and all(isinstance(n, int) for n in sp):
+            out = [int(math.floor(float(n) * float(f))) for n, f in zip(sp, scale_factors)]
+            scales = list(scale_factors)
+        else:
+            return fallback(x, output_size, scale_factors)
+        if _repeat_factors(sp, out, scales) is None:
+            return fallback(x, output_size, scale_factors)
+        return _repeat_upsample(nd, fallback)(x, out, *scales)
+
+    return upsample_vec
+
+
+UPSAMPLE_NEAREST = ((1, aten.upsample_nearest1d), (2, aten.upsample_nearest2d),
+                    (3, aten.upsample_nearest3d))
+
+
+@contextmanager
+def whole_factor_upsampling() -> Iterator[None]:
+    """While tracing, nearest upsampling by whole factors is ``_repeat_upsample``'s broadcast.
+    torch decomposes these ops above autograd (Python kernels at the Autograd and
+    CompositeImplicitAutograd keys), before a decomposition table is consulted, so the table
+    entry alone would never be reached under AOTAutograd or ``run_decompositions``: the kernels
+    are swapped for the trace (falling back to torch's for any other size) and restored."""
+    from torch._C import DispatchKey
+
+    saved = []
+    for nd, packet in UPSAMPLE_NEAREST:
+        for op, make in ((packet.default, _repeat_upsample), (packet.vec, _repeat_upsample_vec)):
+            for key in (DispatchKey.Autograd, DispatchKey.CompositeImplicitAutograd):
+                old = op.py_kernels.get(key)
+                if old is not None:
+                    saved.append((op, key, old))
+                    op.py_kernels[key] = make(nd, old)
+            op._dispatch_cache.clear()
+    try:
+        yield
+    finally:
+        for op, key, old in saved:
+            op.py_kernels[key] = old
+            op._dispatch_cache.clear()
+
+
+def _repeat_upsample_backward(nd: int, fallback):
+    """The gradient of ``_repeat_upsample``: each input element sums its k-block of the output
+    gradient (a reshape and one reduction)."""
+
+    def upsample_backward(grad, output_size, input_size, *scales):
+        ks = _repeat_factors(list(input_size[-nd:]), list(output_size), scales)
+        if ks is None:
+            return fallback(grad, output_size, input_size, *scales) if fallback else NotImplemented
+        lead = list(input_size[:-nd])
+        wide = [s for n, k in zip(input_size[-nd:], ks) for s in (n, k)]
+        blocks = grad.reshape(lead + wide)
+        dims = [len(lead) + 2 * d + 1 for d in range(nd)]
+        if grad.dtype in (torch.float16, torch.bfloat16):  # eager's kernel sums in float
+            return blocks.float().sum(dims).to(grad.dtype)
+        return blocks.sum(dims)
+
+    return upsample_backward
+
+
 @dataclass
 class ImportedProgram:
     """An imported model: the ``st`` module plus the values of its non-user arguments."""
@@ -311,7 +427,8 @@ def export_model(model: torch.nn.Module, example_inputs: tuple,
         # torch.export's own pytree deprecation noise, raised on every export in torch 2.13
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
         ep = torch.export.export(model, tuple(example_inputs), strict=False, dynamic_shapes=shapes)
-        return ep.run_decompositions(decomposition_table())
+        with whole_factor_upsampling():
+            return ep.run_decompositions(decomposition_table())
 
 
 def import_model(model: torch.nn.Module, example_inputs: tuple, name: str = "forward",

@@ -26,6 +26,9 @@ class ScatterPhases:
     PREFETCH = 6  # owned edges ahead for the random rows (gathered rows, destination rows)
     PREFETCH_EDGE = 16  # owned edges ahead for the rows indexed by the edge (read in order)
     PREFETCH_BYTES = 512  # of one row; the hardware prefetcher follows a longer row by itself
+    # A scatter along dim > 0 work-shares the dims before it from this many positions on (a few
+    # per thread keep a static schedule balanced); fewer, and threads own destination indices
+    LEAD_ROWS = 16
 
     def _prefetch(self, ptr: str, nbytes: int, write: bool, hint: int) -> None:
         """Prefetch every cache line of the ``nbytes`` at ``ptr`` (up to PREFETCH_BYTES)."""
@@ -104,8 +107,13 @@ class ScatterPhases:
         # order -- the same bits for any thread count, no atomics
         dim = op.attributes["dim"]
         ishape = dims(idx) if not isinstance(op, st.IndexAddOp) else dims(src)
-        self._owned = bool(ishape)  # one update (a rank-0 index): one thread applies it
-        if not self._owned:
+        # The dims before ``dim`` address the destination directly: updates at different
+        # positions there never meet, so those dims are work-shared (a thread keeps the serial
+        # order of everything it applies) when they are enough to feed the threads
+        static = all(isinstance(n, int) for n in ishape[:dim])
+        self._lead = dim if dim and static and math.prod(ishape[:dim]) >= self.LEAD_ROWS else 0
+        self._owned = bool(ishape) and not self._lead  # else all its own, or one update
+        if not ishape:  # one update (a rank-0 index): one thread applies it
             em.line("#pragma omp single")
         em.line("{")
         if self._owned:
@@ -120,7 +128,7 @@ class ScatterPhases:
         names = [f"s{k}" for k in range(len(ishape))]
         if isinstance(op, st.ScatterReduceOp) and not op.attributes["include_self"]:
             self._reset_scattered(op, target, ishape, xs)
-        self._open_serial(names, ishape)
+        self._open_serial(names, ishape, self._lead)
         if isinstance(op, st.IndexAddOp):
             pos = em.checked_index(em.value(idx, [names[dim]]), xs[dim], op.attr("wrap", True))
         else:
@@ -142,7 +150,7 @@ class ScatterPhases:
             scale = "" if alpha == 1 else f"({ct}){literal(alpha, dt)} * "
             fn = lambda c: f"{c} + {scale}{val}"  # noqa: E731
         em.line(em.update(target, lin, dt, fn))
-        self._close_serial(len(ishape))
+        self._close_serial()
         em.line("}")
         if self._owned:
             em.line("#pragma omp barrier")
@@ -266,36 +274,48 @@ class ScatterPhases:
                  "amin": literal(math.inf, t) if t.is_float else
                  f"std::numeric_limits<{ctype(t)}>::max()"}[red]
         names = [f"z{k}" for k in range(len(ishape))]
-        self._open_serial(names, ishape)
+        self._open_serial(names, ishape, self._lead)
         pos = em.checked_index(em.value(op.operand(1), names), xs[op.attributes["dim"]],
                                op.attr("wrap", True))
         self._skip_unowned(pos)
         dst = list(names)
         dst[op.attributes["dim"]] = pos
         em.line(em.store(target, linearize(dst, xs), t, ident))
-        self._close_serial(len(ishape))
+        self._close_serial()
 
-    def _open_serial(self, names: list[str], shape: list[int]) -> None:
+    def _open_serial(self, names: list[str], shape: list[int], lead: int = 0) -> None:
         """Open a serial loop nest over ``shape`` with one emitter scope per level, so what
         depends only on the outer loops (an edge's gathered index) is computed once per outer
-        iteration, not once per element of the inner ones."""
+        iteration, not once per element of the inner ones. The first ``lead`` dims are one
+        work-shared loop (static schedule) whose index is split back into theirs."""
         em = self.em
         self._serial = []
         self._walk = list(names)
         em.mark()
-        for name, n in zip(names, shape):
-            em.line(f"for (int64_t {name} = 0; {name} < {n}; ++{name}) {{")
+        if lead:
+            flat = f"{names[0]}f"
+            em.line("#pragma omp for schedule(static)")
+            em.line(f"for (int64_t {flat} = 0; {flat} < {math.prod(shape[:lead])}; ++{flat}) {{")
             level: list[str] = []
+            em.push(level, em.scopes[-1].indent + "  ", loop_vars=set(names[:lead]) | {flat})
+            for k in range(lead):
+                inner = math.prod(shape[k + 1:lead])
+                split = flat if inner == 1 else f"{flat} / {inner}"
+                split = split if k == 0 else f"({split}) % {shape[k]}"
+                em.line(f"const int64_t {names[k]} = {split};")
+            em.mark()
+            self._serial.append(level)
+        for name, n in zip(names[lead:], shape[lead:]):
+            em.line(f"for (int64_t {name} = 0; {name} < {n}; ++{name}) {{")
+            level = []
             em.push(level, em.scopes[-1].indent + "  ", loop_vars={name})
             em.mark()
             self._serial.append(level)
 
-    def _close_serial(self, depth: int) -> None:
+    def _close_serial(self) -> None:
         em = self.em
-        for level in reversed(self._serial[-depth:] if depth else []):
+        for level in reversed(self._serial):
             em.pop()
             em.scopes[-1].lines.extend(level)
             em.line("}")
-        self._serial = self._serial[:-depth] if depth else self._serial
-
-
+        self._serial = []

@@ -411,3 +411,70 @@ def test_embedding_bag_is_an_index_add_into_bags(mode):
     if mode == "sum":
         check(lambda w, i, o, p: F.embedding_bag(i, w, o, mode="sum", per_sample_weights=p), w,
               idx, offsets, rnd(8))
+
+
+UPSAMPLES = [  # (input shape, interpolate's arguments, whether every factor is whole)
+    ((2, 3, 5, 7), dict(scale_factor=2), True),
+    ((1, 2, 1, 3), dict(scale_factor=(3, 1)), True),
+    ((2, 3, 4), dict(size=12), True),  # 1-d
+    ((1, 2, 3, 4, 5), dict(size=(6, 8, 5)), True),  # 3-d, one dim not scaled
+    ((2, 3, 5, 7), dict(scale_factor=1.5), False),
+    ((2, 3, 5, 7), dict(size=(11, 14)), False),
+    ((2, 3, 5, 7), dict(scale_factor=2.1), True),  # 10 = 2 * 5: eager's kernel takes i >> 1
+]
+
+
+@pytest.mark.parametrize("shape,kw,whole", UPSAMPLES, ids=[str(u[1]) for u in UPSAMPLES])
+def test_nearest_upsampling_by_whole_factors_is_a_broadcast(shape, kw, whole):
+    """Nearest upsampling whose output repeats every input element k times along each dim
+    (checked against eager's own index formula) imports as a broadcast between reshapes, no
+    gather; other sizes keep torch's gather. Values exact against eager; the traced kernels at
+    torch's dispatch keys are back as they were afterwards."""
+    from torch._C import DispatchKey
+
+    op = torch.ops.aten.upsample_nearest2d.vec
+    before = dict(op.py_kernels)
+    prog = check(lambda x: torch.nn.functional.interpolate(x, mode="nearest", **kw) * 2,
+                 rnd(*shape))
+    ops = {o.name for o in prog.module.func().body.ops}
+    assert ("st.index_select" not in ops) == whole, ops
+    assert op.py_kernels[DispatchKey.Autograd] is before[DispatchKey.Autograd]
+
+
+@pytest.mark.parametrize("shape,kw,whole", UPSAMPLES[:2] + UPSAMPLES[4:5],
+                         ids=[str(u[1]) for u in UPSAMPLES[:2] + UPSAMPLES[4:5]])
+def test_nearest_upsampling_training_step(shape, kw, whole):
+    """Through ``backend="stitch"``: the gradient of a whole-factor upsampling is a sum over
+    each k-block (a reduction, no scatter), and matches eager; bfloat16 sums in float as
+    eager's kernel does."""
+    from bench.clients import recording
+
+    fn = lambda x: torch.nn.functional.interpolate(x, mode="nearest", **kw) ** 2  # noqa: E731
+    for dt in (torch.float32, torch.bfloat16):
+        x = rnd(*shape).to(dt).requires_grad_()
+        torch._dynamo.reset()
+        with recording() as rec:
+            y = torch.compile(fn, backend="stitch")(x)
+            w = rnd(*y.shape).to(dt)
+            (y.float() * w.float()).sum().backward()
+        torch._dynamo.reset()
+        got, x.grad = x.grad, None
+        (fn(x).float() * w.float()).sum().backward()
+        tol = dict(rtol=1e-5, atol=1e-5) if dt == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(got, x.grad, **tol)
+        kinds = " ".join(s.source.symbol for gr in rec["graphs"] for s in gr.steps
+                         if s.kind == "kernel")
+        assert ("scatter" not in kinds and "gather" not in kinds) == whole, kinds
+
+
+def test_nearest_upsampling_backward_table_entry():
+    """``upsample_nearest2d_backward`` itself (left by a graph that did not decompose the
+    forward): the block sum for whole factors, against eager; NotImplemented (torch's own
+    handling) for others."""
+    from stitch_ir.importer import decomposition_table
+
+    bwd = decomposition_table()[torch.ops.aten.upsample_nearest2d_backward.default]
+    grad = rnd(2, 3, 10, 21)
+    want = torch.ops.aten.upsample_nearest2d_backward(grad, [10, 21], [2, 3, 5, 7], 2.0, 3.0)
+    torch.testing.assert_close(bwd(grad, [10, 21], [2, 3, 5, 7], 2.0, 3.0), want)
+    assert bwd(rnd(2, 3, 11, 14), [11, 14], [2, 3, 5, 7]) is NotImplemented

@@ -296,6 +296,34 @@ def test_scatter_reduce(reduce, include_self):
              [torch.randn(3, 5), idx, torch.randn(3, 4)])
 
 
+@pytest.mark.parametrize("case", ["index_add", "scatter_add", "amax_no_self", "upsample_grad"])
+def test_scatter_along_inner_dim_shares_outer_dims(case):
+    """A scatter along dim > 0 with enough positions before it work-shares those (their
+    destinations never meet) instead of every thread walking every update to apply the ones it
+    owns; results match eager, with odd sizes and indices repeated."""
+    gen = torch.Generator().manual_seed(5)
+    if case == "index_add":
+        idx = torch.randint(0, 7, (11,), generator=gen)
+        fn, ins = (lambda x, i, s: (x * 0.5).index_add(2, i, s.exp(), alpha=3.0),
+                   [torch.randn(3, 7, 7, 5), idx, torch.randn(3, 7, 11, 5)])
+    elif case == "scatter_add":
+        idx = torch.randint(0, 9, (17, 3, 13), generator=gen)
+        fn, ins = (lambda x, i, s: x.scatter_add(2, i, s * 2), [torch.randn(17, 3, 9), idx,
+                                                                torch.randn(17, 3, 13)])
+    elif case == "amax_no_self":
+        idx = torch.randint(0, 4, (19, 6), generator=gen)
+        fn, ins = (lambda x, i, s: x.scatter_reduce(1, i, s + 1, "amax", include_self=False),
+                   [torch.randn(19, 4), idx, torch.randn(19, 6)])
+    else:  # upsample_nearest2d's backward as the decomposition writes it: index_add per row
+        rows = torch.arange(10) // 2
+        fn, ins = (lambda g, r: torch.zeros(2, 9, 5, 5).index_add(2, r, g.sum(-1).exp()[..., None]
+                                                                  .expand(2, 9, 10, 5) * 0.5),
+                   [torch.randn(2, 9, 10, 3), rows])
+    g = run_both(fn, ins)
+    src = "".join(k.source.source for k in g.steps if k.kind == "kernel")
+    assert "own_lo" not in src and "f = 0; s0f <" in src, src
+
+
 @pytest.mark.parametrize("dt", [torch.float32, torch.float64, torch.float16, torch.bfloat16,
                                 torch.int32])
 def test_clamp_with_constant_bounds_is_eager_bit_for_bit(dt):

@@ -82,15 +82,16 @@ def test_permutes_sink_between_channels_last_convolutions():
     _agrees_with_eager(m, x, prog, g)
 
 
+@pytest.mark.parametrize("scale", [2, 2.5])
 @pytest.mark.parametrize("n,h,w", [(2, 6, 5), (1, 1, 3), (3, 8, 8)])
-def test_permutes_sink_through_cat_reshape_gather_pad_and_slice(n, h, w):
+def test_permutes_sink_through_cat_reshape_gather_pad_and_slice(n, h, w, scale):
     """A U-Net decoder step run channels-last: a skip connection concatenated with the
-    upsampled decoder feature (nearest upsampling lowers to a reshape, an index_select and a
-    reshape), padded, cropped by a slice, into the next convolution. Every value between the
-    convolutions stays channels-last (the cat, the reshapes that merge or split H and W, the
-    gather, the pad and the slice move below the permute): only the input and the output
-    change layout; odd and size-1 maps; the compiled graph agrees with eager and the
-    interpreter."""
+    upsampled decoder feature (nearest upsampling by 2 lowers to reshapes around a broadcast,
+    by 2.5 to a reshape, an index_select and a reshape), padded, cropped by a slice, into the
+    next convolution. Every value between the convolutions stays channels-last (the cat, the
+    reshapes that merge or split H and W, the broadcast or the gather, the pad and the slice
+    move below the permute): only the input and the output change layout; odd and size-1 maps;
+    the compiled graph agrees with eager and the interpreter."""
     from passes import PassContext, PassManager
     from passes.layout import ChannelsLastPass, SinkPermutesPass
 
@@ -106,7 +107,7 @@ def test_permutes_sink_through_cat_reshape_gather_pad_and_slice(n, h, w):
         def forward(self, x):
             skip = torch.nn.functional.leaky_relu(self.enc(x), 0.2)
             y = torch.relu(self.down(skip))
-            up = torch.nn.functional.interpolate(y, scale_factor=2, mode="nearest")
+            up = torch.nn.functional.interpolate(y, scale_factor=scale, mode="nearest")
             up = up[:, :, :skip.shape[2], :skip.shape[3]]
             z = torch.nn.functional.pad(torch.cat([skip, up], 1), (1, 1, 1, 1))
             return self.out(z[:, :, :, 1:])
@@ -114,6 +115,8 @@ def test_permutes_sink_through_cat_reshape_gather_pad_and_slice(n, h, w):
     m = Up().eval()
     x = torch.randn(n, 3, h, w)
     prog = import_model(m, (x,))
+    ops = {op.name for op in prog.module.func().body.ops}
+    assert ("st.index_select" in ops) == (scale != 2), ops
     ctx = PassContext()
     PassManager([*parse_pipeline("canonicalize,cse,dce"), ChannelsLastPass(), SinkPermutesPass(),
                  *parse_pipeline("canonicalize,cse,dce")]).run(prog.module, ctx)
