@@ -460,7 +460,11 @@ def test_nearest_upsampling_training_step(shape, kw, whole):
         torch._dynamo.reset()
         got, x.grad = x.grad, None
         (fn(x).float() * w.float()).sum().backward()
-        tol = dict(rtol=1e-5, atol=1e-5) if dt == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+        # float32: the block sums add in another order; bfloat16: eager rounds each product
+        # (and each partial sum) to bfloat16 where a fused kernel keeps them in float, so a
+        # sum that cancels differs by an ulp of its terms, not of its result
+        tol = dict(rtol=1e-5, atol=1e-5) if dt == torch.float32 else \
+            dict(rtol=1.6e-2, atol=1.6e-2 * x.grad.abs().max().item())
         torch.testing.assert_close(got, x.grad, **tol)
         kinds = " ".join(s.source.symbol for gr in rec["graphs"] for s in gr.steps
                          if s.kind == "kernel")
