@@ -168,24 +168,35 @@ class RowKernel:
         outs_row = [v for v in self.outputs if v not in outs_full]
         if any(math.prod(dims(v)) != self.R for v in outs_row):
             raise RowsUnfit("an output is neither a row nor a row scalar")
-        # Row values read in more than one loop are kept in per-thread row buffers.
+        # Row values computed in more than one loop are kept in per-thread row buffers. The
+        # emitter computes a value where it is read: an output in the loop that stores it, a
+        # reduction's operand in the reduction's loop(s), a float16 value rounded along the row
+        # in the loop before its own, a buffered value in its first loop only, and any other
+        # value in every loop that reads it (a dropout mask stored in the first loop and applied
+        # in the last was drawn twice). Decided from the last op back, so a buffered value's
+        # operands are not counted in the loops that read the buffer.
         used_in: dict[int, set[int]] = {}
-        for op in self.body:
-            where = loop_of.get(id(op), avail[id(op.results[0])] if op.results else 0)
-            if op.results and id(op.results[0]) in hround:
-                where -= 1  # computed in the loop before the one it is available in
-            for o in op.operands:
-                used_in.setdefault(id(o), set()).add(where)
         for v in outs_full:
             used_in.setdefault(id(v), set()).add(avail[id(v)])
         cheap = (st.ReduceOp, st.ReshapeOp, st.BroadcastOp, st.ConstantOp, st.IotaOp)
-        regional: list[Value] = []
-        for op in self.body:
-            if isinstance(op, cheap) or len(op.results) != 1 or id(op.result) in hround or \
-                    math.prod(dims(op.result)) != full or len(used_in.get(id(op.result), ())) < 2:
-                continue
-            if _recompute_cost(op.result, {id(v) for v in regional}) > RECOMPUTE_LIMIT:
-                regional.append(op.result)
+        chosen: set[int] = set()
+        for op in reversed(self.body):
+            if isinstance(op, st.ReduceOp):
+                p = loop_of[id(op)]
+                loops = {p, p + 1} if isinstance(op, st.VarOp) else {p}
+            elif op.results and id(op.results[0]) in hround:
+                loops = {avail[id(op.results[0])] - 1}
+            else:
+                loops = set().union(*(used_in.get(id(r), set()) for r in op.results))
+                if len(loops) > 1 and not isinstance(op, cheap) and len(op.results) == 1 and \
+                        math.prod(dims(op.result)) == full and \
+                        _recompute_cost(op.result, chosen) > RECOMPUTE_LIMIT:
+                    chosen.add(id(op.result))
+                    loops = {min(loops)}
+            for o in op.operands:
+                used_in.setdefault(id(o), set()).update(loops)
+        regional: list[Value] = [op.result for op in self.body
+                                 if len(op.results) == 1 and id(op.result) in chosen]
         bufs = {id(v): f"rowbuf{k}" for k, v in enumerate(regional)}
         ends = [loop_of[id(r)] + (1 if isinstance(r, st.VarOp) else 0) for r in self.reduces]
         n_loops = 1 + max(ends + [avail[id(v)] for v in outs_full + regional + rounded])
@@ -314,7 +325,9 @@ class RowKernel:
                                  em.value(v, self.idx_of(v))))
         em.pop()
         return {"R": f"{self.R}", "L": f"{self.L}", "row_decl": self.row_decl, "lines": lines,
-                "row_buffers": [(bufs[id(v)], ctype(v.type.dtype)) for v in regional] +
+                # (a bool row as bytes: std::vector<bool> is a bitset)
+                "row_buffers": [(bufs[id(v)], "uint8_t" if v.type.dtype is DType.i1 else
+                                 ctype(v.type.dtype)) for v in regional] +
                 [(f"hrow{k}", "float") for k in range(len(half_in))] +
                 [(name, "float") for name in hround.values()] +
                 [(f"hvec{k}", "float") for k in range(len(half_vec))] +
@@ -342,7 +355,7 @@ class RowKernel:
 # load per later phase) or recomputed in each phase from the row's inputs, which are in L1 by
 # then. Recomputing wins for short chains of cheap ops (x * 0.125, y + b + res): the buffer's
 # store and loads cost as much as the ops, and the buffer competes for L1. Anything with a
-# transcendental, a division or a gather is buffered.
+# transcendental, a division, a random draw or a gather is buffered.
 RECOMPUTE_LIMIT = 4
 # Rows from this length round their float16 values whole (``RowKernel._rounds_along_row``): a
 # loop boundary and a row buffer cost less than 8 vector instructions per 16 elements there.
@@ -354,7 +367,8 @@ STREAM_MIN_BYTES = 1 << 62
 _EXPENSIVE = frozenset({
     "st.exp", "st.exp2", "st.log", "st.log2", "st.log1p", "st.expm1", "st.sqrt", "st.rsqrt",
     "st.sin", "st.cos", "st.tan", "st.tanh", "st.sigmoid", "st.erf", "st.div", "st.pow",
-    "st.remainder", "st.floor_div", "st.atan2", "st.reciprocal"})
+    "st.remainder", "st.floor_div", "st.atan2", "st.reciprocal",
+    "st.rand"})  # Philox4x32-10: ten rounds of two 32x32->64 multiplies an element
 
 
 def _recompute_cost(v: Value, buffered: set[int]) -> int:

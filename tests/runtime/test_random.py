@@ -89,6 +89,32 @@ def test_dropout_training_is_compiled_reproducible_and_differentiates_through_it
         torch.testing.assert_close(torch.compile(model, backend="stitch")(x), model(x))
 
 
+def test_attention_dropout_draws_once_per_element():
+    """A softmax followed by dropout whose mask is also an output (the forward of a training
+    step saves it): the rows kernel draws each element once, keeps the mask in a byte row buffer
+    for the last loop, and matches the interpreter's stream exactly; odd row lengths and a
+    size-1 dim."""
+    def fn(s, m):
+        keep = torch.rand_like(s) < 0.9
+        return keep, torch.softmax(s * 0.125 + m, -1) * keep * (1 / 0.9)
+
+    for shape in [(2, 3, 5, 37), (1, 2, 7, 128)]:
+        s, m = torch.randn(shape) * 3, torch.randn(shape[0], 1, 1, shape[-1])
+        prog = import_model(Fn(fn).eval(), (s, m))
+        g = compile_program(prog, device_spec=cpu_spec(measure=False))
+        assert not g.fallbacks
+        src = "".join(k.source.source for k in g.steps if k.kind == "kernel")
+        body = src[src.index('extern "C"'):]
+        assert body.count("st_rand(") == 1, body
+        torch.manual_seed(4)
+        got = g(s, m)
+        torch.manual_seed(4)
+        want = prog.run(s, m)
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(a.numpy(), b, rtol=1e-6, atol=1e-7)
+        assert 0.85 < got[0].float().mean().item() < 0.95
+
+
 def test_bernoulli_probability():
     p = torch.rand(64, 128)
     before = dict(backend.FALLBACKS)
