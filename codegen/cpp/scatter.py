@@ -1,8 +1,9 @@
 """Scatters in a ``phases`` kernel (``ScatterPhases``, a mixin of ``PhaseKernel``): index_add
 along dim 0 with every thread owning destination rows (prefetching the random rows), and the
-other scatters (scatter_add, scatter_reduce, index_add along another dim) split across threads
-by the destination index along the scattered dim: each thread walks every update in order and
-applies those it owns."""
+other scatters (scatter_add, scatter_reduce, index_add along another dim) work-shared over the
+positions before the scattered dim where there are enough of them (their destinations never
+meet), else split across threads by the destination index along the scattered dim: each thread
+walks every update in order and applies those it owns."""
 
 from __future__ import annotations
 
