@@ -172,8 +172,8 @@ def _plan_json(plan, module, target: str) -> str:
 def _emit_kernels(module, target: str, out: Path) -> None:
     """Kernel sources; for a GPU target also PTX, cubin and a resource report per kernel."""
     if target == "cpu":
-        from codegen.cpp.emit import Unsupported
         from codegen.cpp.kernel import render_group
+        from codegen.cpp.scalars import Unsupported
         from stitch_ir.dialects import fusion
 
         out.mkdir(parents=True, exist_ok=True)

@@ -45,8 +45,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from codegen.cpp.emit import ERRORS, HALF_PRECISION, Unsupported
 from codegen.cpp.kernel import KernelSource, render_group
+from codegen.cpp.scalars import ERRORS, HALF_PRECISION, Unsupported
 from runtime.build import load_built
 from runtime.convolution import (
     _contiguous,
@@ -148,7 +148,7 @@ class CompiledGraph(ViewMemos):
     def __init__(self, prog: ImportedProgram, func: FuncOp | None = None,
                  half_precision: str | None = None):
         self.prog = prog
-        # which float16 / bfloat16 values the kernels round (codegen.cpp.emit.HALF_PRECISION):
+        # which float16 / bfloat16 values the kernels round (codegen.cpp.scalars.HALF_PRECISION):
         # float32 between loads and stores (the default), or every op's result (eager's bits)
         self.half_precision = half_precision or os.environ.get("STITCH_HALF_PRECISION", "float32")
         if self.half_precision not in HALF_PRECISION:

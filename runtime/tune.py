@@ -305,8 +305,8 @@ def measure(tw: TuneWorkload, items: list[Item], device, threads: int = 1, varia
     """Build and time ``items`` of ``tw``; returns (records, failures as (item, error))."""
     import torch
 
-    from codegen.cpp.emit import Unsupported
     from codegen.cpp.kernel import PRELUDE, render_group
+    from codegen.cpp.scalars import Unsupported
     from cost_model.learned import features
     from cost_model.records import Record
     from passes.fusion.features import ir_features

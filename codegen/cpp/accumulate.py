@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 
-from codegen.cpp.emit import ctype, literal
+from codegen.cpp.scalars import ctype, literal
 from stitch_ir.core import Value
 from stitch_ir.dialects import st
 from stitch_ir.types import Sym

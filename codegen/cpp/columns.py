@@ -10,9 +10,10 @@ from __future__ import annotations
 import math
 
 from codegen.cpp.accumulate import _acc_final, _acc_init, _acc_update, _combine, at_least_1
-from codegen.cpp.emit import compute_itemsize, ctype, delinearize, dims, round_to
-from codegen.cpp.emit import hint as size_hint
+from codegen.cpp.emit import delinearize
 from codegen.cpp.layout import buffer_bytes, transposed_dim
+from codegen.cpp.scalars import compute_itemsize, ctype, dims, round_to
+from codegen.cpp.scalars import hint as size_hint
 from stitch_ir.dialects import st
 from stitch_ir.types import Sym
 

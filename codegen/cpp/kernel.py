@@ -28,9 +28,9 @@ from pathlib import Path
 import jinja2
 
 from codegen.cpp.accumulate import LAYOUT_OPS, SCATTERS  # noqa: F401  (re-exported)
-from codegen.cpp.emit import STORED, Unsupported, ctype, dims, storage_ctype, symbols_of
 from codegen.cpp.phases import PhaseKernel
 from codegen.cpp.rows import RowKernel, RowsUnfit
+from codegen.cpp.scalars import STORED, Unsupported, ctype, dims, storage_ctype, symbols_of
 from stitch_ir.dialects import fusion
 
 TEMPLATES = jinja2.Environment(

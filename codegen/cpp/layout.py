@@ -19,8 +19,8 @@ from __future__ import annotations
 import itertools
 import math
 
-from codegen.cpp.emit import dims
-from codegen.cpp.emit import hint as size_hint
+from codegen.cpp.scalars import dims
+from codegen.cpp.scalars import hint as size_hint
 from stitch_ir.core import BlockArgument, Value
 from stitch_ir.dialects import st
 

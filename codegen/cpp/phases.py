@@ -19,17 +19,7 @@ from codegen.cpp.accumulate import (
     reshape_root,
 )
 from codegen.cpp.columns import ColumnPhases
-from codegen.cpp.emit import (
-    HALF,
-    Emitter,
-    compute_itemsize,
-    ctype,
-    delinearize,
-    dims,
-    linearize,
-    round_to,
-    sets_err,
-)
+from codegen.cpp.emit import Emitter, delinearize, linearize
 from codegen.cpp.index import bounded
 from codegen.cpp.layout import (
     broken_inner_run,
@@ -41,6 +31,7 @@ from codegen.cpp.layout import (
     transposed_dim,
     transposed_view,
 )
+from codegen.cpp.scalars import HALF, compute_itemsize, ctype, dims, round_to, sets_err
 from codegen.cpp.scatter import ScatterPhases
 from codegen.cpp.staged import StagedPhases
 from stitch_ir.core import Value

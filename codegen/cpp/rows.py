@@ -17,19 +17,10 @@ from codegen.cpp.accumulate import (
     acc_declaration,
     at_least_1,
 )
-from codegen.cpp.emit import (
-    STORED,
-    Emitter,
-    Unsupported,
-    ctype,
-    delinearize,
-    dims,
-    round_to,
-    sets_err,
-    storage_ctype,
-)
-from codegen.cpp.emit import hint as size_hint
+from codegen.cpp.emit import Emitter, delinearize
 from codegen.cpp.layout import buffer_bytes, transposed_dim
+from codegen.cpp.scalars import STORED, Unsupported, ctype, dims, round_to, sets_err, storage_ctype
+from codegen.cpp.scalars import hint as size_hint
 from stitch_ir.core import Value
 from stitch_ir.dialects import fusion, st
 from stitch_ir.types import DType

@@ -10,8 +10,9 @@ from __future__ import annotations
 import math
 
 from codegen.cpp.accumulate import SCATTERS
-from codegen.cpp.emit import Unsupported, ctype, dims, linearize, literal
-from codegen.cpp.emit import hint as size_hint
+from codegen.cpp.emit import linearize
+from codegen.cpp.scalars import Unsupported, ctype, dims, literal
+from codegen.cpp.scalars import hint as size_hint
 from stitch_ir.core import Value
 from stitch_ir.dialects import st
 from stitch_ir.types import Sym

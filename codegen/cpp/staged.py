@@ -6,9 +6,9 @@ contiguous tile rows."""
 
 from __future__ import annotations
 
-from codegen.cpp.emit import ctype
 from codegen.cpp.index import bounded
 from codegen.cpp.layout import cat_segments, contiguous_run
+from codegen.cpp.scalars import ctype
 from stitch_ir.core import Value
 
 

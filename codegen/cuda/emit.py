@@ -17,16 +17,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from codegen.cpp.emit import (
-    HALF,
-    INT_IDENTITY,
-    Emitter,
-    Unsupported,
-    ctype,
-    dims,
-    linearize,
-    storage_ctype,
-)
+from codegen.cpp.emit import Emitter, linearize
+from codegen.cpp.scalars import HALF, INT_IDENTITY, Unsupported, ctype, dims, storage_ctype
 from stitch_ir.core import Value
 from stitch_ir.dialects import st
 from stitch_ir.types import DType

@@ -2,7 +2,7 @@
 
 Half values are stored as their 16 bits and computed in float; reductions accumulate in float
 or wider. Which values are rounded to their type is ``half_precision``
-(``codegen.cpp.emit.HALF_PRECISION``):
+(``codegen.cpp.scalars.HALF_PRECISION``):
 - ``eager``: every half-typed value of the graph (one rounding per op, as eager's cpu kernels
   do). Element-wise chains and reductions match eager bit for bit; softmax may differ in the
   last half-precision bit (its reciprocal and exp), nothing more. Most tests here check this
