@@ -162,10 +162,11 @@ class RowKernel:
         # Row values computed in more than one loop are kept in per-thread row buffers. The
         # emitter computes a value where it is read: an output in the loop that stores it, a
         # reduction's operand in the reduction's loop(s), a float16 value rounded along the row
-        # in the loop before its own, a buffered value in its first loop only, and any other
-        # value in every loop that reads it (a dropout mask stored in the first loop and applied
-        # in the last was drawn twice). Decided from the last op back, so a buffered value's
-        # operands are not counted in the loops that read the buffer.
+        # in the loop before its own, a buffered value in the loop where it becomes available
+        # (its buffer is written there), and any other value in every loop that reads it (a
+        # dropout mask stored in the first loop and applied in the last was drawn twice).
+        # Decided from the last op back, so a buffered value's operands are not counted in the
+        # loops that read the buffer.
         used_in: dict[int, set[int]] = {}
         for v in outs_full:
             used_in.setdefault(id(v), set()).add(avail[id(v)])
@@ -183,7 +184,7 @@ class RowKernel:
                         math.prod(dims(op.result)) == full and \
                         _recompute_cost(op.result, chosen) > RECOMPUTE_LIMIT:
                     chosen.add(id(op.result))
-                    loops = {min(loops)}
+                    loops = {avail[id(op.result)]}
             for o in op.operands:
                 used_in.setdefault(id(o), set()).update(loops)
         regional: list[Value] = [op.result for op in self.body
