@@ -472,6 +472,11 @@ class Emitter:
             x = self.value(op.operand(0), idx)
             if t.dtype.is_bool:
                 return self.temp(ct, f"({x} != 0)")
+            if op.operand(0).type.dtype.is_bool:
+                # a select, not ``(float)(b)``: GCC 12 finds no vector type for a loop that
+                # converts a bool to float and also stores it as a byte (a dropout mask kept
+                # and applied), and leaves the whole loop scalar
+                return self.temp(ct, f"({x} ? ({ct})1 : ({ct})0)")
             return self.temp(ct, f"({ct})({x})")
         if isinstance(op, st.BroadcastOp):
             src = dims(op.operand(0))

@@ -284,3 +284,43 @@ def test_a_row_statistic_keeps_its_reduction_loop_the_vector_loop(tmp_path):
     g = run_both(layer_norm_backward_like, [x, w])
     for k in [s for s in g.steps if s.kind == "kernel"]:
         assert "#pragma omp for simd" not in k.source.source.split("extern")[-1], k.source.source
+
+
+def test_dropout_beside_a_layer_norm_draws_in_vector_lanes(tmp_path):
+    """dropout(h) + residual, then a layer norm, with the mask kept (a training forward): the
+    kernel's Philox rounds compile to vector multiplies. GCC 12 left that loop scalar (~7.5 ns a
+    number, ~2 vectorised) twice over: the round loop stayed rolled next to the mask's byte
+    store, and ``(float)`` of a bool beside that store found no vector type. The kernel draws the
+    interpreter's stream."""
+    import shutil
+
+    import numpy as np
+
+    if shutil.which("objdump") is None:
+        pytest.skip("needs objdump to read the compiled loop")
+
+    def fn(h, res, w, b):
+        keep = torch.rand_like(h) < 0.9
+        y = h * keep * (1 / 0.9) + res
+        return keep, F.layer_norm(y, (y.shape[-1],), w, b)
+
+    ins = [torch.randn(3, 5, 96), torch.randn(3, 5, 96), torch.rand(96) + 0.5, torch.randn(96)]
+    prog = import_model(Fn(fn).eval(), tuple(ins))
+    g = compile_program(prog, device_spec=cpu_spec(measure=False))
+    (k,) = [s for s in g.steps if s.kind == "kernel"]
+    src = k.source.source
+    assert "st_rand(" in src and "? (float)1 : (float)0)" in src
+    torch.manual_seed(2)
+    got = g(*ins)
+    torch.manual_seed(2)
+    want = prog.run(*ins)
+    for a, w in zip(got, want):
+        np.testing.assert_allclose(a.numpy(), w, rtol=1e-5, atol=1e-5)
+    (tmp_path / "k.cpp").write_text(src)
+    lib = tmp_path / "k.so"
+    out = subprocess.run([build.compiler(), *build.default_flags(), str(tmp_path / "k.cpp"), "-o",
+                          str(lib)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(lib)], capture_output=True,
+                         text=True).stdout
+    assert re.search(r"\bv?pmul(udq|lq|ld)\s+%[xyz]mm", asm), "Philox rounds ran scalar"
