@@ -280,21 +280,26 @@ def _repeat_factors(in_sp, out_sp, scales) -> list[int] | None:
     return ks
 
 
+def _repeated(x, nd: int, ks: list[int]):
+    """``x`` with each of its last ``nd`` dims repeated element-wise ``ks`` times, as a
+    broadcast and a reshape ([.., H, W] -> [.., H, 1, W, 1] -> [.., H, kh, W, kw] -> [.., H*kh,
+    W*kw]): fusable layout ops read at an affine index."""
+    lead, sp = list(x.shape[:-nd]), list(x.shape[-nd:])
+    spread = [s for n in sp for s in (n, 1)]
+    wide = [s for n, k in zip(sp, ks) for s in (n, k)]
+    return x.reshape(lead + spread).expand(lead + wide).reshape(
+        lead + [n * k for n, k in zip(sp, ks)])
+
+
 def _repeat_upsample(nd: int, fallback):
-    """Nearest upsampling by whole factors as a broadcast and a reshape ([.., H, W] -> [.., H,
-    1, W, 1] -> [.., H, kh, W, kw] -> [.., H*kh, W*kw]): fusable layout ops read at an affine
-    index, where the decomposition gathers through an index table (and its backward scatters).
-    Any other size goes to torch's decomposition."""
+    """Nearest upsampling by whole factors as ``_repeated``, where the decomposition gathers
+    through an index table (and its backward scatters). Any other size goes to ``fallback``."""
 
     def upsample(x, output_size, *scales, **kwargs):
         ks = _repeat_factors(list(x.shape[-nd:]), list(output_size), scales)
         if ks is None or kwargs:
             return fallback(x, output_size, *scales, **kwargs) if fallback else NotImplemented
-        lead = list(x.shape[:-nd])
-        sp = list(x.shape[-nd:])
-        spread = [s for n in sp for s in (n, 1)]
-        wide = [s for n, k in zip(sp, ks) for s in (n, k)]
-        return x.reshape(lead + spread).expand(lead + wide).reshape(lead + list(output_size))
+        return _repeated(x, nd, ks)
 
     return upsample
 
@@ -305,16 +310,13 @@ def _repeat_upsample_vec(nd: int, fallback):
 
     def upsample_vec(x, output_size, scale_factors):
         sp = list(x.shape[-nd:])
+        ks = None
         if output_size is not None:
-            out, scales = list(output_size), [None] * nd
+            ks = _repeat_factors(sp, list(output_size), [None] * nd)
         elif scale_factors is not None and all(isinstance(n, int) for n in sp):
             out = [int(math.floor(float(n) * float(f))) for n, f in zip(sp, scale_factors)]
-            scales = list(scale_factors)
-        else:
-            return fallback(x, output_size, scale_factors)
-        if _repeat_factors(sp, out, scales) is None:
-            return fallback(x, output_size, scale_factors)
-        return _repeat_upsample(nd, fallback)(x, out, *scales)
+            ks = _repeat_factors(sp, out, list(scale_factors))
+        return fallback(x, output_size, scale_factors) if ks is None else _repeated(x, nd, ks)
 
     return upsample_vec
 
@@ -325,11 +327,12 @@ UPSAMPLE_NEAREST = ((1, aten.upsample_nearest1d), (2, aten.upsample_nearest2d),
 
 @contextmanager
 def whole_factor_upsampling() -> Iterator[None]:
-    """While tracing, nearest upsampling by whole factors is ``_repeat_upsample``'s broadcast.
-    torch decomposes these ops above autograd (Python kernels at the Autograd and
-    CompositeImplicitAutograd keys), before a decomposition table is consulted, so the table
-    entry alone would never be reached under AOTAutograd or ``run_decompositions``: the kernels
-    are swapped for the trace (falling back to torch's for any other size) and restored."""
+    """While AOTAutograd traces, nearest upsampling by whole factors is ``_repeated``'s
+    broadcast. Under its Python dispatcher torch decomposes these ops above autograd (Python
+    kernels at the Autograd and CompositeImplicitAutograd keys) before the decomposition table
+    is consulted, so the table entries (enough for ``run_decompositions``) are never reached
+    there: the kernels are swapped for the trace (falling back to torch's for any other size)
+    and restored."""
     from torch._C import DispatchKey
 
     saved = []
@@ -427,8 +430,7 @@ def export_model(model: torch.nn.Module, example_inputs: tuple,
         # torch.export's own pytree deprecation noise, raised on every export in torch 2.13
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
         ep = torch.export.export(model, tuple(example_inputs), strict=False, dynamic_shapes=shapes)
-        with whole_factor_upsampling():
-            return ep.run_decompositions(decomposition_table())
+        return ep.run_decompositions(decomposition_table())
 
 
 def import_model(model: torch.nn.Module, example_inputs: tuple, name: str = "forward",
