@@ -565,9 +565,13 @@ class Emitter:
         inner = self.value(op.operand(0), src)
         if not conds:
             return inner
-        fill = literal(op.attributes["value"], op.result.type.dtype)
-        inside = conds[0] if len(conds) == 1 else self.temp("bool", " && ".join(conds), "ok")
-        return self.select(inside, inner, f"({ct}){fill}", ct)
+        fill = f"({ct}){literal(op.attributes['value'], op.result.type.dtype)}"
+        # One select per padded dim, not one select on ``ok_a && ok_b``: GCC 12 finds no vector
+        # type for a loop that ANDs two bools from compares of different widths (an int64
+        # index read from a tensor, int32 clamps), and left adder_quant's unfold gathers scalar.
+        for ok in reversed(conds):
+            inner = self.select(ok, inner, fill, ct)
+        return inner
 
     def select(self, cond: str, a: str, b: str, ct: str) -> str:
         """``cond ? a : b`` as a temporary; a bit blend (``st_pick``) where ``cond`` (a

@@ -23,7 +23,12 @@ TRANSCENDENTAL = (st.ExpOp, st.Exp2Op, st.LogOp, st.Log2Op, st.Log1pOp, st.Expm1
                   st.SigmoidOp, st.ErfOp, st.RsqrtOp, st.SqrtOp, st.SinOp, st.CosOp, st.TanOp,
                   st.PowOp, st.Atan2Op)
 GATHERS = (st.EmbeddingOp, st.IndexSelectOp, st.GatherOp)
-GATHER_FLOPS = 4  # flops-equivalent work per gathered element (see _facts)
+GATHER_FLOPS = 4  # flops-equivalent work per element of a gathered row (see _facts)
+# ... and per element gathered one at a time (an index per element, or rows shorter than a
+# vector): a vector gather of the index and another of the value, ~2.4 ns an element on a
+# 2-core EPYC (adder_quant's im2col, 1.2 M elements from a padded map: 1.4 ms on 2 threads)
+ELEMENT_GATHER_FLOPS = 32
+VECTOR_ELEMS = 16  # a gathered row shorter than this is gathered element by element
 SCATTERS = (st.IndexAddOp, st.ScatterAddOp, st.ScatterReduceOp)
 
 
@@ -110,6 +115,20 @@ def _reads_per_element(user, v: Value) -> float:
     return 1.0
 
 
+def _gather_flops(op) -> int:
+    """Flops-equivalent work per element of a gather's result: a row gather copies contiguous
+    runs; a torch.gather, or an index_select / embedding whose rows are shorter than a vector,
+    loads element by element through the index."""
+    if isinstance(op, st.GatherOp):
+        return ELEMENT_GATHER_FLOPS
+    shape = op.result.type.shape
+    dim = op.attributes["dim"] if isinstance(op, st.IndexSelectOp) else len(shape) - 2
+    run = 1
+    for d in shape[dim + 1:]:
+        run *= d if isinstance(d, int) else VECTOR_ELEMS
+    return GATHER_FLOPS if run >= VECTOR_ELEMS else ELEMENT_GATHER_FLOPS
+
+
 def _facts(g: PlanGraph) -> list[NodeFacts]:
     cached = getattr(g, "_facts", None)
     if cached is not None:
@@ -140,7 +159,7 @@ def _facts(g: PlanGraph) -> list[NodeFacts]:
             # a gathered element is a bounds-checked scalar load through a computed index, not
             # a vector lane: counted as GATHER_FLOPS flops (rffs_net's 268K-element neighbour
             # gather, costed as its bytes alone at 11 us, ran 350 us on the calling thread)
-            flops = GATHER_FLOPS * numel(op.result)
+            flops = _gather_flops(op) * numel(op.result)
         table = (id(op.operand(0)), min(nbytes(op.operand(0)), nbytes(op.result))) if isinstance(
             op, GATHERS) else None
         facts.append(NodeFacts(ins, outs, flops, trans,
@@ -205,15 +224,13 @@ def describe(g: PlanGraph, member_bits: int, device: DeviceSpec) -> GroupInfo:
         if t is not None and t[0] in inputs:
             gathered[t[0]] = min(inputs[t[0]], gathered.get(t[0], 0) + t[1])
     bytes_read = sum(gathered.get(vid, nb) for vid, nb in inputs.items())
-    # a reduction's inner loop recomputes what it reads (a value computed elsewhere in the
-    # kernel is hoisted or cheap next to its memory traffic: counted once)
-    feeds_reduce = 0
-    for i in members:
-        if facts[i].reduce is not None:
-            feeds_reduce |= g.anc_bits[i] & member_bits
-    fan = _recompute(facts, members, member_bits) if feeds_reduce and any(
+    # a value the kernel does not materialise is computed where it is read: under an outer
+    # broadcast or a gather, once per read, in a reduction's nest and in a loop nest alike
+    # (adder_quant's im2col gather, fused below its four per-group quantisers, ran four
+    # times: 1.3-4.9 ms a kernel, a plan twice as slow, chosen where the probe measured a
+    # slow memory that made materialising the 1.2 MB column look dear)
+    fan = _recompute(facts, members, member_bits) if any(
         r > 1 for i in members for u, r in facts[i].reads if (member_bits >> u) & 1) else {}
-    fan = {i: f for i, f in fan.items() if (feeds_reduce >> i) & 1}
     flops = round(sum(facts[i].flops * fan.get(i, 1.0) for i in members))
     trans = round(sum(facts[i].trans * fan.get(i, 1.0) for i in members))
 

@@ -5,7 +5,10 @@ are already cached by content. A recompile -- a new process, ``torch._dynamo.res
 same model compiled again -- sees the same function text, so the chosen groups are stored under a
 key of everything the search depends on: the function's printed IR (ops, types, attributes, in
 order: plan node ids are op positions), the planner's options and budgets, which cost model
-costed the groups (``analytic``, or ``learned:<digest of the model's trees>``), and the device spec.
+costed the groups (``analytic``, or ``learned:<digest of the model's trees>``), the device spec,
+and a digest of the planner's and the cost model's own source (``passes/fusion``, ``cost_model``):
+an edited cost rule is a new key, so a cache made before it never serves a plan it would not
+make (a hand-bumped version was missed once, and a stale plan measured twice as slow).
 Only the groups (member node ids) and the solver's report are stored; the costs and the reasons
 for unfused edges are recomputed (deterministic and cheap), so a hit yields the same plan.
 
@@ -33,9 +36,27 @@ def _folder() -> Path | None:
     return base / "plans"
 
 
+_PLANNING_SOURCES = ("passes/fusion", "cost_model")
+_source_digest: str | None = None
+
+
+def source_digest() -> str:
+    """sha256 of the planner's and the cost model's Python source, read once per process."""
+    global _source_digest
+    if _source_digest is None:
+        root = Path(__file__).resolve().parents[2]
+        h = hashlib.sha256()
+        for folder in _PLANNING_SOURCES:
+            for f in sorted((root / folder).glob("*.py")):
+                h.update(f.name.encode())
+                h.update(f.read_bytes())
+        _source_digest = h.hexdigest()[:16]
+    return _source_digest
+
+
 def key(func_text: str, options: dict, device) -> str:
-    payload = json.dumps([VERSION, func_text, sorted(options.items()), repr(device)],
-                         default=str)
+    payload = json.dumps([VERSION, source_digest(), func_text, sorted(options.items()),
+                          repr(device)], default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 

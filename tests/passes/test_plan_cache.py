@@ -62,3 +62,28 @@ def test_cache_off(monkeypatch, tmp_path):
     plan(monkeypatch, tmp_path)
     assert not (tmp_path / "plans").exists()
     assert plan_cache.load("x" * 32, 10) is None
+
+
+def test_an_edited_planner_or_cost_model_is_a_new_key(monkeypatch, tmp_path):
+    """The key covers the planning code itself: a plan cached before a cost rule changed is not
+    served after it."""
+    first = plan(monkeypatch, tmp_path)
+    assert "cache" not in first.solver
+    monkeypatch.setattr(plan_cache, "_source_digest", "an-edited-cost-model")
+    assert "cache" not in plan(monkeypatch, tmp_path).solver
+    assert len(list((tmp_path / "plans").glob("*.json"))) == 2
+    monkeypatch.setattr(plan_cache, "_source_digest", None)
+    assert plan(monkeypatch, tmp_path).solver["cache"] == "hit"
+
+
+def test_the_source_digest_reads_the_planning_modules():
+    from pathlib import Path
+
+    import cost_model.cpu
+    import passes.fusion.features
+
+    root = Path(plan_cache.__file__).resolve().parents[2]
+    for module in (passes.fusion.features, cost_model.cpu):
+        assert Path(module.__file__).resolve().parent.relative_to(root).as_posix() in \
+            plan_cache._PLANNING_SOURCES
+    assert len(plan_cache.source_digest()) == 16

@@ -95,3 +95,58 @@ def test_an_adder_layer_with_its_quantiser_matches_eager():
     with torch.no_grad():
         want = model(x, cols)
     torch.testing.assert_close(cg(x, cols)[0], want, atol=1e-4, rtol=1e-5)
+
+
+def test_a_gather_under_an_outer_broadcast_in_a_loop_kernel_is_costed_per_read():
+    """No reduction needed: a loop kernel computes a value it does not materialise once per
+    read too. adder_quant's im2col gather fused below its four per-group quantisers ran four
+    times (1.3-4.9 ms a kernel); costed once, it was chosen wherever the probe had measured a
+    slow memory, and that plan ran twice as slow."""
+    class Quant(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.rand(4) + 0.5)
+
+        def forward(self, x, cols):  # x: [2, 3, 6, 7]; cols: indices into the padded map
+            flat = torch.nn.functional.pad(x, (1, 1, 1, 1)).reshape(2, -1)
+            q = flat.index_select(1, cols).reshape(1, 2, -1)
+            return torch.round(q * 15 / self.scale[:, None, None])  # [4, 2, n]
+
+    x, cols = torch.randn(2, 3, 6, 7), torch.randint(0, 3 * 8 * 9, (90,))
+    prog = import_model(Quant().eval(), (x, cols))
+    PassManager(parse_pipeline("canonicalize,cse,dce")).run(prog.module, PassContext())
+    g = build_graph(prog.module.func())
+    nodes = g.fusible()
+    (gather,) = [i for i in nodes if isinstance(g.ops[i], st.IndexSelectOp)]
+    spec = cpu_spec(measure=False)
+    alone = describe(g, 1 << gather, spec).desc.flops
+    fused = describe(g, sum(1 << i for i in nodes), spec).desc.flops
+    rest = sum(describe(g, 1 << i, spec).desc.flops for i in nodes if i != gather)
+    assert fused >= 4 * alone + rest, (fused, alone, rest)
+
+
+def test_an_element_gather_costs_more_than_a_row_gather():
+    """Gathering element by element (an index per element: an im2col column, torch.gather) costs
+    per element what a vector gather does; gathering rows (an embedding's, index_select of
+    rows longer than a vector) copies contiguous runs."""
+    from passes.fusion import features
+
+    table = torch.randn(50, 64)
+    idx = torch.randint(0, 50, (30,))
+
+    class Rows(torch.nn.Module):
+        def forward(self, t, i):
+            return t.index_select(0, i), torch.nn.functional.embedding(i, t), \
+                t.reshape(-1).index_select(0, i), torch.gather(t, 1, i[:, None].expand(30, 64))
+
+    prog = import_model(Rows().eval(), (table, idx))
+    g = build_graph(prog.module.func())
+    per = {}
+    for i in g.fusible():
+        op = g.ops[i]
+        if isinstance(op, features.GATHERS):
+            per[type(op).__name__ + str(op.result.type.rank)] = \
+                features._facts(g)[i].flops / op.result.type.numel()
+    assert per == {"IndexSelectOp2": features.GATHER_FLOPS, "EmbeddingOp2": features.GATHER_FLOPS,
+                   "IndexSelectOp1": features.ELEMENT_GATHER_FLOPS,
+                   "GatherOp2": features.ELEMENT_GATHER_FLOPS}, per
