@@ -597,29 +597,32 @@ def test_a_generator_error_is_raised_not_hidden_as_a_symbolic_misfit(monkeypatch
                         device_spec=cpu_spec(measure=False))
 
 
-@pytest.mark.parametrize("reduce", ["sum", "amax"])
-def test_scatters_split_destinations_across_threads(reduce):
+@pytest.mark.parametrize("reduce,feat", [("sum", (4,)), ("amax", (4,)), ("sum", (3, 5)),
+                                          ("amin", (2, 7)), ("sum", ()), ("amax", ())])
+def test_scatters_split_destinations_across_threads(reduce, feat):
     """scatter_add / scatter_reduce along dim 0 with an index expanded over the features (a GAT
-    softmax's max and sum): every thread walks the updates in order and applies those whose
-    destination row it owns -- no single-thread section, and the same bits at 1 and 2 threads
-    (each destination still sums its updates in index order), matching eager."""
+    softmax's max and sum, its messages per head): every thread lists the updates whose
+    destination row it owns, in order, and applies them with the random rows prefetched -- no
+    single-thread section, no per-update ownership branch, and the same bits at 1 and 2 threads
+    (each destination still combines its updates in index order), matching eager."""
     gen = torch.Generator().manual_seed(3)
-    nodes, edges, feat = 37, 301, 4
-    x = torch.randn(nodes, feat, generator=gen)
+    nodes, edges = 37, 301
+    x = torch.randn(nodes, *feat, generator=gen)
     ei = torch.randint(0, nodes, (2, edges), generator=gen)
 
     def fn(x, ei):
         msg = torch.nn.functional.leaky_relu(x[ei[0]] + x[ei[1]], 0.2)
-        index = ei[1].view(-1, 1).expand_as(msg)
+        index = ei[1].view(-1, *[1] * len(feat)).expand_as(msg)
         if reduce == "sum":
             return torch.zeros_like(x).scatter_add(0, index, msg.exp())
-        return torch.zeros_like(x).scatter_reduce(0, index, msg, "amax", include_self=False)
+        return torch.zeros_like(x).scatter_reduce(0, index, msg, reduce, include_self=False)
 
     prog = import_model(Fn(fn).eval(), (x, ei))
     g = compile_program(prog, device_spec=cpu_spec(measure=False))
     assert not g.fallbacks
     src = "".join(s.source.source for s in g.steps if s.kind == "kernel")
-    assert "own_lo" in src and "omp single" not in src
+    assert "own_e[" in src and "omp single" not in src, src
+    assert "continue;" not in src.split("own_e[")[1], src  # the walk tests no update's owner
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
