@@ -224,9 +224,11 @@ class PhaseKernel(ColumnPhases, ScatterPhases, StagedPhases):
         self.nest(dims(v), body)
 
     # one loop nest over ``shape``; ``emit(idx)`` writes the body
+    BLOCK = 4096  # elements a work-shared block of a long 1-D nest hands a thread at once
+
     def nest(self, shape: list[int], emit, reductions: str = "",
              order: list[int] | None = None, half: list[tuple[Value, list[str]]] = (),
-             unmerge=None, run: int | None = None) -> None:
+             unmerge=None, run: int | None = None, blocked: bool = False) -> None:
         """One loop nest over ``shape``; ``emit(idx)`` writes the body. ``order``: the dims from
         outermost to innermost (row-major by default; the innermost is always the last dim).
         ``half``: the (value, output pointers) the body computes, for ``_half_rows``;
@@ -246,6 +248,20 @@ class PhaseKernel(ColumnPhases, ScatterPhases, StagedPhases):
             self.nest(shape[:-ones], lambda idx: emit(list(idx) + ["0"] * ones), reductions,
                       half=half)
             return
+        lead = next((k for k, n in enumerate(shape) if n != 1), len(shape))
+        rest = shape[lead:]
+        if 0 < lead < len(shape) and unmerge is None and \
+                (order is None or order == list(range(len(shape)))) and \
+                (len(rest) >= 2 or run is not None or
+                 (isinstance(rest[0], int) and rest[0] > self.BLOCK)) and \
+                (len(rest) >= 2 or not any(
+                    self.em.stored.get(t) is DType.f16 for _, ts in half for t in ts)):
+            # leading dims of 1 ([1, 219991]: GAT's edge list with its self loops) are not
+            # the work-shared loops: with a collapsed loop of one, one thread ran all of it
+            # (a float16 row keeps its nest: the whole-row conversions need an outer loop)
+            self.nest(rest, lambda idx: emit(["0"] * lead + list(idx)), reductions,
+                      half=half, run=run, blocked=True)
+            return
         em = self.em
         self.n_loops += 1
         names = [f"i{self.n_loops}_{k}" for k in range(len(shape))]
@@ -258,6 +274,22 @@ class PhaseKernel(ColumnPhases, ScatterPhases, StagedPhases):
             em.line("}")
             return
         em.mark()
+        if len(shape) == 1 and blocked and (run is not None and run < shape[0] or
+                                            isinstance(shape[0], int) and shape[0] > self.BLOCK):
+            # work-shared blocks (contiguous runs, or BLOCK elements), each a vector loop: the
+            # same inner loop as a nest of two or more dims has
+            h, q = f"{names[0]}h", f"{names[0]}q"
+            em.line("#pragma omp for schedule(static)")
+            if run is not None and run < shape[0]:
+                self._run_loops(h, q, shape[0] // run, run, err,
+                                lambda: emit([f"({h} * {run} + {q})"]))
+                return
+            n, b = shape[0], self.BLOCK
+            em.line(f"for (int64_t {h} = 0; {h} < {-(-n // b)}; ++{h}) {{")
+            with em.loop_body([h]):
+                em.line(f"const int64_t {h}n = {h} * {b} + {b} <= {n} ? {b} : {n} - {h} * {b};")
+                self._simd_loop(q, f"{h}n", err, lambda: emit([f"({h} * {b} + {q})"]))
+            return
         if len(shape) == 1:
             em.line("#pragma omp for simd schedule(static)")
             em.line(f"for (int64_t {names[0]} = 0; {names[0]} < {shape[0]}; ++{names[0]}) {{")

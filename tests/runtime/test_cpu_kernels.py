@@ -633,3 +633,28 @@ def test_scatters_split_destinations_across_threads(reduce, feat):
         torch.set_num_threads(threads)
     assert torch.equal(one, two)
     torch.testing.assert_close(two, fn(x, ei), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("edges,nodes", [(5000, 40), (6000, 37), (3, 40)])
+def test_leading_unit_dims_are_not_the_work_shared_loop(edges, nodes):
+    """A phases kernel's value of shape [1, N] (GAT's edge list with its self loops appended,
+    [1, 219991], made in the kernel that scatters by it) shares N among the threads: a
+    work-shared loop over the leading 1 gave all of it to one thread. Values as eager."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(nodes, 4, generator=gen)
+    ei = torch.randint(0, nodes, (2, edges), generator=gen)
+
+    def fn(x, ei):
+        loops = torch.arange(nodes).view(1, -1)
+        dst = torch.cat([ei[1:], loops], 1)  # [1, E + N]
+        src = torch.cat([ei[:1], loops], 1)
+        msg = x.index_select(0, src[0]) * 0.5
+        return dst, torch.zeros_like(x).index_add(0, dst[0], msg)
+
+    prog = import_model(Fn(fn).eval(), (x, ei))
+    g = compile_program(prog, device_spec=cpu_spec(measure=False))
+    src = "".join(s.source.source for s in g.steps if s.kind == "kernel")
+    one = re.search(r"#pragma omp for collapse\(\d\)[^\n]*\n\s*for \(int64_t \w+ = 0; \w+ < 1;", src)
+    assert (one is None) == (edges + nodes > 4096), src  # a short one stays as it was
+    for got, want in zip(g(x, ei), fn(x, ei)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
