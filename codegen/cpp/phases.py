@@ -252,7 +252,7 @@ class PhaseKernel(ColumnPhases, ScatterPhases, StagedPhases):
         rest = shape[lead:]
         if 0 < lead < len(shape) and unmerge is None and \
                 (order is None or order == list(range(len(shape)))) and \
-                (len(rest) >= 2 or run is not None or
+                (len(rest) >= 2 or (run is not None and run < rest[0]) or
                  (isinstance(rest[0], int) and rest[0] > self.BLOCK)) and \
                 (len(rest) >= 2 or not any(
                     self.em.stored.get(t) is DType.f16 for _, ts in half for t in ts)):
