@@ -228,7 +228,8 @@ class PhaseKernel(ColumnPhases, ScatterPhases, StagedPhases):
 
     def nest(self, shape: list[int], emit, reductions: str = "",
              order: list[int] | None = None, half: list[tuple[Value, list[str]]] = (),
-             unmerge=None, run: int | None = None, blocked: bool = False) -> None:
+             unmerge=None, run: int | None = None, blocked: bool = False,
+             splits: list[int] | None = None) -> None:
         """One loop nest over ``shape``; ``emit(idx)`` writes the body. ``order``: the dims from
         outermost to innermost (row-major by default; the innermost is always the last dim).
         ``half``: the (value, output pointers) the body computes, for ``_half_rows``;
@@ -305,7 +306,15 @@ class PhaseKernel(ColumnPhases, ScatterPhases, StagedPhases):
         with em.loop_body(names[:-1]):
             post = self._half_rows(half, shape, names, unmerge) if half and order == list(
                 range(len(shape))) else None
-            if run is None or post is not None:
+            if splits and run is None and post is None:
+                # one vector loop per part of a cat along the innermost dim
+                for lo, hi in zip([0, *splits], [*splits, shape[-1]]):
+                    q = f"{names[-1]}s{lo}"
+                    at = f"({q} + {lo})" if lo else q
+                    em.ranges[at] = (lo, hi)
+                    self._simd_loop(q, hi - lo, err, lambda at=at: emit(names[:-1] + [at]))
+                    del em.ranges[at]
+            elif run is None or post is not None:
                 self._simd_loop(names[-1], shape[-1], err, lambda: emit(names))
             else:
                 # runs of the innermost dim a reshape split from another: the vector loop reads
@@ -435,10 +444,41 @@ class PhaseKernel(ColumnPhases, ScatterPhases, StagedPhases):
             if any(broken_inner_run(w, self.em.buffers) for w in [v, *plain]):
                 run = contiguous_run([v, *plain], len(dims(v)) - 1, self.em.buffers,
                                      dims(v)[-1])
-            self.nest(dims(v), emit_all, half=half, run=run)
+            splits = None if run is not None else self._inner_cat_splits([v, *plain])
+            self.nest(dims(v), emit_all, half=half, run=run, splits=splits)
         else:
             self.merged_nest(dims(v), tail, emit_all, half)
         return plain
+
+    def _inner_cat_splits(self, values: list[Value]) -> list[int] | None:
+        """The part boundaries of the cats along the innermost dim that ``values`` compute in
+        their own loop nest (same shape, not read from a buffer): a vector loop per part reads
+        one part (``Emitter.cat`` resolves it by ``em.ranges``), where one loop loaded every
+        part, clamped, and blended them (EdgeConv's message ``[x_i, x_j - x_i]``: three
+        gathered rows an element)."""
+        shape = dims(values[0])
+        last = len(shape) - 1
+        if not all(isinstance(n, int) for n in shape):
+            return None
+        bounds: set[int] = set()
+        seen: set[int] = set()
+        todo = list(values)
+        while todo:
+            x = todo.pop()
+            if id(x) in seen or dims(x) != shape:
+                continue
+            seen.add(id(x))
+            op = getattr(x, "owner", None)
+            if op is None or op not in self.body or (x not in values and id(x) in self.em.buffers):
+                continue
+            if isinstance(op, st.CatOp) and op.attributes["dim"] % len(shape) == last:
+                start = 0
+                for o in op.operands[:-1]:
+                    start += dims(o)[last]
+                    bounds.add(start)
+            if isinstance(op, st.CatOp) or op.kind == st.ELEMENTWISE:
+                todo.extend(op.operands)
+        return sorted(b for b in bounds if 0 < b < shape[last]) or None
 
     def sibling_outputs(self, values: list[Value]) -> dict[int, list[Value]]:
         """Element-wise values among the materialised ``values`` -> later outputs of the same

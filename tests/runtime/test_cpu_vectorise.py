@@ -352,3 +352,25 @@ def test_a_gather_from_a_map_padded_on_two_dims_vectorises(tmp_path):
     lines = [n for n, text in enumerate(src.splitlines(), 1)
              if "#pragma omp simd" in src.splitlines()[n - 2] and text.lstrip().startswith("for (")]
     assert lines and not _scalar_loops(tmp_path, src, lines), src
+
+
+@pytest.mark.parametrize("feat,dtype", [(16, torch.float32), (7, torch.float32),
+                                        (64, torch.bfloat16)])
+def test_a_cat_along_the_vector_loop_reads_one_part_a_loop(tmp_path, feat, dtype):
+    """EdgeConv's message ``[x_i, x_j - x_i]``, a cat along the innermost dim of gathered rows:
+    one vector loop per part, each loading only its part. One loop had loaded every part,
+    clamped, and blended them (three gathered rows an element: 30 ms of a 90 ms bf16 call).
+    Values as eager."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(50, feat, generator=gen).to(dtype)
+    ei = torch.randint(0, 50, (2, 300), generator=gen)
+    g = run_both(lambda x, ei: torch.cat([x[ei[1]], x[ei[0]] - x[ei[1]]], -1) * 2, [x, ei])
+    (src,) = [k.source.source for k in g.steps if k.kind == "kernel"]
+    loops = re.findall(rf"for \(int64_t (\w+s(\d+)) = 0; \w+ < {feat}; ", src)
+    assert sorted(int(lo) for _, lo in loops) == [0, feat], src
+    body = src[src.index('extern "C"'):]
+    assert "st_pick" not in body and " < 16 ? " not in body, body  # no clamped part, no blend
+    lines = [n for n, text in enumerate(src.splitlines(), 1)
+             if "#pragma omp simd" in src.splitlines()[n - 2] and text.lstrip().startswith("for (")]
+    if feat >= 16:
+        assert lines and not _scalar_loops(tmp_path, src, lines), src
