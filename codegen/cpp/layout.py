@@ -247,7 +247,7 @@ def transposed_view(v: Value, buffers: dict[int, str], sizes: dict[str, int], ti
     so is a cat along the innermost dim of such buffers and others whose parts start at
     multiples of ``tile`` (each staged tile then reads one part: ``cat_segments``).
     None when there is none."""
-    starts = [0] + _cat_starts(v, buffers)  # a cat's transposed part need not be its first
+    starts = [0] + cat_starts(v, buffers)  # a cat's transposed part need not be its first
     best = next((b for b in (transposed_dim(v, buffers, sizes, last=s) for s in starts) if b),
                 None)
     if best is None:
@@ -284,7 +284,7 @@ def _read_at_own_index(v: Value, buffers: dict[int, str]):
             yield w
 
 
-def _cat_starts(v: Value, buffers: dict[int, str]) -> list[int]:
+def cat_starts(v: Value, buffers: dict[int, str]) -> list[int]:
     """Where the parts after the first start, of each cat along the innermost dim that ``v``
     reads at its own index through element-wise ops."""
     if _symbolic(v) or not dims(v):

@@ -122,14 +122,7 @@ class ScatterPhases:
             em.line("#pragma omp single")
         em.line("{")
         if self._owned:
-            em.line("#if STITCH_OPENMP")
-            em.line("const int64_t own_nt = omp_get_num_threads(), "
-                    "own_t = omp_get_thread_num();")
-            em.line("#else")
-            em.line("const int64_t own_nt = 1, own_t = 0;")
-            em.line("#endif")
-            em.line(f"const int64_t own_lo = {xs[dim]} * own_t / own_nt, "
-                    f"own_hi = {xs[dim]} * (own_t + 1) / own_nt;")
+            self._own_range(xs[dim])
         names = [f"s{k}" for k in range(len(ishape))]
         if isinstance(op, st.ScatterReduceOp) and not op.attributes["include_self"]:
             self._reset_scattered(op, target, ishape, xs)
@@ -192,14 +185,7 @@ class ScatterPhases:
                 # owns it (the walk below splits the rows the same way: no barrier between)
                 self._owned, self._lead = True, 0
                 em.line("{")
-                em.line("#if STITCH_OPENMP")
-                em.line("const int64_t own_nt = omp_get_num_threads(), "
-                        "own_t = omp_get_thread_num();")
-                em.line("#else")
-                em.line("const int64_t own_nt = 1, own_t = 0;")
-                em.line("#endif")
-                em.line(f"const int64_t own_lo = {xs[0]} * own_t / own_nt, "
-                        f"own_hi = {xs[0]} * (own_t + 1) / own_nt;")
+                self._own_range(xs[0])
                 self._reset_scattered(op, target, ishape, xs)
                 em.line("}")
             val_fn = {"sum": lambda c, v: f"{c} + {v}", "prod": lambda c, v: f"{c} * {v}",
@@ -207,6 +193,16 @@ class ScatterPhases:
                       "amin": lambda c, v: f"st_min({c}, ({ct}){v})"}[red]
         self._index_add_rows(op, target, xs, ct, index=lambda e: em.value(idx, [e] + zeros),
                              loop_dims=ishape[1:], update=val_fn)
+
+    def _own_range(self, n) -> None:
+        """Declare ``[own_lo, own_hi)``: this thread's share of the ``n`` destination indices."""
+        em = self.em
+        em.line("#if STITCH_OPENMP")
+        em.line("const int64_t own_nt = omp_get_num_threads(), own_t = omp_get_thread_num();")
+        em.line("#else")
+        em.line("const int64_t own_nt = 1, own_t = 0;")
+        em.line("#endif")
+        em.line(f"const int64_t own_lo = {n} * own_t / own_nt, own_hi = {n} * (own_t + 1) / own_nt;")
 
     def _skip_unowned(self, pos: str) -> None:
         """Skip the rest of the loop level that computes destination index ``pos`` (a loop
